@@ -1,0 +1,61 @@
+"""The example app: a chat page streaming Claude through quart-claude.
+
+With no API key (``ANTHROPIC_API_KEY`` / ``CLAUDE_API_KEY``) it runs in demo mode: an
+emulator of the Anthropic API starts inside the app, on a free loopback port, and answers.
+Serve it with ``python -m example_app`` or ``hypercorn example_app:app``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from pathlib import Path
+
+from quart import Quart, Response
+
+from quart_claude import Claude
+from quart_claude.testing import Emulator
+
+__all__ = ["app", "create_app"]
+
+log = logging.getLogger("example_app")
+_PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+
+
+def create_app() -> Quart:
+    app = Quart(__name__)
+    demo = not (os.environ.get("CLAUDE_API_KEY") or os.environ.get("ANTHROPIC_API_KEY"))
+    if demo:
+        # Bind now, so the URL is known before the extension reads its config; serve the
+        # emulator on this socket once the app's event loop runs.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        emulator = Emulator(token_delay=float(os.environ.get("DEMO_TOKEN_DELAY", "0.03")))
+
+        @app.before_serving
+        async def start_emulator() -> None:
+            await emulator.start_on(sock)
+            log.warning(
+                "demo mode: no API key set, answering from the emulator at %s", emulator.url
+            )
+
+        @app.after_serving
+        async def stop_emulator() -> None:
+            await emulator.stop()
+
+        Claude(app, api_key="demo-key", base_url=f"http://127.0.0.1:{port}")
+    else:
+        Claude(app)
+
+    page = _PAGE.replace("{{DEMO}}", "true" if demo else "false")
+
+    @app.get("/")
+    async def index() -> Response:
+        return Response(page, content_type="text/html; charset=utf-8")
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,29 @@
+"""quart-claude: stream Claude over Server-Sent Events from any Quart app.
+
+from quart import Quart
+from quart_claude import Claude
+
+app = Quart(__name__)
+Claude(app)            # POST /chat/stream, GET /health, GET /ready
+"""
+
+from ._config import DEFAULT_MODEL, ClaudeConfig, ConfigError
+from ._errors import ERROR_CLASSES, UpstreamError
+from ._extension import Claude, ClaudeState
+from ._retry import RetryPolicy
+from ._sse import SSEEvent, SSEParser
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "ERROR_CLASSES",
+    "Claude",
+    "ClaudeConfig",
+    "ClaudeState",
+    "ConfigError",
+    "RetryPolicy",
+    "SSEEvent",
+    "SSEParser",
+    "UpstreamError",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,225 @@
+"""Configuration: one frozen value object, resolved once per app in ``init_app``.
+
+Every key can come from a keyword option (``Claude(app, max_retries=5)``), ``app.config``
+(``CLAUDE_MAX_RETRIES``) or the environment (``CLAUDE_MAX_RETRIES``); the first one set wins in
+that order, then the default. Bad values fail at ``init_app`` with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["ClaudeConfig", "ConfigError", "DEFAULT_MODEL", "load_config"]
+
+#: A current model id that the SDK does not list in ``DEPRECATED_MODELS``.
+DEFAULT_MODEL = "claude-sonnet-5-5"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the key."""
+
+
+def _positive_int(key: str, value: Any) -> int:
+    number = _int(key, value)
+    if number < 1:
+        raise ConfigError(f"{key} must be a positive integer, got {value!r}")
+    return number
+
+
+def _non_negative_int(key: str, value: Any) -> int:
+    number = _int(key, value)
+    if number < 0:
+        raise ConfigError(f"{key} must be a non-negative integer, got {value!r}")
+    return number
+
+
+def _int(key: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise ConfigError(f"{key} must be an integer, got {value!r}")
+
+
+def _seconds(key: str, value: Any, *, allow_zero: bool = True) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key} must be a number of seconds, got {value!r}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} must be a number of seconds, got {value!r}") from None
+    if math.isnan(number) or math.isinf(number) or number < 0 or (not allow_zero and number == 0):
+        bound = "non-negative" if allow_zero else "positive"
+        raise ConfigError(f"{key} must be a {bound} finite number of seconds, got {value!r}")
+    return number
+
+
+def _positive_seconds(key: str, value: Any) -> float:
+    return _seconds(key, value, allow_zero=False)
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+    raise ConfigError(f"{key} must be a boolean (true/false), got {value!r}")
+
+
+def _str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _optional_str(key: str, value: Any) -> str | None:
+    if value is None:
+        return None
+    text = _str(key, value).strip()
+    return text or None
+
+
+def _non_empty_str(key: str, value: Any) -> str:
+    text = _str(key, value).strip()
+    if not text:
+        raise ConfigError(f"{key} must not be empty")
+    return text
+
+
+def _url_prefix(key: str, value: Any) -> str:
+    text = _str(key, value).strip()
+    if not text:
+        return ""
+    if not text.startswith("/") or text.endswith("/") or "//" in text:
+        raise ConfigError(
+            f"{key} must look like '/ai' (leading slash, no trailing slash), got {text!r}"
+        )
+    return text
+
+
+def _models(key: str, value: Any) -> tuple[str, ...]:
+    if isinstance(value, str):
+        items = [part.strip() for part in value.split(",")]
+    elif isinstance(value, list | tuple | set | frozenset):
+        items = [_str(key, item).strip() for item in value]
+    else:
+        raise ConfigError(f"{key} must be a comma-separated string or a list, got {value!r}")
+    return tuple(item for item in items if item)
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    parse: Callable[[str, Any], Any]
+    default: Any
+    env_fallback: str | None = None  # a second environment variable consulted last
+
+
+# Attribute name -> how to read it. The config key is "CLAUDE_" + name.upper().
+_KEYS: dict[str, _Key] = {
+    "api_key": _Key(_optional_str, None, env_fallback="ANTHROPIC_API_KEY"),
+    "base_url": _Key(_optional_str, None, env_fallback="ANTHROPIC_BASE_URL"),
+    "model": _Key(_non_empty_str, DEFAULT_MODEL),
+    "allowed_models": _Key(_models, ()),
+    "max_tokens": _Key(_positive_int, 1024),
+    "max_tokens_limit": _Key(_positive_int, 8192),
+    "system_prompt": _Key(_str, "You are a helpful assistant."),
+    "url_prefix": _Key(_url_prefix, ""),
+    "timeout": _Key(_positive_seconds, 60.0),
+    "connect_timeout": _Key(_positive_seconds, 10.0),
+    "heartbeat_interval": _Key(_positive_seconds, 15.0),
+    "max_retries": _Key(_non_negative_int, 3),
+    "retry_base_delay": _Key(_seconds, 1.0),
+    "retry_max_delay": _Key(_seconds, 30.0),
+    "recovery": _Key(_bool, True),
+    "max_recoveries": _Key(_non_negative_int, 2),
+    "max_body_size": _Key(_positive_int, 1024 * 1024),
+    "max_concurrent_streams": _Key(_positive_int, 1000),
+    "shutdown_grace": _Key(_seconds, 5.0),
+    "sse_retry": _Key(_non_negative_int, 1000),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ClaudeConfig:
+    """The resolved configuration of one app. ``api_key`` never appears in ``repr``."""
+
+    api_key: str | None = field(repr=False)
+    base_url: str | None
+    model: str
+    allowed_models: tuple[str, ...]
+    max_tokens: int
+    max_tokens_limit: int
+    system_prompt: str
+    url_prefix: str
+    timeout: float
+    connect_timeout: float
+    heartbeat_interval: float
+    max_retries: int
+    retry_base_delay: float
+    retry_max_delay: float
+    recovery: bool
+    max_recoveries: int
+    max_body_size: int
+    max_concurrent_streams: int
+    shutdown_grace: float
+    sse_retry: int
+
+    @staticmethod
+    def key(name: str) -> str:
+        """The public config key of an attribute: ``max_retries`` -> ``CLAUDE_MAX_RETRIES``."""
+        return "CLAUDE_" + name.upper()
+
+
+assert {f.name for f in fields(ClaudeConfig)} == set(_KEYS), "config keys and fields disagree"
+
+
+def load_config(
+    options: Mapping[str, Any],
+    app_config: Mapping[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> ClaudeConfig:
+    """Resolve each key: keyword option, then ``app.config``, then the environment, then default."""
+    env = os.environ if environ is None else environ
+    unknown = set(options) - set(_KEYS)
+    if unknown:
+        raise ConfigError(f"unknown Claude option(s): {', '.join(sorted(unknown))}")
+    values: dict[str, Any] = {}
+    for name, spec in _KEYS.items():
+        key = ClaudeConfig.key(name)
+        if options.get(name) is not None:
+            raw = options[name]
+        elif app_config.get(key) is not None:
+            raw = app_config[key]
+        elif key in env:
+            raw = env[key]
+        elif spec.env_fallback and spec.env_fallback in env:
+            raw = env[spec.env_fallback]
+        else:
+            values[name] = spec.default
+            continue
+        values[name] = spec.parse(key, raw)
+    config = ClaudeConfig(**values)
+    if config.max_tokens > config.max_tokens_limit:
+        raise ConfigError(
+            f"CLAUDE_MAX_TOKENS ({config.max_tokens}) exceeds "
+            f"CLAUDE_MAX_TOKENS_LIMIT ({config.max_tokens_limit})"
+        )
+    if config.retry_base_delay > config.retry_max_delay:
+        raise ConfigError(
+            f"CLAUDE_RETRY_BASE_DELAY ({config.retry_base_delay}) exceeds "
+            f"CLAUDE_RETRY_MAX_DELAY ({config.retry_max_delay})"
+        )
+    return config

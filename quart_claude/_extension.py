@@ -1,0 +1,116 @@
+"""``Claude(app)``: configuration, per-app state, the client's lifecycle, the blueprint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import anthropic
+import httpx2
+from quart import Quart, current_app
+
+from ._config import ClaudeConfig, ConfigError, load_config
+from ._relay import Relay
+from ._stream import StreamRegistry
+
+__all__ = ["Claude", "ClaudeState"]
+
+log = logging.getLogger("quart_claude")
+
+EXTENSION_KEY = "claude"
+
+
+class ClaudeState:
+    """Everything one app needs at run time; lives in ``app.extensions["claude"]``.
+
+    The SDK client exists only while the app is serving (``before_serving`` to
+    ``after_serving``), once per worker process.
+    """
+
+    def __init__(self, extension: Claude, config: ClaudeConfig) -> None:
+        self.extension = extension
+        self.config = config
+        self.relay: Relay | None = None
+        self.streams = StreamRegistry()
+        self.producers: set[asyncio.Task[None]] = set()
+        self.draining = False
+
+    @property
+    def ready(self) -> bool:
+        return self.relay is not None and not self.draining
+
+    def live_streams(self) -> int:
+        return len(self.producers)
+
+    async def startup(self) -> None:
+        config = self.config
+        client = anthropic.AsyncAnthropic(
+            api_key=config.api_key,
+            base_url=config.base_url,
+            max_retries=0,  # this project owns the retry policy
+            timeout=httpx2.Timeout(config.timeout, connect=config.connect_timeout),
+        )
+        self.relay = Relay(client, config)
+        self.draining = False
+
+    async def drain(self) -> None:
+        """Refuse new streams; end open ones with a retryable ``shutdown`` error event."""
+        self.draining = True
+        for stream in self.streams.live():
+            stream.cancel("shutdown")
+        if self.producers:
+            await asyncio.wait(list(self.producers), timeout=self.config.shutdown_grace)
+
+    async def shutdown(self) -> None:
+        await self.drain()
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            await relay.client.close()
+
+
+class Claude:
+    """The extension. ``Claude(app)`` or, for app factories, ``claude.init_app(app)``.
+
+    Keyword options use the config names without the ``CLAUDE_`` prefix, lowercased:
+    ``Claude(app, model="claude-opus-5", max_retries=5)``. They win over ``app.config``,
+    which wins over environment variables.
+    """
+
+    def __init__(self, app: Quart | None = None, **options: Any) -> None:
+        self._options = options
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Quart) -> None:
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "Claude is already registered on this app; call init_app once per app."
+            )
+        config = load_config(self._options, app.config)
+        if not config.api_key:
+            raise ConfigError(
+                "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
+                "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
+            )
+        state = ClaudeState(self, config)
+        app.extensions[EXTENSION_KEY] = state
+
+        from ._routes import create_blueprint
+
+        app.register_blueprint(create_blueprint(), url_prefix=config.url_prefix or None)
+        app.before_serving(state.startup)
+        app.after_serving(state.shutdown)
+
+    @staticmethod
+    def state(app: Quart | None = None) -> ClaudeState:
+        """The state of ``app`` (default: the current app)."""
+        target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+        try:
+            state: ClaudeState = target.extensions[EXTENSION_KEY]
+        except KeyError:
+            raise RuntimeError(
+                "Claude is not registered on this app; did you forget Claude(app) or "
+                "claude.init_app(app)?"
+            ) from None
+        return state

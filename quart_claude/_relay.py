@@ -1,0 +1,345 @@
+"""The relay: one producer task per stream, turning upstream Claude events into our events.
+
+The SDK builds and sends the request (auth, headers, HTTP status errors), with its own
+retries off; the relay reads the raw SSE bytes itself, which costs a fraction of building SDK
+models per event, and owns the retry policy, mid-stream recovery and cancellation.
+
+Upstream event in -> our event out (the hot path) is ``_attempt``'s inner loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import anthropic
+
+from ._config import ClaudeConfig
+from ._errors import UpstreamError, classify_exception, classify_status
+from ._request import ChatRequest
+from ._retry import RetryPolicy
+from ._stream import Stream
+
+__all__ = ["CONTINUE_PROMPT", "Relay", "supports_prefill"]
+
+log = logging.getLogger("quart_claude")
+
+#: The documented way to resume an interrupted answer on models that refuse prefill.
+CONTINUE_PROMPT = (
+    "Your previous response was interrupted and ended with: {tail}\n"
+    "Continue exactly from where you left off. Do not repeat anything already written "
+    "and do not add any preamble."
+)
+
+# Models before 4.6 accept an assistant prefill; 4.6+ and 5.x answer it with a 400.
+_PREFILL_MODELS = re.compile(
+    r"^claude-(?:3|instant|2|(?:opus|sonnet|haiku)-4(?:-[0-5])?(?:-\d{8})?$)"
+)
+
+_USAGE_SUMMED = (
+    "input_tokens",
+    "output_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+)
+
+
+def supports_prefill(model: str) -> bool:
+    return _PREFILL_MODELS.match(model) is not None
+
+
+@dataclass(slots=True)
+class _Outcome:
+    """What the producer learned, for the end-of-stream log line."""
+
+    attempts: int = 0
+    recoveries: int = 0
+    first_token_at: float | None = None
+    request_id: str | None = None
+    usage: dict[str, Any] = field(default_factory=dict)
+
+
+class Relay:
+    """Runs generations for one app in one worker: the SDK client plus the policies."""
+
+    def __init__(self, client: anthropic.AsyncAnthropic, config: ClaudeConfig) -> None:
+        self.client = client
+        self.config = config
+        self.policy = RetryPolicy(
+            config.max_retries, config.retry_base_delay, config.retry_max_delay
+        )
+
+    async def produce(self, stream: Stream, request: ChatRequest) -> None:
+        """Fill ``stream`` with one answer: ``start``, ``delta``s, then ``done`` or ``error``."""
+        started = time.monotonic()
+        outcome = _Outcome()
+        result = "error"
+        try:
+            result = await self._run(stream, request, outcome)
+        except asyncio.CancelledError:
+            reason = stream.cancel_reason
+            if reason is None:
+                raise  # not ours (the loop is going away): nothing sensible to send
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            if reason == "shutdown":
+                stream.append(_error_event(UpstreamError("shutdown"), partial=_has_text(stream)))
+            else:
+                stream.append({"type": "done", "stop_reason": "cancelled", "usage": outcome.usage})
+            result = reason
+        except Exception as exc:  # a bug of ours: never leave readers hanging
+            log.exception("stream %s failed", stream.id)
+            stream.append(_error_event(UpstreamError("unknown", detail=repr(exc)), partial=False))
+        finally:
+            stream.finish()
+            ttft = (
+                round((outcome.first_token_at - started) * 1000)
+                if outcome.first_token_at is not None
+                else None
+            )
+            fields = {
+                "stream_id": stream.id,
+                "outcome": result,
+                "attempts": outcome.attempts,
+                "recoveries": outcome.recoveries,
+                "ttft_ms": ttft,
+                "duration_ms": round((time.monotonic() - started) * 1000),
+                "input_tokens": outcome.usage.get("input_tokens"),
+                "output_tokens": outcome.usage.get("output_tokens"),
+                "request_id": outcome.request_id,
+            }
+            log.info(
+                "stream_end %s",
+                " ".join(f"{k}={v}" for k, v in fields.items()),
+                extra={"claude": fields},
+            )
+
+    async def _run(self, stream: Stream, request: ChatRequest, outcome: _Outcome) -> str:
+        config = self.config
+        policy = self.policy
+        texts: list[str] = []  # what the client has received, for a continuation
+        params = _params(request, request.messages, request.max_tokens)
+        skip = ""  # whitespace a prefill continuation may repeat
+        retries = 0
+        while True:
+            outcome.attempts += 1
+            try:
+                stop_reason = await self._attempt(stream, params, texts, outcome, skip)
+            except UpstreamError as error:
+                if not texts:
+                    retries += 1
+                    wait = policy.delay(error, retries)
+                else:
+                    wait = None
+                    if (
+                        config.recovery
+                        and error.retryable
+                        and outcome.recoveries < config.max_recoveries
+                    ):
+                        outcome.recoveries += 1
+                        wait = policy.delay(error, outcome.recoveries)
+                if wait is None:
+                    log.warning(
+                        "stream %s upstream failure: %s %s",
+                        stream.id,
+                        error.error_class,
+                        error.detail,
+                    )
+                    stream.append(_error_event(error, partial=bool(texts)))
+                    return error.error_class
+                log.info("stream %s retrying in %.2fs after %s", stream.id, wait, error.error_class)
+                await asyncio.sleep(wait)
+                if texts:
+                    remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
+                    if remaining < 1:
+                        stream.append(
+                            {"type": "done", "stop_reason": "max_tokens", "usage": outcome.usage}
+                        )
+                        return "ok"
+                    params, skip = _continuation(request, "".join(texts), remaining)
+                continue
+            stream.append({"type": "done", "stop_reason": stop_reason, "usage": outcome.usage})
+            return "ok"
+
+    async def _attempt(
+        self,
+        stream: Stream,
+        params: dict[str, Any],
+        texts: list[str],
+        outcome: _Outcome,
+        skip: str,
+    ) -> str | None:
+        """One upstream request. Returns the stop reason, or raises :class:`UpstreamError`."""
+        usage: dict[str, Any] = {}
+        stop_reason: str | None = None
+        completed = False
+        append = stream.append
+        try:
+            async with self.client.messages.with_streaming_response.create(**params) as response:
+                outcome.request_id = response.request_id
+                async for event, data in _sse_events(response.http_response.aiter_bytes()):
+                    if event == "content_block_delta":
+                        delta = json.loads(data)["delta"]
+                        if delta.get("type") != "text_delta":
+                            continue  # thinking, signatures, tool input: not part of v1
+                        text = delta["text"]
+                        if skip:
+                            text, skip = _drop_repeat(text, skip)
+                            if not text:
+                                continue
+                        if not texts:
+                            outcome.first_token_at = time.monotonic()
+                        texts.append(text)
+                        append({"type": "delta", "text": text})
+                    elif event == "message_start":
+                        message = json.loads(data)["message"]
+                        usage = dict(message.get("usage") or {})
+                        if not stream.events:
+                            append(
+                                {
+                                    "type": "start",
+                                    "stream_id": stream.id,
+                                    "model": message.get("model"),
+                                    "message_id": message.get("id"),
+                                    "usage": usage,
+                                }
+                            )
+                    elif event == "message_delta":
+                        body = json.loads(data)
+                        stop_reason = body.get("delta", {}).get("stop_reason") or stop_reason
+                        usage.update(body.get("usage") or {})
+                    elif event == "message_stop":
+                        completed = True
+                    elif event == "error":
+                        raise _stream_error(data, response.request_id)
+        except UpstreamError:
+            _add_usage(outcome.usage, usage)
+            raise
+        except Exception as exc:  # SDK status errors, transport errors mid-stream
+            _add_usage(outcome.usage, usage)
+            raise classify_exception(exc) from exc
+        _add_usage(outcome.usage, usage)
+        if not completed:
+            raise UpstreamError("network_error", detail="upstream ended without message_stop")
+        return stop_reason
+
+
+async def _sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
+    """Split upstream SSE bytes into ``(event name, data)``; comments and pings dropped."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer = buffer + chunk if buffer else chunk
+        if b"\r" in buffer:  # CRLF or CR line ends (a CR at the end may be half a CRLF)
+            held = b"\r" if buffer.endswith(b"\r") else b""
+            body = buffer[: len(buffer) - len(held)]
+            buffer = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
+        if b"\n\n" not in buffer:
+            continue
+        *blocks, buffer = buffer.split(b"\n\n")
+        for block in blocks:
+            event = ""
+            data: list[bytes] = []
+            for line in block.split(b"\n"):
+                if line.startswith(b"data:"):
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                elif line.startswith(b"event:"):
+                    event = line[6:].strip().decode()
+            if data and event and event != "ping":
+                yield event, data[0] if len(data) == 1 else b"\n".join(data)
+
+
+def _stream_error(data: bytes, request_id: str | None) -> UpstreamError:
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else {}
+    details = error.get("details")
+    code = details.get("error_code") if isinstance(details, dict) else None
+    return classify_status(
+        200,
+        error.get("type"),
+        str(error.get("message", "")),
+        code if isinstance(code, str) else None,
+        {},
+        request_id,
+    )
+
+
+def _params(
+    request: ChatRequest, messages: list[dict[str, str]], max_tokens: int
+) -> dict[str, Any]:
+    params: dict[str, Any] = {
+        "model": request.model,
+        "max_tokens": max_tokens,
+        "messages": messages,
+        "stream": True,
+    }
+    if request.system:
+        params["system"] = request.system
+    return params
+
+
+def _continuation(
+    request: ChatRequest, partial: str, max_tokens: int
+) -> tuple[dict[str, Any], str]:
+    """A request that continues ``partial``, and the whitespace its answer may repeat."""
+    if supports_prefill(request.model) and partial.strip():
+        kept = partial.rstrip()  # the API refuses a prefill ending in whitespace
+        messages = [*request.messages, {"role": "assistant", "content": kept}]
+        return _params(request, messages, max_tokens), partial[len(kept) :]
+    tail = partial[-200:]
+    messages = [
+        *request.messages,
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": CONTINUE_PROMPT.format(tail=tail)},
+    ]
+    return _params(request, messages, max_tokens), ""
+
+
+def _drop_repeat(text: str, skip: str) -> tuple[str, str]:
+    """Drop from ``text`` the part of ``skip`` it starts with; return the rest of both."""
+    common = 0
+    for a, b in zip(text, skip, strict=False):
+        if a != b:
+            break
+        common += 1
+    if common == 0:
+        return text, ""
+    return text[common:], skip[common:] if common == len(text) else ""
+
+
+def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
+    if not total:
+        total.update(usage)
+        return
+    for key in _USAGE_SUMMED:
+        value = usage.get(key)
+        if isinstance(value, int):
+            total[key] = int(total.get(key) or 0) + value
+
+
+def _has_text(stream: Stream) -> bool:
+    return any(b'"type":"delta"' in event for event in stream.events)
+
+
+def _error_event(error: UpstreamError, *, partial: bool) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "type": "error",
+        "error": error.error_class,
+        "message": error.message,
+        "retryable": error.retryable,
+    }
+    if error.retry_after is not None:
+        payload["retry_after"] = max(1, int(-(-error.retry_after // 1)))
+    if partial:
+        payload["partial"] = True
+    return payload

@@ -1,0 +1,93 @@
+"""Validate a chat request body before anything is sent upstream."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ._config import ClaudeConfig
+
+__all__ = ["ChatRequest", "RequestError", "parse_chat_request"]
+
+_ROLES = frozenset({"user", "assistant"})
+_MAX_MESSAGES = 1000
+
+
+class RequestError(Exception):
+    """A bad request: answered as ``{"error": code, "message": message}`` with ``status``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class ChatRequest:
+    messages: list[dict[str, str]]
+    model: str
+    max_tokens: int
+    system: str
+
+
+def _invalid(message: str) -> RequestError:
+    return RequestError(400, "invalid_request", message)
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise _invalid(f"'{field}' must be a string")
+    if not value.strip():
+        raise _invalid(f"'{field}' must not be empty")
+    return value
+
+
+def parse_chat_request(body: Any, config: ClaudeConfig) -> ChatRequest:
+    """Turn a decoded JSON body into a :class:`ChatRequest`, or raise :class:`RequestError`."""
+    if not isinstance(body, dict):
+        raise _invalid("the body must be a JSON object")
+    if "messages" in body:
+        if "message" in body:
+            raise _invalid("send either 'message' or 'messages', not both")
+        messages = _messages(body["messages"])
+    elif "message" in body:
+        messages = [{"role": "user", "content": _text(body["message"], "message")}]
+    else:
+        raise _invalid("'message' (a string) or 'messages' (a list) is required")
+
+    max_tokens = body.get("max_tokens", config.max_tokens)
+    if type(max_tokens) is not int:
+        raise _invalid("'max_tokens' must be an integer")
+    if not 1 <= max_tokens <= config.max_tokens_limit:
+        raise _invalid(f"'max_tokens' must be between 1 and {config.max_tokens_limit}")
+
+    system = body.get("system", config.system_prompt)
+    if not isinstance(system, str):
+        raise _invalid("'system' must be a string")
+
+    model = body.get("model", config.model)
+    if not isinstance(model, str) or not model.strip():
+        raise _invalid("'model' must be a non-empty string")
+    if model != config.model and config.allowed_models and model not in config.allowed_models:
+        raise _invalid(f"'model' must be one of: {', '.join(config.allowed_models)}")
+    return ChatRequest(messages=messages, model=model, max_tokens=max_tokens, system=system)
+
+
+def _messages(value: Any) -> list[dict[str, str]]:
+    if not isinstance(value, list) or not value:
+        raise _invalid("'messages' must be a non-empty list")
+    if len(value) > _MAX_MESSAGES:
+        raise _invalid(f"'messages' may hold at most {_MAX_MESSAGES} turns")
+    messages = []
+    for index, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise _invalid(f"'messages[{index}]' must be an object")
+        role = item.get("role")
+        if role not in _ROLES:
+            raise _invalid(f"'messages[{index}].role' must be 'user' or 'assistant'")
+        content = _text(item.get("content"), f"messages[{index}].content")
+        messages.append({"role": role, "content": content})
+    if messages[-1]["role"] != "user":
+        raise _invalid("the last message must have the role 'user'")
+    return messages

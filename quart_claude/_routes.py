@@ -1,0 +1,127 @@
+"""The blueprint: ``POST /chat/stream``, ``GET /health``, ``GET /ready``.
+
+Views are thin: validate, create a :class:`Stream`, start its producer task, and answer with
+a reader of that stream. The producer is not tied to the HTTP request, so the generation can
+outlive the connection that asked for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from quart import Blueprint, Response, request
+
+from ._extension import Claude, ClaudeState
+from ._request import RequestError, parse_chat_request
+from ._stream import Stream, new_stream_id
+
+__all__ = ["create_blueprint"]
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def _json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    body = json.dumps({"error": code, "message": message})
+    return Response(body, status=status, headers=headers, content_type="application/json")
+
+
+async def _read_json(state: ClaudeState) -> Any:
+    mimetype = request.mimetype
+    if mimetype != "application/json" and not mimetype.endswith("+json"):
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            "send the body as JSON with 'Content-Type: application/json'",
+        )
+    limit = state.config.max_body_size
+    if request.content_length is not None and request.content_length > limit:
+        raise RequestError(413, "body_too_large", f"the body may be at most {limit} bytes")
+    parts: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(state.config.timeout):
+        async for part in request.body:  # Quart's own limit is fixed per app; this one is ours
+            size += len(part)
+            if size > limit:
+                raise RequestError(413, "body_too_large", f"the body may be at most {limit} bytes")
+            parts.append(part)
+    raw = b"".join(parts)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "invalid_json", "the body is not valid JSON") from None
+
+
+async def chat_stream() -> Response:
+    state = Claude.state()
+    relay = state.relay
+    if relay is None or state.draining:
+        return _json_error(
+            503,
+            "not_ready",
+            "the Claude backend is not serving yet (or is shutting down)",
+            {"Retry-After": "1"},
+        )
+    try:
+        chat = parse_chat_request(await _read_json(state), state.config)
+    except RequestError as error:
+        return _json_error(error.status, error.code, error.message)
+    if state.live_streams() >= state.config.max_concurrent_streams:
+        return _json_error(
+            503,
+            "over_capacity",
+            "too many open streams on this server; try again shortly",
+            {"Retry-After": "1"},
+        )
+
+    stream = Stream(new_stream_id(), retry_ms=state.config.sse_retry, on_idle=_on_idle)
+    state.streams.add(stream)
+    task = asyncio.get_running_loop().create_task(relay.produce(stream, chat))
+    stream.producer = task
+    state.producers.add(task)
+    task.add_done_callback(state.producers.discard)
+    return _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
+
+
+def _on_idle(stream: Stream) -> None:
+    """The last reader left before the end: stop paying for tokens nobody will read."""
+    stream.cancel("disconnected")
+
+
+def _sse_response(body: AsyncIterator[bytes], stream_id: str) -> Response:
+    response = Response(body, status=200, headers={**SSE_HEADERS, "X-Stream-Id": stream_id})
+    response.timeout = None  # Quart's RESPONSE_TIMEOUT would silently stall long streams
+    return response
+
+
+async def health() -> dict[str, Any]:
+    return {"status": "ok", "timestamp": int(time.time())}
+
+
+async def ready() -> Response:
+    state = Claude.state()
+    if state.ready:
+        return _json_response({"status": "ready", "streams": state.live_streams()})
+    status = "draining" if state.draining else "starting"
+    return _json_response({"status": status}, 503)
+
+
+def _json_response(payload: dict[str, Any], status: int = 200) -> Response:
+    return Response(json.dumps(payload), status=status, content_type="application/json")
+
+
+def create_blueprint() -> Blueprint:
+    blueprint = Blueprint("claude", __name__)
+    blueprint.add_url_rule("/chat/stream", "chat_stream", chat_stream, methods=["POST"])
+    blueprint.add_url_rule("/health", "health", health, methods=["GET"])
+    blueprint.add_url_rule("/ready", "ready", ready, methods=["GET"])
+    return blueprint

@@ -1,0 +1,176 @@
+"""A stream: the ordered, already-encoded events of one generation, and its readers.
+
+The producer (:mod:`._relay`) appends; every HTTP response reads from an index. Appending is
+O(1) and wakes all waiting readers at once through one shared future; a reader that wakes
+takes every event that is waiting as one write. Events are encoded exactly once, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from ._sse import PING, encode_event
+
+__all__ = ["Stream", "StreamRegistry", "new_stream_id"]
+
+
+def new_stream_id() -> str:
+    """128 random bits, URL-safe (22 characters)."""
+    return secrets.token_urlsafe(16)
+
+
+class Stream:
+    __slots__ = (
+        "_on_idle",
+        "_retry_ms",
+        "_waiter",
+        "cancel_reason",
+        "created_at",
+        "events",
+        "finished",
+        "finished_at",
+        "id",
+        "producer",
+        "readers",
+    )
+
+    def __init__(
+        self,
+        stream_id: str,
+        *,
+        retry_ms: int | None = None,
+        on_idle: Callable[[Stream], None] | None = None,
+    ) -> None:
+        self.id = stream_id
+        self.events: list[bytes] = []
+        self.finished = False
+        self.finished_at: float | None = None
+        self.created_at = time.monotonic()
+        self.readers = 0
+        self.producer: asyncio.Task[None] | None = None
+        self.cancel_reason: str | None = None
+        self._retry_ms = retry_ms
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_idle = on_idle
+
+    # -- producer side -------------------------------------------------------------------
+    def append(self, payload: dict[str, Any]) -> None:
+        """Encode ``payload`` as the next event (its ``id`` is its index) and wake readers."""
+        events = self.events
+        index = len(events)
+        events.append(encode_event(payload, index, self._retry_ms if index == 0 else None))
+        self._wake()
+
+    def finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.finished_at = time.monotonic()
+            self._wake()
+
+    def cancel(self, reason: str) -> bool:
+        """Ask the producer to stop; it ends the stream with an event saying why."""
+        producer = self.producer
+        if self.finished or producer is None or producer.done():
+            return False
+        if self.cancel_reason is None:
+            self.cancel_reason = reason
+        producer.cancel()
+        return True
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    # -- reader side ---------------------------------------------------------------------
+    async def read(self, after: int, heartbeat: float) -> AsyncIterator[bytes]:
+        """Every event after index ``after``, then live ones until the stream finishes.
+
+        Events already waiting go out as one chunk. After ``heartbeat`` seconds with nothing
+        to send, a ``: ping`` comment goes out instead.
+        """
+        position = after + 1
+        self.readers += 1
+        loop = asyncio.get_running_loop()
+        try:
+            while True:
+                events = self.events
+                count = len(events)
+                if count > position:
+                    chunk = (
+                        events[position]
+                        if count - position == 1
+                        else b"".join(events[position:count])
+                    )
+                    position = count
+                    yield chunk
+                    continue
+                if self.finished:
+                    return
+                waiter = self._waiter
+                if waiter is None:
+                    waiter = self._waiter = loop.create_future()
+                timer = loop.call_later(heartbeat, _release, waiter)
+                try:
+                    await asyncio.shield(waiter)
+                finally:
+                    timer.cancel()
+                if len(self.events) == position and not self.finished:
+                    yield PING
+        finally:
+            self.readers -= 1
+            if self.readers == 0 and not self.finished and self._on_idle is not None:
+                self._on_idle(self)
+
+
+def _release(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
+class StreamRegistry:
+    """The streams of one app in one worker: live ones, and finished ones until they expire."""
+
+    def __init__(self, *, ttl: float = 300.0, max_streams: int = 10_000) -> None:
+        self.ttl = ttl
+        self.max_streams = max_streams
+        self._streams: dict[str, Stream] = {}
+
+    def __len__(self) -> int:
+        return len(self._streams)
+
+    def add(self, stream: Stream) -> None:
+        self._evict()
+        self._streams[stream.id] = stream
+
+    def get(self, stream_id: str) -> Stream | None:
+        stream = self._streams.get(stream_id)
+        if stream is not None and self._expired(stream, time.monotonic()):
+            del self._streams[stream_id]
+            return None
+        return stream
+
+    def live(self) -> list[Stream]:
+        return [stream for stream in self._streams.values() if not stream.finished]
+
+    def _expired(self, stream: Stream, now: float) -> bool:
+        return stream.finished_at is not None and now - stream.finished_at > self.ttl
+
+    def _evict(self) -> None:
+        now = time.monotonic()
+        streams = self._streams
+        if len(streams) < self.max_streams:
+            # cheap path: drop expired streams from the oldest end only
+            for stream_id, stream in list(streams.items())[:8]:
+                if self._expired(stream, now):
+                    del streams[stream_id]
+            return
+        for stream_id, stream in list(streams.items()):
+            if stream.finished and (self._expired(stream, now) or len(streams) >= self.max_streams):
+                del streams[stream_id]

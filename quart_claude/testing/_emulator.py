@@ -1,0 +1,669 @@
+"""A local Anthropic Messages API: the real wire format, scripted replies and faults.
+
+It speaks HTTP/1.1 itself (asyncio streams, keep-alive, chunked bodies) rather than through a
+framework, so it can do what frameworks hide: abort the TCP connection mid-body, stall, end
+a body cleanly without ``message_stop``, and notice the moment a client hangs up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+import socket
+import time
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "CONTINUE_MARKER",
+    "Emulator",
+    "ErrorReply",
+    "Hangup",
+    "RecordedRequest",
+    "Reply",
+    "Scripted",
+]
+
+#: A user turn starting with this asks to continue an interrupted answer (see the docs'
+#: "Error recovery" for 4.6+ models); the emulator then answers with the rest of the text.
+CONTINUE_MARKER = "Your previous response was interrupted"
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    402: "Payment Required",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    409: "Conflict",
+    413: "Payload Too Large",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+    529: "Overloaded",
+}
+_NO_PREFILL = re.compile(r"^claude-(?:(?:opus|sonnet|haiku)-4-(?:[6-9]|\d\d)|[a-z]+-[5-9]|mythos)")
+_TOKEN = re.compile(r"\S+\s*|\s+")
+_MAX_HEAD = 64 * 1024
+
+
+def _dumps(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """A streamed (or, for ``stream: false``, whole) answer, optionally ending in a fault.
+
+    ``fault`` happens after ``fault_after`` text deltas:
+    ``"error"`` sends an in-stream ``event: error`` of ``error_type``; ``"drop"`` aborts the
+    TCP connection; ``"stall"`` goes silent for ``stall`` seconds, then carries on; ``"eof"``
+    ends the body cleanly without ``message_stop``.
+    """
+
+    text: str | None = None  # None: a demo answer quoting the prompt
+    tokens: Sequence[str] | None = None  # explicit delta pieces (joined they are the text)
+    token_delay: float | None = None  # None: the emulator's default
+    first_token_delay: float = 0.0
+    stop_reason: str = "end_turn"
+    fault: Literal["error", "drop", "stall", "eof"] | None = None
+    fault_after: int = 0
+    error_type: str = "overloaded_error"
+    error_message: str = "Overloaded"
+    stall: float = 3600.0
+    headers: Mapping[str, str] = field(default_factory=dict)
+    input_tokens: int | None = None
+    cache_read_input_tokens: int = 0
+    cache_creation_input_tokens: int = 0
+    thinking: str | None = None  # a thinking block streamed before the text
+    stamp: bool = False  # each delta carries its send time: "<unix seconds> " (benchmarks)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply:
+    """An HTTP error response with the API's JSON error body and any headers."""
+
+    status: int
+    error_type: str | None = None
+    message: str = "Error"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    error_code: str | None = None
+    delay: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Hangup:
+    """Close the connection without any response, after ``delay`` seconds."""
+
+    delay: float = 0.0
+
+
+Scripted = Reply | ErrorReply | Hangup
+
+
+@dataclass(slots=True)
+class RecordedRequest:
+    """One request as the emulator saw it, and how its response ended."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    received_at: float
+    ended: asyncio.Event
+    outcome: str = "pending"  # completed | disconnected | dropped | hung_up | error
+    ended_at: float | None = None
+
+    @property
+    def disconnected(self) -> bool:
+        """The client closed the connection before the response was complete."""
+        return self.outcome == "disconnected"
+
+
+class Emulator:
+    """``async with Emulator() as emu:`` serves on ``emu.url`` until the block ends.
+
+    ``emu.script(Reply(...), ErrorReply(429, headers={"retry-after": "1"}), ...)`` queues
+    responses, one per request in order; with the queue empty each request gets ``default``.
+    ``emu.requests`` records every request, including how its response ended.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        api_key: str | None = None,
+        token_delay: float = 0.0,
+        default: Scripted | None = None,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.api_key = api_key
+        self.token_delay = token_delay
+        self.default: Scripted = default if default is not None else Reply()
+        self.requests: list[RecordedRequest] = []
+        self._queue: deque[Scripted] = deque()
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._new_request = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def start(self) -> Emulator:
+        """Listen on ``host:port`` (port 0: a free one, see :attr:`url`)."""
+        self._server = await asyncio.start_server(self._on_connection, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def start_on(self, sock: socket.socket) -> Emulator:
+        """Listen on an already bound socket (so its URL can be known before the loop runs)."""
+        self.host, self.port = sock.getsockname()[:2]
+        self._server = await asyncio.start_server(self._on_connection, sock=sock)
+        return self
+
+    async def stop(self) -> None:
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(list(self._connections), timeout=5)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(server.wait_closed(), 5)
+
+    async def __aenter__(self) -> Emulator:
+        return await self.start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def serve_forever(self) -> None:
+        if self._server is None:
+            await self.start()
+        assert self._server is not None
+        await self._server.serve_forever()
+
+    # -- scripting and observation -------------------------------------------------------
+    def script(self, *responses: Scripted) -> None:
+        self._queue.extend(responses)
+
+    def clear(self) -> None:
+        self._queue.clear()
+        self.requests.clear()
+
+    @property
+    def pending(self) -> int:
+        """Scripted responses not yet used."""
+        return len(self._queue)
+
+    async def wait_for_requests(self, count: int, within: float = 10.0) -> list[RecordedRequest]:
+        async with asyncio.timeout(within):
+            while len(self.requests) < count:
+                self._new_request.clear()
+                await self._new_request.wait()
+        return self.requests
+
+    # -- HTTP ----------------------------------------------------------------------------
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+                    return
+                parsed = _parse_head(head)
+                if parsed is None:
+                    await _write_json(
+                        writer, 400, _error_body("invalid_request_error", "malformed request"), {}
+                    )
+                    return
+                method, path, headers = parsed
+                length = int(headers.get("content-length") or 0)
+                try:
+                    raw = await reader.readexactly(length) if length else b""
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw
+                record = RecordedRequest(method, path, headers, body, time.time(), asyncio.Event())
+                self.requests.append(record)
+                self._new_request.set()
+                keep_open = await self._respond(record, reader, writer)
+                record.ended_at = time.time()
+                record.ended.set()
+                if not keep_open or headers.get("connection", "").lower() == "close":
+                    return
+        except asyncio.CancelledError:
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _respond(
+        self, record: RecordedRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        """Send one response while watching for the client to hang up. True: keep the
+        connection for the next request."""
+        send = asyncio.ensure_future(self._send(record, writer))
+        watch = asyncio.ensure_future(reader.read(1))
+        try:
+            await asyncio.wait({send, watch}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            send.cancel()
+            watch.cancel()
+            raise
+        if send.done():
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+            try:
+                return send.result()
+            except (ConnectionError, OSError):
+                record.outcome = "disconnected"
+                return False
+        # the client closed (or sent bytes mid-response, which a client we serve never does)
+        send.cancel()
+        with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+            await send
+        record.outcome = "disconnected"
+        return False
+
+    async def _send(self, record: RecordedRequest, writer: asyncio.StreamWriter) -> bool:
+        problem = self._validate(record)
+        if problem is not None:
+            status, error_type, message = problem
+            record.outcome = "error"
+            await _write_json(writer, status, _error_body(error_type, message), {})
+            return True
+        scripted = self._queue.popleft() if self._queue else self.default
+        if isinstance(scripted, Hangup):
+            await asyncio.sleep(scripted.delay)
+            record.outcome = "hung_up"
+            writer.transport.abort()
+            return False
+        if isinstance(scripted, ErrorReply):
+            await asyncio.sleep(scripted.delay)
+            error_type = scripted.error_type or _STATUS_TYPES.get(scripted.status, "api_error")
+            record.outcome = "error"
+            await _write_json(
+                writer,
+                scripted.status,
+                _error_body(error_type, scripted.message, scripted.error_code),
+                scripted.headers,
+            )
+            return True
+        body = record.body
+        text = self._answer_text(scripted, body)
+        if body.get("stream") is True:
+            return await self._stream(record, writer, scripted, text)
+        record.outcome = "completed"
+        await _write_json(writer, 200, self._message(scripted, body, text), scripted.headers)
+        return True
+
+    def _validate(self, record: RecordedRequest) -> tuple[int, str, str] | None:
+        if record.method != "POST" or record.path.split("?")[0] != "/v1/messages":
+            return 404, "not_found_error", f"Not found: {record.method} {record.path}"
+        headers = record.headers
+        key = headers.get("x-api-key") or (
+            headers.get("authorization", "")[7:]
+            if headers.get("authorization", "").startswith("Bearer ")
+            else ""
+        )
+        if not key:
+            return 401, "authentication_error", "x-api-key header is required"
+        if self.api_key is not None and key != self.api_key:
+            return 401, "authentication_error", "invalid x-api-key"
+        body = record.body
+        if not isinstance(body, dict):
+            return 400, "invalid_request_error", "The request body is not valid JSON."
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return 400, "invalid_request_error", "model: Field required"
+        max_tokens = body.get("max_tokens")
+        if type(max_tokens) is not int or max_tokens < 1:
+            return 400, "invalid_request_error", "max_tokens: Field required"
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return 400, "invalid_request_error", "messages: Field required"
+        for index, message in enumerate(messages):
+            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+                return 400, "invalid_request_error", f"messages.{index}.role: invalid"
+        if not model.startswith("claude-"):
+            return 404, "not_found_error", f"model: {model}"
+        if messages[-1]["role"] == "assistant" and _NO_PREFILL.match(model):
+            return (
+                400,
+                "invalid_request_error",
+                (
+                    "This model does not support assistant message prefill. The conversation "
+                    "must end with a user message."
+                ),
+            )
+        return None
+
+    def _answer_text(self, reply: Reply, body: dict[str, Any]) -> str:
+        """The text to send: the reply's, minus what a continuation request already has."""
+        messages: list[dict[str, Any]] = body["messages"]
+        prior = ""
+        original = messages
+        if messages[-1]["role"] == "assistant":  # prefill
+            prior = _content_text(messages[-1])
+            original = messages[:-1]
+        elif (
+            len(messages) >= 3
+            and messages[-2]["role"] == "assistant"
+            and _content_text(messages[-1]).startswith(CONTINUE_MARKER)
+        ):
+            prior = _content_text(messages[-2])
+            original = messages[:-2]
+        full = reply.text if reply.text is not None else _demo_text(original)
+        if prior and full.startswith(prior):
+            return full[len(prior) :]
+        return full
+
+    def _message(self, reply: Reply, body: dict[str, Any], text: str) -> dict[str, Any]:
+        tokens = _tokenize(reply, text)[: body["max_tokens"]]
+        return {
+            "id": "msg_emu_" + secrets.token_hex(8),
+            "type": "message",
+            "role": "assistant",
+            "model": body["model"],
+            "content": [{"type": "text", "text": "".join(tokens)}],
+            "stop_reason": reply.stop_reason,
+            "stop_sequence": None,
+            "usage": {**self._usage(reply, body), "output_tokens": len(tokens)},
+        }
+
+    def _usage(self, reply: Reply, body: dict[str, Any]) -> dict[str, int]:
+        if reply.input_tokens is not None:
+            input_tokens = reply.input_tokens
+        else:
+            size = sum(len(_content_text(m)) for m in body["messages"])
+            system = body.get("system")
+            size += len(system) if isinstance(system, str) else 0
+            input_tokens = max(1, size // 4)
+        return {
+            "input_tokens": input_tokens,
+            "cache_creation_input_tokens": reply.cache_creation_input_tokens,
+            "cache_read_input_tokens": reply.cache_read_input_tokens,
+            "output_tokens": 1,
+        }
+
+    async def _stream(
+        self, record: RecordedRequest, writer: asyncio.StreamWriter, reply: Reply, text: str
+    ) -> bool:
+        body: dict[str, Any] = record.body
+        tokens = _tokenize(reply, text)
+        stop_reason = reply.stop_reason
+        if len(tokens) > body["max_tokens"]:
+            tokens = tokens[: body["max_tokens"]]
+            stop_reason = "max_tokens"
+        delay = reply.token_delay if reply.token_delay is not None else self.token_delay
+        usage = self._usage(reply, body)
+        head = (
+            "HTTP/1.1 200 OK\r\n"
+            "content-type: text/event-stream; charset=utf-8\r\n"
+            "cache-control: no-cache\r\n"
+            "transfer-encoding: chunked\r\n"
+            f"request-id: req_emu_{secrets.token_hex(8)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
+            + "\r\n"
+        )
+        writer.write(head.encode())
+
+        async def event(name: str, payload: dict[str, Any]) -> None:
+            data = b"event: " + name.encode() + b"\ndata: " + _dumps(payload) + b"\n\n"
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+
+        await event(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_emu_" + secrets.token_hex(8),
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": body["model"],
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": usage,
+                },
+            },
+        )
+        index = 0
+        if reply.thinking is not None:
+            await event(
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "thinking", "thinking": ""},
+                },
+            )
+            await event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "thinking_delta", "thinking": reply.thinking},
+                },
+            )
+            await event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "signature_delta", "signature": "c2lnbmF0dXJl"},
+                },
+            )
+            await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+            index = 1
+        await event(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "text", "text": ""},
+            },
+        )
+        await event("ping", {"type": "ping"})
+        if reply.first_token_delay:
+            await asyncio.sleep(reply.first_token_delay)
+        sent = 0
+        for token in tokens:
+            if reply.fault is not None and sent == reply.fault_after:
+                break
+            if sent and delay:
+                await asyncio.sleep(delay)
+            piece = f"{time.time():.6f} " if reply.stamp else token
+            await event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": piece},
+                },
+            )
+            sent += 1
+        if reply.fault is not None and sent == reply.fault_after:
+            if reply.fault == "drop":
+                record.outcome = "dropped"
+                writer.transport.abort()
+                return False
+            if reply.fault == "eof":
+                record.outcome = "completed"
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            if reply.fault == "error":
+                await event(
+                    "error",
+                    {
+                        "type": "error",
+                        "error": {"type": reply.error_type, "message": reply.error_message},
+                    },
+                )
+                record.outcome = "completed"
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+                return True
+            await asyncio.sleep(reply.stall)  # "stall", then carry on as if nothing happened
+            return await self._finish(
+                record, writer, event, index, tokens[sent:], sent, stop_reason, delay
+            )
+        return await self._finish(record, writer, event, index, [], sent, stop_reason, delay)
+
+    async def _finish(
+        self,
+        record: RecordedRequest,
+        writer: asyncio.StreamWriter,
+        event: Any,
+        index: int,
+        rest: list[str],
+        sent: int,
+        stop_reason: str,
+        delay: float,
+    ) -> bool:
+        for token in rest:
+            await event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "text_delta", "text": token},
+                },
+            )
+            sent += 1
+            if delay:
+                await asyncio.sleep(delay)
+        await event("content_block_stop", {"type": "content_block_stop", "index": index})
+        await event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "usage": {"output_tokens": sent},
+            },
+        )
+        await event("message_stop", {"type": "message_stop"})
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        record.outcome = "completed"
+        return True
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
+    if len(head) > _MAX_HEAD:
+        return None
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        return None
+    headers = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    return parts[0], parts[1], headers
+
+
+def _error_body(error_type: str, message: str, error_code: str | None = None) -> dict[str, Any]:
+    error: dict[str, Any] = {"type": error_type, "message": message}
+    if error_code is not None:
+        error["details"] = {"error_code": error_code}
+    return {"type": "error", "error": error, "request_id": "req_emu_" + secrets.token_hex(8)}
+
+
+async def _write_json(
+    writer: asyncio.StreamWriter, status: int, payload: Any, headers: Mapping[str, str]
+) -> None:
+    data = _dumps(payload)
+    request_id = payload.get("request_id") if isinstance(payload, dict) else None
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(data)}\r\n"
+        f"request-id: {request_id or 'req_emu_' + secrets.token_hex(8)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
+    writer.write(head.encode() + data)
+    await writer.drain()
+
+
+def _content_text(message: Mapping[str, Any]) -> str:
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            block.get("text", "")
+            for block in content
+            if isinstance(block, dict) and block.get("type") == "text"
+        )
+    return ""
+
+
+def _tokenize(reply: Reply, text: str) -> list[str]:
+    if reply.tokens is not None and reply.text is None:
+        return list(reply.tokens)
+    if reply.tokens is not None and "".join(reply.tokens) == text:
+        return list(reply.tokens)
+    return _TOKEN.findall(text)
+
+
+def _demo_text(messages: Iterable[Mapping[str, Any]]) -> str:
+    prompt = ""
+    for message in messages:
+        if message.get("role") == "user":
+            prompt = _content_text(message)
+    quoted = " ".join(prompt.split())
+    if len(quoted) > 200:
+        quoted = quoted[:200] + "…"
+    return (
+        f"Hello! This is the quart-claude emulator (demo mode: no API key, no network). "
+        f"You said: “{quoted}”. Every word of this reply is streamed as its own Server-Sent "
+        f"Event, exactly as Claude's Messages API streams tokens, so the page, the relay and "
+        f"your tests behave as they will in production. Set ANTHROPIC_API_KEY to talk to "
+        f"Claude for real."
+    )

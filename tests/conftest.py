@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import httpx2
+import pytest
+from quart import Quart
+
+from quart_claude import Claude
+from quart_claude.testing import Emulator
+
+from .helpers import serving
+
+API_KEY = "sk-test-emulator-key-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def clean_environ(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No CLAUDE_* / ANTHROPIC_* variable of the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith(("CLAUDE_", "ANTHROPIC_")):
+            monkeypatch.delenv(name)
+    yield
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with Emulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def make_app(emulator: Emulator) -> Callable[..., Quart]:
+    def factory(**options: Any) -> Quart:
+        app = Quart(__name__)
+        options.setdefault("api_key", API_KEY)
+        options.setdefault("base_url", emulator.url)
+        options.setdefault("retry_base_delay", 0.05)
+        options.setdefault("retry_max_delay", 2.0)
+        Claude(app, **options)
+        return app
+
+    return factory
+
+
+@pytest.fixture
+async def server(make_app: Callable[..., Quart]) -> AsyncIterator[str]:
+    async with serving(make_app()) as url:
+        yield url
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx2.AsyncClient]:
+    async with httpx2.AsyncClient(timeout=30) as client:
+        yield client
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """In CI (QUART_CLAUDE_REQUIRE_ALL=1) a skipped test fails the run."""
+    if os.environ.get("QUART_CLAUDE_REQUIRE_ALL") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is None:
+        return
+    skipped = reporter.stats.get("skipped", [])
+    if skipped:
+        reporter.write_line(
+            f"FAILED: {len(skipped)} test(s) skipped; CI must run them all", red=True
+        )
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -1,0 +1,116 @@
+"""Shared test helpers: serve an app for real, and read its SSE responses."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx2
+from hypercorn.config import Config
+from quart import Quart
+
+from quart_claude import Claude, SSEParser
+from quart_claude.serving import serve_app
+
+
+@dataclass
+class SSEResult:
+    status: int
+    headers: httpx2.Headers
+    events: list[dict[str, Any]] = field(default_factory=list)
+    ids: list[str | None] = field(default_factory=list)
+    received_at: list[float] = field(default_factory=list)
+    raw: bytes = b""
+    pings: int = 0
+    body: Any = None
+
+    @property
+    def text(self) -> str:
+        return "".join(e["text"] for e in self.events if e["type"] == "delta")
+
+    @property
+    def types(self) -> list[str]:
+        return [e["type"] for e in self.events]
+
+
+async def stream_chat(
+    client: httpx2.AsyncClient,
+    url: str,
+    payload: Any = None,
+    *,
+    stop_after_deltas: int | None = None,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+) -> SSEResult:
+    """POST ``payload`` and read the SSE answer (optionally leaving after N deltas)."""
+    kwargs: dict[str, Any] = {"headers": headers}
+    if payload is not None:
+        kwargs["json"] = payload
+    async with client.stream(method, url, **kwargs) as response:
+        result = SSEResult(response.status_code, response.headers)
+        if response.status_code != 200 or "event-stream" not in response.headers.get(
+            "content-type", ""
+        ):
+            await response.aread()
+            result.body = response.json()
+            return result
+        parser = SSEParser()
+        deltas = 0
+        async for chunk in response.aiter_raw():
+            result.raw += chunk
+            for event in parser.feed(chunk):
+                result.events.append(event.json())
+                result.ids.append(event.id)
+                result.received_at.append(time.time())
+                if result.events[-1]["type"] == "delta":
+                    deltas += 1
+            result.pings = parser.comments
+            if stop_after_deltas is not None and deltas >= stop_after_deltas:
+                break
+        return result
+
+
+@contextlib.asynccontextmanager
+async def serving(app: Quart) -> AsyncIterator[str]:
+    """Serve ``app`` with Hypercorn in this event loop on a free port; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.fileno()}"]
+    config.graceful_timeout = 2
+    config.accesslog = None
+    config.errorlog = None
+    stop = asyncio.Event()
+    task = asyncio.create_task(serve_app(app, config, stop))
+    url = f"http://127.0.0.1:{port}"
+    ready = url + Claude.state(app).config.url_prefix + "/ready"
+    try:
+        async with httpx2.AsyncClient() as client:
+            for _ in range(200):
+                with contextlib.suppress(httpx2.TransportError):
+                    if (await client.get(ready)).status_code == 200:
+                        break
+                await asyncio.sleep(0.02)
+            else:
+                raise RuntimeError("the test server did not become ready")
+        yield url
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 15)
+        sock.detach()  # Hypercorn owns and has closed the descriptor
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import pytest
+from anthropic.resources.messages.messages import DEPRECATED_MODELS
+from quart import Quart
+
+from quart_claude import DEFAULT_MODEL, Claude, ConfigError
+
+KEY = "sk-test-key-for-config-0000000000"
+
+
+def make(
+    monkeypatch: pytest.MonkeyPatch | None = None,
+    env: dict[str, str] | None = None,
+    config: dict[str, object] | None = None,
+    **options: object,
+) -> Quart:
+    app = Quart(__name__)
+    for name, value in (env or {}).items():
+        assert monkeypatch is not None
+        monkeypatch.setenv(name, value)
+    app.config.update(config or {})
+    Claude(app, **options)
+    return app
+
+
+def test_defaults() -> None:
+    config = Claude.state(make(api_key=KEY)).config
+    assert config.model == DEFAULT_MODEL
+    assert (config.max_tokens, config.max_tokens_limit) == (1024, 8192)
+    assert config.system_prompt == "You are a helpful assistant."
+    assert (config.url_prefix, config.timeout, config.heartbeat_interval) == ("", 60.0, 15.0)
+    assert (config.max_retries, config.retry_base_delay, config.retry_max_delay) == (3, 1.0, 30.0)
+
+
+def test_default_model_is_not_deprecated_by_the_sdk() -> None:
+    assert DEFAULT_MODEL not in DEPRECATED_MODELS
+
+
+def test_precedence_option_over_app_config_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"CLAUDE_MAX_RETRIES": "7", "CLAUDE_MODEL": "claude-env", "CLAUDE_TIMEOUT": "11"}
+    app = make(
+        monkeypatch,
+        env=env,
+        config={"CLAUDE_API_KEY": KEY, "CLAUDE_MAX_RETRIES": 5, "CLAUDE_MODEL": "claude-app"},
+        model="claude-option",
+    )
+    config = Claude.state(app).config
+    assert config.model == "claude-option"  # option beats app.config and env
+    assert config.max_retries == 5  # app.config beats env
+    assert config.timeout == 11.0  # env beats the default
+
+
+def test_env_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {
+        "CLAUDE_API_KEY": KEY,
+        "CLAUDE_MAX_TOKENS": "256",
+        "CLAUDE_RECOVERY": "false",
+        "CLAUDE_URL_PREFIX": "/ai",
+        "CLAUDE_RETRY_BASE_DELAY": "0.25",
+    }
+    config = Claude.state(make(monkeypatch, env=env)).config
+    assert config.api_key == KEY
+    assert config.max_tokens == 256
+    assert config.recovery is False
+    assert config.url_prefix == "/ai"
+    assert config.retry_base_delay == 0.25
+
+
+def test_anthropic_env_fallbacks(monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"ANTHROPIC_API_KEY": KEY, "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
+    config = Claude.state(make(monkeypatch, env=env)).config
+    assert (config.api_key, config.base_url) == (KEY, "http://127.0.0.1:9")
+    monkeypatch.setenv("CLAUDE_API_KEY", "sk-claude-wins")
+    assert Claude.state(make()).config.api_key == "sk-claude-wins"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CLAUDE_MAX_RETRIES", "abc"),
+        ("CLAUDE_MAX_RETRIES", "-1"),
+        ("CLAUDE_TIMEOUT", "-5"),
+        ("CLAUDE_TIMEOUT", "0"),
+        ("CLAUDE_TIMEOUT", "nan"),
+        ("CLAUDE_HEARTBEAT_INTERVAL", "soon"),
+        ("CLAUDE_MAX_TOKENS", "0"),
+        ("CLAUDE_MAX_TOKENS", "1.5"),
+        ("CLAUDE_RECOVERY", "maybe"),
+        ("CLAUDE_URL_PREFIX", "ai/"),
+        ("CLAUDE_MODEL", " "),
+        ("CLAUDE_RETRY_MAX_DELAY", "-1"),
+    ],
+)
+def test_bad_env_value_fails_at_init_naming_the_key(
+    monkeypatch: pytest.MonkeyPatch, key: str, value: str
+) -> None:
+    monkeypatch.setenv(key, value)
+    with pytest.raises(ConfigError, match=key):
+        make(api_key=KEY)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("CLAUDE_MAX_RETRIES", True),
+        ("CLAUDE_TIMEOUT", "x"),
+        ("CLAUDE_MAX_TOKENS", 10**6),
+        ("CLAUDE_SYSTEM_PROMPT", 42),
+    ],
+)
+def test_bad_app_config_value_fails_naming_the_key(key: str, value: object) -> None:
+    with pytest.raises(ConfigError, match=key):
+        make(config={key: value}, api_key=KEY)
+
+
+def test_unknown_option_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="max_retry"):
+        make(api_key=KEY, max_retry=3)
+
+
+def test_missing_api_key_fails_fast() -> None:
+    with pytest.raises(ConfigError, match="CLAUDE_API_KEY"):
+        make()
+
+
+def test_double_registration_is_refused() -> None:
+    app = make(api_key=KEY)
+    with pytest.raises(RuntimeError, match="already registered"):
+        Claude(api_key=KEY).init_app(app)
+
+
+def test_factory_pattern_keeps_state_per_app() -> None:
+    claude = Claude(api_key=KEY)
+    first, second = Quart("first"), Quart("second")
+    first.config["CLAUDE_MODEL"] = "claude-a"
+    second.config["CLAUDE_MODEL"] = "claude-b"
+    claude.init_app(first)
+    claude.init_app(second)
+    assert Claude.state(first).config.model == "claude-a"
+    assert Claude.state(second).config.model == "claude-b"
+    assert not hasattr(claude, "app")
+
+
+def test_state_of_an_app_without_the_extension_explains() -> None:
+    with pytest.raises(RuntimeError, match="init_app"):
+        Claude.state(Quart(__name__))
+
+
+def test_api_key_not_in_repr() -> None:
+    config = Claude.state(make(api_key=KEY)).config
+    assert KEY not in repr(config)
+    assert "model=" in repr(config)
+
+
+def test_url_prefix_and_prefixed_endpoint_names() -> None:
+    app = make(api_key=KEY, url_prefix="/ai")
+    rules = {rule.rule: rule.endpoint for rule in app.url_map.iter_rules()}
+    assert rules["/ai/chat/stream"] == "claude.chat_stream"
+    assert rules["/ai/health"] == "claude.health"
+    assert rules["/ai/ready"] == "claude.ready"

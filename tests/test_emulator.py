@@ -1,0 +1,180 @@
+"""The emulator speaks the real wire format: the SDK's own parsers and error classes agree."""
+
+from __future__ import annotations
+
+import time
+
+import anthropic
+import pytest
+
+from quart_claude.testing import Emulator, ErrorReply, Hangup, Reply
+
+KEY = "sk-test-emulator"
+
+
+def client(emulator: Emulator, **kwargs: object) -> anthropic.AsyncAnthropic:
+    return anthropic.AsyncAnthropic(api_key=KEY, base_url=emulator.url, max_retries=0, **kwargs)  # type: ignore[arg-type]
+
+
+async def test_sdk_stream_helper_accumulates_the_reply(emulator: Emulator) -> None:
+    emulator.script(Reply("Hello there, friend.", cache_read_input_tokens=12, thinking="hmm"))
+    async with client(emulator) as sdk:
+        async with sdk.messages.stream(
+            model="claude-opus-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        ) as stream:
+            texts = [text async for text in stream.text_stream]
+            message = await stream.get_final_message()
+        assert "".join(texts) == "Hello there, friend."
+        assert stream.request_id is not None and stream.request_id.startswith("req_")
+    assert message.stop_reason == "end_turn"
+    assert message.model == "claude-opus-5"
+    assert message.usage.output_tokens == len(texts)
+    assert message.usage.cache_read_input_tokens == 12
+    assert [block.type for block in message.content] == ["thinking", "text"]
+
+
+async def test_non_streaming_request(emulator: Emulator) -> None:
+    emulator.script(Reply("Whole answer."))
+    async with client(emulator) as sdk:
+        message = await sdk.messages.create(
+            model="claude-opus-5", max_tokens=100, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert message.content[0].type == "text" and message.content[0].text == "Whole answer."
+
+
+@pytest.mark.parametrize(
+    ("status", "error_class"),
+    [
+        (400, anthropic.BadRequestError),
+        (401, anthropic.AuthenticationError),
+        (403, anthropic.PermissionDeniedError),
+        (404, anthropic.NotFoundError),
+        (413, anthropic.APIStatusError),
+        (429, anthropic.RateLimitError),
+        (500, anthropic.InternalServerError),
+        (529, anthropic.OverloadedError),
+    ],
+)
+async def test_error_replies_map_to_sdk_classes(
+    emulator: Emulator, status: int, error_class: type[Exception]
+) -> None:
+    emulator.script(ErrorReply(status, message="nope", headers={"retry-after": "7"}))
+    async with client(emulator) as sdk:
+        with pytest.raises(error_class) as caught:
+            await sdk.messages.create(
+                model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+    error = caught.value
+    assert isinstance(error, anthropic.APIStatusError)
+    assert error.status_code == status
+    assert error.api_message == "nope"
+    assert error.request_id is not None
+    assert error.response.headers["retry-after"] == "7"
+
+
+async def test_in_stream_error_arrives_as_status_200(emulator: Emulator) -> None:
+    emulator.script(Reply("a b c d", fault="error", fault_after=2))
+    async with client(emulator) as sdk:
+        stream = await sdk.messages.create(
+            model="claude-opus-5",
+            max_tokens=5,
+            messages=[{"role": "user", "content": "x"}],
+            stream=True,
+        )
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            async for _ in stream:
+                pass
+    assert caught.value.status_code == 200
+    assert caught.value.type == "overloaded_error"
+
+
+async def test_spend_limit_error_code(emulator: Emulator) -> None:
+    emulator.script(ErrorReply(429, error_code="enforced_spend_limit_reached"))
+    async with client(emulator) as sdk:
+        with pytest.raises(anthropic.RateLimitError) as caught:
+            await sdk.messages.create(
+                model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+    assert caught.value.error_code == "enforced_spend_limit_reached"
+
+
+async def test_prefill_refused_on_new_models_accepted_on_old(emulator: Emulator) -> None:
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Hello"}]
+    emulator.script(Reply("Hello world"), Reply("Hello world"))
+    async with client(emulator) as sdk:
+        with pytest.raises(anthropic.BadRequestError, match="prefill"):
+            await sdk.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=messages)  # type: ignore[arg-type]
+        old = await sdk.messages.create(model="claude-opus-4-5", max_tokens=50, messages=messages)  # type: ignore[arg-type]
+    assert old.content[0].type == "text" and old.content[0].text == " world"
+
+
+async def test_auth_unknown_model_and_x_api_key(emulator: Emulator) -> None:
+    strict = Emulator(api_key=KEY)
+    async with strict:
+        async with anthropic.AsyncAnthropic(
+            api_key="wrong", base_url=strict.url, max_retries=0
+        ) as sdk:
+            with pytest.raises(anthropic.AuthenticationError):
+                await sdk.messages.create(
+                    model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+                )
+    async with client(emulator) as sdk:
+        with pytest.raises(anthropic.NotFoundError, match="gpt-4"):
+            await sdk.messages.create(
+                model="gpt-4", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+    import httpx2
+
+    async with httpx2.AsyncClient() as http:
+        response = await http.post(
+            emulator.url + "/v1/messages",
+            headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
+            json={"model": "claude-x", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+        )
+    assert response.status_code == 200 and response.json()["type"] == "message"
+
+
+async def test_hangup_and_drop_are_transport_errors(emulator: Emulator) -> None:
+    emulator.script(Hangup(), Reply("a b c", fault="drop", fault_after=1))
+    async with client(emulator) as sdk:
+        with pytest.raises(anthropic.APIConnectionError):
+            await sdk.messages.create(
+                model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]
+            )
+        stream = await sdk.messages.create(
+            model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+            stream=True,
+        )
+        import httpx2
+
+        with pytest.raises(httpx2.RemoteProtocolError):
+            async for _ in stream:
+                pass
+    assert [r.outcome for r in emulator.requests] == ["hung_up", "dropped"]
+
+
+async def test_eof_without_message_stop_raises_nothing_in_the_sdk(emulator: Emulator) -> None:
+    emulator.script(Reply("a b c", fault="eof", fault_after=2))
+    async with client(emulator) as sdk:
+        stream = await sdk.messages.create(
+            model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+            stream=True,
+        )
+        types = [event.type async for event in stream]
+    assert "message_stop" not in types and types.count("content_block_delta") == 2
+
+
+async def test_paced_tokens_and_observed_disconnect(emulator: Emulator) -> None:
+    emulator.script(Reply("one two three four five six", token_delay=0.2))
+    async with client(emulator) as sdk:
+        started = time.monotonic()
+        async with sdk.messages.stream(
+            model="claude-opus-5", max_tokens=50, messages=[{"role": "user", "content": "x"}]
+        ) as stream:
+            async for _ in stream.text_stream:
+                break  # leave after the first token: the connection closes
+        first = time.monotonic() - started
+    (request,) = emulator.requests
+    await request.ended.wait()
+    assert request.disconnected
+    assert first < 0.5

@@ -1,0 +1,79 @@
+"""The extension in a user's app, served by the real ``hypercorn`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import httpx2
+import pytest
+
+from quart_claude.testing import Emulator, Reply
+
+from .helpers import free_port, stream_chat
+
+ROOT = Path(__file__).resolve().parent.parent
+HYPERCORN = str(Path(sys.executable).with_name("hypercorn"))
+
+
+async def wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
+    async with httpx2.AsyncClient() as http:
+        for _ in range(300):
+            if process.returncode is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            try:
+                if (await http.get(url)).status_code == 200:
+                    return
+            except httpx2.TransportError:
+                pass
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{url} never became ready")
+
+
+async def start(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        *args, cwd=ROOT, env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def stop(process: asyncio.subprocess.Process) -> bytes:
+    if process.returncode is None:
+        process.terminate()
+    try:
+        output, _ = await asyncio.wait_for(process.communicate(), 15)
+    except TimeoutError:
+        process.kill()
+        output, _ = await process.communicate()
+    return output
+
+
+@pytest.fixture
+async def cli_server(emulator: Emulator) -> AsyncIterator[str]:
+    port = free_port()
+    env = {"CLAUDE_API_KEY": "sk-test-cli-key-0123456789", "CLAUDE_BASE_URL": emulator.url}
+    process = await start([HYPERCORN, "-b", f"127.0.0.1:{port}", "tests.host_app:app"], env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url + "/ready", process)
+        yield url
+    finally:
+        output = await stop(process)
+        assert b"sk-test-cli-key" not in output  # the key is never logged
+
+
+async def test_hypercorn_cli_streams_incrementally_and_byte_exact(
+    cli_server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    text = "Ünïcödé ✓ — \"quoted\"\nnew line, data: inside, 😀 and 漢字 " * 3
+    emulator.script(Reply(text, token_delay=0.1))
+    result = await stream_chat(http, cli_server + "/chat/stream", {"message": "hi"})
+    assert result.text == text
+    assert result.types[0] == "start" and result.types[-1] == "done"
+    (request,) = emulator.requests
+    assert request.ended_at is not None
+    assert result.received_at[1] < request.ended_at - 1.0  # incremental, not buffered
+    assert (await http.get(cli_server + "/")).text == "the host app's own page"
