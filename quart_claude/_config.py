@@ -148,6 +148,7 @@ _KEYS: dict[str, _Key] = {
     "max_body_size": _Key(_positive_int, 1024 * 1024),
     "max_concurrent_streams": _Key(_positive_int, 1000),
     "shutdown_grace": _Key(_seconds, 5.0),
+    "handle_signals": _Key(_bool, True),
     "sse_retry": _Key(_non_negative_int, 1000),
 }
 
@@ -175,6 +176,7 @@ class ClaudeConfig:
     max_body_size: int
     max_concurrent_streams: int
     shutdown_grace: float
+    handle_signals: bool
     sse_retry: int
 
     @staticmethod

@@ -12,6 +12,7 @@ from quart import Quart, current_app
 
 from ._config import ClaudeConfig, ConfigError, load_config
 from ._relay import Relay
+from ._shutdown import ShutdownHooks
 from ._stream import StreamRegistry
 
 __all__ = ["Claude", "ClaudeState"]
@@ -35,6 +36,7 @@ class ClaudeState:
         self.streams = StreamRegistry()
         self.producers: set[asyncio.Task[None]] = set()
         self.draining = False
+        self._hooks: ShutdownHooks | None = None
 
     @property
     def ready(self) -> bool:
@@ -53,9 +55,14 @@ class ClaudeState:
         )
         self.relay = Relay(client, config)
         self.draining = False
+        if config.handle_signals:
+            self._hooks = ShutdownHooks(self.drain)
+            self._hooks.install(asyncio.get_running_loop())
 
     async def drain(self) -> None:
         """Refuse new streams; end open ones with a retryable ``shutdown`` error event."""
+        if not self.draining:
+            log.info("draining: ending %d open stream(s)", len(self.producers))
         self.draining = True
         for stream in self.streams.live():
             stream.cancel("shutdown")
@@ -64,6 +71,9 @@ class ClaudeState:
 
     async def shutdown(self) -> None:
         await self.drain()
+        if self._hooks is not None:
+            self._hooks.uninstall()
+            self._hooks = None
         relay, self.relay = self.relay, None
         if relay is not None:
             await relay.client.close()

@@ -179,7 +179,8 @@ class Relay:
         """One upstream request. Returns the stop reason, or raises :class:`UpstreamError`."""
         usage: dict[str, Any] = {}
         stop_reason: str | None = None
-        completed = False
+        completed = False  # saw message_stop: a body that ends without it is truncated
+        deltas = 0
         append = stream.append
         try:
             async with self.client.messages.with_streaming_response.create(**params) as response:
@@ -196,6 +197,7 @@ class Relay:
                                 continue
                         if not texts:
                             outcome.first_token_at = time.monotonic()
+                        deltas += 1
                         texts.append(text)
                         append({"type": "delta", "text": text})
                     elif event == "message_start":
@@ -219,15 +221,16 @@ class Relay:
                         completed = True
                     elif event == "error":
                         raise _stream_error(data, response.request_id)
-        except UpstreamError:
-            _add_usage(outcome.usage, usage)
-            raise
-        except Exception as exc:  # SDK status errors, transport errors mid-stream
+            if not completed:
+                raise UpstreamError("network_error", detail="upstream ended without message_stop")
+        except Exception as exc:  # ours, SDK status errors, transport errors mid-stream
+            # an interrupted request never reports its final output count: the deltas
+            # received are a lower bound
+            if usage:
+                usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), deltas)
             _add_usage(outcome.usage, usage)
             raise classify_exception(exc) from exc
         _add_usage(outcome.usage, usage)
-        if not completed:
-            raise UpstreamError("network_error", detail="upstream ended without message_stop")
         return stop_reason
 
 

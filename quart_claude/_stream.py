@@ -116,22 +116,14 @@ class Stream:
                 waiter = self._waiter
                 if waiter is None:
                     waiter = self._waiter = loop.create_future()
-                timer = loop.call_later(heartbeat, _release, waiter)
-                try:
-                    await asyncio.shield(waiter)
-                finally:
-                    timer.cancel()
-                if len(self.events) == position and not self.finished:
+                # wait without owning the shared future: a timeout here wakes no one else
+                done, _ = await asyncio.wait((waiter,), timeout=heartbeat)
+                if not done:
                     yield PING
         finally:
             self.readers -= 1
             if self.readers == 0 and not self.finished and self._on_idle is not None:
                 self._on_idle(self)
-
-
-def _release(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
 
 
 class StreamRegistry:

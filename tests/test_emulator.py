@@ -129,7 +129,11 @@ async def test_auth_unknown_model_and_x_api_key(emulator: Emulator) -> None:
         response = await http.post(
             emulator.url + "/v1/messages",
             headers={"x-api-key": "k", "anthropic-version": "2023-06-01"},
-            json={"model": "claude-x", "max_tokens": 3, "messages": [{"role": "user", "content": "hi"}]},
+            json={
+                "model": "claude-x",
+                "max_tokens": 3,
+                "messages": [{"role": "user", "content": "hi"}],
+            },
         )
     assert response.status_code == 200 and response.json()["type"] == "message"
 
@@ -142,7 +146,9 @@ async def test_hangup_and_drop_are_transport_errors(emulator: Emulator) -> None:
                 model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}]
             )
         stream = await sdk.messages.create(
-            model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+            model="claude-opus-5",
+            max_tokens=5,
+            messages=[{"role": "user", "content": "x"}],
             stream=True,
         )
         import httpx2
@@ -157,7 +163,9 @@ async def test_eof_without_message_stop_raises_nothing_in_the_sdk(emulator: Emul
     emulator.script(Reply("a b c", fault="eof", fault_after=2))
     async with client(emulator) as sdk:
         stream = await sdk.messages.create(
-            model="claude-opus-5", max_tokens=5, messages=[{"role": "user", "content": "x"}],
+            model="claude-opus-5",
+            max_tokens=5,
+            messages=[{"role": "user", "content": "x"}],
             stream=True,
         )
         types = [event.type async for event in stream]

@@ -12,8 +12,9 @@ from .test_hypercorn_cli import start, stop, wait_ready
 
 async def test_example_app_in_demo_mode(http: httpx2.AsyncClient) -> None:
     port = free_port()
-    process = await start([sys.executable, "-m", "example_app"],
-                          {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005"})
+    process = await start(
+        [sys.executable, "-m", "example_app"], {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005"}
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url + "/health", process)

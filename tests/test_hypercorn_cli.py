@@ -35,8 +35,11 @@ async def wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
 
 async def start(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        *args, cwd=ROOT, env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        *args,
+        cwd=ROOT,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
 
 
@@ -68,7 +71,7 @@ async def cli_server(emulator: Emulator) -> AsyncIterator[str]:
 async def test_hypercorn_cli_streams_incrementally_and_byte_exact(
     cli_server: str, emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
-    text = "Ünïcödé ✓ — \"quoted\"\nnew line, data: inside, 😀 and 漢字 " * 3
+    text = 'Ünïcödé ✓ — "quoted"\nnew line, data: inside, 😀 and 漢字 ' * 3
     emulator.script(Reply(text, token_delay=0.1))
     result = await stream_chat(http, cli_server + "/chat/stream", {"message": "hi"})
     assert result.text == text

@@ -1,0 +1,80 @@
+"""SIGTERM with an open stream: the client gets a retryable ``shutdown`` event and the
+process exits within the grace time, however the example app is served."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+
+import httpx2
+import pytest
+
+from quart_claude import SSEParser
+
+from .helpers import free_port
+from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
+
+GRACE = 5.0
+
+
+async def open_stream_then_sigterm(
+    url: str, process: asyncio.subprocess.Process
+) -> tuple[list[dict[str, object]], float]:
+    """Read a few deltas, SIGTERM the server, read to the end; return events and exit time."""
+    events: list[dict[str, object]] = []
+    parser = SSEParser()
+    async with httpx2.AsyncClient(timeout=30) as http:
+        async with http.stream("POST", url + "/chat/stream", json={"message": "a long one"}) as r:
+            assert r.status_code == 200
+            signalled_at = None
+            async for chunk in r.aiter_raw():
+                for event in parser.feed(chunk):
+                    events.append(event.json())
+                deltas = sum(1 for e in events if e["type"] == "delta")
+                if deltas >= 3 and signalled_at is None:
+                    process.send_signal(signal.SIGTERM)
+                    signalled_at = time.monotonic()
+    assert signalled_at is not None
+    await asyncio.wait_for(process.wait(), GRACE + 5)
+    return events, time.monotonic() - signalled_at
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        pytest.param([HYPERCORN, "--graceful-timeout", "3", "example_app:app"], id="hypercorn"),
+        pytest.param(
+            [HYPERCORN, "-w", "2", "--graceful-timeout", "3", "example_app:app"],
+            id="hypercorn-2-workers",
+        ),
+        pytest.param(
+            [HYPERCORN, "-w", "0", "--graceful-timeout", "3", "example_app:app"],
+            id="hypercorn-in-process",
+        ),
+        pytest.param([sys.executable, "-m", "example_app"], id="python-m-example_app"),
+    ],
+)
+async def test_sigterm_ends_open_streams_with_a_shutdown_event(command: list[str]) -> None:
+    port = free_port()
+    if command[0] == HYPERCORN:
+        command = [command[0], "-b", f"127.0.0.1:{port}", *command[1:]]
+    # demo mode: the emulator paces a ~60-token answer at 0.3 s a token (~18 s)
+    process = await start(command, {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.3"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        await wait_ready(url + "/ready", process)
+        events, exited_after = await open_stream_then_sigterm(url, process)
+    finally:
+        output = await stop(process)
+    assert events[0]["type"] == "start"
+    assert events[-1] == {
+        "type": "error",
+        "error": "shutdown",
+        "message": events[-1]["message"],
+        "retryable": True,
+        "partial": True,
+    }, output.decode(errors="replace")[-2000:]
+    assert exited_after < GRACE, output.decode(errors="replace")[-2000:]
+    assert process.returncode == 0, output.decode(errors="replace")[-2000:]
