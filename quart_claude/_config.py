@@ -120,6 +120,15 @@ def _models(key: str, value: Any) -> tuple[str, ...]:
     return tuple(item for item in items if item)
 
 
+def _store_url(key: str, value: Any) -> str:
+    text = _str(key, value).strip()
+    if text in ("", "memory"):
+        return "memory"
+    if text.startswith(("redis://", "rediss://", "unix://")):
+        return text
+    raise ConfigError(f"{key} must be 'memory' or a redis:// URL, got {text!r}")
+
+
 @dataclass(frozen=True, slots=True)
 class _Key:
     parse: Callable[[str, Any], Any]
@@ -148,6 +157,10 @@ _KEYS: dict[str, _Key] = {
     "max_body_size": _Key(_positive_int, 1024 * 1024),
     "max_concurrent_streams": _Key(_positive_int, 1000),
     "shutdown_grace": _Key(_seconds, 5.0),
+    "resume_grace": _Key(_seconds, 30.0),
+    "stream_ttl": _Key(_seconds, 300.0),
+    "stream_store": _Key(_store_url, "memory"),
+    "max_finished_streams": _Key(_positive_int, 10_000),
     "handle_signals": _Key(_bool, True),
     "sse_retry": _Key(_non_negative_int, 1000),
 }
@@ -176,6 +189,10 @@ class ClaudeConfig:
     max_body_size: int
     max_concurrent_streams: int
     shutdown_grace: float
+    resume_grace: float
+    stream_ttl: float
+    stream_store: str
+    max_finished_streams: int
     handle_signals: bool
     sse_retry: int
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import anthropic
@@ -13,7 +14,7 @@ from quart import Quart, current_app
 from ._config import ClaudeConfig, ConfigError, load_config
 from ._relay import Relay
 from ._shutdown import ShutdownHooks
-from ._stream import StreamRegistry
+from ._stream import Stream, StreamRegistry
 
 __all__ = ["Claude", "ClaudeState"]
 
@@ -33,7 +34,9 @@ class ClaudeState:
         self.extension = extension
         self.config = config
         self.relay: Relay | None = None
-        self.streams = StreamRegistry()
+        self.streams = StreamRegistry(
+            ttl=config.stream_ttl, max_finished=config.max_finished_streams
+        )
         self.producers: set[asyncio.Task[None]] = set()
         self.draining = False
         self._hooks: ShutdownHooks | None = None
@@ -44,6 +47,24 @@ class ClaudeState:
 
     def live_streams(self) -> int:
         return len(self.producers)
+
+    async def identity(self) -> str | None:
+        """Who is asking, per the app's identity loader (None: no loader, or anonymous)."""
+        loader = self.extension.identify
+        if loader is None:
+            return None
+        value = await current_app.ensure_async(loader)()
+        return None if value is None else str(value)
+
+    def stream_idle(self, stream: Stream) -> None:
+        """The last reader left before the end: give it ``CLAUDE_RESUME_GRACE`` seconds to
+        come back, then stop paying for tokens nobody will read."""
+        grace = self.config.resume_grace
+        if grace <= 0:
+            stream.cancel("disconnected")
+            return
+        loop = asyncio.get_running_loop()
+        stream.idle_timer = loop.call_later(grace, _cancel_if_idle, stream)
 
     async def startup(self) -> None:
         config = self.config
@@ -79,6 +100,12 @@ class ClaudeState:
             await relay.client.close()
 
 
+def _cancel_if_idle(stream: Stream) -> None:
+    stream.idle_timer = None
+    if stream.readers == 0:
+        stream.cancel("disconnected")
+
+
 class Claude:
     """The extension. ``Claude(app)`` or, for app factories, ``claude.init_app(app)``.
 
@@ -87,10 +114,25 @@ class Claude:
     which wins over environment variables.
     """
 
-    def __init__(self, app: Quart | None = None, **options: Any) -> None:
+    def __init__(
+        self,
+        app: Quart | None = None,
+        *,
+        identify: Callable[[], Any] | None = None,
+        **options: Any,
+    ) -> None:
         self._options = options
+        self.identify = identify
         if app is not None:
             self.init_app(app)
+
+    def identity_loader(self, loader: Callable[[], Any]) -> Callable[[], Any]:
+        """Decorate a (sync or async) function returning the current user's id, or None.
+
+        When set, a stream may be read or stopped only by the identity that started it.
+        """
+        self.identify = loader
+        return loader
 
     def init_app(self, app: Quart) -> None:
         if EXTENSION_KEY in app.extensions:
@@ -115,9 +157,9 @@ class Claude:
     @staticmethod
     def state(app: Quart | None = None) -> ClaudeState:
         """The state of ``app`` (default: the current app)."""
-        target = app if app is not None else current_app._get_current_object()  # type: ignore[attr-defined]
+        extensions = app.extensions if app is not None else current_app.extensions
         try:
-            state: ClaudeState = target.extensions[EXTENSION_KEY]
+            state: ClaudeState = extensions[EXTENSION_KEY]
         except KeyError:
             raise RuntimeError(
                 "Claude is not registered on this app; did you forget Claude(app) or "

@@ -191,6 +191,8 @@ class Relay:
                         if delta.get("type") != "text_delta":
                             continue  # thinking, signatures, tool input: not part of v1
                         text = delta["text"]
+                        if not text:
+                            continue
                         if skip:
                             text, skip = _drop_repeat(text, skip)
                             if not text:
@@ -223,12 +225,14 @@ class Relay:
                         raise _stream_error(data, response.request_id)
             if not completed:
                 raise UpstreamError("network_error", detail="upstream ended without message_stop")
-        except Exception as exc:  # ours, SDK status errors, transport errors mid-stream
+        except BaseException as exc:  # ours, SDK errors, transport errors, cancellation
             # an interrupted request never reports its final output count: the deltas
             # received are a lower bound
             if usage:
                 usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), deltas)
             _add_usage(outcome.usage, usage)
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the producer decides what to tell readers
             raise classify_exception(exc) from exc
         _add_usage(outcome.usage, usage)
         return stop_reason

@@ -83,7 +83,12 @@ async def chat_stream() -> Response:
             {"Retry-After": "1"},
         )
 
-    stream = Stream(new_stream_id(), retry_ms=state.config.sse_retry, on_idle=_on_idle)
+    stream = Stream(
+        new_stream_id(),
+        retry_ms=state.config.sse_retry,
+        owner=await state.identity(),
+        on_idle=state.stream_idle,
+    )
     state.streams.add(stream)
     task = asyncio.get_running_loop().create_task(relay.produce(stream, chat))
     stream.producer = task
@@ -92,9 +97,54 @@ async def chat_stream() -> Response:
     return _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
 
 
-def _on_idle(stream: Stream) -> None:
-    """The last reader left before the end: stop paying for tokens nobody will read."""
-    stream.cancel("disconnected")
+async def _find(state: ClaudeState, stream_id: str) -> Stream | None:
+    """The stream, if it exists and the caller may see it (otherwise: as if it did not)."""
+    stream = state.streams.get(stream_id)
+    if stream is None or (stream.owner is not None and stream.owner != await state.identity()):
+        return None
+    return stream
+
+
+def _not_found() -> Response:
+    return _json_error(404, "not_found", "no such stream: unknown, expired, or not yours")
+
+
+def _last_event_id() -> int:
+    raw = request.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = request.args.get("last_event_id")
+    if raw is None or raw == "":
+        return -1
+    if not raw.isdigit() or len(raw) > 18:
+        raise RequestError(400, "invalid_request", "Last-Event-ID must be an event id (an integer)")
+    return int(raw)
+
+
+async def resume_stream(stream_id: str) -> Response:
+    """Replay every event after ``Last-Event-ID`` (or all), then follow the stream live."""
+    state = Claude.state()
+    try:
+        after = _last_event_id()
+    except RequestError as error:
+        return _json_error(error.status, error.code, error.message)
+    stream = await _find(state, stream_id)
+    if stream is None:
+        return _not_found()
+    if stream.finished and after >= len(stream.events) - 1:
+        return Response(status=204)  # nothing more, ever: EventSource stops reconnecting
+    return _sse_response(stream.read(after, state.config.heartbeat_interval), stream.id)
+
+
+async def stop_stream(stream_id: str) -> Response:
+    """The stop button: close the upstream request; readers get ``done`` / ``cancelled``."""
+    state = Claude.state()
+    stream = await _find(state, stream_id)
+    if stream is None:
+        return _not_found()
+    stopped = stream.cancel("cancelled")
+    return _json_response(
+        {"stream_id": stream.id, "status": "cancelled" if stopped else "finished"}
+    )
 
 
 def _sse_response(body: AsyncIterator[bytes], stream_id: str) -> Response:
@@ -122,6 +172,12 @@ def _json_response(payload: dict[str, Any], status: int = 200) -> Response:
 def create_blueprint() -> Blueprint:
     blueprint = Blueprint("claude", __name__)
     blueprint.add_url_rule("/chat/stream", "chat_stream", chat_stream, methods=["POST"])
+    blueprint.add_url_rule(
+        "/chat/stream/<stream_id>", "resume_stream", resume_stream, methods=["GET"]
+    )
+    blueprint.add_url_rule(
+        "/chat/stream/<stream_id>", "stop_stream", stop_stream, methods=["DELETE"]
+    )
     blueprint.add_url_rule("/health", "health", health, methods=["GET"])
     blueprint.add_url_rule("/ready", "ready", ready, methods=["GET"])
     return blueprint

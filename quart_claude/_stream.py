@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -25,6 +26,7 @@ def new_stream_id() -> str:
 
 class Stream:
     __slots__ = (
+        "_on_finish",
         "_on_idle",
         "_retry_ms",
         "_waiter",
@@ -34,6 +36,8 @@ class Stream:
         "finished",
         "finished_at",
         "id",
+        "idle_timer",
+        "owner",
         "producer",
         "readers",
     )
@@ -43,19 +47,23 @@ class Stream:
         stream_id: str,
         *,
         retry_ms: int | None = None,
+        owner: str | None = None,
         on_idle: Callable[[Stream], None] | None = None,
     ) -> None:
         self.id = stream_id
+        self.owner = owner  # the identity allowed to read or stop it (None: anyone with the id)
         self.events: list[bytes] = []
         self.finished = False
         self.finished_at: float | None = None
         self.created_at = time.monotonic()
         self.readers = 0
+        self.idle_timer: asyncio.TimerHandle | None = None
         self.producer: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
         self._retry_ms = retry_ms
         self._waiter: asyncio.Future[None] | None = None
         self._on_idle = on_idle
+        self._on_finish: Callable[[Stream], None] | None = None
 
     # -- producer side -------------------------------------------------------------------
     def append(self, payload: dict[str, Any]) -> None:
@@ -70,6 +78,8 @@ class Stream:
             self.finished = True
             self.finished_at = time.monotonic()
             self._wake()
+            if self._on_finish is not None:
+                self._on_finish(self)
 
     def cancel(self, reason: str) -> bool:
         """Ask the producer to stop; it ends the stream with an event saying why."""
@@ -97,6 +107,9 @@ class Stream:
         """
         position = after + 1
         self.readers += 1
+        if self.idle_timer is not None:  # a reader is back within the grace period
+            self.idle_timer.cancel()
+            self.idle_timer = None
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -127,42 +140,40 @@ class Stream:
 
 
 class StreamRegistry:
-    """The streams of one app in one worker: live ones, and finished ones until they expire."""
+    """The streams of one app in one worker: live ones, and finished ones until they expire.
 
-    def __init__(self, *, ttl: float = 300.0, max_streams: int = 10_000) -> None:
+    Live streams are bounded by ``CLAUDE_MAX_CONCURRENT_STREAMS`` (checked before one is
+    created); finished ones by ``ttl`` and ``max_finished``, oldest evicted first. Each
+    ``add`` evicts what has expired, so memory stays flat under any load.
+    """
+
+    def __init__(self, *, ttl: float = 300.0, max_finished: int = 10_000) -> None:
         self.ttl = ttl
-        self.max_streams = max_streams
+        self.max_finished = max_finished
         self._streams: dict[str, Stream] = {}
+        self._finished: deque[Stream] = deque()  # in the order they finished
 
     def __len__(self) -> int:
         return len(self._streams)
 
     def add(self, stream: Stream) -> None:
         self._evict()
+        stream._on_finish = self._finished.append
         self._streams[stream.id] = stream
 
     def get(self, stream_id: str) -> Stream | None:
-        stream = self._streams.get(stream_id)
-        if stream is not None and self._expired(stream, time.monotonic()):
-            del self._streams[stream_id]
-            return None
-        return stream
+        self._evict()
+        return self._streams.get(stream_id)
 
     def live(self) -> list[Stream]:
         return [stream for stream in self._streams.values() if not stream.finished]
 
-    def _expired(self, stream: Stream, now: float) -> bool:
-        return stream.finished_at is not None and now - stream.finished_at > self.ttl
-
     def _evict(self) -> None:
-        now = time.monotonic()
-        streams = self._streams
-        if len(streams) < self.max_streams:
-            # cheap path: drop expired streams from the oldest end only
-            for stream_id, stream in list(streams.items())[:8]:
-                if self._expired(stream, now):
-                    del streams[stream_id]
+        finished = self._finished
+        if not finished:
             return
-        for stream_id, stream in list(streams.items()):
-            if stream.finished and (self._expired(stream, now) or len(streams) >= self.max_streams):
-                del streams[stream_id]
+        horizon = time.monotonic() - self.ttl
+        while finished and (
+            len(finished) > self.max_finished or (finished[0].finished_at or 0) < horizon
+        ):
+            self._streams.pop(finished.popleft().id, None)

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 from anthropic.resources.messages.messages import DEPRECATED_MODELS
 from quart import Quart
@@ -13,7 +15,7 @@ def make(
     monkeypatch: pytest.MonkeyPatch | None = None,
     env: dict[str, str] | None = None,
     config: dict[str, object] | None = None,
-    **options: object,
+    **options: Any,
 ) -> Quart:
     app = Quart(__name__)
     for name, value in (env or {}).items():

@@ -300,18 +300,19 @@ async def test_stall_before_the_first_token_times_out_and_retries(
 
 
 async def test_disconnect_closes_the_upstream_within_a_second(
-    server: str, emulator: Emulator, http: httpx2.AsyncClient
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, token_delay=0.1))
-    result = await stream_chat(
-        http, server + "/chat/stream", {"message": "hi"}, stop_after_deltas=3
-    )
-    left_at = time.time()
-    (request,) = emulator.requests
-    await asyncio.wait_for(request.ended.wait(), 1.0)
-    assert request.disconnected
-    assert request.ended_at is not None and request.ended_at - left_at < 1.0
-    assert result.types.count("delta") == 3
+    async with serving(make_app(resume_grace=0)) as server:
+        result = await stream_chat(
+            http, server + "/chat/stream", {"message": "hi"}, stop_after_deltas=3
+        )
+        left_at = time.time()
+        (request,) = emulator.requests
+        await asyncio.wait_for(request.ended.wait(), 1.0)
+        assert request.disconnected
+        assert request.ended_at is not None and request.ended_at - left_at < 1.0
+        assert result.types.count("delta") == 3
 
 
 async def test_capacity_limit_refuses_before_calling_upstream(
