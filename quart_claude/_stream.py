@@ -158,8 +158,12 @@ class StreamRegistry:
 
     def add(self, stream: Stream) -> None:
         self._evict()
-        stream._on_finish = self._finished.append
+        stream._on_finish = self._on_finish
         self._streams[stream.id] = stream
+
+    def _on_finish(self, stream: Stream) -> None:
+        self._finished.append(stream)
+        self._evict()
 
     def get(self, stream_id: str) -> Stream | None:
         self._evict()

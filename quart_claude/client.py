@@ -1,0 +1,180 @@
+"""A Python client for the stream route that survives dropped connections.
+
+    from quart_claude.client import stream_chat
+
+    async for event in stream_chat("http://127.0.0.1:8000/chat/stream", message="Hi"):
+        if event["type"] == "delta":
+            print(event["text"], end="", flush=True)
+
+On a network error mid-stream it reconnects to ``GET {url}/{stream_id}`` with
+``Last-Event-ID``, so the caller sees every event exactly once, ending with ``done`` or
+``error``. :func:`stream_chat_sync` does the same for scripts without an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx2
+
+from ._sse import SSEParser
+
+__all__ = ["ChatError", "stream_chat", "stream_chat_sync"]
+
+_TIMEOUT = httpx2.Timeout(60.0, connect=10.0)  # reads: well above the 15 s heartbeat
+
+
+class ChatError(Exception):
+    """The server refused the request (a 4xx/5xx JSON error before any event)."""
+
+    def __init__(self, status: int, payload: Any) -> None:
+        self.status = status
+        self.payload = payload
+        message = payload.get("message") if isinstance(payload, dict) else str(payload)
+        super().__init__(f"{status}: {message}")
+
+
+class _Interrupted(Exception):
+    """The body ended before ``done`` or ``error``."""
+
+
+class _Session:
+    """What both clients share: the request to make next, and which events were seen."""
+
+    def __init__(self, url: str, body: dict[str, Any], headers: dict[str, str] | None) -> None:
+        self.url = url.rstrip("/")
+        self.body = body
+        self.headers = dict(headers or {})
+        self.stream_id: str | None = None
+        self.last_id = -1
+        self.finished = False
+        self.reconnects = 0
+
+    def request(self) -> dict[str, Any]:
+        if self.stream_id is None:
+            return {"method": "POST", "url": self.url, "json": self.body, "headers": self.headers}
+        headers = {**self.headers, "Last-Event-ID": str(self.last_id)}
+        return {"method": "GET", "url": f"{self.url}/{self.stream_id}", "headers": headers}
+
+    def opened(self, response: httpx2.Response) -> bool:
+        """Check the response; False when there is nothing more to read (204)."""
+        if response.status_code == 204:
+            self.finished = True
+            return False
+        if response.status_code != 200:
+            try:
+                payload: Any = response.json()
+            except ValueError:
+                payload = response.text
+            raise ChatError(response.status_code, payload)
+        self.stream_id = self.stream_id or response.headers.get("x-stream-id")
+        return True
+
+    def events(self, parser: SSEParser, chunk: bytes) -> Iterator[dict[str, Any]]:
+        for event in parser.feed(chunk):
+            if event.id is not None and event.id.isdigit():
+                index = int(event.id)
+                if index <= self.last_id:
+                    continue  # already seen before the reconnect
+                self.last_id = index
+            payload = event.json()
+            if payload.get("type") in ("done", "error"):
+                self.finished = True
+            yield payload
+
+    def may_retry(self, max_reconnects: int) -> bool:
+        if self.stream_id is None or self.reconnects >= max_reconnects:
+            return False
+        self.reconnects += 1
+        return True
+
+
+async def stream_chat(
+    url: str,
+    *,
+    message: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    http: httpx2.AsyncClient | None = None,
+    headers: dict[str, str] | None = None,
+    max_reconnects: int = 5,
+    reconnect_delay: float = 0.5,
+    **fields: Any,
+) -> AsyncIterator[dict[str, Any]]:
+    """Yield the events of one answer, reconnecting with ``Last-Event-ID`` after drops.
+
+    ``fields`` go into the body as they are (``max_tokens``, ``system``, ``model``).
+    """
+    session = _Session(url, _body(message, messages, fields), headers)
+    client = http or httpx2.AsyncClient(timeout=_TIMEOUT)
+    try:
+        while not session.finished:
+            try:
+                async with client.stream(**session.request()) as response:
+                    if response.status_code >= 300:
+                        await response.aread()
+                    if not session.opened(response):
+                        return
+                    parser = SSEParser()
+                    async for chunk in response.aiter_raw():
+                        for event in session.events(parser, chunk):
+                            yield event
+                        if session.finished:
+                            return
+                raise _Interrupted
+            except (httpx2.TransportError, _Interrupted):
+                if not session.may_retry(max_reconnects):
+                    raise
+                await asyncio.sleep(reconnect_delay * session.reconnects)
+    finally:
+        if http is None:
+            await client.aclose()
+
+
+def stream_chat_sync(
+    url: str,
+    *,
+    message: str | None = None,
+    messages: list[dict[str, str]] | None = None,
+    http: httpx2.Client | None = None,
+    headers: dict[str, str] | None = None,
+    max_reconnects: int = 5,
+    reconnect_delay: float = 0.5,
+    **fields: Any,
+) -> Iterator[dict[str, Any]]:
+    """The blocking twin of :func:`stream_chat`, for scripts."""
+    session = _Session(url, _body(message, messages, fields), headers)
+    client = http or httpx2.Client(timeout=_TIMEOUT)
+    try:
+        while not session.finished:
+            try:
+                with client.stream(**session.request()) as response:
+                    if response.status_code >= 300:
+                        response.read()
+                    if not session.opened(response):
+                        return
+                    parser = SSEParser()
+                    for chunk in response.iter_raw():
+                        yield from session.events(parser, chunk)
+                        if session.finished:
+                            return
+                raise _Interrupted
+            except (httpx2.TransportError, _Interrupted):
+                if not session.may_retry(max_reconnects):
+                    raise
+                time.sleep(reconnect_delay * session.reconnects)
+    finally:
+        if http is None:
+            client.close()
+
+
+def _body(
+    message: str | None, messages: list[dict[str, str]] | None, fields: dict[str, Any]
+) -> dict[str, Any]:
+    if (message is None) == (messages is None):
+        raise TypeError("pass exactly one of message= or messages=")
+    body: dict[str, Any] = {"message": message} if message is not None else {"messages": messages}
+    body.update(fields)
+    return body

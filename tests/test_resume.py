@@ -1,0 +1,231 @@
+"""Every answer survives the connection that asked for it: replay, stop, grace, TTL, owners."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+import tracemalloc
+from collections.abc import Callable
+
+import httpx2
+import pytest
+from quart import Quart, request
+
+from quart_claude import Claude
+from quart_claude._stream import Stream, StreamRegistry
+from quart_claude.testing import Emulator, Reply
+
+from .helpers import serving, stream_chat
+
+ANSWER = " ".join(f"word{i}" for i in range(40))
+
+
+async def test_resume_after_a_drop_gives_exactly_the_rest(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.02))
+    first = await stream_chat(
+        http, server + "/chat/stream", {"message": "hi"}, stop_after_deltas=10
+    )
+    stream_id = first.headers["x-stream-id"]
+    last_id = first.ids[-1]
+    assert last_id is not None
+    assert first.types.count("delta") == 10
+    rest = await stream_chat(
+        http,
+        f"{server}/chat/stream/{stream_id}",
+        method="GET",
+        headers={"Last-Event-ID": str(last_id)},
+    )
+    assert rest.status == 200
+    assert rest.ids[0] == str(int(last_id) + 1)  # nothing repeated, nothing skipped
+    assert first.text + rest.text == ANSWER
+    assert rest.types[-1] == "done"
+    assert len(emulator.requests) == 1  # the generation went on; it was not restarted
+
+    everything = await stream_chat(http, f"{server}/chat/stream/{stream_id}", method="GET")
+    assert everything.text == ANSWER
+    assert everything.types[0] == "start" and everything.types[-1] == "done"
+    assert everything.ids == [str(i) for i in range(len(everything.ids))]
+
+    by_query = await stream_chat(
+        http, f"{server}/chat/stream/{stream_id}?last_event_id=5", method="GET"
+    )
+    assert by_query.ids[0] == "6" and by_query.events == everything.events[6:]
+
+
+async def test_resume_of_a_finished_stream_at_its_end_is_204(
+    server: str, http: httpx2.AsyncClient
+) -> None:
+    done = await stream_chat(http, server + "/chat/stream", {"message": "hi"})
+    stream_id = done.headers["x-stream-id"]
+    last = await http.get(
+        f"{server}/chat/stream/{stream_id}", headers={"Last-Event-ID": done.ids[-1] or ""}
+    )
+    assert last.status_code == 204  # EventSource stops reconnecting on 204
+
+
+async def test_unknown_stream_and_bad_last_event_id(server: str, http: httpx2.AsyncClient) -> None:
+    missing = await http.get(f"{server}/chat/stream/nope")
+    assert missing.status_code == 404 and missing.json()["error"] == "not_found"
+    assert (await http.delete(f"{server}/chat/stream/nope")).status_code == 404
+    done = await stream_chat(http, server + "/chat/stream", {"message": "hi"})
+    bad = await http.get(
+        f"{server}/chat/stream/{done.headers['x-stream-id']}", headers={"Last-Event-ID": "abc"}
+    )
+    assert bad.status_code == 400 and "Last-Event-ID" in bad.json()["message"]
+
+
+async def test_two_readers_see_the_same_stream(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.02))
+    async with http.stream("POST", server + "/chat/stream", json={"message": "hi"}) as r:
+        stream_id = r.headers["x-stream-id"]
+        follower = asyncio.create_task(
+            stream_chat(http, f"{server}/chat/stream/{stream_id}", method="GET")
+        )
+        await r.aread()
+    assert (await follower).text == ANSWER
+
+
+async def test_delete_stops_the_upstream_and_readers_get_cancelled(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.1))
+    async with http.stream("POST", server + "/chat/stream", json={"message": "hi"}) as r:
+        stream_id = r.headers["x-stream-id"]
+        await emulator.wait_for_requests(1)
+        await asyncio.sleep(0.3)
+        stopped_at = time.time()
+        stop = await http.delete(f"{server}/chat/stream/{stream_id}")
+        assert stop.json() == {"stream_id": stream_id, "status": "cancelled"}
+        body = (await r.aread()).decode()
+    (upstream,) = emulator.requests
+    await asyncio.wait_for(upstream.ended.wait(), 1.0)
+    assert upstream.disconnected and upstream.ended_at is not None
+    assert upstream.ended_at - stopped_at < 1.0
+    assert (
+        body.rstrip().split("\n")[-2].startswith('data: {"type":"done","stop_reason":"cancelled"')
+    )
+    again = await http.delete(f"{server}/chat/stream/{stream_id}")
+    assert again.json()["status"] == "finished"
+
+
+async def test_with_grace_the_generation_outlives_the_connection(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.03))
+    async with serving(make_app(resume_grace=30)) as url:
+        first = await stream_chat(
+            http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=3
+        )
+        (upstream,) = emulator.requests
+        await asyncio.wait_for(upstream.ended.wait(), 10)
+        assert upstream.outcome == "completed"  # nobody was reading, and it still finished
+        resumed = await stream_chat(
+            http, f"{url}/chat/stream/{first.headers['x-stream-id']}", method="GET"
+        )
+        assert resumed.text == ANSWER
+
+
+async def test_grace_expiry_cancels_when_nobody_comes_back(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.2))
+    async with serving(make_app(resume_grace=0.5)) as url:
+        first = await stream_chat(
+            http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=2
+        )
+        left_at = time.time()
+        (upstream,) = emulator.requests
+        await asyncio.wait_for(upstream.ended.wait(), 3)
+        assert upstream.disconnected
+        assert upstream.ended_at is not None and 0.4 < upstream.ended_at - left_at < 1.6
+        resumed = await stream_chat(
+            http,
+            f"{url}/chat/stream/{first.headers['x-stream-id']}",
+            method="GET",
+            headers={"Last-Event-ID": first.ids[-1] or ""},
+        )
+        assert resumed.events[-1]["stop_reason"] == "cancelled"
+
+
+async def test_identity_hook_restricts_who_may_read_or_stop(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = Quart(__name__)
+    claude = Claude(api_key="sk-test", base_url=emulator.url)
+
+    @claude.identity_loader
+    def user() -> str | None:
+        return request.headers.get("X-User")
+
+    claude.init_app(app)
+    emulator.script(Reply(ANSWER, token_delay=0.05))
+    async with serving(app) as url:
+        first = await stream_chat(
+            http,
+            url + "/chat/stream",
+            {"message": "hi"},
+            headers={"X-User": "alice"},
+            stop_after_deltas=2,
+        )
+        path = f"{url}/chat/stream/{first.headers['x-stream-id']}"
+        for who in ({"X-User": "mallory"}, {}):
+            assert (await http.get(path, headers=who)).status_code == 404
+            assert (await http.delete(path, headers=who)).status_code == 404
+        mine = await stream_chat(http, path, method="GET", headers={"X-User": "alice"})
+        assert mine.text == ANSWER
+
+
+async def test_finished_streams_expire_after_the_ttl(
+    make_app: Callable[..., Quart], http: httpx2.AsyncClient
+) -> None:
+    async with serving(make_app(stream_ttl=0.5)) as url:
+        done = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+        path = f"{url}/chat/stream/{done.headers['x-stream-id']}"
+        assert (await http.get(path)).status_code == 200
+        await asyncio.sleep(0.7)
+        assert (await http.get(path)).status_code == 404
+
+
+def test_memory_registry_stays_bounded_under_load() -> None:
+    """10,000 finished streams past the cap: the count and the memory stop growing."""
+    registry = StreamRegistry(ttl=300, max_finished=1000)
+
+    def finish_many(count: int) -> None:
+        for index in range(count):
+            stream = Stream(f"s{index}-{time.monotonic_ns()}")
+            registry.add(stream)
+            for piece in range(20):
+                stream.append({"type": "delta", "text": f"piece {piece} of a longer answer"})
+            stream.finish()
+
+    tracemalloc.start()
+    try:
+        finish_many(2000)  # past the cap: the registry now holds its 1000 newest
+        gc.collect()
+        at_cap = tracemalloc.get_traced_memory()[0]
+        finish_many(10_000)
+        gc.collect()
+        after = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert len(registry) == 1000
+    assert at_cap > 1000 * 20 * 40  # the retained streams really are measured
+    assert after - at_cap < 0.05 * at_cap  # flat: not 10,000 more streams' worth
+
+
+@pytest.mark.parametrize("ttl", [0.05])
+async def test_memory_registry_evicts_expired(ttl: float) -> None:
+    registry = StreamRegistry(ttl=ttl, max_finished=100)
+    old = Stream("old")
+    registry.add(old)
+    old.finish()
+    live = Stream("live")
+    registry.add(live)
+    await asyncio.sleep(ttl * 2)
+    assert registry.get("old") is None
+    assert registry.get("live") is live  # live streams are never evicted
