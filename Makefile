@@ -11,7 +11,7 @@ install: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,uvloop]'
+	$(BIN)/python -m pip install -q -e '.[dev,uvloop,redis]'
 	touch $@
 
 run: install

@@ -36,6 +36,7 @@ ERROR_CLASSES: dict[str, tuple[bool, str]] = {
     "request_too_large": (False, "The request is too large for Claude."),
     "unknown": (False, "An unexpected error occurred while talking to Claude."),
     "shutdown": (True, "The server is restarting; try again."),
+    "unavailable": (True, "The server generating this answer went away; try again."),
 }
 
 _STATUS_CLASSES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx2
@@ -15,6 +15,9 @@ from ._config import ClaudeConfig, ConfigError, load_config
 from ._relay import Relay
 from ._shutdown import ShutdownHooks
 from ._stream import Stream, StreamRegistry
+
+if TYPE_CHECKING:
+    from ._redis_store import RedisStore
 
 __all__ = ["Claude", "ClaudeState"]
 
@@ -39,6 +42,7 @@ class ClaudeState:
         )
         self.producers: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.store: RedisStore | None = None  # None: streams live in this worker only
         self._hooks: ShutdownHooks | None = None
 
     @property
@@ -60,11 +64,22 @@ class ClaudeState:
         """The last reader left before the end: give it ``CLAUDE_RESUME_GRACE`` seconds to
         come back, then stop paying for tokens nobody will read."""
         grace = self.config.resume_grace
-        if grace <= 0:
+        if self.store is not None:  # readers on other workers count too
+            asyncio.get_running_loop().create_task(self._cancel_when_unread(stream, grace))
+        elif grace <= 0:
             stream.cancel("disconnected")
-            return
-        loop = asyncio.get_running_loop()
-        stream.idle_timer = loop.call_later(grace, _cancel_if_idle, stream)
+        else:
+            loop = asyncio.get_running_loop()
+            stream.idle_timer = loop.call_later(grace, _cancel_if_idle, stream)
+
+    async def _cancel_when_unread(self, stream: Stream, grace: float) -> None:
+        await asyncio.sleep(grace)
+        while stream.readers == 0 and not stream.finished:
+            store = self.store
+            if store is None or not await store.has_remote_readers(stream.id):
+                stream.cancel("disconnected")
+                return
+            await asyncio.sleep(self.config.heartbeat_interval)
 
     async def startup(self) -> None:
         config = self.config
@@ -74,6 +89,11 @@ class ClaudeState:
             max_retries=0,  # this project owns the retry policy
             timeout=httpx2.Timeout(config.timeout, connect=config.connect_timeout),
         )
+        if config.stream_store != "memory":
+            from ._redis_store import RedisStore
+
+            self.store = RedisStore(config.stream_store, ttl=config.stream_ttl)
+            await self.store.start()
         self.relay = Relay(client, config)
         self.draining = False
         if config.handle_signals:
@@ -98,6 +118,9 @@ class ClaudeState:
         relay, self.relay = self.relay, None
         if relay is not None:
             await relay.client.close()
+        store, self.store = self.store, None
+        if store is not None:
+            await store.close()
 
 
 def _cancel_if_idle(stream: Stream) -> None:

@@ -11,13 +11,16 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint, Response, request
 
 from ._extension import Claude, ClaudeState
 from ._request import RequestError, parse_chat_request
 from ._stream import Stream, new_stream_id
+
+if TYPE_CHECKING:  # redis is an optional dependency
+    from ._redis_store import RemoteStream
 
 __all__ = ["create_blueprint"]
 
@@ -90,6 +93,8 @@ async def chat_stream() -> Response:
         on_idle=state.stream_idle,
     )
     state.streams.add(stream)
+    if state.store is not None:
+        state.store.attach(stream)
     task = asyncio.get_running_loop().create_task(relay.produce(stream, chat))
     stream.producer = task
     state.producers.add(task)
@@ -97,12 +102,15 @@ async def chat_stream() -> Response:
     return _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
 
 
-async def _find(state: ClaudeState, stream_id: str) -> Stream | None:
-    """The stream, if it exists and the caller may see it (otherwise: as if it did not)."""
-    stream = state.streams.get(stream_id)
-    if stream is None or (stream.owner is not None and stream.owner != await state.identity()):
+async def _find(state: ClaudeState, stream_id: str) -> Stream | RemoteStream | None:
+    """The stream (produced here, or elsewhere when Redis is configured) if it exists and
+    the caller may see it; otherwise None, as if it did not exist."""
+    found: Stream | RemoteStream | None = state.streams.get(stream_id)
+    if found is None and state.store is not None:
+        found = await state.store.lookup(stream_id)
+    if found is None or (found.owner is not None and found.owner != await state.identity()):
         return None
-    return stream
+    return found
 
 
 def _not_found() -> Response:
@@ -130,9 +138,15 @@ async def resume_stream(stream_id: str) -> Response:
     stream = await _find(state, stream_id)
     if stream is None:
         return _not_found()
-    if stream.finished and after >= len(stream.events) - 1:
-        return Response(status=204)  # nothing more, ever: EventSource stops reconnecting
-    return _sse_response(stream.read(after, state.config.heartbeat_interval), stream.id)
+    heartbeat = state.config.heartbeat_interval
+    if isinstance(stream, Stream):
+        if stream.finished and after >= len(stream.events) - 1:
+            return Response(status=204)  # nothing more, ever: EventSource stops reconnecting
+        return _sse_response(stream.read(after, heartbeat), stream.id)
+    assert state.store is not None
+    if stream.done and after >= stream.count - 1:
+        return Response(status=204)
+    return _sse_response(state.store.read(stream.id, after, heartbeat), stream.id)
 
 
 async def stop_stream(stream_id: str) -> Response:
@@ -141,7 +155,13 @@ async def stop_stream(stream_id: str) -> Response:
     stream = await _find(state, stream_id)
     if stream is None:
         return _not_found()
-    stopped = stream.cancel("cancelled")
+    if isinstance(stream, Stream):
+        stopped = stream.cancel("cancelled")
+    else:  # produced on another worker: it polls for this within half a second
+        assert state.store is not None
+        stopped = not stream.done
+        if stopped:
+            await state.store.request_cancel(stream.id)
     return _json_response(
         {"stream_id": stream.id, "status": "cancelled" if stopped else "finished"}
     )

@@ -37,6 +37,7 @@ class Stream:
         "finished_at",
         "id",
         "idle_timer",
+        "mirror",
         "owner",
         "producer",
         "readers",
@@ -58,6 +59,7 @@ class Stream:
         self.created_at = time.monotonic()
         self.readers = 0
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.mirror: Callable[[Stream], None] | None = None  # e.g. the Redis store
         self.producer: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
         self._retry_ms = retry_ms
@@ -72,12 +74,16 @@ class Stream:
         index = len(events)
         events.append(encode_event(payload, index, self._retry_ms if index == 0 else None))
         self._wake()
+        if self.mirror is not None:
+            self.mirror(self)
 
     def finish(self) -> None:
         if not self.finished:
             self.finished = True
             self.finished_at = time.monotonic()
             self._wake()
+            if self.mirror is not None:
+                self.mirror(self)
             if self._on_finish is not None:
                 self._on_finish(self)
 

@@ -1,11 +1,19 @@
 """A host app written as a user would; served by the ``hypercorn`` CLI in tests."""
 
-from quart import Quart
+import os
+
+from quart import Quart, Response
 
 from quart_claude import Claude
 
 app = Quart(__name__)
 Claude(app)
+
+
+@app.after_request
+async def which_worker(response: Response) -> Response:
+    response.headers["X-Worker-PID"] = str(os.getpid())  # lets tests see cross-worker resumes
+    return response
 
 
 @app.get("/")
