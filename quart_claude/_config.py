@@ -120,6 +120,13 @@ def _models(key: str, value: Any) -> tuple[str, ...]:
     return tuple(item for item in items if item)
 
 
+def _http_client(key: str, value: Any) -> str:
+    text = _str(key, value).strip().lower()
+    if text not in ("auto", "httpx", "aiohttp"):
+        raise ConfigError(f"{key} must be 'auto', 'httpx' or 'aiohttp', got {value!r}")
+    return text
+
+
 def _store_url(key: str, value: Any) -> str:
     text = _str(key, value).strip()
     if text in ("", "memory"):
@@ -162,6 +169,7 @@ _KEYS: dict[str, _Key] = {
     "stream_store": _Key(_store_url, "memory"),
     "max_finished_streams": _Key(_positive_int, 10_000),
     "handle_signals": _Key(_bool, True),
+    "http_client": _Key(_http_client, "auto"),
     "sse_retry": _Key(_non_negative_int, 1000),
 }
 
@@ -194,6 +202,7 @@ class ClaudeConfig:
     stream_store: str
     max_finished_streams: int
     handle_signals: bool
+    http_client: str
     sse_retry: int
 
     @staticmethod

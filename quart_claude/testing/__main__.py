@@ -7,11 +7,19 @@ import asyncio
 import contextlib
 import signal
 
-from ._emulator import Emulator
+from ._emulator import Emulator, Reply
 
 
-async def _main(host: str, port: int, token_delay: float) -> None:
-    emulator = Emulator(host=host, port=port, token_delay=token_delay)
+async def _main(args: argparse.Namespace) -> None:
+    default = Reply(
+        text=" ".join(["token"] * args.tokens) if args.tokens else None,
+        token_delay=args.token_delay,
+        first_token_delay=args.first_token_delay,
+        stamp=args.stamp,
+    )
+    emulator = Emulator(
+        host=args.host, port=args.port, token_delay=args.token_delay, default=default
+    )
     await emulator.start()
     print(f"quart-claude emulator listening on {emulator.url}", flush=True)
     stop = asyncio.Event()
@@ -33,8 +41,25 @@ def main() -> None:
         default=0.03,
         help="seconds between streamed tokens (default 0.03)",
     )
+    parser.add_argument(
+        "--tokens",
+        type=int,
+        default=0,
+        help="answer with this many tokens (default: a demo answer)",
+    )
+    parser.add_argument(
+        "--first-token-delay",
+        type=float,
+        default=0.0,
+        help="seconds of silence before the first token (thinking)",
+    )
+    parser.add_argument(
+        "--stamp",
+        action="store_true",
+        help="each token carries its send time, for latency measurements",
+    )
     args = parser.parse_args()
-    asyncio.run(_main(args.host, args.port, args.token_delay))
+    asyncio.run(_main(args))
 
 
 if __name__ == "__main__":

@@ -292,7 +292,7 @@ class Emulator:
             raise
         if send.done():
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
                 await watch
             try:
                 return send.result()

@@ -1,0 +1,386 @@
+"""``make bench``: every scenario against quart-claude and the two baselines.
+
+The server runs pinned to core 0, the emulator and this load generator to core 1 (on a
+2-core machine). Server CPU comes from ``/proc/<pid>/stat`` (user + system) over the load,
+RSS from ``/proc/<pid>/status``. Results: a Markdown table on stdout and JSON in
+``bench/results/``.
+
+    python -m bench.run [--quick] [--only SCENARIO ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .load import StreamResult, chat, direct_ttft
+
+ROOT = Path(__file__).resolve().parent.parent
+TICKS = os.sysconf("SC_CLK_TCK")
+SERVER_CORE, LOAD_CORE = "0", "1"
+
+
+@dataclass
+class Scenario:
+    name: str
+    streams: int
+    tokens: int
+    token_delay: float
+    first_token_delay: float = 0.0
+    systems: tuple[str, ...] = ("quart_claude",)
+    resume_every: int | None = None
+    redis: bool = False
+    ramp: float = 0.0  # seconds over which streams start
+
+
+def scenarios(quick: bool) -> list[Scenario]:
+    scale = 10 if quick else 1
+    return [
+        Scenario("flat-out", 20, 2000 // scale, 0.0, systems=("bare", "common", "quart_claude")),
+        Scenario(
+            "paced",
+            100 // (scale // 5 or 1),
+            100 // scale if quick else 200,
+            0.1,
+            systems=("bare", "common", "quart_claude"),
+            ramp=1.0,
+        ),
+        Scenario(
+            "idle-heavy",
+            2000 // scale,
+            10 // (2 if quick else 1),
+            1.0,
+            first_token_delay=5.0 / (5 if quick else 1),
+            ramp=2.0,
+        ),
+        Scenario(
+            "resume-heavy",
+            100 // (scale // 5 or 1),
+            100 // scale if quick else 200,
+            0.05,
+            resume_every=10,
+            ramp=1.0,
+        ),
+        Scenario("setup", 500 // scale, 1, 0.0),
+        Scenario(
+            "paced-redis",
+            100 // (scale // 5 or 1),
+            100 // scale if quick else 200,
+            0.1,
+            redis=True,
+            ramp=1.0,
+        ),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def rss_kib(pid: int, key: str = "VmRSS") -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def pinned(core: str, args: list[str]) -> list[str]:
+    taskset = shutil.which("taskset")
+    return [taskset, "-c", core, *args] if taskset else args
+
+
+def wait_port(port: int, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+@dataclass
+class Measurement:
+    scenario: str
+    system: str
+    streams: int
+    events: int = 0
+    failures: int = 0
+    wall: float = 0.0
+    cpu_us_per_event: float | None = None
+    cpu_ms_per_stream: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    ttft_overhead_ms: float | None = None
+    events_per_s: float | None = None
+    peak_rss_mib: float | None = None
+    rss_per_stream_kib: float | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+async def run_load(scenario: Scenario, port: int, pid: int) -> tuple[list[StreamResult], int]:
+    """All streams of a scenario; returns the results and the highest RSS seen meanwhile."""
+    peak = 0
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, rss_kib(pid))
+            await asyncio.sleep(0.2)
+
+    sampler = asyncio.create_task(sample())
+    tasks = []
+    gap = scenario.ramp / scenario.streams if scenario.ramp else 0.0
+    for index in range(scenario.streams):
+        tasks.append(
+            asyncio.create_task(
+                chat("127.0.0.1", port, f"bench {index}", resume_every=scenario.resume_every)
+            )
+        )
+        if gap:
+            await asyncio.sleep(gap)
+        elif scenario.name == "setup" and index % 20 == 19:
+            await asyncio.gather(*tasks[-20:])  # 20 at a time: setup cost, not queueing
+    results = await asyncio.gather(*tasks)
+    done.set()
+    await sampler
+    return list(results), peak
+
+
+def measure(
+    scenario: Scenario,
+    system: str,
+    emulator_port: int,
+    redis_url: str | None,
+    direct: float,
+    profile: Path | None = None,
+) -> Measurement:
+    port = free_port()
+    args = [
+        sys.executable,
+        "-m",
+        "bench.servers",
+        system,
+        str(port),
+        f"http://127.0.0.1:{emulator_port}",
+    ]
+    if redis_url:
+        args.append(redis_url)
+    server = subprocess.Popen(pinned(SERVER_CORE, args), cwd=ROOT)
+    spy = None
+    if profile is not None:  # sample the server with py-spy until it exits
+        profile.mkdir(parents=True, exist_ok=True)
+        out = profile / f"{scenario.name}-{system}.txt"
+        spy = subprocess.Popen(
+            [
+                "py-spy",
+                "record",
+                "--format",
+                "raw",
+                "--rate",
+                "250",
+                "--pid",
+                str(server.pid),
+                "-o",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    result = Measurement(scenario.name, system, scenario.streams)
+    try:
+        wait_port(port)
+        # warm up: one stream, so imports and first-request costs are not counted
+        asyncio.run(chat("127.0.0.1", port, "warm up"))
+        rss_before = rss_kib(server.pid)
+        cpu_before = cpu_seconds(server.pid)
+        started = time.monotonic()
+        results, peak = asyncio.run(run_load(scenario, port, server.pid))
+        result.wall = time.monotonic() - started
+        cpu = cpu_seconds(server.pid) - cpu_before
+        result.events = sum(r.events for r in results)
+        result.failures = sum(1 for r in results if not r.ok)
+        result.errors = sorted({r.error or "" for r in results if not r.ok})[:5]
+        latencies = [lat for r in results for lat in r.latencies]
+        if result.events:
+            result.cpu_us_per_event = cpu / result.events * 1e6
+            result.events_per_s = result.events / result.wall
+        result.cpu_ms_per_stream = cpu / scenario.streams * 1e3
+        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+        result.latency_p50_ms = p50 * 1e3 if p50 is not None else None
+        result.latency_p99_ms = p99 * 1e3 if p99 is not None else None
+        ttfts = [r.ttft for r in results if r.ttft is not None]
+        if ttfts:
+            result.ttft_overhead_ms = (statistics.median(ttfts) - direct) * 1e3
+        result.peak_rss_mib = rss_kib(server.pid, "VmHWM") / 1024
+        result.rss_per_stream_kib = (peak - rss_before) / scenario.streams
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        if spy is not None:
+            spy.wait(30)
+    return result
+
+
+def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    process = subprocess.Popen(
+        pinned(
+            LOAD_CORE,
+            [
+                binary,
+                "--port",
+                str(port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ],
+        ),
+        stdout=subprocess.DEVNULL,
+    )
+    wait_port(port)
+    return process, f"redis://127.0.0.1:{port}/0"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke test")
+    parser.add_argument("--only", nargs="*", help="scenario names to run")
+    parser.add_argument("--systems", nargs="*", help="systems to run (default: each scenario's)")
+    parser.add_argument("--profile", type=Path, help="write py-spy profiles of the server here")
+    args = parser.parse_args()
+    if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
+        os.sched_setaffinity(0, {int(LOAD_CORE)})
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+    measurements: list[Measurement] = []
+    for scenario in scenarios(args.quick):
+        if args.only and scenario.name not in args.only:
+            continue
+        emulator_port = free_port()
+        emulator_args = [
+            sys.executable,
+            "-m",
+            "quart_claude.testing",
+            "--port",
+            str(emulator_port),
+            "--tokens",
+            str(scenario.tokens),
+            "--token-delay",
+            str(scenario.token_delay),
+            "--first-token-delay",
+            str(scenario.first_token_delay),
+            "--stamp",
+        ]
+        emulator = subprocess.Popen(
+            pinned(LOAD_CORE, emulator_args), cwd=ROOT, stdout=subprocess.DEVNULL
+        )
+        redis = None
+        try:
+            wait_port(emulator_port)
+            direct = statistics.median(
+                asyncio.run(direct_ttft("127.0.0.1", emulator_port)) for _ in range(5)
+            )
+            redis_url = None
+            if scenario.redis:
+                redis, redis_url = start_redis()
+            for system in scenario.systems:
+                if args.systems and system not in args.systems:
+                    continue
+                m = measure(scenario, system, emulator_port, redis_url, direct, args.profile)
+                measurements.append(m)
+                print(
+                    f"{m.scenario:13} {m.system:13} events={m.events} failures={m.failures}"
+                    f" cpu/event={_fmt(m.cpu_us_per_event)}us",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        finally:
+            emulator.terminate()
+            emulator.wait(10)
+            if redis is not None:
+                redis.terminate()
+                redis.wait(10)
+
+    print(table(measurements))
+    out = ROOT / "bench" / "results"
+    out.mkdir(exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (out / f"{stamp}.json").write_text(json.dumps([m.__dict__ for m in measurements], indent=2))
+
+
+def _fmt(value: float | None, digits: int = 0) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def table(measurements: list[Measurement]) -> str:
+    floor = {m.scenario: m.cpu_us_per_event or 0.0 for m in measurements if m.system == "bare"}
+    common = {m.scenario: m.cpu_us_per_event or 0.0 for m in measurements if m.system == "common"}
+    rows = [
+        "| scenario | system | streams | events | failures | CPU µs/event | vs floor | "
+        "vs common | latency p50 / p99 ms | TTFT overhead ms | events/s | peak RSS MiB | "
+        "RSS KiB/stream | CPU ms/stream |",
+        "|" + "---|" * 14,
+    ]
+    for m in measurements:
+        ratio = (
+            f"{m.cpu_us_per_event / floor[m.scenario]:.2f}x"
+            if m.cpu_us_per_event and floor.get(m.scenario)
+            else "-"
+        )
+        vs_common = (
+            f"{m.cpu_us_per_event / common[m.scenario]:.0%}"
+            if m.cpu_us_per_event and common.get(m.scenario)
+            else "-"
+        )
+        rows.append(
+            f"| {m.scenario} | {m.system} | {m.streams} | {m.events} | {m.failures} | "
+            f"{_fmt(m.cpu_us_per_event)} | {ratio} | {vs_common} | "
+            f"{_fmt(m.latency_p50_ms, 1)} / {_fmt(m.latency_p99_ms, 1)} | "
+            f"{_fmt(m.ttft_overhead_ms, 1)} | {_fmt(m.events_per_s)} | "
+            f"{_fmt(m.peak_rss_mib, 1)} | {_fmt(m.rss_per_stream_kib, 1)} | "
+            f"{_fmt(m.cpu_ms_per_stream, 2)} |"
+        )
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The systems under test, each served by Hypercorn (uvloop) in a single process.
+
+    python -m bench.servers quart_claude|bare|common PORT UPSTREAM_URL [REDIS_URL]
+
+- ``quart_claude``: this project, ``Claude(app)`` with its defaults.
+- ``bare``: the floor; a raw ASGI app (no framework) that forwards each upstream text delta
+  as one SSE event, through httpx2 line iteration.
+- ``common``: the usual design; a Quart view iterating ``client.messages.stream().text_stream``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+from typing import Any
+
+import anthropic
+import httpx2
+from hypercorn.asyncio import serve
+from hypercorn.config import Config
+from quart import Quart, Response, request
+
+from quart_claude import Claude
+
+MODEL = "claude-sonnet-5-5"
+SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+def _dumps(payload: Any) -> str:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
+
+
+def quart_claude_app(upstream: str, redis_url: str | None) -> Quart:
+    app = Quart(__name__)
+    options: dict[str, Any] = {
+        "api_key": "sk-bench",
+        "base_url": upstream,
+        "max_concurrent_streams": 10_000,
+        "handle_signals": False,
+    }
+    if redis_url:
+        options["stream_store"] = redis_url
+    Claude(app, **options)
+    return app
+
+
+def common_app(upstream: str) -> Quart:
+    app = Quart(__name__)
+    clients: list[anthropic.AsyncAnthropic] = []
+
+    @app.before_serving
+    async def start() -> None:
+        clients.append(anthropic.AsyncAnthropic(api_key="sk-bench", base_url=upstream))
+
+    @app.post("/chat/stream")
+    async def chat() -> Response:
+        body = await request.get_json()
+
+        async def events() -> Any:
+            async with clients[0].messages.stream(
+                model=MODEL,
+                max_tokens=body.get("max_tokens", 8192),
+                messages=[{"role": "user", "content": body["message"]}],
+            ) as stream:
+                async for text in stream.text_stream:
+                    yield f"data: {_dumps({'type': 'delta', 'text': text})}\n\n"
+            yield 'data: {"type":"done"}\n\n'
+
+        response = Response(events(), headers=SSE)
+        response.timeout = None
+        return response
+
+    @app.get("/ready")
+    async def ready() -> str:
+        return "ok"
+
+    return app
+
+
+def bare_app(upstream: str) -> Any:
+    state: dict[str, httpx2.AsyncClient] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    state["client"] = httpx2.AsyncClient(
+                        timeout=60, limits=httpx2.Limits(max_connections=10_000)
+                    )
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await state["client"].aclose()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/ready":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        raw = b""
+        while True:
+            message = await receive()
+            raw += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        body = json.loads(raw)
+        payload = {
+            "model": MODEL,
+            "max_tokens": body.get("max_tokens", 8192),
+            "stream": True,
+            "messages": [{"role": "user", "content": body["message"]}],
+        }
+        headers = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}
+        async with state["client"].stream(
+            "POST", upstream + "/v1/messages", json=payload, headers=headers
+        ) as upstream_response:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")],
+                }
+            )
+            async for line in upstream_response.aiter_lines():
+                if line.startswith("data: ") and '"text_delta"' in line:
+                    text = json.loads(line[6:])["delta"]["text"]
+                    event = "data: " + _dumps({"type": "delta", "text": text}) + "\n\n"
+                    await send(
+                        {"type": "http.response.body", "body": event.encode(), "more_body": True}
+                    )
+        await send({"type": "http.response.body", "body": b'data: {"type":"done"}\n\n'})
+
+    return app
+
+
+def main() -> None:
+    name, port, upstream = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    redis_url = sys.argv[4] if len(sys.argv) > 4 else None
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    app: Any
+    if name == "quart_claude":
+        app = quart_claude_app(upstream, redis_url)
+    elif name == "common":
+        app = common_app(upstream)
+    else:
+        app = bare_app(upstream)
+    config = Config()
+    config.bind = [f"127.0.0.1:{port}"]
+    config.accesslog = None
+    config.backlog = 4096
+    config.keep_alive_timeout = 120
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(serve(app, config))
+    else:
+        uvloop.run(serve(app, config))
+
+
+if __name__ == "__main__":
+    main()
