@@ -29,5 +29,8 @@ pytest: install
 
 test: lint typecheck pytest
 
+bench: install
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf .venv .venv313 .mypy_cache .pytest_cache .ruff_cache *.egg-info

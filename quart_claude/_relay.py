@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from ._config import ClaudeConfig
 from ._errors import UpstreamError, classify_exception, classify_status
 from ._request import ChatRequest
 from ._retry import RetryPolicy
+from ._sse import encode_json
 from ._stream import Stream
 
 __all__ = ["CONTINUE_PROMPT", "Relay", "supports_prefill"]
@@ -41,6 +41,14 @@ CONTINUE_PROMPT = (
 _PREFILL_MODELS = re.compile(
     r"^claude-(?:3|instant|2|(?:opus|sonnet|haiku)-4(?:-[0-5])?(?:-\d{8})?$)"
 )
+
+# A text delta as the API frames it (compact, or with the docs' spaces). Its text stays a JSON
+# string literal and is spliced into our event as is: no decode, no re-encode.
+_TEXT_DELTA = re.compile(
+    rb'\{"type": ?"content_block_delta", ?"index": ?\d+, ?"delta": ?'
+    rb'\{"type": ?"text_delta", ?"text": ?("(?:[^"\\]|\\.)*")\}\}'
+)
+_DELTA_PREFIX = b'data: {"type":"delta","text":'
 
 _USAGE_SUMMED = (
     "input_tokens",
@@ -124,7 +132,7 @@ class Relay:
     async def _run(self, stream: Stream, request: ChatRequest, outcome: _Outcome) -> str:
         config = self.config
         policy = self.policy
-        texts: list[str] = []  # what the client has received, for a continuation
+        texts: list[bytes] = []  # what the client has received (JSON literals), to continue
         params = _params(request, request.messages, request.max_tokens)
         skip = ""  # whitespace a prefill continuation may repeat
         retries = 0
@@ -163,7 +171,7 @@ class Relay:
                             {"type": "done", "stop_reason": "max_tokens", "usage": outcome.usage}
                         )
                         return "ok"
-                    params, skip = _continuation(request, "".join(texts), remaining)
+                    params, skip = _continuation(request, _joined(texts), remaining)
                 continue
             stream.append({"type": "done", "stop_reason": stop_reason, "usage": outcome.usage})
             return "ok"
@@ -172,7 +180,7 @@ class Relay:
         self,
         stream: Stream,
         params: dict[str, Any],
-        texts: list[str],
+        texts: list[bytes],
         outcome: _Outcome,
         skip: str,
     ) -> str | None:
@@ -182,47 +190,71 @@ class Relay:
         completed = False  # saw message_stop: a body that ends without it is truncated
         deltas = 0
         append = stream.append
+        append_data = stream.append_data
+        text_delta = _TEXT_DELTA.fullmatch
         try:
             async with self.client.messages.with_streaming_response.create(**params) as response:
                 outcome.request_id = response.request_id
-                async for event, data in _sse_events(response.http_response.aiter_bytes()):
-                    if event == "content_block_delta":
-                        delta = json.loads(data)["delta"]
-                        if delta.get("type") != "text_delta":
-                            continue  # thinking, signatures, tool input: not part of v1
-                        text = delta["text"]
-                        if not text:
-                            continue
-                        if skip:
-                            text, skip = _drop_repeat(text, skip)
-                            if not text:
-                                continue
-                        if not texts:
-                            outcome.first_token_at = time.monotonic()
-                        deltas += 1
-                        texts.append(text)
-                        append({"type": "delta", "text": text})
-                    elif event == "message_start":
-                        message = json.loads(data)["message"]
-                        usage = dict(message.get("usage") or {})
-                        if not stream.events:
-                            append(
-                                {
-                                    "type": "start",
-                                    "stream_id": stream.id,
-                                    "model": message.get("model"),
-                                    "message_id": message.get("id"),
-                                    "usage": usage,
-                                }
-                            )
-                    elif event == "message_delta":
-                        body = json.loads(data)
-                        stop_reason = body.get("delta", {}).get("stop_reason") or stop_reason
-                        usage.update(body.get("usage") or {})
-                    elif event == "message_stop":
-                        completed = True
-                    elif event == "error":
-                        raise _stream_error(data, response.request_id)
+                buffer = b""
+                async for chunk in response.http_response.aiter_bytes():
+                    buffer = buffer + chunk if buffer else chunk
+                    if b"\r" in buffer:
+                        buffer = _normalize_line_ends(buffer)
+                    if b"\n\n" not in buffer:
+                        continue
+                    *blocks, buffer = buffer.split(b"\n\n")
+                    for block in blocks:
+                        # the API's framing, "event: <name>\ndata: <json>", else the general path
+                        cut = block.find(b"\ndata: ")
+                        if (
+                            cut > 7
+                            and block.startswith(b"event: ")
+                            and b"\n" not in block[cut + 7 :]
+                        ):
+                            name, data = block[7:cut], block[cut + 7 :]
+                        else:
+                            name, data = _parse_block(block)
+                        if name == b"content_block_delta":
+                            match = None if skip else text_delta(data)
+                            if match is not None:  # hot path: splice the JSON string as is
+                                literal = match.group(1)
+                                if literal == b'""':
+                                    continue
+                            else:
+                                text = _delta_text(data)
+                                if not text:
+                                    continue  # thinking, signatures, tool input: not in v1
+                                if skip:
+                                    text, skip = _drop_repeat(text, skip)
+                                    if not text:
+                                        continue
+                                literal = encode_json(text)
+                            if not texts:
+                                outcome.first_token_at = time.monotonic()
+                            deltas += 1
+                            texts.append(literal)
+                            append_data(_DELTA_PREFIX + literal + b"}")
+                        elif name == b"message_start":
+                            message = json.loads(data)["message"]
+                            usage = dict(message.get("usage") or {})
+                            if not stream.events:
+                                append(
+                                    {
+                                        "type": "start",
+                                        "stream_id": stream.id,
+                                        "model": message.get("model"),
+                                        "message_id": message.get("id"),
+                                        "usage": usage,
+                                    }
+                                )
+                        elif name == b"message_delta":
+                            body = json.loads(data)
+                            stop_reason = body.get("delta", {}).get("stop_reason") or stop_reason
+                            usage.update(body.get("usage") or {})
+                        elif name == b"message_stop":
+                            completed = True
+                        elif name == b"error":
+                            raise _stream_error(data, response.request_id)
             if not completed:
                 raise UpstreamError("network_error", detail="upstream ended without message_stop")
         except BaseException as exc:  # ours, SDK errors, transport errors, cancellation
@@ -238,28 +270,35 @@ class Relay:
         return stop_reason
 
 
-async def _sse_events(chunks: AsyncIterator[bytes]) -> AsyncIterator[tuple[str, bytes]]:
-    """Split upstream SSE bytes into ``(event name, data)``; comments and pings dropped."""
-    buffer = b""
-    async for chunk in chunks:
-        buffer = buffer + chunk if buffer else chunk
-        if b"\r" in buffer:  # CRLF or CR line ends (a CR at the end may be half a CRLF)
-            held = b"\r" if buffer.endswith(b"\r") else b""
-            body = buffer[: len(buffer) - len(held)]
-            buffer = body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
-        if b"\n\n" not in buffer:
-            continue
-        *blocks, buffer = buffer.split(b"\n\n")
-        for block in blocks:
-            event = ""
-            data: list[bytes] = []
-            for line in block.split(b"\n"):
-                if line.startswith(b"data:"):
-                    data.append(line[6:] if line[5:6] == b" " else line[5:])
-                elif line.startswith(b"event:"):
-                    event = line[6:].strip().decode()
-            if data and event and event != "ping":
-                yield event, data[0] if len(data) == 1 else b"\n".join(data)
+def _normalize_line_ends(buffer: bytes) -> bytes:
+    """CRLF or CR line ends to LF (a CR at the very end may be half a CRLF: keep it)."""
+    held = b"\r" if buffer.endswith(b"\r") else b""
+    body = buffer[: len(buffer) - len(held)]
+    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
+
+
+def _parse_block(block: bytes) -> tuple[bytes, bytes]:
+    """``(event name, data)`` of one SSE block by the general rules; ``b""`` if no data."""
+    name = b""
+    data: list[bytes] = []
+    for line in block.split(b"\n"):
+        if line.startswith(b"data:"):
+            data.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(b"event:"):
+            name = line[6:].strip()
+    if not data:
+        return b"", b""
+    return name, data[0] if len(data) == 1 else b"\n".join(data)
+
+
+def _delta_text(data: bytes) -> str | None:
+    delta = json.loads(data)["delta"]
+    return delta.get("text") if delta.get("type") == "text_delta" else None
+
+
+def _joined(texts: list[bytes]) -> str:
+    """The text the client has received, from the JSON string literals kept per delta."""
+    return "".join(json.loads(b"[" + b",".join(texts) + b"]"))
 
 
 def _stream_error(data: bytes, request_id: str | None) -> UpstreamError:

@@ -29,7 +29,7 @@ class Stream:
         "_on_finish",
         "_on_idle",
         "_retry_ms",
-        "_waiter",
+        "_waiters",
         "cancel_reason",
         "created_at",
         "events",
@@ -63,7 +63,7 @@ class Stream:
         self.producer: asyncio.Task[None] | None = None
         self.cancel_reason: str | None = None
         self._retry_ms = retry_ms
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiters: list[asyncio.Future[bool]] = []
         self._on_idle = on_idle
         self._on_finish: Callable[[Stream], None] | None = None
 
@@ -73,6 +73,15 @@ class Stream:
         events = self.events
         index = len(events)
         events.append(encode_event(payload, index, self._retry_ms if index == 0 else None))
+        self._wake()
+        if self.mirror is not None:
+            self.mirror(self)
+
+    def append_data(self, data_line: bytes) -> None:
+        """Append an event whose ``data: ...`` line is already encoded (the delta fast path)."""
+        events = self.events
+        index = len(events)
+        events.append(data_line + (b"\nid: %d\n\n" % index))
         self._wake()
         if self.mirror is not None:
             self.mirror(self)
@@ -98,11 +107,12 @@ class Stream:
         return True
 
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(False)
 
     # -- reader side ---------------------------------------------------------------------
     async def read(self, after: int, heartbeat: float) -> AsyncIterator[bytes]:
@@ -117,6 +127,21 @@ class Stream:
             self.idle_timer.cancel()
             self.idle_timer = None
         loop = asyncio.get_running_loop()
+        # One heartbeat timer per reader, re-armed lazily: sending an event only moves the
+        # deadline, so the per-event cost is a float store, not a timer.
+        deadline = loop.time() + heartbeat
+        waiting: asyncio.Future[bool] | None = None
+        timer: asyncio.TimerHandle | None = None
+
+        def beat() -> None:
+            nonlocal timer
+            if loop.time() < deadline:
+                timer = loop.call_at(deadline, beat)
+                return
+            timer = None
+            if waiting is not None and not waiting.done():
+                waiting.set_result(True)  # True: silent for a whole interval
+
         try:
             while True:
                 events = self.events
@@ -128,18 +153,21 @@ class Stream:
                         else b"".join(events[position:count])
                     )
                     position = count
+                    deadline = loop.time() + heartbeat
                     yield chunk
                     continue
                 if self.finished:
                     return
-                waiter = self._waiter
-                if waiter is None:
-                    waiter = self._waiter = loop.create_future()
-                # wait without owning the shared future: a timeout here wakes no one else
-                done, _ = await asyncio.wait((waiter,), timeout=heartbeat)
-                if not done:
+                waiting = loop.create_future()
+                self._waiters.append(waiting)
+                if timer is None:
+                    timer = loop.call_at(deadline, beat)
+                if await waiting:
+                    deadline = loop.time() + heartbeat
                     yield PING
         finally:
+            if timer is not None:
+                timer.cancel()
             self.readers -= 1
             if self.readers == 0 and not self.finished and self._on_idle is not None:
                 self._on_idle(self)

@@ -19,9 +19,7 @@ def test_quick_benchmark_runs_without_failures() -> None:
         check=True,
     )
     rows = [
-        line
-        for line in result.stdout.splitlines()
-        if line.startswith("| flat-out") or line.startswith("| setup")
+        line for line in result.stdout.splitlines() if line.startswith(("| flat-out", "| setup"))
     ]
     assert len(rows) == 4, result.stdout  # bare, common, quart_claude; setup
     for row in rows:

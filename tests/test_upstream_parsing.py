@@ -1,0 +1,49 @@
+"""The relay's upstream fast path: a text delta's JSON string literal is spliced as is, and
+must decode to exactly the text, however the upstream encodes it."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from quart_claude._relay import _TEXT_DELTA, _joined, _parse_block
+
+
+def delta(text: str, **dumps: object) -> bytes:
+    event = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": text},
+    }
+    return json.dumps(event, **dumps).encode()  # type: ignore[arg-type]
+
+
+@given(st.text())
+def test_fast_path_literal_decodes_to_the_text(text: str) -> None:
+    for data in (
+        delta(text, separators=(",", ":")),  # the API's compact framing
+        delta(text),  # the docs' spaced framing
+        delta(text, separators=(",", ":"), ensure_ascii=False),
+    ):
+        match = _TEXT_DELTA.fullmatch(data)
+        assert match is not None
+        assert json.loads(match.group(1)) == text
+        assert _joined([match.group(1), match.group(1)]) == text + text
+
+
+def test_fast_path_refuses_anything_it_does_not_fully_understand() -> None:
+    refused = [
+        b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a","x":"b"}}',
+        b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a"},"x":1}',
+        b'{"type":"content_block_delta","index":0,"delta":{"type":"thinking_delta","thinking":"a"}}',
+        b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"a\\"}}',
+    ]
+    assert all(_TEXT_DELTA.fullmatch(data) is None for data in refused)
+
+
+def test_general_block_parsing() -> None:
+    assert _parse_block(b"event: ping\ndata: {}") == (b"ping", b"{}")
+    assert _parse_block(b": comment\nevent:x\ndata:a\ndata: b") == (b"x", b"a\nb")
+    assert _parse_block(b"event: only") == (b"", b"")
