@@ -6,14 +6,14 @@ after ``Last-Event-ID: N``" is exactly ``XREAD ... 0-<N+1>``. Keys, for stream `
 
 - ``qc:ID:ev``: the events (XADD, MAXLEN-capped); field ``e`` the encoded event, ``f`` on the
   final one;
-- ``qc:ID:meta``: hash ``owner``, ``n`` (events mirrored), ``done``; TTL ``CLAUDE_STREAM_TTL``
-  once finished;
+- ``qc:ID:meta``: hash ``owner``, ``done`` and ``n`` (the event count, set when done);
+  TTL ``CLAUDE_STREAM_TTL`` once finished;
 - ``qc:ID:lease``: refreshed every 0.5 s while the producer lives (expires after 3 s);
 - ``qc:ID:cancel``: set by DELETE on any worker; the producer's worker polls for it;
 - ``qc:ID:readers``: refreshed by remote readers, so the grace period counts them too.
 
-Writes are batched: one pipeline per turn of the event loop carries every pending event of
-every stream, in order.
+Writes are batched: one pipeline carries every event of every stream that arrived within
+``FLUSH_WINDOW`` (5 ms), in order.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ log = logging.getLogger("quart_claude")
 
 LEASE_SECONDS = 3
 LEASE_REFRESH = 0.5
+FLUSH_WINDOW = 0.005
 LIVE_TTL = 3600  # a live stream's keys outlive any answer; finished ones get the stream TTL
 
 
@@ -91,12 +92,20 @@ class RedisStore:
         self.redis = self._blocking = None
 
     # -- producer side -------------------------------------------------------------------
-    def attach(self, stream: Stream) -> None:
-        """Mirror a stream this worker produces into Redis."""
+    async def attach(self, stream: Stream) -> None:
+        """Register a stream this worker produces (before its POST answers, so any worker
+        can find it at once), then mirror its events as they come."""
+        meta_key = _key(stream.id, "meta")
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(meta_key, mapping={"owner": stream.owner or "", "n": 0, "done": 0})
+        pipe.expire(meta_key, LIVE_TTL)
+        pipe.set(_key(stream.id, "lease"), b"1", ex=LEASE_SECONDS)
+        await pipe.execute()
         self._local[stream.id] = stream
         self._mirrored[stream.id] = 0
         stream.mirror = self._changed
-        self._changed(stream)
+        if stream.events or stream.finished:
+            self._changed(stream)
 
     def _changed(self, stream: Stream) -> None:
         self._dirty[stream.id] = stream
@@ -105,6 +114,9 @@ class RedisStore:
     async def _flusher(self) -> None:
         while True:
             await self._flush_wanted.wait()
+            # gather what arrives within a few ms into the same pipeline: remote readers see
+            # events at most this much later; this worker's own readers never wait on Redis
+            await asyncio.sleep(FLUSH_WINDOW)
             self._flush_wanted.clear()
             try:
                 await self._flush()
@@ -124,9 +136,6 @@ class RedisStore:
             end = len(events)
             final = stream.finished
             events_key, meta_key = _key(stream_id, "ev"), _key(stream_id, "meta")
-            if start == 0:
-                pipe.hset(meta_key, mapping={"owner": stream.owner or "", "n": 0, "done": 0})
-                pipe.set(_key(stream_id, "lease"), b"1", ex=LEASE_SECONDS)
             for index in range(start, end):
                 fields: dict[str, bytes] = {"e": events[index]}
                 if final and index == end - 1:
@@ -138,10 +147,12 @@ class RedisStore:
                     maxlen=self.max_events,
                     approximate=True,
                 )
-            pipe.hset(meta_key, mapping={"n": end, "done": int(final)})
-            ttl = self.ttl if final else LIVE_TTL
-            pipe.expire(meta_key, ttl)
-            pipe.expire(events_key, ttl)
+            if start == 0:
+                pipe.expire(events_key, LIVE_TTL)
+            if final:  # meta changes only at the end (attach wrote it at the start)
+                pipe.hset(meta_key, mapping={"n": end, "done": 1})
+                pipe.expire(meta_key, self.ttl)
+                pipe.expire(events_key, self.ttl)
             self._mirrored[stream_id] = end
             if final:
                 pipe.delete(_key(stream_id, "lease"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,8 @@ if TYPE_CHECKING:  # redis is an optional dependency
     from ._redis_store import RemoteStream
 
 __all__ = ["create_blueprint"]
+
+log = logging.getLogger("quart_claude")
 
 SSE_HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -92,9 +95,18 @@ async def chat_stream() -> Response:
         owner=await state.identity(),
         on_idle=state.stream_idle,
     )
-    state.streams.add(stream)
     if state.store is not None:
-        state.store.attach(stream)
+        try:
+            await state.store.attach(stream)
+        except Exception:
+            log.exception("the stream store is unavailable")
+            return _json_error(
+                503,
+                "store_unavailable",
+                "the stream store is unavailable; try again shortly",
+                {"Retry-After": "1"},
+            )
+    state.streams.add(stream)
     task = asyncio.get_running_loop().create_task(relay.produce(stream, chat))
     stream.producer = task
     state.producers.add(task)

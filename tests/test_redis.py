@@ -141,3 +141,25 @@ async def test_finished_streams_expire_everywhere(
         await asyncio.sleep(2.2)
         assert (await http.get(b + path)).status_code == 404
         assert (await http.get(a + path)).status_code == 404
+
+
+async def test_store_down_is_a_503_not_a_500(
+    make_app: Callable[..., Quart], redis_url: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = make_app(stream_store=redis_url)
+    async with serving(app) as url:
+        store = Claude.state(app).store
+        assert store is not None
+        real = store.redis
+        store.redis = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
+        try:
+            refused = await http.post(url + "/chat/stream", json={"message": "hi"})
+        finally:
+            await store.redis.aclose()
+            store.redis = real
+        assert refused.status_code == 503
+        assert refused.json()["error"] == "store_unavailable"
+        assert emulator.requests == []
+        assert (await stream_chat(http, url + "/chat/stream", {"message": "hi"})).types[
+            -1
+        ] == "done"

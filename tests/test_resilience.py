@@ -149,6 +149,22 @@ async def test_fault_matrix(
     assert "delta" not in result.types
 
 
+async def test_fault_matrix_timeout_row(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """No upstream byte for CLAUDE_TIMEOUT seconds: ``timeout``, retried like the others."""
+    emulator.script(*[Reply(ANSWER, first_token_delay=30)] * 3, Reply("must never be reached"))
+    app = make_app(timeout=0.5, max_retries=2, retry_base_delay=0.01)
+    async with serving(app) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+        error = result.events[-1]
+        assert (error["type"], error["error"], error["retryable"]) == ("error", "timeout", True)
+        assert "retry_after" not in error and "partial" not in error
+        assert len(emulator.requests) == 3
+        for request in emulator.requests:  # each timed-out request was closed, not leaked
+            await asyncio.wait_for(request.ended.wait(), 2)
+
+
 async def test_connection_refused_is_a_retryable_network_error(
     make_app: Callable[..., Quart], http: httpx2.AsyncClient
 ) -> None:

@@ -50,6 +50,10 @@ async def open_stream_then_sigterm(
             id="hypercorn-2-workers",
         ),
         pytest.param(
+            [HYPERCORN, "-k", "uvloop", "--graceful-timeout", "3", "example_app:app"],
+            id="hypercorn-uvloop",
+        ),
+        pytest.param(
             [HYPERCORN, "-w", "0", "--graceful-timeout", "3", "example_app:app"],
             id="hypercorn-in-process",
         ),
