@@ -322,9 +322,7 @@ def main() -> None:
             redis_url = None
             if scenario.redis:
                 redis, redis_url = start_redis()
-            for system in scenario.systems:
-                if args.systems and system not in args.systems:
-                    continue
+            for system in args.systems or scenario.systems:
                 m = measure(scenario, system, emulator_port, redis_url, direct, args.profile)
                 measurements.append(m)
                 print(
