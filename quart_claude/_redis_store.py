@@ -246,6 +246,3 @@ class RedisStore:
         pipe.hget(_key(stream_id, "meta"), "done")
         lease, done = await pipe.execute()
         return bool(lease), done == b"1"
-
-    def stats(self) -> dict[str, Any]:
-        return {"local": len(self._local), "pending": len(self._dirty)}

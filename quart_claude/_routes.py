@@ -54,12 +54,17 @@ async def _read_json(state: ClaudeState) -> Any:
         raise RequestError(413, "body_too_large", f"the body may be at most {limit} bytes")
     parts: list[bytes] = []
     size = 0
-    async with asyncio.timeout(state.config.timeout):
-        async for part in request.body:  # Quart's own limit is fixed per app; this one is ours
-            size += len(part)
-            if size > limit:
-                raise RequestError(413, "body_too_large", f"the body may be at most {limit} bytes")
-            parts.append(part)
+    try:
+        async with asyncio.timeout(state.config.timeout):
+            async for part in request.body:  # Quart's limit is fixed per app; this one is ours
+                size += len(part)
+                if size > limit:
+                    raise RequestError(
+                        413, "body_too_large", f"the body may be at most {limit} bytes"
+                    )
+                parts.append(part)
+    except TimeoutError:
+        raise RequestError(408, "request_timeout", "the body took too long to arrive") from None
     raw = b"".join(parts)
     try:
         return json.loads(raw)

@@ -194,3 +194,21 @@ async def test_not_serving_yet_is_a_503_not_a_500(make_app: Callable[..., Quart]
     response = await client.post("/chat/stream", json={"message": "hi"})
     assert response.status_code == 503
     assert (await response.get_json())["error"] == "not_ready"
+
+
+async def test_a_body_that_never_finishes_is_a_408(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    async with serving(make_app(timeout=0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /chat/stream HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100\r\n\r\n{"message": '
+        )  # ...and the rest never comes
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        assert head.startswith(b"HTTP/1.1 408")
+        assert emulator.requests == []
+        assert (await http.get(url + "/health")).status_code == 200
