@@ -40,6 +40,24 @@ FLUSH_WINDOW = 0.005
 LIVE_TTL = 3600  # a live stream's keys outlive any answer; finished ones get the stream TTL
 
 
+_LOST = UpstreamError("unavailable")
+#: What a reader on another worker sends when the stream can no longer be followed (no id:
+#: it is not one of the stream's events).
+_UNAVAILABLE = (
+    b"data: "
+    + encode_json(
+        {
+            "type": "error",
+            "error": _LOST.error_class,
+            "message": _LOST.message,
+            "retryable": True,
+            "partial": True,
+        }
+    )
+    + b"\n\n"
+)
+
+
 def _key(stream_id: str, part: str) -> str:
     return f"qc:{stream_id}:{part}"
 
@@ -208,36 +226,28 @@ class RedisStore:
         block_ms = max(1, int(heartbeat * 1000))
         presence = max(2, int(heartbeat * 2) + 1)
         while True:
-            await self.redis.set(_key(stream_id, "readers"), b"1", ex=presence)
-            reply = await self._blocking.xread({events_key: position}, count=1000, block=block_ms)
+            try:
+                await self.redis.set(_key(stream_id, "readers"), b"1", ex=presence)
+                reply = await self._blocking.xread(
+                    {events_key: position}, count=1000, block=block_ms
+                )
+                if not reply:  # silence: is anyone still producing this stream?
+                    alive, done = await self._alive(stream_id)
+            except Exception:  # Redis went away: say so, retryably, instead of cutting off
+                log.exception("stream %s: Redis failed while reading", stream_id)
+                yield _UNAVAILABLE
+                return
             if reply:
                 entries = reply[0][1]
                 position = entries[-1][0]
                 yield b"".join(fields[b"e"] for _, fields in entries)
                 if b"f" in entries[-1][1]:
                     return
-                continue
-            # silence: is anyone still producing this stream?
-            alive, meta_done = await self._alive(stream_id)
-            if meta_done:
-                continue  # finished meanwhile: the next XREAD returns the final event
-            if not alive:
-                lost = UpstreamError("unavailable")
-                yield (
-                    b"data: "
-                    + encode_json(
-                        {
-                            "type": "error",
-                            "error": lost.error_class,
-                            "message": lost.message,
-                            "retryable": True,
-                            "partial": True,
-                        }
-                    )
-                    + b"\n\n"
-                )
-                return
-            yield PING
+            elif not done:  # (if it finished meanwhile, the next XREAD has the final event)
+                if not alive:
+                    yield _UNAVAILABLE
+                    return
+                yield PING
 
     async def _alive(self, stream_id: str) -> tuple[bool, bool]:
         assert self.redis is not None

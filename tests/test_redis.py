@@ -163,3 +163,28 @@ async def test_store_down_is_a_503_not_a_500(
         assert (await stream_chat(http, url + "/chat/stream", {"message": "hi"})).types[
             -1
         ] == "done"
+
+
+async def test_redis_lost_mid_read_ends_with_a_retryable_error(
+    workers: tuple[str, str, Quart, Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    a, b, _, second = workers
+    emulator.script(Reply(ANSWER, token_delay=0.05))
+    first = await stream_chat(http, a + "/chat/stream", {"message": "hi"}, stop_after_deltas=3)
+    store = Claude.state(second).store
+    assert store is not None
+    reading = asyncio.create_task(
+        stream_chat(http, b + "/chat/stream/" + first.headers["x-stream-id"], method="GET")
+    )
+    await asyncio.sleep(0.3)  # the reader on "b" is following the stream live
+    real = store._blocking
+    store._blocking = aioredis.from_url("redis://127.0.0.1:1/0")  # Redis is gone for "b"
+    try:
+        result = await asyncio.wait_for(reading, 10)
+    finally:
+        await store._blocking.aclose()
+        store._blocking = real
+    assert result.events[-1]["type"] == "error"
+    assert result.events[-1]["error"] == "unavailable"
+    assert result.events[-1]["retryable"] is True
+    assert result.text and ANSWER.startswith(result.text)  # a clean prefix, from the start
