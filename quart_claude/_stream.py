@@ -1,7 +1,7 @@
 """A stream: the ordered, already-encoded events of one generation, and its readers.
 
 The producer (:mod:`._relay`) appends; every HTTP response reads from an index. Appending is
-O(1) and wakes all waiting readers at once through one shared future; a reader that wakes
+O(1) and resolves the futures its waiting readers sleep on; a reader that wakes
 takes every event that is waiting as one write. Events are encoded exactly once, here.
 """
 
