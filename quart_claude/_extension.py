@@ -62,24 +62,30 @@ class ClaudeState:
 
     def stream_idle(self, stream: Stream) -> None:
         """The last reader left before the end: give it ``CLAUDE_RESUME_GRACE`` seconds to
-        come back, then stop paying for tokens nobody will read."""
-        grace = self.config.resume_grace
-        if self.store is not None:  # readers on other workers count too
-            asyncio.get_running_loop().create_task(self._cancel_when_unread(stream, grace))
-        elif grace <= 0:
-            stream.cancel("disconnected")
-        else:
-            loop = asyncio.get_running_loop()
-            stream.idle_timer = loop.call_later(grace, _cancel_if_idle, stream)
+        come back (a returning reader cancels the timer), then stop paying for tokens nobody
+        will read."""
+        self._arm_idle(stream, self.config.resume_grace)
 
-    async def _cancel_when_unread(self, stream: Stream, grace: float) -> None:
-        await asyncio.sleep(grace)
-        while stream.readers == 0 and not stream.finished:
-            store = self.store
-            if store is None or not await store.has_remote_readers(stream.id):
-                stream.cancel("disconnected")
-                return
-            await asyncio.sleep(self.config.heartbeat_interval)
+    def _arm_idle(self, stream: Stream, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        stream.idle_timer = loop.call_later(delay, self._idle_expired, stream)
+
+    def _idle_expired(self, stream: Stream) -> None:
+        stream.idle_timer = None
+        if stream.readers or stream.finished:
+            return
+        if self.store is None:
+            stream.cancel("disconnected")
+        else:  # readers on other workers count too
+            asyncio.get_running_loop().create_task(self._cancel_unless_read_elsewhere(stream))
+
+    async def _cancel_unless_read_elsewhere(self, stream: Stream) -> None:
+        store = self.store
+        if store is not None and await store.has_remote_readers(stream.id):
+            if stream.idle_timer is None and not stream.readers:
+                self._arm_idle(stream, self.config.heartbeat_interval)
+        elif not stream.readers and stream.idle_timer is None:
+            stream.cancel("disconnected")
 
     async def startup(self) -> None:
         config = self.config
@@ -141,12 +147,6 @@ def _http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
                     "CLAUDE_HTTP_CLIENT=aiohttp needs aiohttp: pip install 'anthropic[aiohttp]'"
                 ) from None
     return anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
-
-
-def _cancel_if_idle(stream: Stream) -> None:
-    stream.idle_timer = None
-    if stream.readers == 0:
-        stream.cancel("disconnected")
 
 
 class Claude:

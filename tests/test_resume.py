@@ -229,3 +229,37 @@ async def test_memory_registry_evicts_expired(ttl: float) -> None:
     await asyncio.sleep(ttl * 2)
     assert registry.get("old") is None
     assert registry.get("live") is live  # live streams are never evicted
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_grace_counts_from_the_last_reader_leaving(
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    request: pytest.FixtureRequest,
+    store: str,
+) -> None:
+    options = {"resume_grace": 1.0}
+    if store == "redis":
+        options["stream_store"] = request.getfixturevalue("redis_url")
+    emulator.script(Reply(ANSWER, token_delay=0.1))
+    async with serving(make_app(**options)) as url:
+        first = await stream_chat(
+            http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=2
+        )
+        await asyncio.sleep(0.6)  # back within the grace period, then gone again
+        again = await stream_chat(
+            http,
+            f"{url}/chat/stream/{first.headers['x-stream-id']}",
+            method="GET",
+            headers={"Last-Event-ID": first.ids[-1] or ""},
+            stop_after_deltas=2,
+        )
+        second_left = time.time()
+        (upstream,) = emulator.requests
+        await asyncio.sleep(0.8)  # past the first departure's deadline, not the second's
+        assert not upstream.ended.is_set(), "cancelled by the first reader's grace period"
+        await asyncio.wait_for(upstream.ended.wait(), 3)
+        assert upstream.disconnected
+        assert upstream.ended_at is not None and upstream.ended_at - second_left >= 0.9
+        assert again.types.count("delta") >= 2  # the backlog came as one chunk
