@@ -13,6 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import anthropic
 import httpx2
@@ -94,6 +95,20 @@ class UpstreamError(Exception):
 
     def __repr__(self) -> str:
         return f"UpstreamError({self.error_class!r}, retryable={self.retryable})"
+
+    def event(self, *, partial: bool) -> dict[str, Any]:
+        """The protocol's ``error`` event; ``partial`` when some text was already sent."""
+        payload: dict[str, Any] = {
+            "type": "error",
+            "error": self.error_class,
+            "message": self.message,
+            "retryable": self.retryable,
+        }
+        if self.retry_after is not None:
+            payload["retry_after"] = max(1, math.ceil(self.retry_after))
+        if partial:
+            payload["partial"] = True
+        return payload
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

@@ -27,7 +27,7 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from ._errors import UpstreamError
-from ._sse import PING, encode_json
+from ._sse import PING, data_line, frame
 from ._stream import Stream
 
 __all__ = ["RedisStore", "RemoteStream"]
@@ -40,22 +40,9 @@ FLUSH_WINDOW = 0.005
 LIVE_TTL = 3600  # a live stream's keys outlive any answer; finished ones get the stream TTL
 
 
-_LOST = UpstreamError("unavailable")
 #: What a reader on another worker sends when the stream can no longer be followed (no id:
 #: it is not one of the stream's events).
-_UNAVAILABLE = (
-    b"data: "
-    + encode_json(
-        {
-            "type": "error",
-            "error": _LOST.error_class,
-            "message": _LOST.message,
-            "retryable": True,
-            "partial": True,
-        }
-    )
-    + b"\n\n"
-)
+_UNAVAILABLE = frame(data_line(UpstreamError("unavailable").event(partial=True)), None)
 
 
 def _key(stream_id: str, part: str) -> str:

@@ -98,13 +98,14 @@ class Relay:
             if task is not None:
                 task.uncancel()
             if reason == "shutdown":
-                stream.append(_error_event(UpstreamError("shutdown"), partial=_has_text(stream)))
+                partial = outcome.first_token_at is not None  # some text was sent
+                stream.append(UpstreamError("shutdown").event(partial=partial))
             else:
                 stream.append({"type": "done", "stop_reason": "cancelled", "usage": outcome.usage})
             result = reason
         except Exception as exc:  # a bug of ours: never leave readers hanging
             log.exception("stream %s failed", stream.id)
-            stream.append(_error_event(UpstreamError("unknown", detail=repr(exc)), partial=False))
+            stream.append(UpstreamError("unknown", detail=repr(exc)).event(partial=False))
         finally:
             stream.finish()
             ttft = (
@@ -160,7 +161,7 @@ class Relay:
                         error.error_class,
                         error.detail,
                     )
-                    stream.append(_error_event(error, partial=bool(texts)))
+                    stream.append(error.event(partial=bool(texts)))
                     return error.error_class
                 log.info("stream %s retrying in %.2fs after %s", stream.id, wait, error.error_class)
                 await asyncio.sleep(wait)
@@ -371,21 +372,3 @@ def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
         value = usage.get(key)
         if isinstance(value, int):
             total[key] = int(total.get(key) or 0) + value
-
-
-def _has_text(stream: Stream) -> bool:
-    return any(b'"type":"delta"' in event for event in stream.events)
-
-
-def _error_event(error: UpstreamError, *, partial: bool) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "type": "error",
-        "error": error.error_class,
-        "message": error.message,
-        "retryable": error.retryable,
-    }
-    if error.retry_after is not None:
-        payload["retry_after"] = max(1, int(-(-error.retry_after // 1)))
-    if partial:
-        payload["partial"] = True
-    return payload

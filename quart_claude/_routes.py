@@ -34,11 +34,18 @@ SSE_HEADERS = {
 }
 
 
+def _json_response(
+    payload: dict[str, Any], status: int = 200, headers: dict[str, str] | None = None
+) -> Response:
+    return Response(
+        json.dumps(payload), status=status, headers=headers, content_type="application/json"
+    )
+
+
 def _json_error(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> Response:
-    body = json.dumps({"error": code, "message": message})
-    return Response(body, status=status, headers=headers, content_type="application/json")
+    return _json_response({"error": code, "message": message}, status, headers)
 
 
 async def _read_json(state: ClaudeState) -> Any:
@@ -200,10 +207,6 @@ async def ready() -> Response:
         return _json_response({"status": "ready", "streams": state.live_streams()})
     status = "draining" if state.draining else "starting"
     return _json_response({"status": status}, 503)
-
-
-def _json_response(payload: dict[str, Any], status: int = 200) -> Response:
-    return Response(json.dumps(payload), status=status, content_type="application/json")
 
 
 def create_blueprint() -> Blueprint:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PING", "SSEEvent", "SSEParser", "encode_event", "encode_json"]
+__all__ = ["PING", "SSEEvent", "SSEParser", "data_line", "encode_json", "frame"]
 
 #: A comment line; keeps proxies and clients from timing out an idle connection.
 PING = b": ping\n\n"
@@ -33,14 +33,18 @@ def encode_json(payload: Any) -> bytes:
         return _dumps_ascii(payload).encode()
 
 
-def encode_event(payload: Any, event_id: int, retry_ms: int | None = None) -> bytes:
-    """One SSE event block: ``data`` line first, then ``id`` (and ``retry`` when given)."""
-    tail = (
-        b"\nid: %d\nretry: %d\n\n" % (event_id, retry_ms)
-        if retry_ms is not None
-        else (b"\nid: %d\n\n" % event_id)
-    )
-    return b"data: " + encode_json(payload) + tail
+def data_line(payload: Any) -> bytes:
+    """``data: <compact JSON>``: the first line of every event block."""
+    return b"data: " + encode_json(payload)
+
+
+def frame(data: bytes, event_id: int | None, retry_ms: int | None = None) -> bytes:
+    """Close an event block after its ``data`` line: ``id`` (when given), ``retry``, blank."""
+    if event_id is None:
+        return data + b"\n\n"
+    if retry_ms is None:
+        return data + b"\nid: %d\n\n" % event_id
+    return data + b"\nid: %d\nretry: %d\n\n" % (event_id, retry_ms)
 
 
 @dataclass(frozen=True, slots=True)

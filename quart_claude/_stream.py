@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ._sse import PING, encode_event
+from ._sse import PING, data_line, frame
 
 __all__ = ["Stream", "StreamRegistry", "new_stream_id"]
 
@@ -70,18 +70,13 @@ class Stream:
     # -- producer side -------------------------------------------------------------------
     def append(self, payload: dict[str, Any]) -> None:
         """Encode ``payload`` as the next event (its ``id`` is its index) and wake readers."""
-        events = self.events
-        index = len(events)
-        events.append(encode_event(payload, index, self._retry_ms if index == 0 else None))
-        self._wake()
-        if self.mirror is not None:
-            self.mirror(self)
+        self.append_data(data_line(payload))
 
-    def append_data(self, data_line: bytes) -> None:
+    def append_data(self, data: bytes) -> None:
         """Append an event whose ``data: ...`` line is already encoded (the delta fast path)."""
         events = self.events
         index = len(events)
-        events.append(data_line + (b"\nid: %d\n\n" % index))
+        events.append(frame(data, index, self._retry_ms if index == 0 else None))
         self._wake()
         if self.mirror is not None:
             self.mirror(self)

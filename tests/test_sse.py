@@ -6,7 +6,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quart_claude import SSEEvent, SSEParser
-from quart_claude._sse import PING, encode_event
+from quart_claude._sse import PING, data_line, frame
+
+
+def encode_event(payload: object, event_id: int, retry_ms: int | None = None) -> bytes:
+    return frame(data_line(payload), event_id, retry_ms)
 
 
 def parse_all(data: bytes, cuts: list[int] | None = None) -> list[SSEEvent]:

@@ -509,13 +509,17 @@ class Emulator:
         await event("ping", {"type": "ping"})
         if reply.first_token_delay:
             await asyncio.sleep(reply.first_token_delay)
-        sent = 0
-        for token in tokens:
-            if reply.fault is not None and sent == reply.fault_after:
+        fault_at = reply.fault_after if reply.fault is not None else -1
+        for sent in range(len(tokens) + 1):
+            if sent == fault_at:
+                if reply.fault != "stall":
+                    return await self._fault(record, writer, event, reply)
+                await asyncio.sleep(reply.stall)  # silent, then carry on as if nothing happened
+            if sent == len(tokens):
                 break
             if sent and delay:
                 await asyncio.sleep(delay)
-            piece = f"{time.time():.6f} " if reply.stamp else token
+            piece = f"{time.time():.6f} " if reply.stamp else tokens[sent]
             await event(
                 "content_block_delta",
                 {
@@ -524,71 +528,40 @@ class Emulator:
                     "delta": {"type": "text_delta", "text": piece},
                 },
             )
-            sent += 1
-        if reply.fault is not None and sent == reply.fault_after:
-            if reply.fault == "drop":
-                record.outcome = "dropped"
-                writer.transport.abort()
-                return False
-            if reply.fault == "eof":
-                record.outcome = "completed"
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
-                return True
-            if reply.fault == "error":
-                await event(
-                    "error",
-                    {
-                        "type": "error",
-                        "error": {"type": reply.error_type, "message": reply.error_message},
-                    },
-                )
-                record.outcome = "completed"
-                writer.write(b"0\r\n\r\n")
-                await writer.drain()
-                return True
-            await asyncio.sleep(reply.stall)  # "stall", then carry on as if nothing happened
-            return await self._finish(
-                record, writer, event, index, tokens[sent:], sent, stop_reason, delay
-            )
-        return await self._finish(record, writer, event, index, [], sent, stop_reason, delay)
-
-    async def _finish(
-        self,
-        record: RecordedRequest,
-        writer: asyncio.StreamWriter,
-        event: Any,
-        index: int,
-        rest: list[str],
-        sent: int,
-        stop_reason: str,
-        delay: float,
-    ) -> bool:
-        for token in rest:
-            await event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "text_delta", "text": token},
-                },
-            )
-            sent += 1
-            if delay:
-                await asyncio.sleep(delay)
         await event("content_block_stop", {"type": "content_block_stop", "index": index})
         await event(
             "message_delta",
             {
                 "type": "message_delta",
                 "delta": {"stop_reason": stop_reason, "stop_sequence": None},
-                "usage": {"output_tokens": sent},
+                "usage": {"output_tokens": len(tokens)},
             },
         )
         await event("message_stop", {"type": "message_stop"})
         writer.write(b"0\r\n\r\n")
         await writer.drain()
         record.outcome = "completed"
+        return True
+
+    async def _fault(
+        self, record: RecordedRequest, writer: asyncio.StreamWriter, event: Any, reply: Reply
+    ) -> bool:
+        """End the body the way ``reply.fault`` says: drop, clean EOF, or an error event."""
+        if reply.fault == "drop":
+            record.outcome = "dropped"
+            writer.transport.abort()
+            return False
+        if reply.fault == "error":
+            await event(
+                "error",
+                {
+                    "type": "error",
+                    "error": {"type": reply.error_type, "message": reply.error_message},
+                },
+            )
+        record.outcome = "completed"
+        writer.write(b"0\r\n\r\n")  # "eof" (and after "error"): no message_stop
+        await writer.drain()
         return True
 
 
