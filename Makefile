@@ -1,17 +1,26 @@
 # Two commands on a fresh machine: `make run` (the example app) and `make test` (everything).
+# Both install from the committed lock (requirements/dev-pyXY.txt, hashes checked), so every
+# machine gets exactly what CI got until `make lock` is run again.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 PORT ?= 8000
+PYTAG := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])')
+LOCK ?= requirements/dev-py$(PYTAG).txt
+# The Pythons the locks are made for: the ones the project supports and CI runs.
+LOCK_PYTHONS := 3.11 3.12 3.13
+PIP_INSTALL := python -m pip install -q --disable-pip-version-check
 
-.PHONY: install run test lint typecheck pytest bench clean
+.PHONY: install run test test-fast lint typecheck pytest bench lock test-lowest test-latest \
+	dist check-wheel clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,uvloop,redis]'
+$(VENV)/.installed: $(wildcard $(LOCK)) pyproject.toml
+	@test -f $(LOCK) || { echo "no lock for this Python ($(LOCK)): use 3.11-3.13, or run 'make lock'" >&2; exit 1; }
+	$(PYTHON) -m venv --clear $(VENV)
+	$(BIN)/$(PIP_INSTALL) --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/$(PIP_INSTALL) --no-deps --no-build-isolation -e .
 	touch $@
 
 run: install
@@ -32,5 +41,50 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python -m bench.run
 
+# Regenerate the locks after changing a dependency in pyproject.toml (existing pins are kept
+# where they still fit); `make lock UPGRADE=1` moves every pin to the newest release.
+# (With no lock yet for this Python, point UV at any uv: `make lock UV=uv`.)
+UV ?= $(BIN)/uv
+UV_COMPILE = UV_CUSTOM_COMPILE_COMMAND="make lock" $(UV) pip compile -q pyproject.toml \
+	--generate-hashes $(if $(UPGRADE),--upgrade)
+lock: $(if $(wildcard $(LOCK)),install)
+	for v in $(LOCK_PYTHONS); do \
+	  t=$$(echo $$v | tr -d .); \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --group dev \
+	    -o requirements/dev-py$$t.txt || exit 1; \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis \
+	    -o requirements/runtime-py$$t.txt || exit 1; \
+	done
+	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis \
+	  --group test --group build -o requirements/lowest-py311.txt
+
+# The suite on the lowest versions pyproject.toml allows (Python 3.11): proves the lower bounds.
+test-lowest:
+	$(MAKE) pytest VENV=.venv-lowest LOCK=requirements/lowest-py311.txt
+
+# The suite on the newest release of everything, no lock: drift seen here before users see it.
+# It does not gate CI (a new upstream release is not our regression); CI prints its outcome.
+test-latest:
+	$(PYTHON) -m venv --clear .venv-latest
+	.venv-latest/bin/$(PIP_INSTALL) --upgrade pip
+	.venv-latest/bin/$(PIP_INSTALL) --upgrade -e '.[uvloop,redis]' --group dev
+	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(anthropic|quart|hypercorn|httpx2|aiohttp|redis|pytest|mypy|ruff)=' | tr '\n' ' '; echo
+	.venv-latest/bin/ruff check .
+	.venv-latest/bin/mypy
+	.venv-latest/bin/pytest $(PYTEST_ARGS)
+
+# An sdist and a wheel in dist/, checked by twine.
+dist: install
+	rm -rf dist build
+	$(BIN)/python -m build --no-isolation --sdist --wheel --outdir dist .
+	$(BIN)/twine check --strict dist/*
+
+# The wheel as a user gets it: a clean venv with the locked runtime dependencies only, then,
+# from outside the checkout, import the public API and stream one reply through a real server.
+check-wheel: dist
+	$(BIN)/python scripts/check_wheel.py --python $(PYTHON) \
+	  --runtime-lock requirements/runtime-py$(PYTAG).txt dist/*.whl
+
 clean:
-	rm -rf .venv .venv313 .mypy_cache .pytest_cache .ruff_cache *.egg-info
+	rm -rf .venv .venv313 .venv-lowest .venv-latest .mypy_cache .pytest_cache .ruff_cache \
+	  *.egg-info dist build

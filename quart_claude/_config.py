@@ -15,7 +15,7 @@ from typing import Any
 
 __all__ = ["ClaudeConfig", "ConfigError", "DEFAULT_MODEL", "load_config"]
 
-#: A current model id that the SDK does not list in ``DEPRECATED_MODELS``.
+#: A current model id (the SDK does not warn that it is deprecated; a test checks).
 DEFAULT_MODEL = "claude-sonnet-5-5"
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,10 +138,18 @@ class Relay:
         params = _params(request, request.messages, request.max_tokens)
         skip = ""  # whitespace a prefill continuation may repeat
         retries = 0
+        tolerated = 0  # library warnings turned from errors into log lines
         while True:
             outcome.attempts += 1
             try:
                 stop_reason = await self._attempt(stream, params, texts, outcome, skip)
+            except _WarningRaised as raised:
+                tolerated += 1
+                if tolerated > 3:  # the filter did not take: never loop
+                    stream.append(
+                        UpstreamError("unknown", detail=raised.detail).event(partial=bool(texts))
+                    )
+                    return "unknown"
             except UpstreamError as error:
                 if not texts:
                     retries += 1
@@ -165,17 +174,17 @@ class Relay:
                     return error.error_class
                 log.info("stream %s retrying in %.2fs after %s", stream.id, wait, error.error_class)
                 await asyncio.sleep(wait)
-                if texts:
-                    remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
-                    if remaining < 1:
-                        stream.append(
-                            {"type": "done", "stop_reason": "max_tokens", "usage": outcome.usage}
-                        )
-                        return "ok"
-                    params, skip = _continuation(request, _joined(texts), remaining)
-                continue
-            stream.append({"type": "done", "stop_reason": stop_reason, "usage": outcome.usage})
-            return "ok"
+            else:
+                stream.append({"type": "done", "stop_reason": stop_reason, "usage": outcome.usage})
+                return "ok"
+            if texts:  # the next request continues what the client already has
+                remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
+                if remaining < 1:
+                    stream.append(
+                        {"type": "done", "stop_reason": "max_tokens", "usage": outcome.usage}
+                    )
+                    return "ok"
+                params, skip = _continuation(request, _joined(texts), remaining)
 
     async def _attempt(
         self,
@@ -266,9 +275,29 @@ class Relay:
             _add_usage(outcome.usage, usage)
             if not isinstance(exc, Exception):
                 raise  # cancelled: the producer decides what to tell readers
+            if isinstance(exc, Warning):
+                raise _tolerate(exc) from None
             raise classify_exception(exc) from exc
         _add_usage(outcome.usage, usage)
         return stop_reason
+
+
+class _WarningRaised(Exception):
+    """A library's warning was raised as an error (the host runs with ``-W error``)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def _tolerate(warning: Warning) -> _WarningRaised:
+    """Log ``warning`` and ignore it from now on in this process, so the request can be made
+    again: a library's notice (the SDK deprecating a model, say) never fails a stream, even
+    where the host's warning filters turn warnings into errors."""
+    kind, message = type(warning), str(warning)
+    log.warning("upstream library warning (logged, not raised): %s: %s", kind.__name__, message)
+    warnings.filterwarnings("ignore", message=re.escape(message), category=kind)
+    return _WarningRaised(f"{kind.__name__}: {message}")
 
 
 def _normalize_line_ends(buffer: bytes) -> bytes:

@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from anthropic.resources.messages.messages import DEPRECATED_MODELS
 from quart import Quart
 
 from quart_claude import DEFAULT_MODEL, Claude, ConfigError
@@ -33,10 +32,6 @@ def test_defaults() -> None:
     assert config.system_prompt == "You are a helpful assistant."
     assert (config.url_prefix, config.timeout, config.heartbeat_interval) == ("", 60.0, 15.0)
     assert (config.max_retries, config.retry_base_delay, config.retry_max_delay) == (3, 1.0, 30.0)
-
-
-def test_default_model_is_not_deprecated_by_the_sdk() -> None:
-    assert DEFAULT_MODEL not in DEPRECATED_MODELS
 
 
 def test_precedence_option_over_app_config_over_env(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,8 @@ import pytest
 
 from quart_claude.testing import Emulator, ErrorReply, Hangup, Reply
 
+from .models import CURRENT_MODELS, DEPRECATED_MODEL, NO_PREFILL_MODEL, PREFILL_MODEL
+
 KEY = "sk-test-emulator"
 
 
@@ -103,9 +105,20 @@ async def test_prefill_refused_on_new_models_accepted_on_old(emulator: Emulator)
     emulator.script(Reply("Hello world"), Reply("Hello world"))
     async with client(emulator) as sdk:
         with pytest.raises(anthropic.BadRequestError, match="prefill"):
-            await sdk.messages.create(model="claude-sonnet-4-6", max_tokens=50, messages=messages)  # type: ignore[arg-type]
-        old = await sdk.messages.create(model="claude-opus-4-5", max_tokens=50, messages=messages)  # type: ignore[arg-type]
+            await sdk.messages.create(model=NO_PREFILL_MODEL, max_tokens=50, messages=messages)  # type: ignore[arg-type]
+        old = await sdk.messages.create(model=PREFILL_MODEL, max_tokens=50, messages=messages)  # type: ignore[arg-type]
     assert old.content[0].type == "text" and old.content[0].text == " world"
+
+
+async def test_models_in_use_are_current(emulator: Emulator) -> None:
+    """If this fails after an SDK upgrade, change the id in tests/models.py (one line)."""
+    messages = [{"role": "user", "content": "x"}]
+    emulator.script(*[Reply("ok")] * (len(CURRENT_MODELS) + 1))
+    async with client(emulator) as sdk:
+        for model in CURRENT_MODELS:  # warnings are errors here: a deprecated id raises
+            await sdk.messages.create(model=model, max_tokens=5, messages=messages)  # type: ignore[arg-type]
+        with pytest.warns(DeprecationWarning, match=DEPRECATED_MODEL):
+            await sdk.messages.create(model=DEPRECATED_MODEL, max_tokens=5, messages=messages)  # type: ignore[arg-type]
 
 
 async def test_auth_unknown_model_and_x_api_key(emulator: Emulator) -> None:

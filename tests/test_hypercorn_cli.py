@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import pytest
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import free_port, stream_chat
+from .models import DEPRECATED_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 HYPERCORN = str(Path(sys.executable).with_name("hypercorn"))
@@ -54,11 +56,15 @@ async def stop(process: asyncio.subprocess.Process) -> bytes:
     return output
 
 
-@pytest.fixture
-async def cli_server(emulator: Emulator) -> AsyncIterator[str]:
+@contextlib.asynccontextmanager
+async def hypercorn_cli(
+    emulator: Emulator, python_args: tuple[str, ...] = (), **env: str
+) -> AsyncIterator[str]:
+    """``python [python_args] -m hypercorn tests.host_app:app`` on a free port."""
     port = free_port()
-    env = {"CLAUDE_API_KEY": "sk-test-cli-key-0123456789", "CLAUDE_BASE_URL": emulator.url}
-    process = await start([HYPERCORN, "-b", f"127.0.0.1:{port}", "tests.host_app:app"], env)
+    env = {"CLAUDE_API_KEY": "sk-test-cli-key-0123456789", "CLAUDE_BASE_URL": emulator.url, **env}
+    args = [sys.executable, *python_args, "-m", "hypercorn", "-b", f"127.0.0.1:{port}"]
+    process = await start([*args, "tests.host_app:app"], env)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url + "/ready", process)
@@ -66,6 +72,12 @@ async def cli_server(emulator: Emulator) -> AsyncIterator[str]:
     finally:
         output = await stop(process)
         assert b"sk-test-cli-key" not in output  # the key is never logged
+
+
+@pytest.fixture
+async def cli_server(emulator: Emulator) -> AsyncIterator[str]:
+    async with hypercorn_cli(emulator) as url:
+        yield url
 
 
 async def test_hypercorn_cli_streams_incrementally_and_byte_exact(
@@ -80,3 +92,15 @@ async def test_hypercorn_cli_streams_incrementally_and_byte_exact(
     assert request.ended_at is not None
     assert result.received_at[1] < request.ended_at - 1.0  # incremental, not buffered
     assert (await http.get(cli_server + "/")).text == "the host app's own page"
+
+
+async def test_python_w_error_deployment_streams_a_model_the_sdk_deprecates(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """Under ``python -W error`` the SDK's deprecation warning is an exception in the relay."""
+    emulator.script(Reply("still answered"))
+    async with hypercorn_cli(emulator, ("-W", "error"), CLAUDE_MODEL=DEPRECATED_MODEL) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+    assert result.text == "still answered"
+    assert result.types[-1] == "done"
+    assert result.events[0]["model"] == DEPRECATED_MODEL

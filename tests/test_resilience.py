@@ -17,6 +17,7 @@ from quart_claude.testing import Emulator, ErrorReply, Hangup, Reply, Scripted
 
 from .conftest import API_KEY
 from .helpers import free_port, serving, stream_chat
+from .models import DEPRECATED_MODEL, PREFILL_MODEL
 
 ANSWER = "The quick brown fox jumps over the lazy dog, again and again, until done."
 
@@ -258,12 +259,30 @@ async def test_prefill_continuation_on_models_that_accept_it(
     make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, fault="drop", fault_after=4), Reply(ANSWER))
-    async with serving(make_app(model="claude-opus-4-5")) as url:
+    async with serving(make_app(model=PREFILL_MODEL)) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.text == ANSWER
     messages = emulator.requests[1].body["messages"]
     assert messages[-1]["role"] == "assistant"
     assert messages[-1]["content"] == messages[-1]["content"].rstrip()  # no trailing space
+
+
+async def test_a_library_warning_raised_as_an_error_never_fails_the_stream(
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # pytest runs with warnings as errors, as `python -W error` would: the SDK's deprecation
+    # warning for this model is raised inside the relay's upstream call.
+    emulator.script(Reply(ANSWER), Reply(ANSWER))
+    async with serving(make_app(model=DEPRECATED_MODEL, max_retries=0)) as url:
+        for _ in range(2):  # the second stream finds the warning already tolerated
+            result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+            assert result.text == ANSWER and result.types[-1] == "done"
+    assert len(emulator.requests) == 2  # the warning struck before anything was sent
+    logged = [r.getMessage() for r in caplog.records if "library warning" in r.getMessage()]
+    assert len(logged) == 1 and DEPRECATED_MODEL in logged[0]
 
 
 @pytest.mark.parametrize("fault", ["error", "drop"])
