@@ -38,7 +38,14 @@ ERROR_CLASSES: dict[str, tuple[bool, str]] = {
     "unknown": (False, "An unexpected error occurred while talking to Claude."),
     "shutdown": (True, "The server is restarting; try again."),
     "unavailable": (True, "The server generating this answer went away; try again."),
+    "continuation_failed": (
+        True,
+        "The answer was interrupted and could not be continued exactly; ask again.",
+    ),
 }
+
+#: The longest ``retry-after`` passed on (seconds): a day. Anything longer is a day.
+MAX_RETRY_AFTER = 86_400.0
 
 _STATUS_CLASSES = {
     401: "auth_error",
@@ -121,7 +128,7 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
             pass
         else:
             if math.isfinite(ms) and ms > 0:
-                return ms / 1000
+                return min(ms / 1000, MAX_RETRY_AFTER)
     value = headers.get("retry-after")
     if not value:
         return None
@@ -132,7 +139,7 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
         if parsed is None:
             return None
         seconds = email.utils.mktime_tz(parsed) - time.time()
-    return seconds if math.isfinite(seconds) and seconds > 0 else None
+    return min(seconds, MAX_RETRY_AFTER) if math.isfinite(seconds) and seconds > 0 else None
 
 
 def _should_retry_header(headers: Mapping[str, str]) -> bool | None:

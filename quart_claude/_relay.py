@@ -21,35 +21,30 @@ from typing import Any
 import anthropic
 
 from ._config import ClaudeConfig
+from ._continuation import ContinuationGuard, Diverged, continuation_messages
 from ._errors import UpstreamError, classify_exception, classify_status
+from ._framing import EventTooLarge, UpstreamFramer
 from ._request import ChatRequest
 from ._retry import RetryPolicy
 from ._sse import encode_json
 from ._stream import Stream
 
-__all__ = ["CONTINUE_PROMPT", "Relay", "supports_prefill"]
+__all__ = ["MAX_UPSTREAM_EVENT", "Relay"]
 
 log = logging.getLogger("quart_claude")
-
-#: The documented way to resume an interrupted answer on models that refuse prefill.
-CONTINUE_PROMPT = (
-    "Your previous response was interrupted and ended with: {tail}\n"
-    "Continue exactly from where you left off. Do not repeat anything already written "
-    "and do not add any preamble."
-)
-
-# Models before 4.6 accept an assistant prefill; 4.6+ and 5.x answer it with a 400.
-_PREFILL_MODELS = re.compile(
-    r"^claude-(?:3|instant|2|(?:opus|sonnet|haiku)-4(?:-[0-5])?(?:-\d{8})?$)"
-)
 
 # A text delta as the API frames it (compact, or with the docs' spaces). Its text stays a JSON
 # string literal and is spliced into our event as is: no decode, no re-encode.
 _TEXT_DELTA = re.compile(
     rb'\{"type": ?"content_block_delta", ?"index": ?\d+, ?"delta": ?'
-    rb'\{"type": ?"text_delta", ?"text": ?("(?:[^"\\]|\\.)*")\}\}'
+    rb'\{"type": ?"text_delta", ?"text": ?'
+    rb'("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")\}\}'  # JSON's escapes only
 )
 _DELTA_PREFIX = b'data: {"type":"delta","text":'
+
+#: The largest single upstream event accepted (bytes); past it the stream fails, instead of
+#: one never-ending event filling memory.
+MAX_UPSTREAM_EVENT = 8 * 1024 * 1024
 
 _USAGE_SUMMED = (
     "input_tokens",
@@ -57,10 +52,6 @@ _USAGE_SUMMED = (
     "cache_creation_input_tokens",
     "cache_read_input_tokens",
 )
-
-
-def supports_prefill(model: str) -> bool:
-    return _PREFILL_MODELS.match(model) is not None
 
 
 @dataclass(slots=True)
@@ -136,33 +127,32 @@ class Relay:
         policy = self.policy
         texts: list[bytes] = []  # what the client has received (JSON literals), to continue
         params = _params(request, request.messages, request.max_tokens)
-        skip = ""  # whitespace a prefill continuation may repeat
+        guard: ContinuationGuard | None = None  # set on continuation requests
         retries = 0
         tolerated = 0  # library warnings turned from errors into log lines
         while True:
             outcome.attempts += 1
             try:
-                stop_reason = await self._attempt(stream, params, texts, outcome, skip)
+                stop_reason = await self._attempt(stream, params, texts, outcome, guard)
             except _WarningRaised as raised:
                 tolerated += 1
                 if tolerated > 3:  # the filter did not take: never loop
-                    stream.append(
-                        UpstreamError("unknown", detail=raised.detail).event(partial=bool(texts))
-                    )
+                    error = UpstreamError("unknown", detail=raised.detail)
+                    stream.append(error.event(partial=bool(texts)))
                     return "unknown"
             except UpstreamError as error:
-                if not texts:
+                if not texts:  # nothing sent yet: a retry, from the retry budget
                     retries += 1
                     wait = policy.delay(error, retries)
+                elif (  # text sent: a continuation, from the recovery budget
+                    config.recovery
+                    and error.error_class != "continuation_failed"
+                    and outcome.recoveries < config.max_recoveries
+                ):
+                    outcome.recoveries += 1
+                    wait = policy.delay(error, outcome.recoveries, limit=config.max_recoveries)
                 else:
                     wait = None
-                    if (
-                        config.recovery
-                        and error.retryable
-                        and outcome.recoveries < config.max_recoveries
-                    ):
-                        outcome.recoveries += 1
-                        wait = policy.delay(error, outcome.recoveries)
                 if wait is None:
                     log.warning(
                         "stream %s upstream failure: %s %s",
@@ -184,7 +174,10 @@ class Relay:
                         {"type": "done", "stop_reason": "max_tokens", "usage": outcome.usage}
                     )
                     return "ok"
-                params, skip = _continuation(request, _joined(texts), remaining)
+                sent = _joined(texts)
+                messages, whitespace = continuation_messages(request.model, request.messages, sent)
+                params = _params(request, messages, remaining)
+                guard = ContinuationGuard(sent, whitespace)
 
     async def _attempt(
         self,
@@ -192,7 +185,7 @@ class Relay:
         params: dict[str, Any],
         texts: list[bytes],
         outcome: _Outcome,
-        skip: str,
+        guard: ContinuationGuard | None,
     ) -> str | None:
         """One upstream request. Returns the stop reason, or raises :class:`UpstreamError`."""
         usage: dict[str, Any] = {}
@@ -202,18 +195,12 @@ class Relay:
         append = stream.append
         append_data = stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
+        framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
         try:
             async with self.client.messages.with_streaming_response.create(**params) as response:
                 outcome.request_id = response.request_id
-                buffer = b""
                 async for chunk in response.http_response.aiter_bytes():
-                    buffer = buffer + chunk if buffer else chunk
-                    if b"\r" in buffer:
-                        buffer = _normalize_line_ends(buffer)
-                    if b"\n\n" not in buffer:
-                        continue
-                    *blocks, buffer = buffer.split(b"\n\n")
-                    for block in blocks:
+                    for block in framer.feed(chunk):
                         # the API's framing, "event: <name>\ndata: <json>", else the general path
                         cut = block.find(b"\ndata: ")
                         if (
@@ -225,7 +212,7 @@ class Relay:
                         else:
                             name, data = _parse_block(block)
                         if name == b"content_block_delta":
-                            match = None if skip else text_delta(data)
+                            match = None if guard is not None else text_delta(data)
                             if match is not None:  # hot path: splice the JSON string as is
                                 literal = match.group(1)
                                 if literal == b'""':
@@ -234,8 +221,10 @@ class Relay:
                                 text = _delta_text(data)
                                 if not text:
                                     continue  # thinking, signatures, tool input: not in v1
-                                if skip:
-                                    text, skip = _drop_repeat(text, skip)
+                                if guard is not None:
+                                    text = guard.feed(text)
+                                    if not guard.deciding:
+                                        guard = None  # decided: the rest takes the fast path
                                     if not text:
                                         continue
                                 literal = encode_json(text)
@@ -267,6 +256,12 @@ class Relay:
                             raise _stream_error(data, response.request_id)
             if not completed:
                 raise UpstreamError("network_error", detail="upstream ended without message_stop")
+            if guard is not None:  # the whole continuation was shorter than the hold
+                rest = guard.end()
+                if rest:
+                    literal = encode_json(rest)
+                    texts.append(literal)
+                    append_data(_DELTA_PREFIX + literal + b"}")
         except BaseException as exc:  # ours, SDK errors, transport errors, cancellation
             # an interrupted request never reports its final output count: the deltas
             # received are a lower bound
@@ -277,6 +272,12 @@ class Relay:
                 raise  # cancelled: the producer decides what to tell readers
             if isinstance(exc, Warning):
                 raise _tolerate(exc) from None
+            if isinstance(exc, UpstreamError):
+                raise
+            if isinstance(exc, Diverged):
+                raise UpstreamError("continuation_failed", detail=str(exc)) from None
+            if isinstance(exc, EventTooLarge):
+                raise UpstreamError("unknown", retryable=False, detail=str(exc)) from None
             raise classify_exception(exc) from exc
         _add_usage(outcome.usage, usage)
         return stop_reason
@@ -300,13 +301,6 @@ def _tolerate(warning: Warning) -> _WarningRaised:
     return _WarningRaised(f"{kind.__name__}: {message}")
 
 
-def _normalize_line_ends(buffer: bytes) -> bytes:
-    """CRLF or CR line ends to LF (a CR at the very end may be half a CRLF: keep it)."""
-    held = b"\r" if buffer.endswith(b"\r") else b""
-    body = buffer[: len(buffer) - len(held)]
-    return body.replace(b"\r\n", b"\n").replace(b"\r", b"\n") + held
-
-
 def _parse_block(block: bytes) -> tuple[bytes, bytes]:
     """``(event name, data)`` of one SSE block by the general rules; ``b""`` if no data."""
     name = b""
@@ -318,7 +312,12 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes]:
             name = line[6:].strip()
     if not data:
         return b"", b""
-    return name, data[0] if len(data) == 1 else b"\n".join(data)
+    joined = data[0] if len(data) == 1 else b"\n".join(data)
+    if not name:  # no event: line; the JSON's "type" names the event, as the API defines it
+        body = json.loads(joined)
+        kind = body.get("type") if isinstance(body, dict) else None
+        name = kind.encode() if isinstance(kind, str) else b""
+    return name, joined
 
 
 def _delta_text(data: bytes) -> str | None:
@@ -362,35 +361,6 @@ def _params(
     if request.system:
         params["system"] = request.system
     return params
-
-
-def _continuation(
-    request: ChatRequest, partial: str, max_tokens: int
-) -> tuple[dict[str, Any], str]:
-    """A request that continues ``partial``, and the whitespace its answer may repeat."""
-    if supports_prefill(request.model) and partial.strip():
-        kept = partial.rstrip()  # the API refuses a prefill ending in whitespace
-        messages = [*request.messages, {"role": "assistant", "content": kept}]
-        return _params(request, messages, max_tokens), partial[len(kept) :]
-    tail = partial[-200:]
-    messages = [
-        *request.messages,
-        {"role": "assistant", "content": partial},
-        {"role": "user", "content": CONTINUE_PROMPT.format(tail=tail)},
-    ]
-    return _params(request, messages, max_tokens), ""
-
-
-def _drop_repeat(text: str, skip: str) -> tuple[str, str]:
-    """Drop from ``text`` the part of ``skip`` it starts with; return the rest of both."""
-    common = 0
-    for a, b in zip(text, skip, strict=False):
-        if a != b:
-            break
-        common += 1
-    if common == 0:
-        return text, ""
-    return text[common:], skip[common:] if common == len(text) else ""
 
 
 def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:

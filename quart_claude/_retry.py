@@ -32,10 +32,18 @@ class RetryPolicy:
         return ceiling * (1.0 - 0.25 * rand())
 
     def delay(
-        self, error: UpstreamError, retry: int, rand: Callable[[], float] = random.random
+        self,
+        error: UpstreamError,
+        retry: int,
+        rand: Callable[[], float] = random.random,
+        *,
+        limit: int | None = None,
     ) -> float | None:
-        """Seconds to wait before retry ``retry`` after ``error``, or ``None`` to give up now."""
-        if not error.retryable or retry > self.max_retries:
+        """Seconds to wait before retry ``retry`` after ``error``, or ``None`` to give up now.
+
+        ``limit`` replaces ``max_retries`` for another budget (mid-stream recoveries).
+        """
+        if not error.retryable or retry > (self.max_retries if limit is None else limit):
             return None
         wait = self.backoff(retry, rand)
         if error.retry_after is not None:

@@ -63,10 +63,10 @@ class SSEEvent:
 class SSEParser:
     """Incremental parser: ``feed(bytes)`` yields complete events; chunk boundaries anywhere."""
 
-    __slots__ = ("_buffer", "_data", "_event", "_last_id", "_pending_cr", "_retry", "comments")
+    __slots__ = ("_data", "_event", "_last_id", "_partial", "_pending_cr", "_retry", "comments")
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._partial: list[bytes] = []  # the start of a line that has not ended yet
         self._data: list[str] = []
         self._event = ""
         self._last_id: str | None = None
@@ -79,29 +79,41 @@ class SSEParser:
         return self._last_id
 
     def feed(self, chunk: bytes) -> Iterator[SSEEvent]:
-        buffer = self._buffer + chunk
-        if self._pending_cr and buffer.startswith(b"\n"):
-            buffer = buffer[1:]  # the LF of a CRLF split across chunks
-        self._pending_cr = False
+        """Each byte is scanned once, however the stream is cut into chunks."""
+        if not chunk:
+            return
+        if self._pending_cr:
+            self._pending_cr = False
+            if chunk[0] == 10:
+                chunk = chunk[1:]  # the LF of a CRLF split across chunks
         start = 0
-        length = len(buffer)
+        length = len(chunk)
+        cr = lf = -2  # -2: not searched yet; -1: none left in this chunk
         while start < length:
-            cr = buffer.find(b"\r", start)
-            lf = buffer.find(b"\n", start)
+            if cr != -1 and cr < start:
+                cr = chunk.find(b"\r", start)
+            if lf != -1 and lf < start:
+                lf = chunk.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
             if cr == -1 or (lf != -1 and lf < cr):
                 end, after = lf, lf + 1
             elif cr + 1 < length:
-                end, after = cr, cr + 2 if buffer[cr + 1 : cr + 2] == b"\n" else cr + 1
+                end, after = cr, cr + 2 if chunk[cr + 1] == 10 else cr + 1
             else:  # a CR at the very end: it ends the line; swallow a following LF later
                 end, after = cr, cr + 1
                 self._pending_cr = True
-            event = self._line(buffer[start:end].decode("utf-8", "replace"))
+            line = chunk[start:end]
+            if self._partial:
+                self._partial.append(line)
+                line = b"".join(self._partial)
+                self._partial = []
+            event = self._line(line.decode("utf-8", "replace"))
             if event is not None:
                 yield event
             start = after
-        self._buffer = buffer[start:]
+        if start < length:
+            self._partial.append(chunk[start:])
 
     def _line(self, line: str) -> SSEEvent | None:
         if not line:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import anthropic
 import pytest
 
-from quart_claude.testing import Emulator, ErrorReply, Hangup, Reply
+from quart_claude import DEFAULT_MODEL
+from quart_claude.testing import CONTINUE_MARKER, Emulator, ErrorReply, Hangup, Reply
 
 from .models import CURRENT_MODELS, DEPRECATED_MODEL, NO_PREFILL_MODEL, PREFILL_MODEL
 
@@ -110,6 +113,43 @@ async def test_prefill_refused_on_new_models_accepted_on_old(emulator: Emulator)
     assert old.content[0].type == "text" and old.content[0].text == " world"
 
 
+async def test_reply_tokens_continue_a_prefill_from_inside_a_piece(emulator: Emulator) -> None:
+    tokens = ["Hel", "lo ", "wor", "ld, ", "bye."]
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "Hello wo"}]
+    emulator.script(Reply(tokens=tokens))
+    async with client(emulator) as sdk:
+        async with sdk.messages.stream(
+            model=PREFILL_MODEL,
+            max_tokens=50,
+            messages=messages,  # type: ignore[arg-type]
+        ) as stream:
+            pieces = [text async for text in stream.text_stream]
+    assert pieces == ["r", "ld, ", "bye."]
+
+
+@pytest.mark.parametrize(
+    ("on_continue", "expected"),
+    [
+        ("rest", " c d"),
+        ("restart", "a b c d"),
+        ("repeat_tail", "a b c d"),
+        ("diverge", "a — on second thought, something else entirely."),
+    ],
+)
+async def test_continuations_answered_as_real_models_do(
+    emulator: Emulator, on_continue: Any, expected: str
+) -> None:
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "content": "a b"},
+        {"role": "user", "content": CONTINUE_MARKER + " and ended with: a b"},
+    ]
+    emulator.script(Reply("a b c d", on_continue=on_continue))
+    async with client(emulator) as sdk:
+        reply = await sdk.messages.create(model=DEFAULT_MODEL, max_tokens=50, messages=messages)  # type: ignore[arg-type]
+    assert reply.content[0].type == "text" and reply.content[0].text == expected
+
+
 async def test_models_in_use_are_current(emulator: Emulator) -> None:
     """If this fails after an SDK upgrade, change the id in tests/models.py (one line)."""
     messages = [{"role": "user", "content": "x"}]
@@ -199,3 +239,15 @@ async def test_paced_tokens_and_observed_disconnect(emulator: Emulator) -> None:
     await request.ended.wait()
     assert request.disconnected
     assert first < 0.5
+
+
+@pytest.mark.parametrize("length", ["abc", "-5", "²", "99999999999999999999"])
+async def test_a_bad_content_length_is_a_400(emulator: Emulator, length: str) -> None:
+    reader, writer = await asyncio.open_connection(emulator.host, emulator.port)
+    head = f"POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-length: {length}\r\n\r\n"
+    writer.write(head.encode())
+    await writer.drain()
+    status = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status.startswith(b"HTTP/1.1 400")
+    assert emulator.requests == []

@@ -81,3 +81,18 @@ def test_crlf_split_across_chunks_is_one_line_end() -> None:
     assert list(parser.feed(b"\n")) == []
     (event,) = list(parser.feed(b"\r\n"))
     assert event.data == "a"
+
+
+def test_an_empty_chunk_between_cr_and_lf_dispatches_nothing() -> None:
+    parser = SSEParser()
+    chunks = (b"data: a\r", b"", b"\ndata: b\n\n")
+    events = [event for chunk in chunks for event in parser.feed(chunk)]
+    assert [event.data for event in events] == ["a\nb"]  # one event: the CRLF was one line end
+
+
+def test_a_long_line_in_many_chunks_is_one_line() -> None:
+    parser = SSEParser()
+    events: list[SSEEvent] = []
+    for piece in (b"data: ", *[b"x" * 1000] * 50, b"\n\n"):
+        events.extend(parser.feed(piece))
+    assert [len(event.data) for event in events] == [50_000]

@@ -7,16 +7,24 @@ import asyncio
 import contextlib
 import signal
 
-from ._emulator import Emulator, Reply
+from ._emulator import Emulator, ErrorReply, Reply, Scripted
 
 
 async def _main(args: argparse.Namespace) -> None:
-    default = Reply(
-        text=" ".join(["token"] * args.tokens) if args.tokens else None,
-        token_delay=args.token_delay,
-        first_token_delay=args.first_token_delay,
-        stamp=args.stamp,
-    )
+    default: Scripted
+    if args.error_status:
+        headers = {"retry-after": args.retry_after} if args.retry_after else {}
+        default = ErrorReply(args.error_status, headers=headers)
+    else:
+        default = Reply(
+            text=" ".join(["token"] * args.tokens) if args.tokens else None,
+            token_delay=args.token_delay,
+            first_token_delay=args.first_token_delay,
+            stamp=args.stamp,
+            fault=args.fault,
+            fault_after=args.fault_after,
+            on_continue=args.on_continue,
+        )
     emulator = Emulator(
         host=args.host, port=args.port, token_delay=args.token_delay, default=default
     )
@@ -32,7 +40,10 @@ async def _main(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="An offline Anthropic Messages API emulator.")
+    parser = argparse.ArgumentParser(
+        prog="python -m quart_claude.testing",
+        description="An offline Anthropic Messages API emulator.",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument(
@@ -58,6 +69,24 @@ def main() -> None:
         action="store_true",
         help="each token carries its send time, for latency measurements",
     )
+    parser.add_argument(
+        "--fault",
+        choices=["error", "drop", "stall", "eof"],
+        help="every answer fails this way after --fault-after deltas",
+    )
+    parser.add_argument("--fault-after", type=int, default=5, help="deltas before the fault")
+    parser.add_argument(
+        "--on-continue",
+        choices=["rest", "restart", "repeat_tail", "diverge"],
+        default="rest",
+        help="how continuation requests are answered (default: the rest of the text)",
+    )
+    parser.add_argument(
+        "--error-status",
+        type=int,
+        help="answer every request with this HTTP error (e.g. 429, 529)",
+    )
+    parser.add_argument("--retry-after", help="the retry-after header of --error-status")
     args = parser.parse_args()
     asyncio.run(_main(args))
 

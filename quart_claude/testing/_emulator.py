@@ -102,6 +102,15 @@ class Reply:
     cache_creation_input_tokens: int = 0
     thinking: str | None = None  # a thinking block streamed before the text
     stamp: bool = False  # each delta carries its send time: "<unix seconds> " (benchmarks)
+    #: How a continuation request is answered, as real models do: ``"rest"`` the text after
+    #: what the request already has; ``"restart"`` the whole text again from its start;
+    #: ``"repeat_tail"`` the last few words already written, then the rest; ``"diverge"``
+    #: the start again, then different words.
+    on_continue: Literal["rest", "restart", "repeat_tail", "diverge"] = "rest"
+    #: Line ends as proxies rewrite them (``"crlf"``, ``"cr"``), or ``"data_only"``: events
+    #: without their ``event:`` line (the JSON ``type`` still names them).
+    framing: Literal["lf", "crlf", "cr", "data_only"] = "lf"
+    raw: bytes = b""  # sent as is, before the first text delta (malformed input for tests)
 
 
 @dataclass(frozen=True, slots=True)
@@ -254,7 +263,16 @@ class Emulator:
                     )
                     return
                 method, path, headers = parsed
-                length = int(headers.get("content-length") or 0)
+                declared = headers.get("content-length") or "0"
+                if not declared.isascii() or not declared.isdigit() or len(declared) > 12:
+                    await _write_json(
+                        writer,
+                        400,
+                        _error_body("invalid_request_error", "invalid content-length"),
+                        {},
+                    )
+                    return
+                length = int(declared)
                 try:
                     raw = await reader.readexactly(length) if length else b""
                 except (asyncio.IncompleteReadError, ConnectionError):
@@ -394,10 +412,17 @@ class Emulator:
         ):
             prior = _content_text(messages[-2])
             original = messages[:-2]
-        full = reply.text if reply.text is not None else _demo_text(original)
-        if prior and full.startswith(prior):
-            return full[len(prior) :]
-        return full
+        full = _full_text(reply, original)
+        if not prior or not full.startswith(prior):
+            return full
+        if reply.on_continue == "restart":
+            return full
+        if reply.on_continue == "diverge":
+            return full[: len(prior) // 2] + " — on second thought, something else entirely."
+        rest = full[len(prior) :]
+        if reply.on_continue == "repeat_tail":
+            return "".join(_TOKEN.findall(prior)[-3:]) + rest
+        return rest
 
     def _message(self, reply: Reply, body: dict[str, Any], text: str) -> dict[str, Any]:
         tokens = _tokenize(reply, text)[: body["max_tokens"]]
@@ -449,8 +474,18 @@ class Emulator:
         )
         writer.write(head.encode())
 
+        framing = reply.framing
+
         async def event(name: str, payload: dict[str, Any]) -> None:
-            data = b"event: " + name.encode() + b"\ndata: " + _dumps(payload) + b"\n\n"
+            if framing == "data_only":
+                data = b"data: " + _dumps(payload) + b"\n\n"
+            else:
+                data = b"event: " + name.encode() + b"\ndata: " + _dumps(payload) + b"\n\n"
+                if framing != "lf":  # JSON has no raw newlines: every LF here is a line end
+                    data = data.replace(b"\n", b"\r\n" if framing == "crlf" else b"\r")
+            await chunk(data)
+
+        async def chunk(data: bytes) -> None:
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()
 
@@ -507,6 +542,8 @@ class Emulator:
             },
         )
         await event("ping", {"type": "ping"})
+        if reply.raw:
+            await chunk(reply.raw)
         if reply.first_token_delay:
             await asyncio.sleep(reply.first_token_delay)
         fault_at = reply.fault_after if reply.fault is not None else -1
@@ -617,12 +654,28 @@ def _content_text(message: Mapping[str, Any]) -> str:
     return ""
 
 
+def _full_text(reply: Reply, messages: Iterable[Mapping[str, Any]]) -> str:
+    if reply.text is not None:
+        return reply.text
+    if reply.tokens is not None:
+        return "".join(reply.tokens)
+    return _demo_text(messages)
+
+
 def _tokenize(reply: Reply, text: str) -> list[str]:
-    if reply.tokens is not None and reply.text is None:
-        return list(reply.tokens)
-    if reply.tokens is not None and "".join(reply.tokens) == text:
-        return list(reply.tokens)
-    return _TOKEN.findall(text)
+    """The delta pieces of ``text``: the reply's own ``tokens`` where ``text`` ends with them
+    (a continuation sends the pieces after what the request already has), else words."""
+    if reply.tokens is None:
+        return _TOKEN.findall(text)
+    pieces = list(reply.tokens)
+    skip = len("".join(pieces)) - len(text)
+    if skip < 0 or not "".join(pieces).endswith(text):
+        return _TOKEN.findall(text)
+    while pieces and skip >= len(pieces[0]):
+        skip -= len(pieces.pop(0))
+    if pieces and skip:
+        pieces[0] = pieces[0][skip:]  # the continuation starts inside this piece
+    return pieces
 
 
 def _demo_text(messages: Iterable[Mapping[str, Any]]) -> str:
