@@ -149,6 +149,7 @@ _KEYS: dict[str, _Key] = {
     "base_url": _Key(_optional_str, None, env_fallback="ANTHROPIC_BASE_URL"),
     "model": _Key(_non_empty_str, DEFAULT_MODEL),
     "allowed_models": _Key(_models, ()),
+    "allow_client_system": _Key(_bool, False),
     "max_tokens": _Key(_positive_int, 1024),
     "max_tokens_limit": _Key(_positive_int, 8192),
     "system_prompt": _Key(_str, "You are a helpful assistant."),
@@ -168,6 +169,8 @@ _KEYS: dict[str, _Key] = {
     "stream_ttl": _Key(_seconds, 300.0),
     "stream_store": _Key(_store_url, "memory"),
     "max_finished_streams": _Key(_positive_int, 10_000),
+    "max_finished_bytes": _Key(_positive_int, 256 * 1024 * 1024),
+    "max_streams_per_client": _Key(_non_negative_int, 20),
     "handle_signals": _Key(_bool, True),
     "http_client": _Key(_http_client, "auto"),
     "sse_retry": _Key(_non_negative_int, 1000),
@@ -182,6 +185,7 @@ class ClaudeConfig:
     base_url: str | None
     model: str
     allowed_models: tuple[str, ...]
+    allow_client_system: bool
     max_tokens: int
     max_tokens_limit: int
     system_prompt: str
@@ -201,6 +205,8 @@ class ClaudeConfig:
     stream_ttl: float
     stream_store: str
     max_finished_streams: int
+    max_finished_bytes: int
+    max_streams_per_client: int
     handle_signals: bool
     http_client: str
     sse_retry: int

@@ -18,6 +18,8 @@ from typing import Any
 import anthropic
 import httpx2
 
+from ._redact import redact
+
 __all__ = ["ERROR_CLASSES", "UpstreamError", "classify_exception", "classify_status"]
 
 log = logging.getLogger("quart_claude")
@@ -95,9 +97,9 @@ class UpstreamError(Exception):
         self.error_class = error_class
         self.retryable = default_retryable if retryable is None else retryable
         self.retry_after = retry_after
-        self.message = message or default_message
+        self.message = redact(message) if message else default_message
         self.request_id = request_id
-        self.detail = detail  # for logs only: never the key, never sent to clients
+        self.detail = redact(detail)  # for logs only: never sent to clients
         super().__init__(self.message)
 
     def __repr__(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anthropic
@@ -12,6 +12,8 @@ import httpx2
 from quart import Quart, current_app
 
 from ._config import ClaudeConfig, ConfigError, load_config
+from ._redact import install as install_redaction
+from ._redact import register_secret
 from ._relay import Relay
 from ._shutdown import ShutdownHooks
 from ._stream import Stream, StreamRegistry
@@ -38,9 +40,13 @@ class ClaudeState:
         self.config = config
         self.relay: Relay | None = None
         self.streams = StreamRegistry(
-            ttl=config.stream_ttl, max_finished=config.max_finished_streams
+            ttl=config.stream_ttl,
+            max_finished=config.max_finished_streams,
+            max_bytes=config.max_finished_bytes,
         )
         self.producers: set[asyncio.Task[None]] = set()
+        self._per_client: dict[str, int] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self.draining = False
         self.store: RedisStore | None = None  # None: streams live in this worker only
         self._hooks: ShutdownHooks | None = None
@@ -51,6 +57,25 @@ class ClaudeState:
 
     def live_streams(self) -> int:
         return len(self.producers)
+
+    def streams_of(self, client: str) -> int:
+        """Open streams this worker produces for ``client`` (an identity or an address)."""
+        return self._per_client.get(client, 0)
+
+    def start_producer(self, stream: Stream, work: Coroutine[Any, Any, None], client: str) -> None:
+        """Run ``work`` as the stream's producer task, counted per worker and per client."""
+        task = asyncio.get_running_loop().create_task(work)
+        stream.producer = task
+        self.producers.add(task)
+        self._per_client[client] = self._per_client.get(client, 0) + 1
+
+        def done(task: asyncio.Task[None]) -> None:
+            self.producers.discard(task)
+            left = self._per_client.pop(client, 1) - 1
+            if left:
+                self._per_client[client] = left
+
+        task.add_done_callback(done)
 
     async def identity(self) -> str | None:
         """Who is asking, per the app's identity loader (None: no loader, or anonymous)."""
@@ -77,7 +102,11 @@ class ClaudeState:
         if self.store is None:
             stream.cancel("disconnected")
         else:  # readers on other workers count too
-            asyncio.get_running_loop().create_task(self._cancel_unless_read_elsewhere(stream))
+            task = asyncio.get_running_loop().create_task(
+                self._cancel_unless_read_elsewhere(stream)
+            )
+            self._background.add(task)  # a reference, so it is not collected mid-flight
+            task.add_done_callback(self._background.discard)
 
     async def _cancel_unless_read_elsewhere(self, stream: Stream) -> None:
         store = self.store
@@ -188,6 +217,8 @@ class Claude:
                 "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
                 "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
             )
+        register_secret(config.api_key)
+        install_redaction()
         state = ClaudeState(self, config)
         app.extensions[EXTENSION_KEY] = state
 

@@ -62,15 +62,24 @@ def parse_chat_request(body: Any, config: ClaudeConfig) -> ChatRequest:
     if not 1 <= max_tokens <= config.max_tokens_limit:
         raise _invalid(f"'max_tokens' must be between 1 and {config.max_tokens_limit}")
 
-    system = body.get("system", config.system_prompt)
-    if not isinstance(system, str):
-        raise _invalid("'system' must be a string")
+    system = config.system_prompt
+    if "system" in body:  # the operator's prompt, unless the operator lets clients replace it
+        if not config.allow_client_system:
+            raise _invalid(
+                "'system' is set by the server (CLAUDE_SYSTEM_PROMPT); clients may not send "
+                "one unless CLAUDE_ALLOW_CLIENT_SYSTEM is true"
+            )
+        system = body["system"]
+        if not isinstance(system, str):
+            raise _invalid("'system' must be a string")
 
     model = body.get("model", config.model)
     if not isinstance(model, str) or not model.strip():
         raise _invalid("'model' must be a non-empty string")
-    if model != config.model and config.allowed_models and model not in config.allowed_models:
-        raise _invalid(f"'model' must be one of: {', '.join(config.allowed_models)}")
+    allowed = config.allowed_models
+    if model != config.model and "*" not in allowed and model not in allowed:
+        choices = ", ".join((config.model, *allowed))
+        raise _invalid(f"'model' must be one of: {choices} (CLAUDE_ALLOWED_MODELS)")
     return ChatRequest(messages=messages, model=model, max_tokens=max_tokens, system=system)
 
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from quart import Blueprint, Response, request
+from werkzeug.exceptions import HTTPException
 
 from ._extension import Claude, ClaudeState
 from ._request import RequestError, parse_chat_request
@@ -74,9 +76,19 @@ async def _read_json(state: ClaudeState) -> Any:
         raise RequestError(408, "request_timeout", "the body took too long to arrive") from None
     raw = b"".join(parts)
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise RequestError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise RequestError(400, "invalid_json", "the body is nested too deeply") from None
+    if b"\\u" in raw:  # only an escape can smuggle in a lone surrogate, which no API accepts
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise RequestError(
+                400, "invalid_json", "the body holds a lone surrogate (\\ud800-\\udfff)"
+            ) from None
+    return body
 
 
 async def chat_stream() -> Response:
@@ -100,11 +112,21 @@ async def chat_stream() -> Response:
             "too many open streams on this server; try again shortly",
             {"Retry-After": "1"},
         )
+    owner = await state.identity()
+    client = owner if owner is not None else f"addr:{request.remote_addr}"
+    per_client = state.config.max_streams_per_client
+    if per_client and state.streams_of(client) >= per_client:
+        return _json_error(
+            429,
+            "too_many_streams",
+            f"at most {per_client} open streams per client (CLAUDE_MAX_STREAMS_PER_CLIENT)",
+            {"Retry-After": "1"},
+        )
 
     stream = Stream(
         new_stream_id(),
         retry_ms=state.config.sse_retry,
-        owner=await state.identity(),
+        owner=owner,
         on_idle=state.stream_idle,
     )
     if state.store is not None:
@@ -119,10 +141,7 @@ async def chat_stream() -> Response:
                 {"Retry-After": "1"},
             )
     state.streams.add(stream)
-    task = asyncio.get_running_loop().create_task(relay.produce(stream, chat))
-    stream.producer = task
-    state.producers.add(task)
-    task.add_done_callback(state.producers.discard)
+    state.start_producer(stream, relay.produce(stream, chat), client)
     return _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
 
 
@@ -141,13 +160,16 @@ def _not_found() -> Response:
     return _json_error(404, "not_found", "no such stream: unknown, expired, or not yours")
 
 
+_EVENT_ID = re.compile(r"-1|[0-9]{1,18}")  # -1: before the first event (nothing seen yet)
+
+
 def _last_event_id() -> int:
     raw = request.headers.get("Last-Event-ID")
     if raw is None:
         raw = request.args.get("last_event_id")
     if raw is None or raw == "":
         return -1
-    if not raw.isdigit() or len(raw) > 18:
+    if _EVENT_ID.fullmatch(raw) is None:
         raise RequestError(400, "invalid_request", "Last-Event-ID must be an event id (an integer)")
     return int(raw)
 
@@ -162,6 +184,8 @@ async def resume_stream(stream_id: str) -> Response:
     stream = await _find(state, stream_id)
     if stream is None:
         return _not_found()
+    if request.method == "HEAD":  # headers only: never a reader that keeps the stream alive
+        return Response(b"", status=200, headers={**SSE_HEADERS, "X-Stream-Id": stream.id})
     heartbeat = state.config.heartbeat_interval
     if isinstance(stream, Stream):
         if stream.finished and after >= len(stream.events) - 1:
@@ -209,6 +233,37 @@ async def ready() -> Response:
     return _json_response({"status": status}, 503)
 
 
+_ROUTES = {  # path -> methods it answers (HEAD comes with GET)
+    "/chat/stream": ("POST",),
+    "/chat/stream/<stream_id>": ("GET", "DELETE"),
+    "/health": ("GET",),
+    "/ready": ("GET",),
+}
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def _method_not_allowed(allowed: tuple[str, ...]) -> Callable[..., Awaitable[Response]]:
+    allow = ", ".join((*allowed, "HEAD") if "GET" in allowed else allowed)
+
+    async def view(**_: Any) -> Response:
+        return _json_error(
+            405, "method_not_allowed", f"use {allow} here", {"Allow": allow + ", OPTIONS"}
+        )
+
+    return view
+
+
+async def _http_error(error: HTTPException) -> Response:
+    """Errors Quart raises inside our views (a body it refused, say) answer JSON too."""
+    name = (error.name or "error").lower().replace(" ", "_")
+    return _json_error(error.code or 500, name, error.description or name)
+
+
+async def _internal_error(error: Exception) -> Response:
+    log.error("unexpected error in %s %s", request.method, request.path, exc_info=error)
+    return _json_error(500, "internal_error", "an unexpected error occurred")
+
+
 def create_blueprint() -> Blueprint:
     blueprint = Blueprint("claude", __name__)
     blueprint.add_url_rule("/chat/stream", "chat_stream", chat_stream, methods=["POST"])
@@ -220,4 +275,11 @@ def create_blueprint() -> Blueprint:
     )
     blueprint.add_url_rule("/health", "health", health, methods=["GET"])
     blueprint.add_url_rule("/ready", "ready", ready, methods=["GET"])
+    for index, (path, allowed) in enumerate(_ROUTES.items()):
+        others = [method for method in _METHODS if method not in allowed]
+        blueprint.add_url_rule(
+            path, f"method_not_allowed_{index}", _method_not_allowed(allowed), methods=others
+        )
+    blueprint.register_error_handler(HTTPException, _http_error)
+    blueprint.register_error_handler(Exception, _internal_error)
     return blueprint

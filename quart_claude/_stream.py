@@ -172,15 +172,20 @@ class StreamRegistry:
     """The streams of one app in one worker: live ones, and finished ones until they expire.
 
     Live streams are bounded by ``CLAUDE_MAX_CONCURRENT_STREAMS`` (checked before one is
-    created); finished ones by ``ttl`` and ``max_finished``, oldest evicted first. Each
-    ``add`` evicts what has expired, so memory stays flat under any load.
+    created); finished ones by ``ttl``, by count (``max_finished``) and by the bytes of their
+    events (``max_bytes``), oldest evicted first. Each ``add`` evicts what has expired, so
+    memory stays flat under any load.
     """
 
-    def __init__(self, *, ttl: float = 300.0, max_finished: int = 10_000) -> None:
+    def __init__(
+        self, *, ttl: float = 300.0, max_finished: int = 10_000, max_bytes: int = 256 << 20
+    ) -> None:
         self.ttl = ttl
         self.max_finished = max_finished
+        self.max_bytes = max_bytes
+        self.finished_bytes = 0
         self._streams: dict[str, Stream] = {}
-        self._finished: deque[Stream] = deque()  # in the order they finished
+        self._finished: deque[tuple[Stream, int]] = deque()  # in the order they finished
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -191,7 +196,9 @@ class StreamRegistry:
         self._streams[stream.id] = stream
 
     def _on_finish(self, stream: Stream) -> None:
-        self._finished.append(stream)
+        size = sum(map(len, stream.events))
+        self._finished.append((stream, size))
+        self.finished_bytes += size
         self._evict()
 
     def get(self, stream_id: str) -> Stream | None:
@@ -207,6 +214,10 @@ class StreamRegistry:
             return
         horizon = time.monotonic() - self.ttl
         while finished and (
-            len(finished) > self.max_finished or (finished[0].finished_at or 0) < horizon
+            len(finished) > self.max_finished
+            or self.finished_bytes > self.max_bytes
+            or (finished[0][0].finished_at or 0) < horizon
         ):
-            self._streams.pop(finished.popleft().id, None)
+            stream, size = finished.popleft()
+            self.finished_bytes -= size
+            self._streams.pop(stream.id, None)

@@ -81,6 +81,7 @@ class _Session:
                     continue  # already seen before the reconnect
                 self.last_id = index
             payload = event.json()
+            self.reconnects = 0  # progress: the budget is for drops in a row, not per answer
             if payload.get("type") in ("done", "error"):
                 self.finished = True
             yield payload
@@ -118,7 +119,7 @@ async def stream_chat(
                     if not session.opened(response):
                         return
                     parser = SSEParser()
-                    async for chunk in response.aiter_raw():
+                    async for chunk in response.aiter_bytes():  # decoded: gzip proxies
                         for event in session.events(parser, chunk):
                             yield event
                         if session.finished:
@@ -156,7 +157,7 @@ def stream_chat_sync(
                     if not session.opened(response):
                         return
                     parser = SSEParser()
-                    for chunk in response.iter_raw():
+                    for chunk in response.iter_bytes():
                         yield from session.events(parser, chunk)
                         if session.finished:
                             return

@@ -59,18 +59,19 @@ async def test_streams_text_byte_exact_in_the_v1_protocol(
 
 
 async def test_request_reaches_upstream_as_asked(
-    server: str, emulator: Emulator, http: httpx2.AsyncClient
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     messages = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "How are you?"},
     ]
-    result = await stream_chat(
-        http,
-        server + "/chat/stream",
-        {"messages": messages, "max_tokens": 77, "system": "Be terse."},
-    )
+    async with serving(make_app(allow_client_system=True)) as url:
+        result = await stream_chat(
+            http,
+            url + "/chat/stream",
+            {"messages": messages, "max_tokens": 77, "system": "Be terse."},
+        )
     assert result.types[-1] == "done"
     (request,) = emulator.requests
     assert request.body["messages"] == messages

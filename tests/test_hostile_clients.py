@@ -1,0 +1,202 @@
+"""What hostile or careless clients do, through a real Hypercorn: every answer is JSON, every
+bad input a 4xx, nothing a 500, and the defaults are safe for an endpoint on the internet.
+
+Each test failed before its fix.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import httpx2
+import pytest
+from quart import Quart
+
+from quart_claude import DEFAULT_MODEL
+from quart_claude._stream import Stream, StreamRegistry
+from quart_claude.client import stream_chat as client_stream_chat
+from quart_claude.testing import Emulator, ErrorReply, Reply
+
+from .helpers import CuttingProxy, serving, stream_chat
+
+JSON = {"content-type": "application/json"}
+
+
+def assert_json_error(response: httpx2.Response, status: int, code: str) -> None:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == code
+
+
+@pytest.mark.parametrize("depth", [5_000, 100_000])
+async def test_deeply_nested_json_is_a_400(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient, depth: int
+) -> None:
+    body = b'{"message": "hi", "x": ' + b"[" * depth + b"]" * depth + b"}"
+    response = await http.post(server + "/chat/stream", content=body, headers=JSON)
+    assert_json_error(response, 400, "invalid_json")
+    assert emulator.requests == []
+
+
+async def test_a_lone_surrogate_is_a_400(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    body = b'{"message": "hi \\ud800 there"}'
+    response = await http.post(server + "/chat/stream", content=body, headers=JSON)
+    assert_json_error(response, 400, "invalid_json")
+    assert emulator.requests == []
+    paired = b'{"message": "a real pair: \\ud83d\\ude00"}'  # an escaped emoji is fine
+    ok = await http.post(server + "/chat/stream", content=paired, headers=JSON)
+    assert ok.status_code == 200
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "1.5", "-2", "9" * 19])
+async def test_a_last_event_id_that_is_not_an_integer_is_a_json_400(
+    server: str, http: httpx2.AsyncClient, value: str
+) -> None:
+    done = await stream_chat(http, server + "/chat/stream", {"message": "hi"})
+    url = f"{server}/chat/stream/{done.headers['x-stream-id']}"
+    by_query = await http.get(url, params={"last_event_id": value})
+    assert_json_error(by_query, 400, "invalid_request")
+    if value.isascii():  # header values are ASCII on the wire
+        by_header = await http.get(url, headers={"Last-Event-ID": value})
+        assert_json_error(by_header, 400, "invalid_request")
+
+
+async def test_minus_one_means_from_the_start(server: str, http: httpx2.AsyncClient) -> None:
+    done = await stream_chat(http, server + "/chat/stream", {"message": "hi"})
+    again = await stream_chat(
+        http,
+        f"{server}/chat/stream/{done.headers['x-stream-id']}",
+        method="GET",
+        headers={"Last-Event-ID": "-1"},
+    )
+    assert again.events == done.events
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("GET", "/chat/stream", "POST"),
+        ("PUT", "/chat/stream", "POST"),
+        ("POST", "/chat/stream/abc", "GET, DELETE, HEAD"),
+        ("PATCH", "/chat/stream/abc", "GET, DELETE, HEAD"),
+        ("POST", "/health", "GET, HEAD"),
+        ("DELETE", "/ready", "GET, HEAD"),
+    ],
+)
+async def test_wrong_methods_are_json_405s(
+    server: str, http: httpx2.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    response = await http.request(method, server + path)
+    assert_json_error(response, 405, "method_not_allowed")
+    assert response.headers["allow"].startswith(allow)
+
+
+async def test_head_on_a_stream_is_headers_only_and_no_reader(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply(" ".join(["word"] * 60), token_delay=0.05))
+    async with serving(make_app(resume_grace=0.3)) as url:
+        first = await stream_chat(
+            http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=1
+        )
+        stream_url = f"{url}/chat/stream/{first.headers['x-stream-id']}"
+        head = await asyncio.wait_for(http.head(stream_url), 2)  # answers at once
+        assert head.status_code == 200
+        assert head.headers["content-type"].startswith("text/event-stream")
+        # HEAD is not a reader: the grace runs out and the upstream is closed long before
+        # the 60 tokens (3 s) would have finished
+        (upstream,) = emulator.requests
+        await asyncio.wait_for(upstream.ended.wait(), 10)
+        assert upstream.disconnected
+        assert (await http.head(url + "/chat/stream/unknown")).status_code == 404
+
+
+async def test_by_default_the_browser_picks_neither_the_model_nor_the_system_prompt(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    model = await http.post(server + "/chat/stream", json={"message": "hi", "model": "claude-x"})
+    assert_json_error(model, 400, "invalid_request")
+    assert "CLAUDE_ALLOWED_MODELS" in model.json()["message"]
+    system = await http.post(server + "/chat/stream", json={"message": "hi", "system": "Obey me"})
+    assert_json_error(system, 400, "invalid_request")
+    assert "CLAUDE_ALLOW_CLIENT_SYSTEM" in system.json()["message"]
+    assert emulator.requests == []
+    named = await stream_chat(
+        http, server + "/chat/stream", {"message": "hi", "model": DEFAULT_MODEL}
+    )
+    assert named.types[-1] == "done"  # naming the configured model is fine
+    assert emulator.requests[0].body["system"] == "You are a helpful assistant."
+
+
+async def test_the_operator_can_open_models_and_the_system_prompt(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    async with serving(make_app(allowed_models="*", allow_client_system=True)) as url:
+        body = {"message": "hi", "model": "claude-opus-5", "system": "Be terse."}
+        result = await stream_chat(http, url + "/chat/stream", body)
+    assert result.types[-1] == "done"
+    assert emulator.requests[0].body["model"] == "claude-opus-5"
+    assert emulator.requests[0].body["system"] == "Be terse."
+
+
+def test_finished_streams_are_bounded_by_bytes() -> None:
+    registry = StreamRegistry(ttl=300, max_finished=10_000, max_bytes=100_000)
+    for index in range(50):
+        stream = Stream(f"s{index}")
+        registry.add(stream)
+        stream.append({"type": "delta", "text": "x" * 10_000})
+        stream.finish()
+    assert registry.finished_bytes <= 100_000
+    assert 5 <= len(registry) <= 10  # the newest that fit, not all 50
+    assert registry.get("s49") is not None and registry.get("s0") is None
+
+
+async def test_one_client_cannot_take_every_stream(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.default = Reply("slow " * 50, token_delay=0.1)
+    async with serving(make_app(max_streams_per_client=2)) as url:
+        open_streams = [
+            await stream_chat(http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=1)
+            for _ in range(2)
+        ]
+        third = await http.post(url + "/chat/stream", json={"message": "hi"})
+        assert_json_error(third, 429, "too_many_streams")
+        assert third.headers["retry-after"] == "1"
+        for first in open_streams:  # stopping one frees a place
+            await http.delete(f"{url}/chat/stream/{first.headers['x-stream-id']}")
+        for _ in range(50):
+            if (await http.post(url + "/chat/stream", json={"message": "hi"})).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the per-client count never went down")
+
+
+async def test_python_client_resumes_a_cut_before_the_first_event(
+    make_app: Callable[..., Quart], emulator: Emulator
+) -> None:
+    # the relay waits out a 429 before the first event; the connection is cut meanwhile
+    emulator.script(ErrorReply(429, headers={"retry-after": "1"}), Reply("after the wait"))
+    async with serving(make_app(retry_max_delay=5)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with CuttingProxy(port) as proxy:
+            events = []
+
+            async def cut_soon() -> None:
+                await asyncio.sleep(0.4)
+                proxy.cut()
+
+            cutter = asyncio.create_task(cut_soon())
+            async for event in client_stream_chat(
+                f"http://127.0.0.1:{proxy.port}/chat/stream", message="hi", reconnect_delay=0.1
+            ):
+                events.append(event)
+            await cutter
+    assert proxy.connections >= 2  # it did reconnect
+    assert "".join(e["text"] for e in events if e["type"] == "delta") == "after the wait"
+    assert [e["type"] for e in events][-1] == "done"
+    assert len(emulator.requests) == 2  # one 429, one answer: the answer was not asked twice
