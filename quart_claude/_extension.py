@@ -140,6 +140,8 @@ class ClaudeState:
         if not self.draining:
             log.info("draining: ending %d open stream(s)", len(self.producers))
         self.draining = True
+        if self.store is not None:  # readers of other workers' streams end too
+            self.store.closing.set()
         for stream in self.streams.live():
             stream.cancel("shutdown")
         if self.producers:

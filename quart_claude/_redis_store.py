@@ -13,7 +13,12 @@ after ``Last-Event-ID: N``" is exactly ``XREAD ... 0-<N+1>``. Keys, for stream `
 - ``qc:ID:readers``: refreshed by remote readers, so the grace period counts them too.
 
 Writes are batched: one pipeline carries every event of every stream that arrived within
-``FLUSH_WINDOW`` (5 ms), in order.
+``FLUSH_WINDOW`` (5 ms), in order. Each stream's part is one Lua script, so it is atomic and
+checked: it appends only if Redis still holds exactly what this worker wrote before (the meta
+record, and the last entry id it expects). After a Redis restart, a flushed database or a
+pipeline that failed half-way, the check fails, and the producer rewrites the whole stream
+from its memory in one script: readers elsewhere see the exact answer or, while Redis is
+away, a retryable error; never a hole, and never a stream without its owner.
 """
 
 from __future__ import annotations
@@ -25,10 +30,13 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from ._errors import UpstreamError
 from ._sse import PING, data_line, frame
-from ._stream import Stream
+from ._stream import StoreUnavailable, Stream
 
 __all__ = ["RedisStore", "RemoteStream"]
 
@@ -43,6 +51,39 @@ LIVE_TTL = 3600  # a live stream's keys outlive any answer; finished ones get th
 #: What a reader on another worker sends when the stream can no longer be followed (no id:
 #: it is not one of the stream's events).
 _UNAVAILABLE = frame(data_line(UpstreamError("unavailable").event(partial=True)), None)
+
+# KEYS: events, meta, lease. ARGV: start index, owner, final (0/1), finished TTL, live TTL,
+# MAXLEN, then the encoded events from ``start`` on. Returns 0 (and writes nothing) when the
+# stream in Redis is not what this worker left there: the caller then rewrites it from 0.
+_APPEND = """
+local start = tonumber(ARGV[1])
+if start > 0 then
+  if redis.call('HEXISTS', KEYS[2], 'owner') == 0 then return 0 end
+  local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+  if #top == 0 or top[1][1] ~= '0-' .. start then return 0 end
+else
+  redis.call('DEL', KEYS[1])
+  redis.call('HSET', KEYS[2], 'owner', ARGV[2], 'n', 0, 'done', 0)
+  redis.call('EXPIRE', KEYS[2], ARGV[5])
+end
+local count = #ARGV - 6
+for i = 1, count do
+  local id = '0-' .. (start + i)
+  if ARGV[3] == '1' and i == count then
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[6 + i], 'f', '1')
+  else
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[6 + i])
+  end
+end
+if start == 0 and count > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[2], 'n', start + count, 'done', 1)
+  redis.call('EXPIRE', KEYS[2], ARGV[4])
+  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  redis.call('DEL', KEYS[3])
+end
+return 1
+"""
 
 
 def _key(stream_id: str, part: str) -> str:
@@ -74,10 +115,16 @@ class RedisStore:
         self._dirty: dict[str, Stream] = {}
         self._flush_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._append: Any = None
+        self.closing = asyncio.Event()  # set when draining: remote readers end with shutdown
 
     async def start(self) -> None:
-        self.redis = aioredis.from_url(self.url)
-        self._blocking = aioredis.from_url(self.url, max_connections=10_000)
+        # a pooled connection that went stale (Redis restarted) is retried once on a new one
+        # (the asyncio Retry: the sync one never runs; retry_on_error: redis-py 5 needs it)
+        retry = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
+        self.redis = aioredis.from_url(self.url, **retry)
+        self._blocking = aioredis.from_url(self.url, max_connections=10_000, **retry)
+        self._append = self.redis.register_script(_APPEND)
         await self.redis.ping()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._flusher()), loop.create_task(self._leases())]
@@ -100,12 +147,10 @@ class RedisStore:
     async def attach(self, stream: Stream) -> None:
         """Register a stream this worker produces (before its POST answers, so any worker
         can find it at once), then mirror its events as they come."""
-        meta_key = _key(stream.id, "meta")
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.hset(meta_key, mapping={"owner": stream.owner or "", "n": 0, "done": 0})
-        pipe.expire(meta_key, LIVE_TTL)
-        pipe.set(_key(stream.id, "lease"), b"1", ex=LEASE_SECONDS)
-        await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            await self._write(pipe, stream, 0)
+            pipe.set(_key(stream.id, "lease"), b"1", ex=LEASE_SECONDS)
+            await pipe.execute()
         self._local[stream.id] = stream
         self._mirrored[stream.id] = 0
         stream.mirror = self._changed
@@ -130,42 +175,54 @@ class RedisStore:
                 await asyncio.sleep(0.5)
                 self._flush_wanted.set()
 
+    async def _write(self, pipe: Any, stream: Stream, start: int) -> int:
+        """Queue the atomic, checked append of ``stream``'s events from ``start``; the end."""
+        events = stream.events
+        end = len(events)
+        final = stream.finished
+        await self._append(  # with a pipeline: queued, sent by its execute()
+            keys=[_key(stream.id, "ev"), _key(stream.id, "meta"), _key(stream.id, "lease")],
+            args=[
+                start,
+                stream.owner or "",
+                1 if final else 0,
+                self.ttl,
+                LIVE_TTL,
+                self.max_events,
+                *events[start:end],
+            ],
+            client=pipe,
+        )
+        return end
+
     async def _flush(self) -> None:
         assert self.redis is not None
         dirty, self._dirty = self._dirty, {}
-        pipe = self.redis.pipeline(transaction=False)
-        done_ids = []
-        for stream_id, stream in dirty.items():
-            start = self._mirrored.get(stream_id, 0)
-            events = stream.events
-            end = len(events)
-            final = stream.finished
-            events_key, meta_key = _key(stream_id, "ev"), _key(stream_id, "meta")
-            for index in range(start, end):
-                fields: dict[str, bytes] = {"e": events[index]}
-                if final and index == end - 1:
-                    fields["f"] = b"1"
-                pipe.xadd(
-                    events_key,
-                    fields,
-                    id=f"0-{index + 1}",
-                    maxlen=self.max_events,
-                    approximate=True,
-                )
-            if start == 0:
-                pipe.expire(events_key, LIVE_TTL)
-            if final:  # meta changes only at the end (attach wrote it at the start)
-                pipe.hset(meta_key, mapping={"n": end, "done": 1})
-                pipe.expire(meta_key, self.ttl)
-                pipe.expire(events_key, self.ttl)
-            self._mirrored[stream_id] = end
-            if final:
-                pipe.delete(_key(stream_id, "lease"))
-                done_ids.append(stream_id)
-        await pipe.execute()
-        for stream_id in done_ids:
-            self._local.pop(stream_id, None)
-            self._mirrored.pop(stream_id, None)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                batch = [
+                    (
+                        stream,
+                        await self._write(pipe, stream, self._mirrored.get(sid, 0)),
+                        stream.finished,
+                    )
+                    for sid, stream in dirty.items()
+                ]
+                results = await pipe.execute()
+        except BaseException:
+            for sid, stream in dirty.items():  # nothing is marked written: all of it goes again
+                self._dirty.setdefault(sid, stream)
+            raise
+        for (stream, end, final), written in zip(batch, results, strict=True):
+            if not written:  # Redis lost (part of) it: rewrite it whole from memory
+                log.warning("stream %s: Redis lost its state; rewriting it", stream.id)
+                self._mirrored[stream.id] = 0
+                self._changed(stream)
+            elif final:
+                self._local.pop(stream.id, None)
+                self._mirrored.pop(stream.id, None)
+            else:
+                self._mirrored[stream.id] = end
 
     async def _leases(self) -> None:
         """Keep the leases of local live streams alive; act on remote stop requests."""
@@ -176,22 +233,42 @@ class RedisStore:
             if not ids:
                 continue
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                for stream_id in ids:
-                    pipe.set(_key(stream_id, "lease"), b"1", ex=LEASE_SECONDS)
-                pipe.mget([_key(stream_id, "cancel") for stream_id in ids])
-                *_, cancels = await pipe.execute()
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for stream_id in ids:
+                        pipe.set(_key(stream_id, "lease"), b"1", ex=LEASE_SECONDS)
+                        pipe.exists(_key(stream_id, "meta"))
+                    pipe.mget([_key(stream_id, "cancel") for stream_id in ids])
+                    *replies, cancels = await pipe.execute()
             except Exception:
                 log.exception("could not refresh stream leases in Redis")
                 continue
-            for stream_id, cancel in zip(ids, cancels, strict=True):
-                if cancel is not None and stream_id in self._local:
-                    self._local[stream_id].cancel("cancelled")
+            for stream_id, present, cancel in zip(ids, replies[1::2], cancels, strict=True):
+                stream = self._local.get(stream_id)
+                if stream is None:
+                    continue
+                if not present and stream_id not in self._dirty:  # lost while idle: repair
+                    log.warning("stream %s: Redis lost its state; rewriting it", stream_id)
+                    self._mirrored[stream_id] = 0
+                    self._changed(stream)
+                if cancel is not None:
+                    stream.cancel("cancelled")
 
     # -- any worker ----------------------------------------------------------------------
+    async def ping(self) -> bool:
+        try:
+            assert self.redis is not None
+            async with asyncio.timeout(1):
+                await self.redis.ping()
+        except Exception:
+            return False
+        return True
+
     async def lookup(self, stream_id: str) -> RemoteStream | None:
         assert self.redis is not None
-        meta = await self.redis.hgetall(_key(stream_id, "meta"))
+        try:
+            meta = await self.redis.hgetall(_key(stream_id, "meta"))
+        except Exception as exc:
+            raise StoreUnavailable(str(exc)) from exc
         if not meta:
             return None
         owner = meta.get(b"owner", b"").decode() or None
@@ -199,47 +276,69 @@ class RedisStore:
 
     async def request_cancel(self, stream_id: str) -> None:
         assert self.redis is not None
-        await self.redis.set(_key(stream_id, "cancel"), b"1", ex=60)
+        try:
+            await self.redis.set(_key(stream_id, "cancel"), b"1", ex=60)
+        except Exception as exc:
+            raise StoreUnavailable(str(exc)) from exc
 
     async def has_remote_readers(self, stream_id: str) -> bool:
         assert self.redis is not None
         return bool(await self.redis.exists(_key(stream_id, "readers")))
 
     async def read(self, stream_id: str, after: int, heartbeat: float) -> AsyncIterator[bytes]:
-        """Events after ``after`` from Redis, then live ones, until the final one."""
+        """Events after ``after`` from Redis, then live ones, until the final one.
+
+        Ends with a retryable ``unavailable`` error when the producer or Redis is gone, and
+        with a retryable ``shutdown`` error when this worker drains.
+        """
         assert self._blocking is not None and self.redis is not None
         events_key = _key(stream_id, "ev")
         position = f"0-{after + 1}" if after >= 0 else "0-0"
         block_ms = max(1, int(heartbeat * 1000))
         presence = max(2, int(heartbeat * 2) + 1)
-        while True:
-            try:
-                await self.redis.set(_key(stream_id, "readers"), b"1", ex=presence)
-                reply = await self._blocking.xread(
-                    {events_key: position}, count=1000, block=block_ms
-                )
-                if not reply:  # silence: is anyone still producing this stream?
-                    alive, done = await self._alive(stream_id)
-            except Exception:  # Redis went away: say so, retryably, instead of cutting off
-                log.exception("stream %s: Redis failed while reading", stream_id)
-                yield _UNAVAILABLE
-                return
-            if reply:
-                entries = reply[0][1]
-                position = entries[-1][0]
-                yield b"".join(fields[b"e"] for _, fields in entries)
-                if b"f" in entries[-1][1]:
-                    return
-            elif not done:  # (if it finished meanwhile, the next XREAD has the final event)
-                if not alive:
+        closing = asyncio.ensure_future(self.closing.wait())
+        try:
+            while True:
+                try:
+                    await self.redis.set(_key(stream_id, "readers"), b"1", ex=presence)
+                    xread = asyncio.ensure_future(
+                        self._blocking.xread({events_key: position}, count=1000, block=block_ms)
+                    )
+                    await asyncio.wait({xread, closing}, return_when=asyncio.FIRST_COMPLETED)
+                    if closing.done():
+                        xread.cancel()
+                        partial = position not in ("0-0", "0-1")  # text may have been sent
+                        yield frame(
+                            data_line(UpstreamError("shutdown").event(partial=partial)), None
+                        )
+                        return
+                    reply = xread.result()
+                    if not reply:  # silence: is anyone still producing this stream?
+                        alive, done = await self._alive(stream_id)
+                except Exception:  # Redis went away: say so, retryably, instead of cutting off
+                    log.exception("stream %s: Redis failed while reading", stream_id)
                     yield _UNAVAILABLE
                     return
-                yield PING
+                if reply:
+                    entries = reply[0][1]
+                    position = entries[-1][0].decode()
+                    yield b"".join(fields[b"e"] for _, fields in entries)
+                    if b"f" in entries[-1][1]:
+                        return
+                elif done:  # finished, and nothing after this reader's position: the end
+                    return
+                elif not alive:
+                    yield _UNAVAILABLE
+                    return
+                else:
+                    yield PING
+        finally:
+            closing.cancel()
 
     async def _alive(self, stream_id: str) -> tuple[bool, bool]:
         assert self.redis is not None
-        pipe = self.redis.pipeline(transaction=False)
-        pipe.exists(_key(stream_id, "lease"))
-        pipe.hget(_key(stream_id, "meta"), "done")
-        lease, done = await pipe.execute()
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(_key(stream_id, "lease"))
+            pipe.hget(_key(stream_id, "meta"), "done")
+            lease, done = await pipe.execute()
         return bool(lease), done == b"1"

@@ -20,7 +20,7 @@ from werkzeug.exceptions import HTTPException
 
 from ._extension import Claude, ClaudeState
 from ._request import RequestError, parse_chat_request
-from ._stream import Stream, new_stream_id
+from ._stream import StoreUnavailable, Stream, new_stream_id
 
 if TYPE_CHECKING:  # redis is an optional dependency
     from ._redis_store import RemoteStream
@@ -134,12 +134,7 @@ async def chat_stream() -> Response:
             await state.store.attach(stream)
         except Exception:
             log.exception("the stream store is unavailable")
-            return _json_error(
-                503,
-                "store_unavailable",
-                "the stream store is unavailable; try again shortly",
-                {"Retry-After": "1"},
-            )
+            return _store_unavailable()
     state.streams.add(stream)
     state.start_producer(stream, relay.produce(stream, chat), client)
     return _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
@@ -154,6 +149,15 @@ async def _find(state: ClaudeState, stream_id: str) -> Stream | RemoteStream | N
     if found is None or (found.owner is not None and found.owner != await state.identity()):
         return None
     return found
+
+
+def _store_unavailable() -> Response:
+    return _json_error(
+        503,
+        "store_unavailable",
+        "the stream store is unavailable; try again shortly",
+        {"Retry-After": "1"},
+    )
 
 
 def _not_found() -> Response:
@@ -181,7 +185,10 @@ async def resume_stream(stream_id: str) -> Response:
         after = _last_event_id()
     except RequestError as error:
         return _json_error(error.status, error.code, error.message)
-    stream = await _find(state, stream_id)
+    try:
+        stream = await _find(state, stream_id)
+    except StoreUnavailable:
+        return _store_unavailable()
     if stream is None:
         return _not_found()
     if request.method == "HEAD":  # headers only: never a reader that keeps the stream alive
@@ -200,16 +207,19 @@ async def resume_stream(stream_id: str) -> Response:
 async def stop_stream(stream_id: str) -> Response:
     """The stop button: close the upstream request; readers get ``done`` / ``cancelled``."""
     state = Claude.state()
-    stream = await _find(state, stream_id)
-    if stream is None:
-        return _not_found()
-    if isinstance(stream, Stream):
-        stopped = stream.cancel("cancelled")
-    else:  # produced on another worker: it polls for this within half a second
-        assert state.store is not None
-        stopped = not stream.done
-        if stopped:
-            await state.store.request_cancel(stream.id)
+    try:
+        stream = await _find(state, stream_id)
+        if stream is None:
+            return _not_found()
+        if isinstance(stream, Stream):
+            stopped = stream.cancel("cancelled")
+        else:  # produced on another worker: it polls for this within half a second
+            assert state.store is not None
+            stopped = not stream.done
+            if stopped:
+                await state.store.request_cancel(stream.id)
+    except StoreUnavailable:
+        return _store_unavailable()
     return _json_response(
         {"stream_id": stream.id, "status": "cancelled" if stopped else "finished"}
     )
@@ -228,6 +238,8 @@ async def health() -> dict[str, Any]:
 async def ready() -> Response:
     state = Claude.state()
     if state.ready:
+        if state.store is not None and not await state.store.ping():
+            return _json_response({"status": "store_unavailable"}, 503)
         return _json_response({"status": "ready", "streams": state.live_streams()})
     status = "draining" if state.draining else "starting"
     return _json_response({"status": status}, 503)

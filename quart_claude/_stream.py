@@ -16,7 +16,11 @@ from typing import Any
 
 from ._sse import PING, data_line, frame
 
-__all__ = ["Stream", "StreamRegistry", "new_stream_id"]
+__all__ = ["StoreUnavailable", "Stream", "StreamRegistry", "new_stream_id"]
+
+
+class StoreUnavailable(Exception):
+    """The shared stream store (Redis) failed a lookup: answered 503, never 500."""
 
 
 def new_stream_id() -> str:
