@@ -18,15 +18,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
+import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
 from collections.abc import Callable, Coroutine
 from types import FrameType
 from typing import Any
 
-__all__ = ["ShutdownHooks"]
+__all__ = ["VERIFIED_HYPERCORN", "ShutdownHooks", "hypercorn_verified"]
+
+log = logging.getLogger("quart_claude")
+
+
+#: The Hypercorn releases whose worker processes were checked to carry ``shutdown_event`` in
+#: ``multiprocessing.Process._kwargs`` (a private attribute: there is no public seam). Outside
+#: this range the hook may find nothing; ``quart_claude.serving.run`` is the public path.
+VERIFIED_HYPERCORN = ((0, 18), (0, 19))  # >= 0.18, < 0.19
+
+
+def hypercorn_verified(version: str) -> bool:
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    low, high = VERIFIED_HYPERCORN
+    return low <= parts < high
 
 
 def _hypercorn_shutdown_event() -> Any:
@@ -35,6 +52,26 @@ def _hypercorn_shutdown_event() -> Any:
     kwargs = getattr(process, "_kwargs", None)  # the Process(kwargs=...) Hypercorn spawned us with
     event = kwargs.get("shutdown_event") if isinstance(kwargs, dict) else None
     return event if callable(getattr(event, "is_set", None)) else None
+
+
+def _warn_if_unhooked(found: bool) -> None:
+    """Say loudly when the private hook cannot work here, instead of failing silently."""
+    version = importlib.metadata.version("hypercorn")
+    if multiprocessing.parent_process() is None:
+        return  # not a worker process: SIGTERM reaches us directly
+    if not found:
+        log.warning(
+            "quart-claude: this worker process has no Hypercorn shutdown event (Hypercorn %s; "
+            "checked on 0.18.x): open streams will not be drained before Hypercorn waits on "
+            "them. Serve with quart_claude.serving.run(app) for a guaranteed drain.",
+            version,
+        )
+    elif not hypercorn_verified(version):
+        log.warning(
+            "quart-claude: the shutdown hook reads a private Hypercorn attribute checked on "
+            "0.18.x; this is Hypercorn %s. quart_claude.serving.run(app) is the public path.",
+            version,
+        )
 
 
 class ShutdownHooks:
@@ -47,6 +84,7 @@ class ShutdownHooks:
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         event = _hypercorn_shutdown_event()
+        _warn_if_unhooked(event is not None)
         if event is not None:
             self._watcher = loop.create_task(self._watch(event))
         if threading.current_thread() is threading.main_thread():

@@ -4,14 +4,19 @@ process exits within the grace time, however the example app is served."""
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
+import logging
+import multiprocessing
 import signal
 import sys
 import time
+from pathlib import Path
 
 import httpx2
 import pytest
 
 from quart_claude import SSEParser
+from quart_claude._shutdown import ShutdownHooks, hypercorn_verified
 
 from .helpers import free_port
 from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
@@ -82,3 +87,37 @@ async def test_sigterm_ends_open_streams_with_a_shutdown_event(command: list[str
     }, output.decode(errors="replace")[-2000:]
     assert exited_after < GRACE, output.decode(errors="replace")[-2000:]
     assert process.returncode == 0, output.decode(errors="replace")[-2000:]
+    assert b"no Hypercorn shutdown event" not in output  # the hook found it in every worker
+
+
+def test_the_installed_hypercorn_is_one_the_private_hook_was_checked_on() -> None:
+    """Fails on a Hypercorn release outside the checked range (the newest-versions CI leg
+    shows it first): re-check ``_hypercorn_shutdown_event`` there, then widen the range."""
+    version = importlib.metadata.version("hypercorn")
+    assert hypercorn_verified(version), version
+    assert hypercorn_verified("0.18.0") and not hypercorn_verified("0.19.0")
+
+
+def _install_hooks_in_a_child(log_path: str) -> None:
+    logging.basicConfig(filename=log_path, level=logging.WARNING)
+
+    async def main() -> None:
+        async def drain() -> None:
+            return None
+
+        hooks = ShutdownHooks(drain)
+        hooks.install(asyncio.get_running_loop())
+        hooks.uninstall()
+
+    asyncio.run(main())
+
+
+def test_a_worker_process_without_the_hook_says_so_loudly(tmp_path: Path) -> None:
+    log_path = str(tmp_path / "child.log")
+    child = multiprocessing.get_context("spawn").Process(
+        target=_install_hooks_in_a_child, args=(log_path,)
+    )
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0
+    assert "no Hypercorn shutdown event" in Path(log_path).read_text()
