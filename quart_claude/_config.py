@@ -157,6 +157,7 @@ _KEYS: dict[str, _Key] = {
     "timeout": _Key(_positive_seconds, 60.0),
     "connect_timeout": _Key(_positive_seconds, 10.0),
     "heartbeat_interval": _Key(_positive_seconds, 15.0),
+    "send_timeout": _Key(_seconds, 60.0),
     "max_retries": _Key(_non_negative_int, 3),
     "retry_base_delay": _Key(_seconds, 1.0),
     "retry_max_delay": _Key(_seconds, 30.0),
@@ -193,6 +194,7 @@ class ClaudeConfig:
     timeout: float
     connect_timeout: float
     heartbeat_interval: float
+    send_timeout: float
     max_retries: int
     retry_base_delay: float
     retry_max_delay: float

@@ -47,6 +47,7 @@ class ClaudeState:
         self.producers: set[asyncio.Task[None]] = set()
         self._per_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
         self.draining = False
         self.store: RedisStore | None = None  # None: streams live in this worker only
         self._hooks: ShutdownHooks | None = None
@@ -131,9 +132,25 @@ class ClaudeState:
             await self.store.start()
         self.relay = Relay(client, config)
         self.draining = False
+        if config.send_timeout > 0:
+            self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
         if config.handle_signals:
             self._hooks = ShutdownHooks(self.drain)
             self._hooks.install(asyncio.get_running_loop())
+
+    async def _sweep_stalled_readers(self) -> None:
+        """Let go of readers whose client stopped reading: after ``CLAUDE_SEND_TIMEOUT``
+        seconds on one write, the response task is cancelled, so the stream is no longer held
+        (its resume grace starts, as for any departed reader). The connection itself stays
+        Hypercorn's until the client or the OS closes it (a proxy's ``send_timeout`` does)."""
+        timeout = self.config.send_timeout
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(max(0.25, timeout / 4))
+            for reader in self.streams.stalled_readers(loop.time() - timeout):
+                if reader.task is not None and not reader.task.done():
+                    log.info("a client stopped reading for %ss: letting its stream go", timeout)
+                    reader.task.cancel()
 
     async def drain(self) -> None:
         """Refuse new streams; end open ones with a retryable ``shutdown`` error event."""
@@ -152,6 +169,9 @@ class ClaudeState:
         if self._hooks is not None:
             self._hooks.uninstall()
             self._hooks = None
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         relay, self.relay = self.relay, None
         if relay is not None:
             await relay.client.close()

@@ -16,7 +16,7 @@ from typing import Any
 
 from ._sse import PING, data_line, frame
 
-__all__ = ["StoreUnavailable", "Stream", "StreamRegistry", "new_stream_id"]
+__all__ = ["Reader", "StoreUnavailable", "Stream", "StreamRegistry", "new_stream_id"]
 
 
 class StoreUnavailable(Exception):
@@ -26,6 +26,17 @@ class StoreUnavailable(Exception):
 def new_stream_id() -> str:
     """128 random bits, URL-safe (22 characters)."""
     return secrets.token_urlsafe(16)
+
+
+class Reader:
+    """One response reading a stream. ``sending_since`` is when its current write began (0:
+    not writing), so a client that stopped reading can be found and let go."""
+
+    __slots__ = ("sending_since", "task")
+
+    def __init__(self, task: asyncio.Task[Any] | None) -> None:
+        self.task = task
+        self.sending_since = 0.0
 
 
 class Stream:
@@ -61,7 +72,7 @@ class Stream:
         self.finished = False
         self.finished_at: float | None = None
         self.created_at = time.monotonic()
-        self.readers = 0
+        self.readers: set[Reader] = set()
         self.idle_timer: asyncio.TimerHandle | None = None
         self.mirror: Callable[[Stream], None] | None = None  # e.g. the Redis store
         self.producer: asyncio.Task[None] | None = None
@@ -121,7 +132,8 @@ class Stream:
         to send, a ``: ping`` comment goes out instead.
         """
         position = after + 1
-        self.readers += 1
+        reader = Reader(asyncio.current_task())
+        self.readers.add(reader)
         if self.idle_timer is not None:  # a reader is back within the grace period
             self.idle_timer.cancel()
             self.idle_timer = None
@@ -152,8 +164,11 @@ class Stream:
                         else b"".join(events[position:count])
                     )
                     position = count
-                    deadline = loop.time() + heartbeat
+                    now = loop.time()
+                    deadline = now + heartbeat
+                    reader.sending_since = now
                     yield chunk
+                    reader.sending_since = 0.0
                     continue
                 if self.finished:
                     return
@@ -162,13 +177,16 @@ class Stream:
                 if timer is None:
                     timer = loop.call_at(deadline, beat)
                 if await waiting:
-                    deadline = loop.time() + heartbeat
+                    now = loop.time()
+                    deadline = now + heartbeat
+                    reader.sending_since = now
                     yield PING
+                    reader.sending_since = 0.0
         finally:
             if timer is not None:
                 timer.cancel()
-            self.readers -= 1
-            if self.readers == 0 and not self.finished and self._on_idle is not None:
+            self.readers.discard(reader)
+            if not self.readers and not self.finished and self._on_idle is not None:
                 self._on_idle(self)
 
 
@@ -211,6 +229,15 @@ class StreamRegistry:
 
     def live(self) -> list[Stream]:
         return [stream for stream in self._streams.values() if not stream.finished]
+
+    def stalled_readers(self, since: float) -> list[Reader]:
+        """Readers whose current write began before ``since`` (loop time)."""
+        return [
+            reader
+            for stream in self._streams.values()
+            for reader in stream.readers
+            if 0.0 < reader.sending_since < since
+        ]
 
     def _evict(self) -> None:
         finished = self._finished

@@ -7,6 +7,7 @@ Each test failed before its fix.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Callable
 
 import httpx2
@@ -200,3 +201,26 @@ async def test_python_client_resumes_a_cut_before_the_first_event(
     assert "".join(e["text"] for e in events if e["type"] == "delta") == "after the wait"
     assert [e["type"] for e in events][-1] == "done"
     assert len(emulator.requests) == 2  # one 429, one answer: the answer was not asked twice
+
+
+async def test_a_client_that_stops_reading_does_not_hold_its_stream(
+    make_app: Callable[..., Quart], emulator: Emulator
+) -> None:
+    # ~8 MB paced over ~10 s: far more than the socket buffers between us and the client
+    emulator.script(Reply(tokens=["x" * 4000] * 2000, token_delay=0.005))
+    async with serving(make_app(send_timeout=1, resume_grace=0.5)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", port))
+        body = b'{"message": "hi"}'
+        sock.sendall(
+            b"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            b"content-length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        try:  # ... and never reads: its writes stall, the reader is let go, the grace ends
+            (upstream,) = await asyncio.wait_for(emulator.wait_for_requests(1), 5)
+            await asyncio.wait_for(upstream.ended.wait(), 8)
+        finally:
+            sock.close()
+    assert upstream.disconnected  # stopped paying long before the 2,000 tokens were sent
