@@ -224,3 +224,18 @@ async def test_a_client_that_stops_reading_does_not_hold_its_stream(
         finally:
             sock.close()
     assert upstream.disconnected  # stopped paying long before the 2,000 tokens were sent
+
+
+async def test_finished_streams_over_the_byte_bound_are_evicted_oldest_first(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.default = Reply("y" * 20_000)
+    async with serving(make_app(max_finished_bytes=100_000)) as url:
+        ids = []
+        for _ in range(10):  # ~20 KB each: 200 KB finished, twice the bound
+            done = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+            assert done.types[-1] == "done"
+            ids.append(done.headers["x-stream-id"])
+        assert (await http.get(f"{url}/chat/stream/{ids[0]}")).status_code == 404
+        newest = await stream_chat(http, f"{url}/chat/stream/{ids[-1]}", method="GET")
+        assert newest.text == "y" * 20_000
