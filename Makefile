@@ -12,7 +12,7 @@ LOCK_PYTHONS := 3.11 3.12 3.13
 PIP_INSTALL := python -m pip install -q --disable-pip-version-check
 
 .PHONY: install run test test-fast lint typecheck pytest bench lock test-lowest test-latest \
-	dist check-wheel clean
+	dist check-wheel screenshot clean
 
 install: $(VENV)/.installed
 
@@ -88,3 +88,7 @@ check-wheel: dist
 clean:
 	rm -rf .venv .venv313 .venv-lowest .venv-latest .mypy_cache .pytest_cache .ruff_cache \
 	  *.egg-info dist build
+
+# The README's screenshot of the chat page mid-reply, taken by the browser e2e test.
+screenshot: install
+	QUART_CLAUDE_SCREENSHOT=1 $(BIN)/pytest -q tests/test_browser.py -k progressively

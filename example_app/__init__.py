@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 from pathlib import Path
+from typing import Any
 
 from quart import Quart, Response
 
@@ -23,9 +24,14 @@ log = logging.getLogger("example_app")
 _PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
-def create_app() -> Quart:
+def create_app(**claude_options: Any) -> Quart:
+    """The app; ``claude_options`` go to ``Claude(app, ...)`` (tests point it at an emulator)."""
     app = Quart(__name__)
-    demo = not (os.environ.get("CLAUDE_API_KEY") or os.environ.get("ANTHROPIC_API_KEY"))
+    demo = not (
+        claude_options.get("api_key")
+        or os.environ.get("CLAUDE_API_KEY")
+        or os.environ.get("ANTHROPIC_API_KEY")
+    )
     if demo:
         # Bind now, so the URL is known before the extension reads its config; serve the
         # emulator on this socket once the app's event loop runs.
@@ -47,9 +53,10 @@ def create_app() -> Quart:
 
         Claude(app, api_key="demo-key", base_url=f"http://127.0.0.1:{port}")
     else:
-        Claude(app)
+        Claude(app, **claude_options)
 
-    page = _PAGE.replace("{{DEMO}}", "true" if demo else "false")
+    prefix = Claude.state(app).config.url_prefix
+    page = _PAGE.replace("{{DEMO}}", "true" if demo else "false").replace("{{PREFIX}}", prefix)
 
     @app.get("/")
     async def index() -> Response:

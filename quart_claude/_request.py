@@ -11,6 +11,7 @@ __all__ = ["ChatRequest", "RequestError", "parse_chat_request"]
 
 _ROLES = frozenset({"user", "assistant"})
 _MAX_MESSAGES = 1000
+_FIELDS = frozenset({"message", "messages", "max_tokens", "system", "model"})
 
 
 class RequestError(Exception):
@@ -55,6 +56,9 @@ def parse_chat_request(body: Any, config: ClaudeConfig) -> ChatRequest:
         messages = [{"role": "user", "content": _text(body["message"], "message")}]
     else:
         raise _invalid("'message' (a string) or 'messages' (a list) is required")
+    unknown = sorted(set(body) - _FIELDS)
+    if unknown:  # a typo ("max_token") must not be silently ignored
+        raise _invalid(f"unknown field(s): {', '.join(map(repr, unknown))[:200]}")
 
     max_tokens = body.get("max_tokens", config.max_tokens)
     if type(max_tokens) is not int:

@@ -13,9 +13,10 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from quart import Blueprint, Response, request
+from quart import Blueprint, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
 from ._extension import Claude, ClaudeState
@@ -250,7 +251,18 @@ _ROUTES = {  # path -> methods it answers (HEAD comes with GET)
     "/chat/stream/<stream_id>": ("GET", "DELETE"),
     "/health": ("GET",),
     "/ready": ("GET",),
+    "/claude-stream.js": ("GET",),
 }
+_CLIENT_SCRIPT = Path(__file__).parent / "static" / "claude-stream.js"
+
+
+async def client_script() -> Response:
+    """The browser client, served next to the routes it speaks to (no build step)."""
+    response = await send_file(_CLIENT_SCRIPT, mimetype="text/javascript")
+    response.headers["Cache-Control"] = "public, max-age=3600"
+    return response
+
+
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
@@ -287,6 +299,7 @@ def create_blueprint() -> Blueprint:
     )
     blueprint.add_url_rule("/health", "health", health, methods=["GET"])
     blueprint.add_url_rule("/ready", "ready", ready, methods=["GET"])
+    blueprint.add_url_rule("/claude-stream.js", "client_script", client_script, methods=["GET"])
     for index, (path, allowed) in enumerate(_ROUTES.items()):
         others = [method for method in _METHODS if method not in allowed]
         blueprint.add_url_rule(

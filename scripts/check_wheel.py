@@ -17,7 +17,12 @@ import textwrap
 import zipfile
 from pathlib import Path
 
-REQUIRED = ("quart_claude/__init__.py", "quart_claude/py.typed", "quart_claude/testing/__main__.py")
+REQUIRED = (
+    "quart_claude/__init__.py",
+    "quart_claude/py.typed",
+    "quart_claude/testing/__main__.py",
+    "quart_claude/static/claude-stream.js",
+)
 FORBIDDEN = ("tests/", "bench/", "example_app/", "scripts/")
 
 # Runs in the clean venv, with the temporary directory as its working directory.

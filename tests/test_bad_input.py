@@ -212,3 +212,12 @@ async def test_a_body_that_never_finishes_is_a_408(
         assert head.startswith(b"HTTP/1.1 408")
         assert emulator.requests == []
         assert (await http.get(url + "/health")).status_code == 200
+
+
+async def test_an_unknown_field_is_refused_not_ignored(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    response = await http.post(server + "/chat/stream", json={"message": "hi", "max_token": 5})
+    assert response.status_code == 400
+    assert "'max_token'" in response.json()["message"]
+    assert emulator.requests == []

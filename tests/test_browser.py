@@ -1,0 +1,208 @@
+"""The chat page and claude-stream.js in a real headless Chromium (Debian's, driven by
+Playwright; nothing downloads a browser), against a real Hypercorn and the emulator."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from example_app import create_app
+from quart_claude.testing import Emulator, ErrorReply, Reply
+
+from .conftest import API_KEY
+from .helpers import CuttingProxy, serving
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+ANSWER = " ".join(f"word{i}" for i in range(60)) + "."
+
+try:
+    from playwright.async_api import Page, async_playwright
+except ImportError:  # pragma: no cover - the dev lock installs it
+    async_playwright = None  # type: ignore[assignment]
+
+
+@pytest.fixture
+async def page() -> AsyncIterator[Page]:
+    if CHROMIUM is None or async_playwright is None:
+        pytest.skip(
+            "BROWSER TESTS NOT RUN: chromium (apt-get install chromium) or playwright is "
+            "missing; CI installs both and fails on any skip"
+        )
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
+        try:
+            context = await browser.new_context(viewport={"width": 900, "height": 700})
+            yield await context.new_page()
+        finally:
+            await browser.close()
+
+
+@pytest.fixture
+async def site(emulator: Emulator) -> AsyncIterator[str]:
+    app = create_app(api_key=API_KEY, base_url=emulator.url, retry_base_delay=0.05)
+    async with serving(app) as url:
+        yield url
+
+
+async def ask(page: Page, url: str, message: str = "hi") -> None:
+    await page.goto(url + "/")
+    await page.fill("#input", message)
+    await page.press("#input", "Enter")  # Enter sends
+
+
+async def reply_text(page: Page) -> str:
+    return await page.locator(".assistant .body").last.inner_text()
+
+
+async def wait_until(page: Page, script: str, within_ms: float = 10_000) -> Any:
+    return await page.wait_for_function(script, timeout=within_ms)
+
+
+MARKDOWN = (
+    "Streaming works like this:\n\n"
+    "- Claude sends each **token** as it is generated;\n"
+    "- the relay turns each into one `delta` event;\n"
+    "- this page renders them as they arrive, *safely*.\n\n"
+    "```python\nasync for event in stream_chat(url, message='hi'):\n    print(event)\n```\n\n"
+    "A dropped connection resumes with `Last-Event-ID`, so nothing is lost or repeated."
+)
+
+
+async def test_the_reply_appears_progressively(page: Page, site: str, emulator: Emulator) -> None:
+    emulator.script(Reply(MARKDOWN, token_delay=0.08))  # ~4 s of tokens
+    await ask(page, site)
+    lengths = []
+    for _ in range(6):
+        await asyncio.sleep(0.4)
+        lengths.append(len(await reply_text(page)))
+    still_sending = not emulator.requests[0].ended.is_set()
+    assert still_sending
+    assert lengths[0] < lengths[2] < lengths[5]  # grew while the emulator was still sending
+    shot = DOCS / "chat-page.png"
+    if os.environ.get("QUART_CLAUDE_SCREENSHOT") == "1":  # `make screenshot`
+        await page.screenshot(path=str(shot))
+    await wait_until(page, "!document.querySelector('#send').disabled")
+    body = page.locator(".assistant .body").last
+    assert await body.locator("li").count() == 3 and await body.locator("pre").count() == 1
+    assert "Last-Event-ID" in await reply_text(page)
+    meta = await page.locator(".assistant .meta").last.inner_text()
+    assert "tokens in" in meta and "end_turn" not in meta
+
+
+async def test_stop_halts_the_reply_and_the_upstream(
+    page: Page, site: str, emulator: Emulator
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.1))
+    await ask(page, site)
+    await wait_until(page, "document.querySelector('.assistant .body').innerText.length > 20")
+    await page.click("#stop")
+    upstream = emulator.requests[0]
+    await asyncio.wait_for(upstream.ended.wait(), 5)
+    assert upstream.disconnected  # the emulator saw the upstream request closed
+    await wait_until(page, "!document.querySelector('#send').disabled")
+    assert "stopped" in await page.locator(".assistant .meta").last.inner_text()
+    assert len(await reply_text(page)) < len(ANSWER)
+
+
+async def test_a_cut_mid_reply_resumes_and_the_text_is_exact(
+    page: Page, site: str, emulator: Emulator
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.05))
+    port = int(site.rsplit(":", 1)[1])
+    async with CuttingProxy(port) as proxy:
+        await ask(page, f"http://127.0.0.1:{proxy.port}")
+        await wait_until(page, "document.querySelector('.assistant .body').innerText.length > 40")
+        proxy.cut()  # the network blips mid-reply
+        await wait_until(page, "!document.querySelector('#send').disabled", 20_000)
+    assert await reply_text(page) == ANSWER  # exact, and said once
+    assert proxy.connections >= 2
+    assert len(emulator.requests) == 1  # resumed, not asked again
+
+
+async def test_a_cut_before_the_first_event_resumes_from_the_start(
+    page: Page, site: str, emulator: Emulator
+) -> None:
+    # the relay waits out a 429 before any event; the connection is cut meanwhile, so the
+    # page resumes with Last-Event-ID: -1
+    emulator.script(ErrorReply(429, headers={"retry-after": "1"}), Reply(ANSWER))
+    port = int(site.rsplit(":", 1)[1])
+    async with CuttingProxy(port) as proxy:
+        await ask(page, f"http://127.0.0.1:{proxy.port}")
+        await emulator.wait_for_requests(1)
+        await asyncio.sleep(0.3)
+        proxy.cut()
+        await wait_until(page, "!document.querySelector('#send').disabled", 20_000)
+    assert await reply_text(page) == ANSWER
+    assert len(emulator.requests) == 2  # the 429, then the one answer
+
+
+async def test_a_rate_limit_shows_a_readable_error_with_when_to_retry(
+    page: Page, emulator: Emulator
+) -> None:
+    emulator.script(ErrorReply(429, headers={"retry-after": "30"}))
+    app = create_app(api_key=API_KEY, base_url=emulator.url, max_retries=0)
+    async with serving(app) as url:
+        await ask(page, url)
+        error = page.locator(".assistant .error")
+        await error.wait_for(timeout=10_000)
+        text = await error.inner_text()
+    assert "too many requests" in text.lower() and "30 s" in text
+
+
+async def test_model_html_is_shown_as_text(page: Page, site: str, emulator: Emulator) -> None:
+    hostile = (
+        'Look: <script>window.pwned = 1</script> <img src=x onerror="window.pwned = 2"> **bold**'
+    )
+    emulator.script(Reply(hostile))
+    await ask(page, site)
+    await wait_until(page, "!document.querySelector('#send').disabled")
+    body = page.locator(".assistant .body").last
+    text = await body.inner_text()
+    assert "<script>window.pwned = 1</script>" in text and "<img src=x" in text
+    assert await body.locator("script, img").count() == 0
+    assert await body.locator("strong").inner_text() == "bold"  # Markdown still renders
+    assert await page.evaluate("window.pwned === undefined")
+
+
+async def test_a_reload_keeps_the_conversation_and_resumes_the_reply(
+    page: Page, site: str, emulator: Emulator
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.05))
+    await ask(page, site)
+    await wait_until(page, "document.querySelector('.assistant .body').innerText.length > 40")
+    await page.reload()
+    await wait_until(page, "!document.querySelector('#send').disabled", 20_000)
+    assert await page.locator(".user").first.inner_text() == "hi"
+    assert await reply_text(page) == ANSWER
+    assert len(emulator.requests) == 1
+
+
+def test_the_client_script_is_served_by_the_blueprint() -> None:
+    app = create_app(api_key=API_KEY, base_url="http://127.0.0.1:1", url_prefix="/ai")
+
+    async def fetch() -> tuple[int, str, str]:
+        client = app.test_client()
+        response = await client.get("/ai/claude-stream.js")
+        return response.status_code, response.content_type or "", await response.get_data(True)
+
+    status, content_type, body = asyncio.run(fetch())
+    assert status == 200 and "javascript" in content_type
+    assert "ClaudeStream" in body
