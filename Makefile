@@ -29,6 +29,12 @@ run: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/hadolint deploy/Dockerfile
+	@if command -v docker-compose >/dev/null 2>&1; then \
+	  docker-compose -f deploy/docker-compose.yml config -q && echo "deploy/docker-compose.yml: valid"; \
+	elif [ "$$QUART_CLAUDE_REQUIRE_ALL" = 1 ]; then \
+	  echo "docker-compose is missing: the compose file was not checked" >&2; exit 1; \
+	else echo "COMPOSE FILE NOT CHECKED: apt-get install docker-compose" >&2; fi
 
 typecheck: install
 	$(BIN)/mypy
