@@ -153,6 +153,8 @@ _KEYS: dict[str, _Key] = {
     "max_tokens": _Key(_positive_int, 1024),
     "max_tokens_limit": _Key(_positive_int, 8192),
     "system_prompt": _Key(_str, "You are a helpful assistant."),
+    "cache_system_prompt": _Key(_bool, False),
+    "cache_conversation": _Key(_bool, False),
     "url_prefix": _Key(_url_prefix, ""),
     "timeout": _Key(_positive_seconds, 60.0),
     "connect_timeout": _Key(_positive_seconds, 10.0),
@@ -190,6 +192,8 @@ class ClaudeConfig:
     max_tokens: int
     max_tokens_limit: int
     system_prompt: str
+    cache_system_prompt: bool
+    cache_conversation: bool
     url_prefix: str
     timeout: float
     connect_timeout: float

@@ -46,6 +46,8 @@ _DELTA_PREFIX = b'data: {"type":"delta","text":'
 #: one never-ending event filling memory.
 MAX_UPSTREAM_EVENT = 8 * 1024 * 1024
 
+_EPHEMERAL = {"type": "ephemeral"}  # prompt caching's cache_control
+
 _USAGE_SUMMED = (
     "input_tokens",
     "output_tokens",
@@ -126,7 +128,7 @@ class Relay:
         config = self.config
         policy = self.policy
         texts: list[bytes] = []  # what the client has received (JSON literals), to continue
-        params = _params(request, request.messages, request.max_tokens)
+        params = _params(request, request.messages, request.max_tokens, config)
         guard: ContinuationGuard | None = None  # set on continuation requests
         retries = 0
         tolerated = 0  # library warnings turned from errors into log lines
@@ -176,7 +178,7 @@ class Relay:
                     return "ok"
                 sent = _joined(texts)
                 messages, whitespace = continuation_messages(request.model, request.messages, sent)
-                params = _params(request, messages, remaining)
+                params = _params(request, messages, remaining, config)
                 guard = ContinuationGuard(sent, whitespace)
 
     async def _attempt(
@@ -350,7 +352,7 @@ def _stream_error(data: bytes, request_id: str | None) -> UpstreamError:
 
 
 def _params(
-    request: ChatRequest, messages: list[dict[str, str]], max_tokens: int
+    request: ChatRequest, messages: list[dict[str, str]], max_tokens: int, config: ClaudeConfig
 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": request.model,
@@ -359,7 +361,26 @@ def _params(
         "stream": True,
     }
     if request.system:
-        params["system"] = request.system
+        params["system"] = (
+            [{"type": "text", "text": request.system, "cache_control": _EPHEMERAL}]
+            if config.cache_system_prompt
+            else request.system
+        )
+    if config.cache_conversation and len(request.messages) >= 2:
+        # the conversation before the newest user turn: the same on the next turn, so cached
+        index = len(request.messages) - 2
+        marked = dict(messages[index])
+        marked["content"] = [  # type: ignore[assignment]
+            {"type": "text", "text": messages[index]["content"], "cache_control": _EPHEMERAL}
+        ]
+        params["messages"] = [*messages[:index], marked, *messages[index + 1 :]]
+    if request.temperature is not None:
+        # not a typed parameter of SDK 2.x's create(): sent through its public extra_body
+        params["extra_body"] = {"temperature": request.temperature}
+    if request.stop_sequences:
+        params["stop_sequences"] = list(request.stop_sequences)
+    if request.user_id is not None:
+        params["metadata"] = {"user_id": request.user_id}
     return params
 
 

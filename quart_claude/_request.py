@@ -11,7 +11,13 @@ __all__ = ["ChatRequest", "RequestError", "parse_chat_request"]
 
 _ROLES = frozenset({"user", "assistant"})
 _MAX_MESSAGES = 1000
-_FIELDS = frozenset({"message", "messages", "max_tokens", "system", "model"})
+_FIELDS = frozenset(
+    {"message", "messages", "max_tokens", "system", "model", "temperature", "stop_sequences"}
+    | {"metadata"}
+)
+_MAX_STOP_SEQUENCES = 8
+_MAX_STOP_SEQUENCE = 200
+_MAX_USER_ID = 256
 
 
 class RequestError(Exception):
@@ -30,6 +36,9 @@ class ChatRequest:
     model: str
     max_tokens: int
     system: str
+    temperature: float | None = None
+    stop_sequences: tuple[str, ...] = ()
+    user_id: str | None = None  # metadata.user_id: the identity's when there is one
 
 
 def _invalid(message: str) -> RequestError:
@@ -44,8 +53,12 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def parse_chat_request(body: Any, config: ClaudeConfig) -> ChatRequest:
-    """Turn a decoded JSON body into a :class:`ChatRequest`, or raise :class:`RequestError`."""
+def parse_chat_request(body: Any, config: ClaudeConfig, identity: str | None = None) -> ChatRequest:
+    """Turn a decoded JSON body into a :class:`ChatRequest`, or raise :class:`RequestError`.
+
+    ``identity`` (the identity loader's answer) becomes ``metadata.user_id``, whatever the
+    body says: a client cannot claim to be someone else.
+    """
     if not isinstance(body, dict):
         raise _invalid("the body must be a JSON object")
     if "messages" in body:
@@ -84,7 +97,50 @@ def parse_chat_request(body: Any, config: ClaudeConfig) -> ChatRequest:
     if model != config.model and "*" not in allowed and model not in allowed:
         choices = ", ".join((config.model, *allowed))
         raise _invalid(f"'model' must be one of: {choices} (CLAUDE_ALLOWED_MODELS)")
-    return ChatRequest(messages=messages, model=model, max_tokens=max_tokens, system=system)
+    return ChatRequest(
+        messages=messages,
+        model=model,
+        max_tokens=max_tokens,
+        system=system,
+        temperature=_temperature(body.get("temperature")),
+        stop_sequences=_stop_sequences(body.get("stop_sequences")),
+        user_id=identity if identity is not None else _user_id(body.get("metadata")),
+    )
+
+
+def _temperature(value: Any) -> float | None:
+    if value is None:
+        return None
+    if type(value) not in (int, float) or not 0.0 <= value <= 1.0:
+        raise _invalid("'temperature' must be a number from 0 to 1")
+    return float(value)
+
+
+def _stop_sequences(value: Any) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or len(value) > _MAX_STOP_SEQUENCES:
+        raise _invalid(f"'stop_sequences' must be a list of at most {_MAX_STOP_SEQUENCES} strings")
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip() or len(item) > _MAX_STOP_SEQUENCE:
+            raise _invalid(
+                f"'stop_sequences[{index}]' must be a non-blank string of at most "
+                f"{_MAX_STOP_SEQUENCE} characters"
+            )
+    return tuple(value)
+
+
+def _user_id(metadata: Any) -> str | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or set(metadata) - {"user_id"}:
+        raise _invalid("'metadata' may only hold 'user_id'")
+    user_id = metadata.get("user_id")
+    if user_id is None:
+        return None
+    if not isinstance(user_id, str) or not user_id or len(user_id) > _MAX_USER_ID:
+        raise _invalid(f"'metadata.user_id' must be a string of 1 to {_MAX_USER_ID} characters")
+    return user_id
 
 
 def _messages(value: Any) -> list[dict[str, str]]:

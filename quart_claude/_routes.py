@@ -92,8 +92,9 @@ async def _read_json(state: ClaudeState) -> Any:
     return body
 
 
-async def chat_stream() -> Response:
-    state = Claude.state()
+async def _open_stream(state: ClaudeState) -> Stream | Response:
+    """Validate the request and start its producer: the stream, or the error to answer.
+    Both chat routes (streaming and not) begin here, so they refuse alike."""
     relay = state.relay
     if relay is None or state.draining:
         return _json_error(
@@ -102,8 +103,9 @@ async def chat_stream() -> Response:
             "the Claude backend is not serving yet (or is shutting down)",
             {"Retry-After": "1"},
         )
+    owner = await state.identity()
     try:
-        chat = parse_chat_request(await _read_json(state), state.config)
+        chat = parse_chat_request(await _read_json(state), state.config, owner)
     except RequestError as error:
         return _json_error(error.status, error.code, error.message)
     if state.live_streams() >= state.config.max_concurrent_streams:
@@ -113,7 +115,6 @@ async def chat_stream() -> Response:
             "too many open streams on this server; try again shortly",
             {"Retry-After": "1"},
         )
-    owner = await state.identity()
     client = owner if owner is not None else f"addr:{request.remote_addr}"
     per_client = state.config.max_streams_per_client
     if per_client and state.streams_of(client) >= per_client:
@@ -138,7 +139,67 @@ async def chat_stream() -> Response:
             return _store_unavailable()
     state.streams.add(stream)
     state.start_producer(stream, relay.produce(stream, chat), client)
+    return stream
+
+
+async def chat_stream() -> Response:
+    state = Claude.state()
+    stream = await _open_stream(state)
+    if isinstance(stream, Response):
+        return stream
     return _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
+
+
+#: The HTTP status of a failed answer on ``POST /chat``, by error class: 429 and 4xx for
+#: what the client can change, 502/503/504 for the upstream (or this server's key/model).
+_CHAT_STATUS = {
+    "rate_limit": 429,
+    "overloaded": 503,
+    "server_error": 502,
+    "network_error": 502,
+    "timeout": 504,
+    "auth_error": 502,
+    "permission_error": 502,
+    "not_found": 502,
+    "token_limit": 400,
+    "invalid_request": 400,
+    "request_too_large": 413,
+    "unknown": 502,
+    "shutdown": 503,
+    "unavailable": 503,
+    "continuation_failed": 502,
+}
+
+
+async def chat() -> Response:
+    """The same request as ``/chat/stream``, answered as one JSON object when it is done."""
+    state = Claude.state()
+    stream = await _open_stream(state)
+    if isinstance(stream, Response):
+        return stream
+    producer = stream.producer
+    assert producer is not None
+    try:
+        await asyncio.shield(producer)
+    except asyncio.CancelledError:  # the client left: nobody will read this answer
+        stream.cancel("disconnected")
+        raise
+    events = [json.loads(event[6 : event.index(b"\n")]) for event in stream.events]
+    final = events[-1]
+    if final["type"] == "error":
+        headers = {"Retry-After": str(final["retry_after"])} if "retry_after" in final else None
+        status = _CHAT_STATUS.get(final["error"], 502)
+        return _json_error(status, final["error"], final["message"], headers)
+    start = events[0] if events[0]["type"] == "start" else {}
+    return _json_response(
+        {
+            "id": start.get("message_id"),
+            "model": start.get("model"),
+            "text": "".join(event["text"] for event in events if event["type"] == "delta"),
+            "stop_reason": final.get("stop_reason"),
+            "usage": final.get("usage", {}),
+        }
+    )
 
 
 async def _find(state: ClaudeState, stream_id: str) -> Stream | RemoteStream | None:
@@ -247,6 +308,7 @@ async def ready() -> Response:
 
 
 _ROUTES = {  # path -> methods it answers (HEAD comes with GET)
+    "/chat": ("POST",),
     "/chat/stream": ("POST",),
     "/chat/stream/<stream_id>": ("GET", "DELETE"),
     "/health": ("GET",),
@@ -290,6 +352,7 @@ async def _internal_error(error: Exception) -> Response:
 
 def create_blueprint() -> Blueprint:
     blueprint = Blueprint("claude", __name__)
+    blueprint.add_url_rule("/chat", "chat", chat, methods=["POST"])
     blueprint.add_url_rule("/chat/stream", "chat_stream", chat_stream, methods=["POST"])
     blueprint.add_url_rule(
         "/chat/stream/<stream_id>", "resume_stream", resume_stream, methods=["GET"]

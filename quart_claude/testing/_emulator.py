@@ -16,7 +16,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 __all__ = [
@@ -91,6 +91,7 @@ class Reply:
     token_delay: float | None = None  # None: the emulator's default
     first_token_delay: float = 0.0
     stop_reason: str = "end_turn"
+    stop_sequence: str | None = None  # with stop_reason "stop_sequence": which one matched
     fault: Literal["error", "drop", "stall", "eof"] | None = None
     fault_after: int = 0
     error_type: str = "overloaded_error"
@@ -181,6 +182,7 @@ class Emulator:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
         self._new_request = asyncio.Event()
+        self._cache: set[str] = set()  # prompt prefixes written to the "cache"
 
     # -- lifecycle -----------------------------------------------------------------------
     @property
@@ -350,6 +352,11 @@ class Emulator:
             return True
         body = record.body
         text = self._answer_text(scripted, body)
+        stops = [s for s in body.get("stop_sequences") or () if isinstance(s, str) and s in text]
+        if stops:  # the answer ends before the first stop sequence it contains, as the API's
+            first = min(stops, key=text.index)
+            text = text[: text.index(first)]
+            scripted = replace(scripted, stop_reason="stop_sequence", stop_sequence=first)
         if body.get("stream") is True:
             return await self._stream(record, writer, scripted, text)
         record.outcome = "completed"
@@ -433,22 +440,33 @@ class Emulator:
             "model": body["model"],
             "content": [{"type": "text", "text": "".join(tokens)}],
             "stop_reason": reply.stop_reason,
-            "stop_sequence": None,
+            "stop_sequence": reply.stop_sequence,
             "usage": {**self._usage(reply, body), "output_tokens": len(tokens)},
         }
 
     def _usage(self, reply: Reply, body: dict[str, Any]) -> dict[str, int]:
+        """Four characters a token. A prefix ending in a ``cache_control`` block is written to
+        the cache the first time and read from it on every repeat, as prompt caching does
+        (a reply's own cache counts, when set, win)."""
+        blocks = _blocks(body)
+        total = sum(len(text) for text, _ in blocks)
+        marked = [i for i, (_, cached) in enumerate(blocks) if cached]
+        cached_size = sum(len(text) for text, _ in blocks[: marked[-1] + 1]) if marked else 0
+        write = read = 0
+        if marked:
+            key = json.dumps(blocks[: marked[-1] + 1])
+            if key in self._cache:
+                read = cached_size // 4
+            else:
+                self._cache.add(key)
+                write = cached_size // 4
+        input_tokens = max(1, (total - cached_size) // 4)
         if reply.input_tokens is not None:
             input_tokens = reply.input_tokens
-        else:
-            size = sum(len(_content_text(m)) for m in body["messages"])
-            system = body.get("system")
-            size += len(system) if isinstance(system, str) else 0
-            input_tokens = max(1, size // 4)
         return {
             "input_tokens": input_tokens,
-            "cache_creation_input_tokens": reply.cache_creation_input_tokens,
-            "cache_read_input_tokens": reply.cache_read_input_tokens,
+            "cache_creation_input_tokens": reply.cache_creation_input_tokens or write,
+            "cache_read_input_tokens": reply.cache_read_input_tokens or read,
             "output_tokens": 1,
         }
 
@@ -570,7 +588,7 @@ class Emulator:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": None},
+                "delta": {"stop_reason": stop_reason, "stop_sequence": reply.stop_sequence},
                 "usage": {"output_tokens": len(tokens)},
             },
         )
@@ -660,6 +678,19 @@ def _full_text(reply: Reply, messages: Iterable[Mapping[str, Any]]) -> str:
     if reply.tokens is not None:
         return "".join(reply.tokens)
     return _demo_text(messages)
+
+
+def _blocks(body: Mapping[str, Any]) -> list[tuple[str, bool]]:
+    """The prompt in order (system, then each message) as (text, ends a cached prefix)."""
+    blocks: list[tuple[str, bool]] = []
+    for part in (body.get("system"), *(m.get("content") for m in body.get("messages", ()))):
+        if isinstance(part, str):
+            blocks.append((part, False))
+        elif isinstance(part, list):
+            for block in part:
+                if isinstance(block, dict) and isinstance(block.get("text"), str):
+                    blocks.append((block["text"], "cache_control" in block))
+    return blocks
 
 
 def _tokenize(reply: Reply, text: str) -> list[str]:

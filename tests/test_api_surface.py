@@ -1,0 +1,163 @@
+"""``POST /chat`` (a whole reply as JSON), the request options, and prompt caching, through
+a real server and the emulator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+import pytest
+from quart import Quart, request
+
+from quart_claude.testing import Emulator, ErrorReply, Reply
+
+from .helpers import serving, stream_chat
+
+SYSTEM = "You are a careful assistant. " * 40  # long enough to be worth caching
+
+
+async def test_chat_answers_one_json_object(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply("Hello there, friend.", input_tokens=12))
+    response = await http.post(server + "/chat", json={"message": "hi"})
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"id", "model", "text", "stop_reason", "usage"}
+    assert body["text"] == "Hello there, friend."
+    assert body["stop_reason"] == "end_turn" and body["model"] == "claude-sonnet-5-5"
+    assert body["id"].startswith("msg_emu_")
+    assert body["usage"]["input_tokens"] == 12 and body["usage"]["output_tokens"] == 3
+
+
+async def test_chat_retries_like_the_stream(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(ErrorReply(529), Reply("after a retry"))
+    response = await http.post(server + "/chat", json={"message": "hi"})
+    assert response.status_code == 200 and response.json()["text"] == "after a retry"
+    assert len(emulator.requests) == 2
+
+
+@pytest.mark.parametrize(
+    ("scripted", "status", "code"),
+    [
+        (ErrorReply(429, headers={"retry-after": "30"}), 429, "rate_limit"),
+        (ErrorReply(529), 503, "overloaded"),
+        (ErrorReply(500), 502, "server_error"),
+        (ErrorReply(401), 502, "auth_error"),
+        (Reply("x", fault="stall", fault_after=0, stall=30), 504, "timeout"),
+        (ErrorReply(400, message="prompt is too long: 300000 tokens"), 400, "token_limit"),
+    ],
+)
+async def test_chat_upstream_failures_are_http_statuses(
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    scripted: Any,
+    status: int,
+    code: str,
+) -> None:
+    emulator.script(scripted)
+    async with serving(make_app(max_retries=0, recovery=False, timeout=1)) as url:
+        response = await http.post(url + "/chat", json={"message": "hi"})
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    assert response.json()["error"] == code
+    if status == 429:
+        assert response.headers["retry-after"] == "30"
+
+
+async def test_chat_refuses_bad_input_like_the_stream(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    response = await http.post(server + "/chat", json={"message": ""})
+    assert response.status_code == 400 and response.json()["error"] == "invalid_request"
+    assert emulator.requests == []
+
+
+async def test_options_reach_the_upstream(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    body = {
+        "message": "hi",
+        "temperature": 0.2,
+        "stop_sequences": ["STOP"],
+        "metadata": {"user_id": "user-42"},
+    }
+    emulator.script(Reply("first part STOP never sent"))
+    result = await stream_chat(http, server + "/chat/stream", body)
+    sent = emulator.requests[0].body
+    assert sent["temperature"] == 0.2 and sent["stop_sequences"] == ["STOP"]
+    assert sent["metadata"] == {"user_id": "user-42"}
+    assert result.text == "first part "
+    assert result.events[-1]["stop_reason"] == "stop_sequence"
+
+
+async def test_the_identity_is_the_user_id_whatever_the_body_says(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = make_app(identify=lambda: request.headers.get("X-User"))
+    async with serving(app) as url:
+        body = {"message": "hi", "metadata": {"user_id": "someone-else"}}
+        await stream_chat(http, url + "/chat/stream", body, headers={"X-User": "alice"})
+    assert emulator.requests[0].body["metadata"] == {"user_id": "alice"}
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "hint"),
+    [
+        ("temperature", 1.5, "temperature"),
+        ("temperature", "hot", "temperature"),
+        ("temperature", True, "temperature"),
+        ("stop_sequences", "STOP", "stop_sequences"),
+        ("stop_sequences", ["a"] * 9, "stop_sequences"),
+        ("stop_sequences", ["  "], "stop_sequences[0]"),
+        ("stop_sequences", ["x" * 201], "stop_sequences[0]"),
+        ("metadata", {"user_id": "u", "email": "a@b"}, "metadata"),
+        ("metadata", {"user_id": "u" * 257}, "metadata.user_id"),
+        ("metadata", "u", "metadata"),
+    ],
+)
+async def test_bad_options_are_400s_naming_the_field(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient, field: str, value: Any, hint: str
+) -> None:
+    for route in ("/chat", "/chat/stream"):
+        response = await http.post(server + route, json={"message": "hi", field: value})
+        assert response.status_code == 400, response.text
+        assert hint in response.json()["message"]
+    assert emulator.requests == []
+
+
+async def test_caching_the_system_prompt_makes_repeats_cache_reads(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    async with serving(make_app(system_prompt=SYSTEM, cache_system_prompt=True)) as url:
+        first = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+        second = await stream_chat(http, url + "/chat/stream", {"message": "another question"})
+    system = emulator.requests[0].body["system"]
+    assert system == [{"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}}]
+    written = first.events[0]["usage"]["cache_creation_input_tokens"]
+    assert written == len(SYSTEM) // 4 and first.events[0]["usage"]["cache_read_input_tokens"] == 0
+    start = second.events[0]
+    assert start["type"] == "start"  # known before the first delta
+    assert start["usage"]["cache_read_input_tokens"] == written
+    assert second.events[-1]["usage"]["cache_read_input_tokens"] == written
+
+
+async def test_caching_the_conversation_marks_its_prefix(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    messages = [
+        {"role": "user", "content": "Tell me a long story."},
+        {"role": "assistant", "content": "Once upon a time " * 50},
+        {"role": "user", "content": "And then?"},
+    ]
+    async with serving(make_app(cache_conversation=True)) as url:
+        await stream_chat(http, url + "/chat/stream", {"messages": messages})
+        again = await stream_chat(http, url + "/chat/stream", {"messages": messages})
+    sent = emulator.requests[0].body["messages"]
+    assert sent[1]["content"][0]["cache_control"] == {"type": "ephemeral"}
+    assert sent[0] == messages[0] and sent[2] == messages[2]
+    assert again.events[0]["usage"]["cache_read_input_tokens"] > 0
