@@ -147,6 +147,7 @@ class _Key:
 _KEYS: dict[str, _Key] = {
     "api_key": _Key(_optional_str, None, env_fallback="ANTHROPIC_API_KEY"),
     "base_url": _Key(_optional_str, None, env_fallback="ANTHROPIC_BASE_URL"),
+    "api_tokens": _Key(_models, ()),
     "model": _Key(_non_empty_str, DEFAULT_MODEL),
     "allowed_models": _Key(_models, ()),
     "allow_client_system": _Key(_bool, False),
@@ -186,6 +187,7 @@ class ClaudeConfig:
 
     api_key: str | None = field(repr=False)
     base_url: str | None
+    api_tokens: tuple[str, ...] = field(repr=False)
     model: str
     allowed_models: tuple[str, ...]
     allow_client_system: bool

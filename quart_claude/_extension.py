@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
 import anthropic
 import httpx2
-from quart import Quart, current_app
+from quart import Quart, Request, current_app, request
 
 from ._config import ClaudeConfig, ConfigError, load_config
 from ._redact import install as install_redaction
@@ -21,11 +23,19 @@ from ._stream import Stream, StreamRegistry
 if TYPE_CHECKING:
     from ._redis_store import RedisStore
 
-__all__ = ["Claude", "ClaudeState"]
+__all__ = ["Authorize", "Claude", "ClaudeState", "Unauthorized"]
 
 log = logging.getLogger("quart_claude")
 
 EXTENSION_KEY = "claude"
+
+
+#: ``fn(request) -> identity | None``, sync or async.
+Authorize = Callable[[Request], Any]
+
+
+class Unauthorized(Exception):
+    """The request may not use the routes: answered 401."""
 
 
 class ClaudeState:
@@ -78,13 +88,31 @@ class ClaudeState:
 
         task.add_done_callback(done)
 
-    async def identity(self) -> str | None:
-        """Who is asking, per the app's identity loader (None: no loader, or anonymous)."""
-        loader = self.extension.identify
-        if loader is None:
-            return None
-        value = await current_app.ensure_async(loader)()
-        return None if value is None else str(value)
+    async def authorize(self) -> str | None:
+        """Who is asking: the identity that decides who may use the routes, who owns a stream
+        and the rate-limit key. It is the ``authorize`` hook's answer when there is a hook,
+        else the bearer token's (``CLAUDE_API_TOKENS``), else None (no auth: anyone may use
+        the routes, and a stream id is the capability to read or stop it).
+
+        Raises :class:`Unauthorized` when a hook answers None or no token matches.
+        """
+        identity = None
+        tokens = self.config.api_tokens
+        if tokens:
+            scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
+            offered = given.strip().encode() if scheme.lower() == "bearer" else b""
+            # every token compared in constant time, none skipped: no timing says which failed
+            matches = [t for t in tokens if hmac.compare_digest(offered, t.encode())]
+            if not offered or not matches:
+                raise Unauthorized("a valid 'Authorization: Bearer <token>' is required")
+            identity = "token:" + hashlib.sha256(matches[0].encode()).hexdigest()[:16]
+        hook = self.extension.authorize_hook
+        if hook is not None:
+            value = await current_app.ensure_async(hook)(request)
+            if value is None:
+                raise Unauthorized("this request is not authorized")
+            identity = str(value)
+        return identity
 
     def stream_idle(self, stream: Stream) -> None:
         """The last reader left before the end: give it ``CLAUDE_RESUME_GRACE`` seconds to
@@ -212,21 +240,24 @@ class Claude:
         self,
         app: Quart | None = None,
         *,
-        identify: Callable[[], Any] | None = None,
+        authorize: Authorize | None = None,
         **options: Any,
     ) -> None:
         self._options = options
-        self.identify = identify
+        self.authorize_hook = authorize
         if app is not None:
             self.init_app(app)
 
-    def identity_loader(self, loader: Callable[[], Any]) -> Callable[[], Any]:
-        """Decorate a (sync or async) function returning the current user's id, or None.
+    def authorize(self, hook: Authorize) -> Authorize:
+        """Decorate the (sync or async) function that, given the request, returns who is
+        asking (any value; ``str()`` of it is the identity) or None to refuse with a 401.
 
-        When set, a stream may be read or stopped only by the identity that started it.
+        The identity decides who may use the chat routes, who owns a stream (only the same
+        identity may read or stop it; anyone else gets 404), and the rate-limit key.
+        ``/health``, ``/ready`` and the client script stay open.
         """
-        self.identify = loader
-        return loader
+        self.authorize_hook = hook
+        return hook
 
     def init_app(self, app: Quart) -> None:
         if EXTENSION_KEY in app.extensions:
@@ -240,6 +271,8 @@ class Claude:
                 "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
             )
         register_secret(config.api_key)
+        for token in config.api_tokens:
+            register_secret(token)
         install_redaction()
         state = ClaudeState(self, config)
         app.extensions[EXTENSION_KEY] = state

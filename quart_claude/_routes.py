@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
-from ._extension import Claude, ClaudeState
+from ._extension import Claude, ClaudeState, Unauthorized
 from ._request import RequestError, parse_chat_request
 from ._stream import StoreUnavailable, Stream, new_stream_id
 
@@ -103,7 +103,10 @@ async def _open_stream(state: ClaudeState) -> Stream | Response:
             "the Claude backend is not serving yet (or is shutting down)",
             {"Retry-After": "1"},
         )
-    owner = await state.identity()
+    try:
+        owner = await state.authorize()
+    except Unauthorized as refused:
+        return _unauthorized(state, refused)
     try:
         chat = parse_chat_request(await _read_json(state), state.config, owner)
     except RequestError as error:
@@ -202,15 +205,22 @@ async def chat() -> Response:
     )
 
 
-async def _find(state: ClaudeState, stream_id: str) -> Stream | RemoteStream | None:
+async def _find(
+    state: ClaudeState, stream_id: str, identity: str | None
+) -> Stream | RemoteStream | None:
     """The stream (produced here, or elsewhere when Redis is configured) if it exists and
-    the caller may see it; otherwise None, as if it did not exist."""
+    ``identity`` may see it; otherwise None, as if it did not exist."""
     found: Stream | RemoteStream | None = state.streams.get(stream_id)
     if found is None and state.store is not None:
         found = await state.store.lookup(stream_id)
-    if found is None or (found.owner is not None and found.owner != await state.identity()):
+    if found is None or (found.owner is not None and found.owner != identity):
         return None
     return found
+
+
+def _unauthorized(state: ClaudeState, refused: Unauthorized) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if state.config.api_tokens else None
+    return _json_error(401, "unauthorized", str(refused), headers)
 
 
 def _store_unavailable() -> Response:
@@ -248,7 +258,9 @@ async def resume_stream(stream_id: str) -> Response:
     except RequestError as error:
         return _json_error(error.status, error.code, error.message)
     try:
-        stream = await _find(state, stream_id)
+        stream = await _find(state, stream_id, await state.authorize())
+    except Unauthorized as refused:
+        return _unauthorized(state, refused)
     except StoreUnavailable:
         return _store_unavailable()
     if stream is None:
@@ -270,7 +282,7 @@ async def stop_stream(stream_id: str) -> Response:
     """The stop button: close the upstream request; readers get ``done`` / ``cancelled``."""
     state = Claude.state()
     try:
-        stream = await _find(state, stream_id)
+        stream = await _find(state, stream_id, await state.authorize())
         if stream is None:
             return _not_found()
         if isinstance(stream, Stream):
@@ -280,6 +292,8 @@ async def stop_stream(stream_id: str) -> Response:
             stopped = not stream.done
             if stopped:
                 await state.store.request_cancel(stream.id)
+    except Unauthorized as refused:
+        return _unauthorized(state, refused)
     except StoreUnavailable:
         return _store_unavailable()
     return _json_response(

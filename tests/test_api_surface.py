@@ -8,8 +8,9 @@ from typing import Any
 
 import httpx2
 import pytest
-from quart import Quart, request
+from quart import Quart, Request
 
+from quart_claude import Claude
 from quart_claude.testing import Emulator, ErrorReply, Reply
 
 from .helpers import serving, stream_chat
@@ -98,7 +99,7 @@ async def test_options_reach_the_upstream(
 async def test_the_identity_is_the_user_id_whatever_the_body_says(
     make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
-    app = make_app(identify=lambda: request.headers.get("X-User"))
+    app = make_app(authorize=lambda req: req.headers.get("X-User"))
     async with serving(app) as url:
         body = {"message": "hi", "metadata": {"user_id": "someone-else"}}
         await stream_chat(http, url + "/chat/stream", body, headers={"X-User": "alice"})
@@ -161,3 +162,52 @@ async def test_caching_the_conversation_marks_its_prefix(
     assert sent[1]["content"][0]["cache_control"] == {"type": "ephemeral"}
     assert sent[0] == messages[0] and sent[2] == messages[2]
     assert again.events[0]["usage"]["cache_read_input_tokens"] > 0
+
+
+TOKENS = "tok-alpha-0123456789,tok-beta-0123456789"
+
+
+async def test_api_tokens_guard_the_routes_and_health_stays_open(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    async with serving(make_app(api_tokens=TOKENS)) as url:
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "tok-alpha"}):
+            for route in ("/chat", "/chat/stream"):
+                refused = await http.post(url + route, json={"message": "hi"}, headers=headers)
+                assert refused.status_code == 401
+                assert refused.json()["error"] == "unauthorized"
+                assert refused.headers["www-authenticate"] == "Bearer"
+        assert emulator.requests == []
+        for open_route in ("/health", "/ready", "/claude-stream.js"):
+            assert (await http.get(url + open_route)).status_code == 200
+        beta = {"Authorization": "Bearer tok-beta-0123456789"}
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"}, headers=beta)
+        assert result.types[-1] == "done"
+        path = f"{url}/chat/stream/{result.headers['x-stream-id']}"
+        assert (await http.get(path)).status_code == 401
+        alpha = {"Authorization": "Bearer tok-alpha-0123456789"}
+        assert (await http.get(path, headers=alpha)).status_code == 404  # another identity's
+        assert (await http.get(path, headers=beta)).status_code == 200
+
+
+@pytest.mark.parametrize("is_async", [False, True])
+async def test_the_authorize_hook_decides_sync_or_async(
+    emulator: Emulator, http: httpx2.AsyncClient, is_async: bool
+) -> None:
+    app = Quart(__name__)
+    claude = Claude(api_key="sk-test-authorize-0000", base_url=emulator.url)
+
+    def check(req: Request) -> str | None:
+        return "staff-7" if req.headers.get("X-Session") == "valid" else None
+
+    async def check_async(req: Request) -> str | None:
+        return check(req)
+
+    claude.authorize(check_async if is_async else check)
+    claude.init_app(app)
+    async with serving(app) as url:
+        refused = await http.post(url + "/chat", json={"message": "hi"})
+        assert refused.status_code == 401 and "www-authenticate" not in refused.headers
+        ok = await http.post(url + "/chat", json={"message": "hi"}, headers={"X-Session": "valid"})
+        assert ok.status_code == 200
+    assert emulator.requests[0].body["metadata"] == {"user_id": "staff-7"}

@@ -17,7 +17,7 @@ from typing import Any
 import httpx2
 import pytest
 import redis.asyncio as aioredis
-from quart import Quart, request
+from quart import Quart, Request
 
 from quart_claude.testing import Emulator, Reply
 
@@ -28,8 +28,8 @@ from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
 ANSWER = " ".join(f"w{i:03d}" for i in range(128))  # 640 characters, 128 tokens
 
 
-def user() -> str | None:
-    return request.headers.get("X-User")
+def user(req: Request) -> str:
+    return req.headers.get("X-User", "guest")
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ async def hosts(
     options: dict[str, Any] = {
         "stream_store": redis_server.url,
         "heartbeat_interval": 0.5,
-        "identify": user,
+        "authorize": user,
     }
     async with serving(make_app(**options)) as a, serving(make_app(**options)) as b:
         yield a, b
@@ -71,7 +71,7 @@ async def test_after_a_redis_restart_another_user_cannot_read_or_stop_the_stream
     redis_server.restart()
     await finish(emulator)
     assert (await http.get(b + path, headers={"X-User": "mallory"})).status_code == 404
-    assert (await http.get(b + path)).status_code == 404  # nor anonymous
+    assert (await http.get(b + path)).status_code == 404  # nor a guest
     assert (await http.delete(b + path, headers={"X-User": "mallory"})).status_code == 404
     mine = await read_all(http, b + path, **alice)
     assert mine.text == ANSWER and mine.types[-1] == "done"

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import httpx2
 import pytest
-from quart import Quart, request
+from quart import Quart, Request
 
 from quart_claude import Claude
 from quart_claude._stream import Stream, StreamRegistry
@@ -158,9 +158,9 @@ async def test_identity_hook_restricts_who_may_read_or_stop(
     app = Quart(__name__)
     claude = Claude(api_key="sk-test", base_url=emulator.url)
 
-    @claude.identity_loader
-    def user() -> str | None:
-        return request.headers.get("X-User")
+    @claude.authorize
+    def user(req: Request) -> str | None:
+        return req.headers.get("X-User")
 
     claude.init_app(app)
     emulator.script(Reply(ANSWER, token_delay=0.05))
@@ -173,9 +173,11 @@ async def test_identity_hook_restricts_who_may_read_or_stop(
             stop_after_deltas=2,
         )
         path = f"{url}/chat/stream/{first.headers['x-stream-id']}"
-        for who in ({"X-User": "mallory"}, {}):
-            assert (await http.get(path, headers=who)).status_code == 404
-            assert (await http.delete(path, headers=who)).status_code == 404
+        mallory = {"X-User": "mallory"}
+        assert (await http.get(path, headers=mallory)).status_code == 404  # as if unknown
+        assert (await http.delete(path, headers=mallory)).status_code == 404
+        assert (await http.get(path)).status_code == 401  # nobody: not authorized at all
+        assert (await http.delete(path)).status_code == 401
         mine = await stream_chat(http, path, method="GET", headers={"X-User": "alice"})
         assert mine.text == ANSWER
 
