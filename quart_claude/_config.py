@@ -120,6 +120,18 @@ def _models(key: str, value: Any) -> tuple[str, ...]:
     return tuple(item for item in items if item)
 
 
+def _rate_limit(key: str, value: Any) -> tuple[Any, ...]:
+    text = _str(key, value).strip()
+    if not text:
+        return ()
+    from ._ratelimit import parse_rate_limit
+
+    try:
+        return parse_rate_limit(key, text)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _http_client(key: str, value: Any) -> str:
     text = _str(key, value).strip().lower()
     if text not in ("auto", "httpx", "aiohttp"):
@@ -175,6 +187,8 @@ _KEYS: dict[str, _Key] = {
     "max_finished_streams": _Key(_positive_int, 10_000),
     "max_finished_bytes": _Key(_positive_int, 256 * 1024 * 1024),
     "max_streams_per_client": _Key(_non_negative_int, 20),
+    "rate_limit": _Key(_rate_limit, ()),
+    "cors_origins": _Key(_models, ()),
     "handle_signals": _Key(_bool, True),
     "http_client": _Key(_http_client, "auto"),
     "sse_retry": _Key(_non_negative_int, 1000),
@@ -215,6 +229,8 @@ class ClaudeConfig:
     max_finished_streams: int
     max_finished_bytes: int
     max_streams_per_client: int
+    rate_limit: tuple[Any, ...]  # limits.RateLimitItem
+    cors_origins: tuple[str, ...]
     handle_signals: bool
     http_client: str
     sse_retry: int

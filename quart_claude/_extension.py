@@ -21,6 +21,7 @@ from ._shutdown import ShutdownHooks
 from ._stream import Stream, StreamRegistry
 
 if TYPE_CHECKING:
+    from ._ratelimit import RateLimiter
     from ._redis_store import RedisStore
 
 __all__ = ["Authorize", "Claude", "ClaudeState", "Unauthorized"]
@@ -58,6 +59,7 @@ class ClaudeState:
         self._per_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        self.rate_limiter: RateLimiter | None = None
         self.draining = False
         self.store: RedisStore | None = None  # None: streams live in this worker only
         self._hooks: ShutdownHooks | None = None
@@ -158,6 +160,11 @@ class ClaudeState:
 
             self.store = RedisStore(config.stream_store, ttl=config.stream_ttl)
             await self.store.start()
+        if config.rate_limit:
+            from ._ratelimit import RateLimiter
+
+            pool = self.store.redis.connection_pool if self.store is not None else None
+            self.rate_limiter = RateLimiter(config.rate_limit, pool)
         self.relay = Relay(client, config)
         self.draining = False
         if config.send_timeout > 0:
@@ -279,7 +286,26 @@ class Claude:
 
         from ._routes import create_blueprint
 
-        app.register_blueprint(create_blueprint(), url_prefix=config.url_prefix or None)
+        blueprint = create_blueprint()
+        if config.cors_origins:  # for the blueprint's routes only, never the host app's
+            from quart_cors import cors
+
+            origins = "*" if "*" in config.cors_origins else list(config.cors_origins)
+            cors(
+                blueprint,
+                allow_origin=origins,
+                allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
+                allow_methods=["GET", "POST", "DELETE"],
+                expose_headers=[
+                    "X-Stream-Id",
+                    "Retry-After",
+                    "RateLimit-Limit",
+                    "RateLimit-Remaining",
+                    "RateLimit-Reset",
+                ],
+                max_age=600,
+            )
+        app.register_blueprint(blueprint, url_prefix=config.url_prefix or None)
         app.before_serving(state.startup)
         app.after_serving(state.shutdown)
 

@@ -92,9 +92,9 @@ async def _read_json(state: ClaudeState) -> Any:
     return body
 
 
-async def _open_stream(state: ClaudeState) -> Stream | Response:
-    """Validate the request and start its producer: the stream, or the error to answer.
-    Both chat routes (streaming and not) begin here, so they refuse alike."""
+async def _open_stream(state: ClaudeState) -> tuple[Stream, dict[str, str]] | Response:
+    """Validate the request and start its producer: the stream and the headers its answer
+    carries, or the error to answer. Both chat routes begin here, so they refuse alike."""
     relay = state.relay
     if relay is None or state.draining:
         return _json_error(
@@ -107,6 +107,21 @@ async def _open_stream(state: ClaudeState) -> Stream | Response:
         owner = await state.authorize()
     except Unauthorized as refused:
         return _unauthorized(state, refused)
+    client = owner if owner is not None else f"addr:{request.remote_addr}"
+    headers: dict[str, str] = {}
+    if state.rate_limiter is not None:
+        try:
+            allowed, headers = await state.rate_limiter.hit(client)
+        except Exception:
+            log.exception("the rate limit store is unavailable")
+            return _store_unavailable()
+        if not allowed:
+            return _json_error(
+                429,
+                "rate_limited",
+                "too many requests from this client (CLAUDE_RATE_LIMIT)",
+                headers,
+            )
     try:
         chat = parse_chat_request(await _read_json(state), state.config, owner)
     except RequestError as error:
@@ -118,7 +133,6 @@ async def _open_stream(state: ClaudeState) -> Stream | Response:
             "too many open streams on this server; try again shortly",
             {"Retry-After": "1"},
         )
-    client = owner if owner is not None else f"addr:{request.remote_addr}"
     per_client = state.config.max_streams_per_client
     if per_client and state.streams_of(client) >= per_client:
         return _json_error(
@@ -142,15 +156,18 @@ async def _open_stream(state: ClaudeState) -> Stream | Response:
             return _store_unavailable()
     state.streams.add(stream)
     state.start_producer(stream, relay.produce(stream, chat), client)
-    return stream
+    return stream, headers
 
 
 async def chat_stream() -> Response:
     state = Claude.state()
-    stream = await _open_stream(state)
-    if isinstance(stream, Response):
-        return stream
-    return _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
+    opened = await _open_stream(state)
+    if isinstance(opened, Response):
+        return opened
+    stream, headers = opened
+    response = _sse_response(stream.read(-1, state.config.heartbeat_interval), stream.id)
+    response.headers.update(headers)
+    return response
 
 
 #: The HTTP status of a failed answer on ``POST /chat``, by error class: 429 and 4xx for
@@ -177,9 +194,10 @@ _CHAT_STATUS = {
 async def chat() -> Response:
     """The same request as ``/chat/stream``, answered as one JSON object when it is done."""
     state = Claude.state()
-    stream = await _open_stream(state)
-    if isinstance(stream, Response):
-        return stream
+    opened = await _open_stream(state)
+    if isinstance(opened, Response):
+        return opened
+    stream, headers = opened
     producer = stream.producer
     assert producer is not None
     try:
@@ -190,7 +208,8 @@ async def chat() -> Response:
     events = [json.loads(event[6 : event.index(b"\n")]) for event in stream.events]
     final = events[-1]
     if final["type"] == "error":
-        headers = {"Retry-After": str(final["retry_after"])} if "retry_after" in final else None
+        if "retry_after" in final:
+            headers["Retry-After"] = str(final["retry_after"])
         status = _CHAT_STATUS.get(final["error"], 502)
         return _json_error(status, final["error"], final["message"], headers)
     start = events[0] if events[0]["type"] == "start" else {}
@@ -201,7 +220,8 @@ async def chat() -> Response:
             "text": "".join(event["text"] for event in events if event["type"] == "delta"),
             "stop_reason": final.get("stop_reason"),
             "usage": final.get("usage", {}),
-        }
+        },
+        headers=headers,
     )
 
 

@@ -10,9 +10,10 @@ import httpx2
 import pytest
 from quart import Quart, Request
 
-from quart_claude import Claude
+from quart_claude import Claude, ConfigError
 from quart_claude.testing import Emulator, ErrorReply, Reply
 
+from .conftest import RedisServer
 from .helpers import serving, stream_chat
 
 SYSTEM = "You are a careful assistant. " * 40  # long enough to be worth caching
@@ -211,3 +212,74 @@ async def test_the_authorize_hook_decides_sync_or_async(
         ok = await http.post(url + "/chat", json={"message": "hi"}, headers={"X-Session": "valid"})
         assert ok.status_code == 200
     assert emulator.requests[0].body["metadata"] == {"user_id": "staff-7"}
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_rate_limits_per_client_with_headers(
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    redis_server: RedisServer,
+    store: str,
+) -> None:
+    options: dict[str, Any] = {"rate_limit": "3/minute;100/day", "api_tokens": TOKENS}
+    if store == "redis":
+        options["stream_store"] = redis_server.url
+    alpha = {"Authorization": "Bearer tok-alpha-0123456789"}
+    beta = {"Authorization": "Bearer tok-beta-0123456789"}
+    async with serving(make_app(**options)) as url:
+        for remaining in (2, 1, 0):
+            ok = await http.post(url + "/chat", json={"message": "hi"}, headers=alpha)
+            assert ok.status_code == 200
+            assert ok.headers["ratelimit-limit"] == "3"
+            assert ok.headers["ratelimit-remaining"] == str(remaining)
+            assert 0 < int(ok.headers["ratelimit-reset"]) <= 60
+        refused = await http.post(url + "/chat/stream", json={"message": "hi"}, headers=alpha)
+        assert refused.status_code == 429 and refused.json()["error"] == "rate_limited"
+        assert 0 < int(refused.headers["retry-after"]) <= 60
+        other = await http.post(url + "/chat", json={"message": "hi"}, headers=beta)
+        assert other.status_code == 200  # another identity has its own budget
+        streamed = await stream_chat(http, url + "/chat/stream", {"message": "hi"}, headers=beta)
+        assert streamed.headers["ratelimit-remaining"] == "1"
+    assert len(emulator.requests) == 5  # the refused request never reached the upstream
+
+
+def test_a_bad_rate_limit_fails_at_init_naming_the_key() -> None:
+    with pytest.raises(ConfigError, match="CLAUDE_RATE_LIMIT"):
+        Claude(Quart(__name__), api_key="sk-test-0000000000", rate_limit="lots")
+
+
+async def test_cors_is_off_by_default_and_scoped_to_the_blueprint(
+    make_app: Callable[..., Quart], http: httpx2.AsyncClient
+) -> None:
+    origin = {"Origin": "https://chat.example.com"}
+    async with serving(make_app()) as url:
+        plain = await http.post(url + "/chat", json={"message": "hi"}, headers=origin)
+        assert "access-control-allow-origin" not in plain.headers
+    app = make_app(cors_origins="https://chat.example.com")
+
+    @app.get("/host-page")
+    async def host_page() -> str:
+        return "the host's"
+
+    async with serving(app) as url:
+        preflight = await http.options(
+            url + "/chat/stream",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, last-event-id",
+            },
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://chat.example.com"
+        allowed = preflight.headers["access-control-allow-headers"].lower()
+        assert "last-event-id" in allowed
+        streamed = await stream_chat(http, url + "/chat/stream", {"message": "hi"}, headers=origin)
+        assert streamed.headers["access-control-allow-origin"] == "https://chat.example.com"
+        assert "x-stream-id" in streamed.headers["access-control-expose-headers"].lower()
+        stranger = await http.post(
+            url + "/chat", json={"message": "hi"}, headers={"Origin": "https://evil.example"}
+        )
+        assert "access-control-allow-origin" not in stranger.headers
+        host = await http.get(url + "/host-page", headers=origin)
+        assert "access-control-allow-origin" not in host.headers  # the host app's own routes
