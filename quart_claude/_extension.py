@@ -17,6 +17,7 @@ from ._config import ClaudeConfig, ConfigError, load_config
 from ._redact import install as install_redaction
 from ._redact import register_secret
 from ._relay import Relay
+from ._schema import chat_body_model, openapi_document
 from ._shutdown import ShutdownHooks
 from ._stream import Stream, StreamRegistry
 
@@ -56,6 +57,8 @@ class ClaudeState:
             max_bytes=config.max_finished_bytes,
         )
         self.producers: set[asyncio.Task[None]] = set()
+        self.body_model = chat_body_model(config)  # validates bodies; the OpenAPI's source
+        self._openapi: dict[str, Any] | None = None
         self._per_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
@@ -63,6 +66,12 @@ class ClaudeState:
         self.draining = False
         self.store: RedisStore | None = None  # None: streams live in this worker only
         self._hooks: ShutdownHooks | None = None
+
+    @property
+    def openapi(self) -> dict[str, Any]:
+        if self._openapi is None:
+            self._openapi = openapi_document(self.config)
+        return self._openapi
 
     @property
     def ready(self) -> bool:

@@ -21,6 +21,7 @@ from werkzeug.exceptions import HTTPException
 
 from ._extension import Claude, ClaudeState, Unauthorized
 from ._request import RequestError, parse_chat_request
+from ._schema import ValidationError
 from ._stream import StoreUnavailable, Stream, new_stream_id
 
 if TYPE_CHECKING:  # redis is an optional dependency
@@ -123,9 +124,15 @@ async def _open_stream(state: ClaudeState) -> tuple[Stream, dict[str, str]] | Re
                 headers,
             )
     try:
-        chat = parse_chat_request(await _read_json(state), state.config, owner)
+        body = await _read_json(state)
+        chat = parse_chat_request(body, state.config, owner)
+        state.body_model.model_validate(body)  # the model the OpenAPI document is made from
     except RequestError as error:
         return _json_error(error.status, error.code, error.message)
+    except ValidationError as invalid:
+        first = invalid.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return _json_error(400, "invalid_request", f"'{where}': {first['msg']}")
     if state.live_streams() >= state.config.max_concurrent_streams:
         return _json_error(
             503,
@@ -327,6 +334,36 @@ def _sse_response(body: AsyncIterator[bytes], stream_id: str) -> Response:
     return response
 
 
+async def openapi() -> Response:
+    return _json_response(Claude.state().openapi)
+
+
+_DOCS = """<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>quart-claude API</title><style>body{font:15px/1.5 system-ui,sans-serif;max-width:52rem;
+margin:2rem auto;padding:0 1rem}code{background:#f3f3f3;padding:0 .2em}li{margin:.3rem 0}</style>
+</head><body><h1>quart-claude API</h1><p>The OpenAPI 3.1 document:
+<a href="openapi.json"><code>openapi.json</code></a> (load it in any OpenAPI viewer).</p>
+<ul id="ops"></ul><script>
+fetch("openapi.json").then((r) => r.json()).then((doc) => {
+  const list = document.getElementById("ops");
+  for (const [path, item] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(item)) {
+      const li = document.createElement("li");
+      const code = document.createElement("code");
+      code.textContent = method.toUpperCase() + " " + path;
+      li.append(code, " " + (op.summary || ""));
+      list.append(li);
+    }
+  }
+});
+</script></body></html>"""
+
+
+async def docs() -> Response:
+    """A page listing the routes, from the document (no CDN, no dependency)."""
+    return Response(_DOCS, content_type="text/html; charset=utf-8")
+
+
 async def health() -> dict[str, Any]:
     return {"status": "ok", "timestamp": int(time.time())}
 
@@ -348,6 +385,8 @@ _ROUTES = {  # path -> methods it answers (HEAD comes with GET)
     "/health": ("GET",),
     "/ready": ("GET",),
     "/claude-stream.js": ("GET",),
+    "/openapi.json": ("GET",),
+    "/docs": ("GET",),
 }
 _CLIENT_SCRIPT = Path(__file__).parent / "static" / "claude-stream.js"
 
@@ -397,6 +436,8 @@ def create_blueprint() -> Blueprint:
     blueprint.add_url_rule("/health", "health", health, methods=["GET"])
     blueprint.add_url_rule("/ready", "ready", ready, methods=["GET"])
     blueprint.add_url_rule("/claude-stream.js", "client_script", client_script, methods=["GET"])
+    blueprint.add_url_rule("/openapi.json", "openapi", openapi, methods=["GET"])
+    blueprint.add_url_rule("/docs", "docs", docs, methods=["GET"])
     for index, (path, allowed) in enumerate(_ROUTES.items()):
         others = [method for method in _METHODS if method not in allowed]
         blueprint.add_url_rule(

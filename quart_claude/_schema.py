@@ -1,0 +1,256 @@
+"""The HTTP API as pydantic models: they validate request bodies, and the OpenAPI 3.1
+document at ``{prefix}/openapi.json`` is generated from them (one source for both).
+
+The chat body's model is built per app, from its configuration: the models a client may
+name, the ``max_tokens`` ceiling, and whether ``system`` is accepted at all. So the document
+says exactly what this app accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+
+from ._config import ClaudeConfig
+from ._errors import ERROR_CLASSES
+
+__all__ = ["ValidationError", "chat_body_model", "openapi_document"]
+
+_STRICT = ConfigDict(extra="forbid", strict=True)
+_TEXT = Field(min_length=1, pattern=r"\S")  # a string with something in it
+
+
+class Message(BaseModel):
+    model_config = _STRICT
+    role: Literal["user", "assistant"]
+    content: str = _TEXT
+
+
+class Metadata(BaseModel):
+    model_config = _STRICT
+    user_id: str | None = Field(default=None, min_length=1, max_length=256)
+
+
+def chat_body_model(config: ClaudeConfig) -> type[BaseModel]:
+    """The request body this app accepts (``message`` or ``messages``, and the options)."""
+    models: Any = (
+        str if "*" in config.allowed_models else Literal[(config.model, *config.allowed_models)]
+    )
+    fields: dict[str, Any] = {
+        "message": (str | None, Field(default=None, min_length=1, pattern=r"\S")),
+        "messages": (list[Message] | None, Field(default=None, min_length=1, max_length=1000)),
+        "max_tokens": (int | None, Field(default=None, ge=1, le=config.max_tokens_limit)),
+        "model": (models | None, Field(default=None)),
+        "temperature": (float | int | None, Field(default=None, ge=0, le=1)),
+        "stop_sequences": (
+            list[str] | None,
+            Field(default=None, max_length=8),
+        ),
+        "metadata": (Metadata | None, Field(default=None)),
+    }
+    if config.allow_client_system:
+        fields["system"] = (str | None, Field(default=None))
+    return create_model("ChatRequest", __config__=_STRICT, **fields)
+
+
+# -- responses and events (documentation; the encoder writes them) ---------------------------
+class Usage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_creation_input_tokens: int | None = None
+    cache_read_input_tokens: int | None = None
+
+
+class StartEvent(BaseModel):
+    type: Literal["start"]
+    stream_id: str
+    model: str | None
+    message_id: str | None
+    usage: Usage
+
+
+class DeltaEvent(BaseModel):
+    type: Literal["delta"]
+    text: str
+
+
+class DoneEvent(BaseModel):
+    type: Literal["done"]
+    stop_reason: str | None
+    usage: Usage
+
+
+class ErrorEvent(BaseModel):
+    type: Literal["error"]
+    error: Literal[tuple(ERROR_CLASSES)]  # type: ignore[valid-type]
+    message: str
+    retryable: bool
+    retry_after: int | None = None
+    partial: bool | None = None
+
+
+class ChatReply(BaseModel):
+    id: str | None
+    model: str | None
+    text: str
+    stop_reason: str | None
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    error: str
+    message: str
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    timestamp: int
+
+
+class Ready(BaseModel):
+    status: str
+    streams: int | None = None
+
+
+class Stopped(BaseModel):
+    stream_id: str
+    status: Literal["cancelled", "finished"]
+
+
+_MODELS: tuple[type[BaseModel], ...] = (
+    Usage,
+    StartEvent,
+    DeltaEvent,
+    DoneEvent,
+    ErrorEvent,
+    ChatReply,
+    ErrorBody,
+    Health,
+    Ready,
+    Stopped,
+)
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": _ref(name)}}}
+
+
+def _errors(*statuses: int) -> dict[str, Any]:
+    return {str(status): _json("ErrorBody", "an error, as JSON") for status in statuses}
+
+
+def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
+    """OpenAPI 3.1 for this app's blueprint, from the models above."""
+    schemas: dict[str, Any] = {}
+    body = chat_body_model(config)
+    for model in (body, *_MODELS):
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    events = {"oneOf": [_ref(name) for name in ("StartEvent", "DeltaEvent", "DoneEvent")]}
+    events["oneOf"].append(_ref("ErrorEvent"))
+    schemas["StreamEvent"] = events
+    sse = {
+        "description": (
+            "text/event-stream: each event one `data:` line holding a StreamEvent as JSON, "
+            "then `id: <n>`; `: ping` comments between events (protocol v1)"
+        ),
+        "content": {"text/event-stream": {"schema": _ref("StreamEvent")}},
+        "headers": {"X-Stream-Id": {"schema": {"type": "string"}}},
+    }
+    request_body = {
+        "required": True,
+        "content": {"application/json": {"schema": _ref("ChatRequest")}},
+    }
+    stream_id = {"name": "stream_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    last_event_id = {
+        "name": "Last-Event-ID",
+        "in": "header",
+        "required": False,
+        "schema": {"type": "string", "pattern": "^(-1|[0-9]{1,18})$"},
+    }
+    chat_errors = _errors(400, 401, 408, 413, 415, 429, 503)
+    guarded: dict[str, Any] = {"security": [{"bearer": []}]} if config.api_tokens else {}
+    prefix = config.url_prefix
+    paths: dict[str, Any] = {
+        f"{prefix}/chat/stream": {
+            "post": {
+                "summary": "Stream a reply as Server-Sent Events",
+                "operationId": "chatStream",
+                **guarded,
+                "requestBody": request_body,
+                "responses": {"200": sse, **chat_errors},
+            }
+        },
+        f"{prefix}/chat": {
+            "post": {
+                "summary": "A whole reply as JSON",
+                "operationId": "chat",
+                **guarded,
+                "requestBody": request_body,
+                "responses": {
+                    "200": _json("ChatReply", "the reply"),
+                    **chat_errors,
+                    **_errors(502, 504),
+                },
+            }
+        },
+        f"{prefix}/chat/stream/{{stream_id}}": {
+            "get": {
+                "summary": "Resume a stream after Last-Event-ID (or from the start)",
+                "operationId": "resumeStream",
+                **guarded,
+                "parameters": [stream_id, last_event_id],
+                "responses": {
+                    "200": sse,
+                    "204": {"description": "nothing after Last-Event-ID, ever"},
+                    **_errors(400, 401, 404, 503),
+                },
+            },
+            "delete": {
+                "summary": "Stop a stream (the upstream request is closed)",
+                "operationId": "stopStream",
+                **guarded,
+                "parameters": [stream_id],
+                "responses": {"200": _json("Stopped", "stopped"), **_errors(401, 404, 503)},
+            },
+        },
+        f"{prefix}/health": {
+            "get": {
+                "summary": "Liveness",
+                "operationId": "health",
+                "responses": {"200": _json("Health", "alive")},
+            }
+        },
+        f"{prefix}/ready": {
+            "get": {
+                "summary": "Readiness",
+                "operationId": "ready",
+                "responses": {
+                    "200": _json("Ready", "serving"),
+                    "503": _json("Ready", "starting, draining, or the store is down"),
+                },
+            }
+        },
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "quart-claude", "version": _version()},
+        "paths": paths,
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
