@@ -16,11 +16,15 @@ PIP_INSTALL := python -m pip install -q --disable-pip-version-check
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: $(wildcard $(LOCK)) pyproject.toml
+$(VENV)/.installed: $(wildcard $(LOCK)) pyproject.toml tests/ai_sdk/package-lock.json
 	@test -f $(LOCK) || { echo "no lock for this Python ($(LOCK)): use 3.11-3.13, or run 'make lock'" >&2; exit 1; }
 	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/$(PIP_INSTALL) --require-hashes --no-deps -r $(LOCK)
 	$(BIN)/$(PIP_INSTALL) --no-deps --no-build-isolation -e .
+	@# the AI SDK's own client, for tests/test_ai_sdk.py (package-lock.json pins it)
+	if command -v npm >/dev/null 2>&1; then \
+	  npm ci --prefix tests/ai_sdk --no-audit --no-fund --loglevel=error; \
+	else echo "npm not found: the AI SDK tests will skip (CI fails on a skip)" >&2; fi
 	touch $@
 
 run: install

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,35 @@ __all__ = ["Authorize", "Claude", "ClaudeState", "Unauthorized"]
 log = logging.getLogger("quart_claude")
 
 EXTENSION_KEY = "claude"
+
+
+class ChatStreams:
+    """Which stream a chat (the AI SDK's chat id, per identity) is answering right now, so
+    ``useChat({resume: true})`` can find it: in memory, and in Redis when it is the store."""
+
+    def __init__(self, limit: int = 10_000) -> None:
+        self._recent: OrderedDict[str, str] = OrderedDict()
+        self._limit = limit
+        self.store: RedisStore | None = None
+
+    @staticmethod
+    def _key(identity: str | None, chat_id: str) -> str:
+        return hashlib.sha256(f"{identity or ''}\x00{chat_id}".encode()).hexdigest()
+
+    async def remember(self, identity: str | None, chat_id: str, stream_id: str) -> None:
+        key = self._key(identity, chat_id)
+        self._recent[key] = stream_id
+        self._recent.move_to_end(key)
+        while len(self._recent) > self._limit:
+            self._recent.popitem(last=False)
+        if self.store is not None:
+            await self.store.remember_chat(key, stream_id)
+
+    async def active(self, identity: str | None, chat_id: str) -> str | None:
+        key = self._key(identity, chat_id)
+        if self.store is not None:
+            return await self.store.active_chat(key) or self._recent.get(key)
+        return self._recent.get(key)
 
 
 #: ``fn(request) -> identity | None``, sync or async.
@@ -58,6 +88,7 @@ class ClaudeState:
         )
         self.producers: set[asyncio.Task[None]] = set()
         self.body_model = chat_body_model(config)  # validates bodies; the OpenAPI's source
+        self.chats = ChatStreams()
         self._openapi: dict[str, Any] | None = None
         self._per_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -169,6 +200,7 @@ class ClaudeState:
 
             self.store = RedisStore(config.stream_store, ttl=config.stream_ttl)
             await self.store.start()
+            self.chats.store = self.store
         if config.rate_limit:
             from ._ratelimit import RateLimiter
 

@@ -274,6 +274,19 @@ class RedisStore:
         owner = meta.get(b"owner", b"").decode() or None
         return RemoteStream(stream_id, owner, int(meta.get(b"n", 0)), meta.get(b"done") == b"1")
 
+    async def remember_chat(self, key: str, stream_id: str) -> None:
+        """The AI SDK chat ``key`` is answered by ``stream_id`` (for its resume route)."""
+        assert self.redis is not None
+        await self.redis.set(f"qc:chat:{key}", stream_id.encode(), ex=LIVE_TTL)
+
+    async def active_chat(self, key: str) -> str | None:
+        assert self.redis is not None
+        try:
+            value = await self.redis.get(f"qc:chat:{key}")
+        except Exception as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return value.decode() if value else None
+
     async def request_cancel(self, stream_id: str) -> None:
         assert self.redis is not None
         try:

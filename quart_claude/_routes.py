@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint, Response, request, send_file
 from werkzeug.exceptions import HTTPException
 
+from ._aisdk import HEADERS as AI_SDK_HEADERS
+from ._aisdk import chat_id_of, to_chat_body, to_ui_message_stream
 from ._extension import Claude, ClaudeState, Unauthorized
 from ._request import RequestError, parse_chat_request
 from ._schema import ValidationError
@@ -93,7 +95,9 @@ async def _read_json(state: ClaudeState) -> Any:
     return body
 
 
-async def _open_stream(state: ClaudeState) -> tuple[Stream, dict[str, str]] | Response:
+async def _open_stream(
+    state: ClaudeState, convert: Callable[[Any], Any] | None = None
+) -> tuple[Stream, dict[str, str]] | Response:
     """Validate the request and start its producer: the stream and the headers its answer
     carries, or the error to answer. Both chat routes begin here, so they refuse alike."""
     relay = state.relay
@@ -125,6 +129,8 @@ async def _open_stream(state: ClaudeState) -> tuple[Stream, dict[str, str]] | Re
             )
     try:
         body = await _read_json(state)
+        if convert is not None:  # another protocol's request shape (the AI SDK's)
+            body = convert(body)
         chat = parse_chat_request(body, state.config, owner)
         state.body_model.model_validate(body)  # the model the OpenAPI document is made from
     except RequestError as error:
@@ -334,6 +340,59 @@ def _sse_response(body: AsyncIterator[bytes], stream_id: str) -> Response:
     return response
 
 
+async def ai_sdk_chat() -> Response:
+    """``useChat``'s POST: the same producer, answered in the UI message stream protocol."""
+    state = Claude.state()
+    chat_ids: list[str] = []
+
+    def convert(body: Any) -> Any:
+        chat_ids.append(chat_id_of(body))
+        return to_chat_body(body)
+
+    opened = await _open_stream(state, convert)
+    if isinstance(opened, Response):
+        return opened
+    stream, headers = opened
+    await state.chats.remember(stream.owner, chat_ids[0], stream.id)
+    frames = stream.read(-1, state.config.heartbeat_interval)
+    response = Response(
+        to_ui_message_stream(frames),
+        status=200,
+        headers={**AI_SDK_HEADERS, **headers, "X-Stream-Id": stream.id},
+    )
+    response.timeout = None
+    return response
+
+
+async def ai_sdk_resume(chat_id: str) -> Response:
+    """``useChat({resume: true})``: the chat's stream in progress, replayed from its start
+    (the client rebuilds the message from it), or 204 when there is none."""
+    state = Claude.state()
+    try:
+        identity = await state.authorize()
+        stream_id = await state.chats.active(identity, chat_id)
+        stream = await _find(state, stream_id, identity) if stream_id else None
+    except Unauthorized as refused:
+        return _unauthorized(state, refused)
+    except StoreUnavailable:
+        return _store_unavailable()
+    heartbeat = state.config.heartbeat_interval
+    if isinstance(stream, Stream) and not stream.finished:
+        frames = stream.read(-1, heartbeat)
+    elif stream is not None and not isinstance(stream, Stream) and not stream.done:
+        assert state.store is not None
+        frames = state.store.read(stream.id, -1, heartbeat)
+    else:
+        return Response(status=204)
+    response = Response(
+        to_ui_message_stream(frames),
+        status=200,
+        headers={**AI_SDK_HEADERS, "X-Stream-Id": stream.id},
+    )
+    response.timeout = None
+    return response
+
+
 async def openapi() -> Response:
     return _json_response(Claude.state().openapi)
 
@@ -386,6 +445,8 @@ _ROUTES = {  # path -> methods it answers (HEAD comes with GET)
     "/ready": ("GET",),
     "/claude-stream.js": ("GET",),
     "/openapi.json": ("GET",),
+    "/ai-sdk/chat": ("POST",),
+    "/ai-sdk/chat/<chat_id>/stream": ("GET",),
     "/docs": ("GET",),
 }
 _CLIENT_SCRIPT = Path(__file__).parent / "static" / "claude-stream.js"
@@ -437,6 +498,10 @@ def create_blueprint() -> Blueprint:
     blueprint.add_url_rule("/ready", "ready", ready, methods=["GET"])
     blueprint.add_url_rule("/claude-stream.js", "client_script", client_script, methods=["GET"])
     blueprint.add_url_rule("/openapi.json", "openapi", openapi, methods=["GET"])
+    blueprint.add_url_rule("/ai-sdk/chat", "ai_sdk_chat", ai_sdk_chat, methods=["POST"])
+    blueprint.add_url_rule(
+        "/ai-sdk/chat/<chat_id>/stream", "ai_sdk_resume", ai_sdk_resume, methods=["GET"]
+    )
     blueprint.add_url_rule("/docs", "docs", docs, methods=["GET"])
     for index, (path, allowed) in enumerate(_ROUTES.items()):
         others = [method for method in _METHODS if method not in allowed]

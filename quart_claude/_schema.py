@@ -114,6 +114,28 @@ class Ready(BaseModel):
     streams: int | None = None
 
 
+class UIMessagePart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: str
+    text: str | None = None
+
+
+class UIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    role: Literal["user", "assistant"]
+    parts: list[UIMessagePart]
+
+
+class AiSdkChatRequest(BaseModel):
+    """``useChat``'s request (``DefaultChatTransport``); extra fields are ignored."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1, max_length=200)
+    messages: list[UIMessage]
+    trigger: str | None = None
+
+
 class Stopped(BaseModel):
     stream_id: str
     status: Literal["cancelled", "finished"]
@@ -130,6 +152,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     Health,
     Ready,
     Stopped,
+    AiSdkChatRequest,
 )
 
 
@@ -220,6 +243,47 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
                 "parameters": [stream_id],
                 "responses": {"200": _json("Stopped", "stopped"), **_errors(401, 404, 503)},
             },
+        },
+        f"{prefix}/ai-sdk/chat": {
+            "post": {
+                "summary": "useChat's endpoint: the AI SDK UI message stream protocol (v1)",
+                "operationId": "aiSdkChat",
+                **guarded,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("AiSdkChatRequest")}},
+                },
+                "responses": {
+                    "200": {
+                        "description": "text/event-stream of UI message chunks, then [DONE]",
+                        "content": {"text/event-stream": {"schema": {}}},
+                    },
+                    **chat_errors,
+                },
+            }
+        },
+        f"{prefix}/ai-sdk/chat/{{chat_id}}/stream": {
+            "get": {
+                "summary": "useChat({resume: true}): the chat's stream in progress, replayed",
+                "operationId": "aiSdkResume",
+                **guarded,
+                "parameters": [
+                    {
+                        "name": "chat_id",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                    }
+                ],
+                "responses": {
+                    "200": {
+                        "description": "text/event-stream of UI message chunks",
+                        "content": {"text/event-stream": {"schema": {}}},
+                    },
+                    "204": {"description": "no stream in progress for this chat"},
+                    **_errors(401, 503),
+                },
+            }
         },
         f"{prefix}/health": {
             "get": {

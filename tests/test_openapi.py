@@ -32,6 +32,8 @@ async def test_the_document_describes_this_apps_routes_and_rules(
         "/ai/chat",
         "/ai/chat/stream",
         "/ai/chat/stream/{stream_id}",
+        "/ai/ai-sdk/chat",
+        "/ai/ai-sdk/chat/{chat_id}/stream",
         "/ai/health",
         "/ai/ready",
     }

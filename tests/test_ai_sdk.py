@@ -1,0 +1,101 @@
+"""The Vercel AI SDK UI message stream protocol, checked with the `ai` package's own client
+(DefaultChatTransport + readUIMessageStream, what useChat runs) in Node, against a live server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from quart import Quart
+
+from quart_claude.testing import Emulator, ErrorReply, Reply
+
+from .helpers import serving
+
+HERE = Path(__file__).resolve().parent / "ai_sdk"
+NODE = shutil.which("node")
+ANSWER = " ".join(f"piece{i}" for i in range(30))
+
+
+async def node_check(url: str, scenario: str) -> Any:
+    if NODE is None or not (HERE / "node_modules" / "ai").is_dir():
+        pytest.skip(
+            "AI SDK TESTS NOT RUN: node or tests/ai_sdk/node_modules is missing "
+            "(npm ci --prefix tests/ai_sdk, which make install runs); CI fails on any skip"
+        )
+    process = await asyncio.create_subprocess_exec(
+        NODE,
+        str(HERE / "check.mjs"),
+        url,
+        scenario,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode == 0, err.decode()
+    return json.loads(out.decode().strip().splitlines()[-1])
+
+
+async def test_use_chat_reads_a_full_reply_with_usage(
+    make_app: Callable[..., Quart], emulator: Emulator
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.01, cache_read_input_tokens=1234))
+    async with serving(make_app(heartbeat_interval=0.05)) as url:
+        result = await node_check(url, "reply")
+    assert result["errors"] == []
+    assert result["text"] == ANSWER
+    assert result["metadata"]["usage"]["cache_read_input_tokens"] == 1234
+    assert result["metadata"]["usage"]["output_tokens"] == 30
+
+
+async def test_use_chat_sees_an_error_chunk(
+    make_app: Callable[..., Quart], emulator: Emulator
+) -> None:
+    emulator.script(ErrorReply(529))
+    async with serving(make_app(max_retries=0)) as url:
+        result = await node_check(url, "error")
+    assert result["text"] == ""
+    assert any("overloaded" in error.lower() for error in result["errors"])
+
+
+async def test_use_chat_is_told_about_a_refused_request(
+    make_app: Callable[..., Quart], emulator: Emulator
+) -> None:
+    async with serving(make_app(api_tokens="tok-only-0123456789")) as url:
+        result = await node_check(url, "refused")
+    assert result["thrown"] and "unauthorized" in result["thrown"]
+    assert emulator.requests == []
+
+
+async def test_use_chat_resumes_a_reply_in_progress(
+    make_app: Callable[..., Quart], emulator: Emulator
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.05))
+    async with serving(make_app()) as url:
+        result = await node_check(url, "resume")
+    assert result["readBeforeAbort"] == 6
+    assert result["errors"] == [] and result["text"] == ANSWER  # rebuilt from the replay
+    assert result["afterFinish"] is None and result["nothing"] is None  # 204s
+    assert len(emulator.requests) == 1  # resumed, not asked again
+
+
+async def test_the_wire_format(server: str, http: httpx2.AsyncClient) -> None:
+    body = {
+        "id": "chat-wire",
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "hi"}]}],
+        "trigger": "submit-message",
+    }
+    response = await http.post(server + "/ai-sdk/chat", json=body)
+    assert response.headers["x-vercel-ai-ui-message-stream"] == "v1"
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert lines[-1] == "data: [DONE]"
+    kinds = [json.loads(line[6:])["type"] for line in lines[:-1] if line.startswith("data: ")]
+    assert kinds[:2] == ["start", "text-start"]
+    assert kinds[-2:] == ["text-end", "finish"]
+    assert set(kinds[2:-2]) == {"text-delta"}
