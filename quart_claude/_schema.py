@@ -285,6 +285,42 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
                 },
             }
         },
+        f"{prefix}/claude-stream.js": {
+            "get": {
+                "summary": "The browser client (no build step, no dependency)",
+                "operationId": "clientScript",
+                "responses": {
+                    "200": {
+                        "description": "JavaScript",
+                        "content": {"text/javascript": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        f"{prefix}/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+        f"{prefix}/docs": {
+            "get": {
+                "summary": "A page listing these routes",
+                "operationId": "docs",
+                "responses": {
+                    "200": {
+                        "description": "HTML",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
         f"{prefix}/health": {
             "get": {
                 "summary": "Liveness",

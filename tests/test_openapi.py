@@ -36,6 +36,9 @@ async def test_the_document_describes_this_apps_routes_and_rules(
         "/ai/ai-sdk/chat/{chat_id}/stream",
         "/ai/health",
         "/ai/ready",
+        "/ai/claude-stream.js",
+        "/ai/openapi.json",
+        "/ai/docs",
     }
     body = doc["components"]["schemas"]["ChatRequest"]
     assert body["additionalProperties"] is False
