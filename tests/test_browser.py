@@ -195,14 +195,9 @@ async def test_a_reload_keeps_the_conversation_and_resumes_the_reply(
     assert len(emulator.requests) == 1
 
 
-def test_the_client_script_is_served_by_the_blueprint() -> None:
+async def test_the_client_script_is_served_by_the_blueprint() -> None:
+    # (async, on the test's loop: asyncio.run() in a test would orphan pytest-asyncio's loop)
     app = create_app(api_key=API_KEY, base_url="http://127.0.0.1:1", url_prefix="/ai")
-
-    async def fetch() -> tuple[int, str, str]:
-        client = app.test_client()
-        response = await client.get("/ai/claude-stream.js")
-        return response.status_code, response.content_type or "", await response.get_data(True)
-
-    status, content_type, body = asyncio.run(fetch())
-    assert status == 200 and "javascript" in content_type
-    assert "ClaudeStream" in body
+    response = await app.test_client().get("/ai/claude-stream.js")
+    assert response.status_code == 200 and "javascript" in (response.content_type or "")
+    assert "ClaudeStream" in await response.get_data(True)
