@@ -219,7 +219,7 @@ async def test_a_client_that_stops_reading_does_not_hold_its_stream(
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(("127.0.0.1", port))
-        body = b'{"message": "hi"}'
+        body = b'{"message": "hi", "max_tokens": 4000}'  # all 4,000 tokens, not the default 1,024
         sock.sendall(
             b"POST /chat/stream HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"content-length: %d\r\n\r\n%s" % (len(body), body)
