@@ -334,8 +334,11 @@ async def stop_stream(stream_id: str) -> Response:
     )
 
 
-def _sse_response(body: AsyncIterator[bytes], stream_id: str) -> Response:
-    response = Response(body, status=200, headers={**SSE_HEADERS, "X-Stream-Id": stream_id})
+def _sse_response(
+    body: AsyncIterator[bytes], stream_id: str, headers: dict[str, str] | None = None
+) -> Response:
+    headers = {**SSE_HEADERS, **(headers or {}), "X-Stream-Id": stream_id}
+    response = Response(body, status=200, headers=headers)
     response.timeout = None  # Quart's RESPONSE_TIMEOUT would silently stall long streams
     return response
 
@@ -355,13 +358,7 @@ async def ai_sdk_chat() -> Response:
     stream, headers = opened
     await state.chats.remember(stream.owner, chat_ids[0], stream.id)
     frames = stream.read(-1, state.config.heartbeat_interval)
-    response = Response(
-        to_ui_message_stream(frames),
-        status=200,
-        headers={**AI_SDK_HEADERS, **headers, "X-Stream-Id": stream.id},
-    )
-    response.timeout = None
-    return response
+    return _sse_response(to_ui_message_stream(frames), stream.id, {**AI_SDK_HEADERS, **headers})
 
 
 async def ai_sdk_resume(chat_id: str) -> Response:
@@ -384,13 +381,7 @@ async def ai_sdk_resume(chat_id: str) -> Response:
         frames = state.store.read(stream.id, -1, heartbeat)
     else:
         return Response(status=204)
-    response = Response(
-        to_ui_message_stream(frames),
-        status=200,
-        headers={**AI_SDK_HEADERS, "X-Stream-Id": stream.id},
-    )
-    response.timeout = None
-    return response
+    return _sse_response(to_ui_message_stream(frames), stream.id, AI_SDK_HEADERS)
 
 
 async def openapi() -> Response:
