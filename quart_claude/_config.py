@@ -192,6 +192,8 @@ _KEYS: dict[str, _Key] = {
     "handle_signals": _Key(_bool, True),
     "http_client": _Key(_http_client, "auto"),
     "sse_retry": _Key(_non_negative_int, 1000),
+    "metrics": _Key(_bool, True),
+    "metrics_auth": _Key(_bool, True),
 }
 
 
@@ -234,6 +236,8 @@ class ClaudeConfig:
     handle_signals: bool
     http_client: str
     sse_retry: int
+    metrics: bool
+    metrics_auth: bool
 
     @staticmethod
     def key(name: str) -> str:

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
@@ -15,14 +16,18 @@ import httpx2
 from quart import Quart, Request, current_app, request
 
 from ._config import ClaudeConfig, ConfigError, load_config
+from ._metrics import MULTIPROC_ENV, Metrics, metrics_for
 from ._redact import install as install_redaction
 from ._redact import register_secret
 from ._relay import Relay
 from ._schema import chat_body_model, openapi_document
 from ._shutdown import ShutdownHooks
 from ._stream import Stream, StreamRegistry
+from ._telemetry import Telemetry
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from ._ratelimit import RateLimiter
     from ._redis_store import RedisStore
 
@@ -89,6 +94,9 @@ class ClaudeState:
         self.producers: set[asyncio.Task[None]] = set()
         self.body_model = chat_body_model(config)  # validates bodies; the OpenAPI's source
         self.chats = ChatStreams()
+        self.telemetry = Telemetry(
+            _metrics(config) if config.metrics else None, extension.tracer_provider
+        )
         self._openapi: dict[str, Any] | None = None
         self._per_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -206,7 +214,7 @@ class ClaudeState:
 
             pool = self.store.redis.connection_pool if self.store is not None else None
             self.rate_limiter = RateLimiter(config.rate_limit, pool)
-        self.relay = Relay(client, config)
+        self.relay = Relay(client, config, self.telemetry)
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
@@ -256,6 +264,21 @@ class ClaudeState:
             await store.close()
 
 
+def _metrics(config: ClaudeConfig) -> Metrics:
+    """The app's Prometheus metrics, their series for every allowed model created at 0."""
+    metrics = metrics_for(ClaudeConfig.key("metrics"))
+    metrics.prepare(dict.fromkeys((config.model, *config.allowed_models)))
+    directory = metrics.multiprocess_dir
+    if directory is not None and not any(
+        entry.name.endswith(f"_{os.getpid()}.db") for entry in os.scandir(directory)
+    ):  # prometheus_client chose its mode on import, before the variable was set
+        raise ConfigError(
+            f"{MULTIPROC_ENV} was set after prometheus_client was imported, so this process "
+            f"does not write to {directory!r}: set it in the environment the server starts with"
+        )
+    return metrics
+
+
 def _http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
     """The SDK's upstream transport: aiohttp when available (a quarter less CPU per relayed
     event in bench/, same behaviour under every fault), else the SDK's default httpx2 one.
@@ -281,7 +304,8 @@ class Claude:
 
     Keyword options use the config names without the ``CLAUDE_`` prefix, lowercased:
     ``Claude(app, model="claude-opus-5", max_retries=5)``. They win over ``app.config``,
-    which wins over environment variables.
+    which wins over environment variables. ``tracer_provider``: the OpenTelemetry provider
+    the streams' spans go to (default: the global one, as OTel instrumentations do).
     """
 
     def __init__(
@@ -289,10 +313,12 @@ class Claude:
         app: Quart | None = None,
         *,
         authorize: Authorize | None = None,
+        tracer_provider: TracerProvider | None = None,
         **options: Any,
     ) -> None:
         self._options = options
         self.authorize_hook = authorize
+        self.tracer_provider = tracer_provider
         if app is not None:
             self.init_app(app)
 
@@ -327,7 +353,7 @@ class Claude:
 
         from ._routes import create_blueprint
 
-        blueprint = create_blueprint()
+        blueprint = create_blueprint(with_metrics=config.metrics)
         if config.cors_origins:  # for the blueprint's routes only, never the host app's
             from quart_cors import cors
 

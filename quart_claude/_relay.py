@@ -13,12 +13,11 @@ import asyncio
 import json
 import logging
 import re
-import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
+from opentelemetry.context import Context
 
 from ._config import ClaudeConfig
 from ._continuation import ContinuationGuard, Diverged, continuation_messages
@@ -28,6 +27,7 @@ from ._request import ChatRequest
 from ._retry import RetryPolicy
 from ._sse import encode_json
 from ._stream import Stream
+from ._telemetry import StreamOutcome, Telemetry
 
 __all__ = ["MAX_UPSTREAM_EVENT", "Relay"]
 
@@ -56,32 +56,26 @@ _USAGE_SUMMED = (
 )
 
 
-@dataclass(slots=True)
-class _Outcome:
-    """What the producer learned, for the end-of-stream log line."""
-
-    attempts: int = 0
-    recoveries: int = 0
-    first_token_at: float | None = None
-    request_id: str | None = None
-    usage: dict[str, Any] = field(default_factory=dict)
-
-
 class Relay:
     """Runs generations for one app in one worker: the SDK client plus the policies."""
 
-    def __init__(self, client: anthropic.AsyncAnthropic, config: ClaudeConfig) -> None:
+    def __init__(
+        self, client: anthropic.AsyncAnthropic, config: ClaudeConfig, telemetry: Telemetry
+    ) -> None:
         self.client = client
         self.config = config
+        self.telemetry = telemetry
         self.policy = RetryPolicy(
             config.max_retries, config.retry_base_delay, config.retry_max_delay
         )
 
-    async def produce(self, stream: Stream, request: ChatRequest) -> None:
-        """Fill ``stream`` with one answer: ``start``, ``delta``s, then ``done`` or ``error``."""
-        started = time.monotonic()
-        outcome = _Outcome()
-        result = "error"
+    async def produce(
+        self, stream: Stream, request: ChatRequest, parent: Context | None = None
+    ) -> None:
+        """Fill ``stream`` with one answer: ``start``, ``delta``s, then ``done`` or ``error``.
+        ``parent``: the trace the stream's span joins (None: the current context)."""
+        outcome = self.telemetry.stream(stream.id, request, parent)
+        result = "unknown"
         try:
             result = await self._run(stream, request, outcome)
         except asyncio.CancelledError:
@@ -93,44 +87,27 @@ class Relay:
                 task.uncancel()
             if reason == "shutdown":
                 partial = outcome.first_token_at is not None  # some text was sent
+                outcome.failed("shutdown")
+                outcome.error = "shutdown"
                 stream.append(UpstreamError("shutdown").event(partial=partial))
             else:
                 stream.append({"type": "done", "stop_reason": "cancelled", "usage": outcome.usage})
             result = reason
         except Exception as exc:  # a bug of ours: never leave readers hanging
             log.exception("stream %s failed", stream.id)
+            outcome.failed("unknown")
+            outcome.error = "unknown"
             stream.append(UpstreamError("unknown", detail=repr(exc)).event(partial=False))
         finally:
             stream.finish()
-            ttft = (
-                round((outcome.first_token_at - started) * 1000)
-                if outcome.first_token_at is not None
-                else None
-            )
-            fields = {
-                "stream_id": stream.id,
-                "outcome": result,
-                "attempts": outcome.attempts,
-                "recoveries": outcome.recoveries,
-                "ttft_ms": ttft,
-                "duration_ms": round((time.monotonic() - started) * 1000),
-                "input_tokens": outcome.usage.get("input_tokens"),
-                "output_tokens": outcome.usage.get("output_tokens"),
-                "request_id": outcome.request_id,
-            }
-            log.info(
-                "stream_end %s",
-                " ".join(f"{k}={v}" for k, v in fields.items()),
-                extra={"claude": fields},
-            )
+            outcome.end(result)
 
-    async def _run(self, stream: Stream, request: ChatRequest, outcome: _Outcome) -> str:
+    async def _run(self, stream: Stream, request: ChatRequest, outcome: StreamOutcome) -> str:
         config = self.config
         policy = self.policy
         texts: list[bytes] = []  # what the client has received (JSON literals), to continue
         params = _params(request, request.messages, request.max_tokens, config)
         guard: ContinuationGuard | None = None  # set on continuation requests
-        retries = 0
         tolerated = 0  # library warnings turned from errors into log lines
         while True:
             outcome.attempts += 1
@@ -140,42 +117,51 @@ class Relay:
                 tolerated += 1
                 if tolerated > 3:  # the filter did not take: never loop
                     error = UpstreamError("unknown", detail=raised.detail)
+                    outcome.failed("unknown")
+                    outcome.error = "unknown"
                     stream.append(error.event(partial=bool(texts)))
                     return "unknown"
             except UpstreamError as error:
+                error_class = error.error_class
+                outcome.upstream(error_class)
+                outcome.failed(error_class)
+                kind = "retry" if not texts else "recovery"
                 if not texts:  # nothing sent yet: a retry, from the retry budget
-                    retries += 1
-                    wait = policy.delay(error, retries)
+                    wait = policy.delay(error, outcome.retries + 1)
                 elif (  # text sent: a continuation, from the recovery budget
                     config.recovery
-                    and error.error_class != "continuation_failed"
+                    and error_class != "continuation_failed"
                     and outcome.recoveries < config.max_recoveries
                 ):
-                    outcome.recoveries += 1
-                    wait = policy.delay(error, outcome.recoveries, limit=config.max_recoveries)
+                    wait = policy.delay(error, outcome.recoveries + 1, limit=config.max_recoveries)
                 else:
                     wait = None
                 if wait is None:
                     log.warning(
-                        "stream %s upstream failure: %s %s",
-                        stream.id,
-                        error.error_class,
-                        error.detail,
+                        "stream %s upstream failure: %s %s", stream.id, error_class, error.detail
                     )
+                    outcome.error = error_class
                     stream.append(error.event(partial=bool(texts)))
-                    return error.error_class
-                log.info("stream %s retrying in %.2fs after %s", stream.id, wait, error.error_class)
+                    return error_class
+                log.info("stream %s retrying in %.2fs after %s", stream.id, wait, error_class)
+                outcome.retrying(error_class, kind, wait)
                 await asyncio.sleep(wait)
+            except asyncio.CancelledError:
+                outcome.upstream("cancelled")
+                raise
             else:
+                outcome.upstream("ok")
+                outcome.stop_reason = stop_reason
                 stream.append({"type": "done", "stop_reason": stop_reason, "usage": outcome.usage})
-                return "ok"
+                return "done"
             if texts:  # the next request continues what the client already has
                 remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
                 if remaining < 1:
+                    outcome.stop_reason = "max_tokens"
                     stream.append(
                         {"type": "done", "stop_reason": "max_tokens", "usage": outcome.usage}
                     )
-                    return "ok"
+                    return "done"
                 sent = _joined(texts)
                 messages, whitespace = continuation_messages(request.model, request.messages, sent)
                 params = _params(request, messages, remaining, config)
@@ -186,7 +172,7 @@ class Relay:
         stream: Stream,
         params: dict[str, Any],
         texts: list[bytes],
-        outcome: _Outcome,
+        outcome: StreamOutcome,
         guard: ContinuationGuard | None,
     ) -> str | None:
         """One upstream request. Returns the stop reason, or raises :class:`UpstreamError`."""
@@ -231,7 +217,7 @@ class Relay:
                                         continue
                                 literal = encode_json(text)
                             if not texts:
-                                outcome.first_token_at = time.monotonic()
+                                outcome.first_token()
                             deltas += 1
                             texts.append(literal)
                             append_data(_DELTA_PREFIX + literal + b"}")
@@ -239,6 +225,8 @@ class Relay:
                             message = json.loads(data)["message"]
                             usage = dict(message.get("usage") or {})
                             if not stream.events:
+                                outcome.response_model = message.get("model")
+                                outcome.message_id = message.get("id")
                                 append(
                                     {
                                         "type": "start",

@@ -25,6 +25,7 @@ from ._extension import Claude, ClaudeState, Unauthorized
 from ._request import RequestError, parse_chat_request
 from ._schema import ValidationError
 from ._stream import StoreUnavailable, Stream, new_stream_id
+from ._telemetry import parent_context
 
 if TYPE_CHECKING:  # redis is an optional dependency
     from ._redis_store import RemoteStream
@@ -168,7 +169,8 @@ async def _open_stream(
             log.exception("the stream store is unavailable")
             return _store_unavailable()
     state.streams.add(stream)
-    state.start_producer(stream, relay.produce(stream, chat), client)
+    parent = parent_context(request.headers)  # the trace the stream's span joins
+    state.start_producer(stream, relay.produce(stream, chat, parent), client)
     return stream, headers
 
 
@@ -304,10 +306,12 @@ async def resume_stream(stream_id: str) -> Response:
     if isinstance(stream, Stream):
         if stream.finished and after >= len(stream.events) - 1:
             return Response(status=204)  # nothing more, ever: EventSource stops reconnecting
+        state.telemetry.resumed(stream.id, after)
         return _sse_response(stream.read(after, heartbeat), stream.id)
     assert state.store is not None
     if stream.done and after >= stream.count - 1:
         return Response(status=204)
+    state.telemetry.resumed(stream.id, after)
     return _sse_response(state.store.read(stream.id, after, heartbeat), stream.id)
 
 
@@ -381,7 +385,22 @@ async def ai_sdk_resume(chat_id: str) -> Response:
         frames = state.store.read(stream.id, -1, heartbeat)
     else:
         return Response(status=204)
+    state.telemetry.resumed(stream.id, -1)
     return _sse_response(to_ui_message_stream(frames), stream.id, AI_SDK_HEADERS)
+
+
+async def metrics() -> Response:
+    """Prometheus's scrape: this app's metrics (every worker's, in multiprocess mode)."""
+    state = Claude.state()
+    if state.config.metrics_auth:
+        try:
+            await state.authorize()
+        except Unauthorized as refused:
+            return _unauthorized(state, refused)
+    assert state.telemetry.metrics is not None  # the route exists only with CLAUDE_METRICS
+    exposition = state.telemetry.metrics.exposition
+    body, content_type = await asyncio.to_thread(exposition, request.headers.get("Accept"))
+    return Response(body, content_type=content_type, headers={"Cache-Control": "no-store"})
 
 
 async def openapi() -> Response:
@@ -439,6 +458,7 @@ _ROUTES = {  # path -> methods it answers (HEAD comes with GET)
     "/ai-sdk/chat": ("POST",),
     "/ai-sdk/chat/<chat_id>/stream": ("GET",),
     "/docs": ("GET",),
+    "/metrics": ("GET",),
 }
 _CLIENT_SCRIPT = Path(__file__).parent / "static" / "claude-stream.js"
 
@@ -475,7 +495,7 @@ async def _internal_error(error: Exception) -> Response:
     return _json_error(500, "internal_error", "an unexpected error occurred")
 
 
-def create_blueprint() -> Blueprint:
+def create_blueprint(*, with_metrics: bool = True) -> Blueprint:
     blueprint = Blueprint("claude", __name__)
     blueprint.add_url_rule("/chat", "chat", chat, methods=["POST"])
     blueprint.add_url_rule("/chat/stream", "chat_stream", chat_stream, methods=["POST"])
@@ -494,7 +514,11 @@ def create_blueprint() -> Blueprint:
         "/ai-sdk/chat/<chat_id>/stream", "ai_sdk_resume", ai_sdk_resume, methods=["GET"]
     )
     blueprint.add_url_rule("/docs", "docs", docs, methods=["GET"])
+    if with_metrics:
+        blueprint.add_url_rule("/metrics", "metrics", metrics, methods=["GET"])
     for index, (path, allowed) in enumerate(_ROUTES.items()):
+        if path == "/metrics" and not with_metrics:
+            continue
         others = [method for method in _METHODS if method not in allowed]
         blueprint.add_url_rule(
             path, f"method_not_allowed_{index}", _method_not_allowed(allowed), methods=others

@@ -385,7 +385,7 @@ async def test_one_structured_log_line_per_stream_and_never_the_key(
     ends = [r for r in caplog.records if r.getMessage().startswith("stream_end")]
     assert len(ends) == 2
     ok, failed = (r.__dict__["claude"] for r in ends)
-    assert ok["outcome"] == "ok" and ok["attempts"] == 2
+    assert ok["outcome"] == "done" and ok["attempts"] == 2
     assert ok["ttft_ms"] is not None and ok["output_tokens"] > 0
     assert ok["request_id"].startswith("req_")
     assert failed["outcome"] == "auth_error" and failed["attempts"] == 1

@@ -1,0 +1,172 @@
+"""Prometheus metrics: what the relay counts, and ``{prefix}/metrics`` in the text format.
+
+One process, one worker: the metrics live in a registry of the app's own. Several worker
+processes (``hypercorn -w N``, or N servers on one host): set ``PROMETHEUS_MULTIPROC_DIR`` to
+an empty directory before the processes start (prometheus-client's multiprocess mode); every
+process writes its values there and whichever one answers a scrape sums them all. Nothing is
+counted per event: each stream touches the metrics a handful of times.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import choose_encoder
+from prometheus_client import multiprocess as prometheus_multiprocess
+
+__all__ = ["MULTIPROC_ENV", "TOKEN_KINDS", "Metrics", "metrics_for"]
+
+#: prometheus-client's own switch for multiprocess mode (read when it is imported).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+#: ``claude_tokens_total{kind}`` -> the usage field it sums.
+TOKEN_KINDS = {
+    "input": "input_tokens",
+    "output": "output_tokens",
+    "cache_read": "cache_read_input_tokens",
+    "cache_write": "cache_creation_input_tokens",
+}
+
+# LLM latencies: a first token in 0.3-3 s is normal, 10 s+ is a queue or a retry; whole
+# answers run from a second to many minutes.
+TTFT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0)
+DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
+
+_LIVE_GAUGE_FILE = re.compile(r"gauge_live\w*_(\d+)\.db")
+
+
+class Metrics:
+    """The metric objects of one registry (one app; or one process in multiprocess mode)."""
+
+    def __init__(self, registry: CollectorRegistry, multiprocess_dir: str | None) -> None:
+        self.registry = registry
+        self.multiprocess_dir = multiprocess_dir
+        self.streams_active = Gauge(
+            "claude_streams_active",
+            "Streams being produced right now (summed over live worker processes).",
+            ["model"],
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.streams = Counter(
+            "claude_streams",
+            "Streams ended, by outcome: done, cancelled, disconnected, or the error class.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.time_to_first_token = Histogram(
+            "claude_time_to_first_token_seconds",
+            "From the stream's start to its first text delta, retries included.",
+            ["model"],
+            registry=registry,
+            buckets=TTFT_BUCKETS,
+        )
+        self.stream_duration = Histogram(
+            "claude_stream_duration_seconds",
+            "From the stream's start to its last event, whatever the outcome.",
+            ["model"],
+            registry=registry,
+            buckets=DURATION_BUCKETS,
+        )
+        self.tokens = Counter(
+            "claude_tokens",
+            "Tokens billed upstream, by kind: input, output, cache_read, cache_write.",
+            ["model", "kind"],
+            registry=registry,
+        )
+        self.upstream_requests = Counter(
+            "claude_upstream_requests",
+            "Requests made to the Anthropic API, by outcome: ok, cancelled, or the error class.",
+            ["model", "outcome"],
+            registry=registry,
+        )
+        self.retries = Counter(
+            "claude_retries",
+            "Requests made again after a failure, by the failure's class and kind "
+            "(retry: before any text; recovery: a continuation after text was sent).",
+            ["model", "error", "kind"],
+            registry=registry,
+        )
+        self.errors = Counter(
+            "claude_errors",
+            "Failures classified by the relay, by class, whether a retry hid them or not.",
+            ["model", "error"],
+            registry=registry,
+        )
+        self.resumes = Counter(
+            "claude_resumes",
+            "Readers that came back to a stream with GET /chat/stream/<id> (or the AI SDK's).",
+            registry=registry,
+        )
+
+    def prepare(self, models: Iterable[str]) -> None:
+        """Create the series every dashboard reads at 0, so a rate is defined from the start."""
+        for model in models:
+            self.streams_active.labels(model)
+            for kind in TOKEN_KINDS:
+                self.tokens.labels(model, kind)
+            self.streams.labels(model, "done")
+            self.upstream_requests.labels(model, "ok")
+
+    def exposition(self, accept: str | None) -> tuple[bytes, str]:
+        """The scrape's body and content type, in the format the ``Accept`` header asks for
+        (Prometheus text, or OpenMetrics): every worker's values in multiprocess mode."""
+        encoder, content_type = choose_encoder(accept or "")
+        if self.multiprocess_dir is None:
+            return encoder(self.registry), content_type
+        _forget_dead_processes(self.multiprocess_dir)
+        registry = CollectorRegistry()
+        prometheus_multiprocess.MultiProcessCollector(  # type: ignore[no-untyped-call]
+            registry, path=self.multiprocess_dir
+        )
+        return encoder(registry), content_type
+
+
+def _forget_dead_processes(directory: str) -> None:
+    """A worker that was killed (OOM, SIGKILL) never lowered its live gauges: drop them, so
+    ``claude_streams_active`` counts live processes only. Counters and histograms stay."""
+    pids = set()
+    for entry in os.scandir(directory):
+        match = _LIVE_GAUGE_FILE.fullmatch(entry.name)
+        if match is not None:
+            pids.add(int(match.group(1)))
+    for pid in pids:
+        if not _alive(pid):
+            prometheus_multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+_process_metrics: Metrics | None = None
+
+
+def metrics_for(key: str) -> Metrics:
+    """The metrics an app records into: its own registry in one process; in multiprocess
+    mode, one set per process (values are keyed by name in the shared files, so two sets in
+    one process would overwrite each other). ``key`` names the config key in errors."""
+    global _process_metrics
+    directory = os.environ.get(MULTIPROC_ENV) or None
+    if directory is None:
+        return Metrics(CollectorRegistry(auto_describe=True), None)
+    if not Path(directory).is_dir():
+        from ._config import ConfigError
+
+        raise ConfigError(
+            f"{MULTIPROC_ENV}={directory!r} is not a directory: create it (empty) before the "
+            f"server starts, or unset it (or set {key}=false)"
+        )
+    if _process_metrics is None or _process_metrics.multiprocess_dir != directory:
+        _process_metrics = Metrics(CollectorRegistry(auto_describe=True), directory)
+    return _process_metrics

@@ -1,0 +1,261 @@
+"""What one stream did, recorded once and reported three ways: Prometheus metrics, an
+OpenTelemetry span, and the ``stream_end`` log line, with the same fields in all three.
+
+The relay fills a :class:`StreamOutcome` as it goes (a handful of calls per stream, none per
+event). Tracing follows the GenAI semantic conventions and costs next to nothing when the
+host app has not configured an OTel SDK: the API's no-op span reports ``is_recording()``
+false and nothing is built for it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+from opentelemetry import propagate, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
+
+from ._metrics import TOKEN_KINDS, Metrics
+from ._request import ChatRequest
+
+__all__ = ["StreamOutcome", "Telemetry", "parent_context"]
+
+log = logging.getLogger("quart_claude")
+
+_TRACER_NAME = "quart_claude"
+
+#: log field -> span attribute, for the fields both carry (the GenAI conventions' names).
+_SPAN_ATTRIBUTES = {
+    "model": "gen_ai.request.model",
+    "response_model": "gen_ai.response.model",
+    "message_id": "gen_ai.response.id",
+    "input_tokens": "gen_ai.usage.input_tokens",
+    "output_tokens": "gen_ai.usage.output_tokens",
+    "cache_read_input_tokens": "gen_ai.usage.cache_read.input_tokens",
+    "cache_creation_input_tokens": "gen_ai.usage.cache_creation.input_tokens",
+    "stream_id": "quart_claude.stream_id",
+    "outcome": "quart_claude.outcome",
+    "attempts": "quart_claude.attempts",
+    "retries": "quart_claude.retries",
+    "recoveries": "quart_claude.recoveries",
+    "resumes": "quart_claude.resumes",
+    "ttft_ms": "quart_claude.ttft_ms",
+    "duration_ms": "quart_claude.duration_ms",
+    "request_id": "quart_claude.upstream_request_id",
+    "error": "error.type",
+}
+
+
+class _Headers(Protocol):
+    def get(self, key: str) -> str | None: ...
+
+
+def parent_context(headers: _Headers) -> Context | None:
+    """The trace a stream's span joins: the current span (an OTel middleware's) when there is
+    one, else the request's W3C ``traceparent``; None means "the current context"."""
+    if trace.get_current_span().get_span_context().is_valid:
+        return None
+    if not headers.get("traceparent"):
+        return None
+    return propagate.extract(headers)  # it only calls .get
+
+
+class Telemetry:
+    """The app's metrics (None when ``CLAUDE_METRICS`` is off) and its live streams' records."""
+
+    def __init__(self, metrics: Metrics | None, tracer_provider: TracerProvider | None) -> None:
+        self.metrics = metrics
+        # the global provider's tracer is a proxy: it follows an SDK configured later
+        self.tracer = trace.get_tracer(_TRACER_NAME, tracer_provider=tracer_provider)
+        self._live: dict[str, StreamOutcome] = {}
+
+    def stream(
+        self, stream_id: str, request: ChatRequest, parent: Context | None = None
+    ) -> StreamOutcome:
+        outcome = StreamOutcome(self, stream_id, request, parent)
+        self._live[stream_id] = outcome
+        return outcome
+
+    def resumed(self, stream_id: str, after: int) -> None:
+        """A reader came back (``after``: its ``Last-Event-ID``)."""
+        if self.metrics is not None:
+            self.metrics.resumes.inc()
+        outcome = self._live.get(stream_id)  # produced here: its span notes it
+        if outcome is not None:
+            outcome.resumes += 1
+            if outcome.span.is_recording():
+                outcome.span.add_event("resume", {"quart_claude.last_event_id": after})
+
+    def _ended(self, stream_id: str) -> None:
+        self._live.pop(stream_id, None)
+
+
+class StreamOutcome:
+    """One stream's record: counts, usage summed over every upstream request, its span."""
+
+    __slots__ = (
+        "_telemetry",
+        "attempts",
+        "error",
+        "first_token_at",
+        "message_id",
+        "model",
+        "recoveries",
+        "request_id",
+        "response_model",
+        "resumes",
+        "retries",
+        "span",
+        "started",
+        "stop_reason",
+        "stream_id",
+        "usage",
+    )
+
+    def __init__(
+        self, telemetry: Telemetry, stream_id: str, request: ChatRequest, parent: Context | None
+    ) -> None:
+        self._telemetry = telemetry
+        self.stream_id = stream_id
+        self.model = request.model  # bounded: CLAUDE_MODEL or one of CLAUDE_ALLOWED_MODELS
+        self.started = time.monotonic()
+        self.attempts = 0
+        self.retries = 0
+        self.recoveries = 0
+        self.resumes = 0
+        self.first_token_at: float | None = None
+        self.request_id: str | None = None
+        self.message_id: str | None = None
+        self.response_model: str | None = None
+        self.stop_reason: str | None = None
+        self.error: str | None = None
+        self.usage: dict[str, Any] = {}
+        self.span: Span = telemetry.tracer.start_span(
+            f"chat {request.model}", context=parent, kind=SpanKind.CLIENT
+        )
+        if self.span.is_recording():
+            attributes: dict[str, Any] = {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.system": "anthropic",
+                "gen_ai.provider.name": "anthropic",
+                "gen_ai.request.model": request.model,
+                "gen_ai.request.max_tokens": request.max_tokens,
+                "quart_claude.stream_id": stream_id,
+            }
+            if request.temperature is not None:
+                attributes["gen_ai.request.temperature"] = request.temperature
+            if request.stop_sequences:
+                attributes["gen_ai.request.stop_sequences"] = list(request.stop_sequences)
+            self.span.set_attributes(attributes)
+        metrics = telemetry.metrics
+        if metrics is not None:
+            metrics.streams_active.labels(self.model).inc()
+
+    def first_token(self) -> None:
+        now = self.first_token_at = time.monotonic()
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            metrics.time_to_first_token.labels(self.model).observe(now - self.started)
+        if self.span.is_recording():
+            self.span.add_event("first_token")
+
+    def upstream(self, outcome: str) -> None:
+        """One upstream request ended: ``ok``, ``cancelled`` or its error class."""
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            metrics.upstream_requests.labels(self.model, outcome).inc()
+
+    def failed(self, error_class: str) -> None:
+        """A failure was classified (retried or not)."""
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            metrics.errors.labels(self.model, error_class).inc()
+
+    def retrying(self, error_class: str, kind: str, delay: float) -> None:
+        """The request is made again after ``delay`` s: a ``retry`` (no text sent yet) or a
+        ``recovery`` (a continuation of the text already sent)."""
+        if kind == "retry":
+            self.retries += 1
+        else:
+            self.recoveries += 1
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            metrics.retries.labels(self.model, error_class, kind).inc()
+        if self.span.is_recording():
+            self.span.add_event(
+                "retry",
+                {
+                    "error.type": error_class,
+                    "quart_claude.retry_kind": kind,
+                    "quart_claude.attempt": self.attempts + 1,
+                    "quart_claude.delay_s": delay,
+                },
+            )
+
+    def end(self, outcome: str) -> dict[str, Any]:
+        """The stream ended with ``outcome`` (``done``, ``cancelled``, ``disconnected`` or an
+        error class): count it, end the span, write the log line; returns the log's fields."""
+        self._telemetry._ended(self.stream_id)
+        duration = time.monotonic() - self.started
+        usage = self.usage
+        fields: dict[str, Any] = {
+            "stream_id": self.stream_id,
+            "model": self.model,
+            "outcome": outcome,
+            "stop_reason": self.stop_reason,
+            "error": self.error,
+            "attempts": self.attempts,
+            "retries": self.retries,
+            "recoveries": self.recoveries,
+            "resumes": self.resumes,
+            "ttft_ms": (
+                round((self.first_token_at - self.started) * 1000)
+                if self.first_token_at is not None
+                else None
+            ),
+            "duration_ms": round(duration * 1000),
+            "input_tokens": usage.get("input_tokens"),
+            "output_tokens": usage.get("output_tokens"),
+            "cache_read_input_tokens": usage.get("cache_read_input_tokens"),
+            "cache_creation_input_tokens": usage.get("cache_creation_input_tokens"),
+            "request_id": self.request_id,
+            "response_model": self.response_model,
+            "message_id": self.message_id,
+        }
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            model = self.model
+            metrics.streams_active.labels(model).dec()
+            metrics.streams.labels(model, outcome).inc()
+            metrics.stream_duration.labels(model).observe(duration)
+            for kind, key in TOKEN_KINDS.items():
+                value = usage.get(key)
+                if isinstance(value, int) and value > 0:
+                    metrics.tokens.labels(model, kind).inc(value)
+        span = self.span
+        context = span.get_span_context()  # the parent's ids when tracing is off
+        fields["trace_id"] = format(context.trace_id, "032x") if context.is_valid else None
+        fields["span_id"] = (
+            format(context.span_id, "016x") if context.is_valid and span.is_recording() else None
+        )
+        if span.is_recording():
+            span.set_attributes(
+                {
+                    _SPAN_ATTRIBUTES[name]: value
+                    for name, value in fields.items()
+                    if value is not None and name in _SPAN_ATTRIBUTES
+                }
+            )
+            if self.stop_reason is not None:
+                span.set_attribute("gen_ai.response.finish_reasons", [self.stop_reason])
+            if self.error is not None:
+                span.set_status(Status(StatusCode.ERROR, self.error))
+        span.end()
+        log.info(
+            "stream_end %s",
+            " ".join(f"{key}={value}" for key, value in fields.items() if value is not None),
+            extra={"claude": fields},
+        )
+        return fields
