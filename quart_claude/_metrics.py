@@ -15,8 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.exposition import choose_encoder
 from prometheus_client import multiprocess as prometheus_multiprocess
+from prometheus_client.exposition import choose_encoder
 
 __all__ = ["MULTIPROC_ENV", "TOKEN_KINDS", "Metrics", "metrics_for"]
 

@@ -111,9 +111,7 @@ async def test_metrics_count_every_outcome(
         recovered = await stream_chat(http, url + "/chat/stream", {"message": "c"})
         # stopped by the user while it streams, after a resume
         emulator.script(Reply(ANSWER, token_delay=0.1))
-        first = await stream_chat(
-            http, url + "/chat/stream", {"message": "d"}, stop_after_deltas=2
-        )
+        first = await stream_chat(http, url + "/chat/stream", {"message": "d"}, stop_after_deltas=2)
         stream_id = first.headers["x-stream-id"]
         async with http.stream(
             "GET", f"{url}/chat/stream/{stream_id}", headers={"Last-Event-ID": first.ids[-1] or ""}
@@ -148,9 +146,7 @@ async def test_metrics_count_every_outcome(
         value(metrics, "claude_retries_total", model=MODEL, error="overloaded", kind="retry") == 1
     )
     assert (
-        value(
-            metrics, "claude_retries_total", model=MODEL, error="network_error", kind="recovery"
-        )
+        value(metrics, "claude_retries_total", model=MODEL, error="network_error", kind="recovery")
         == 1
     )
     for error in ("overloaded", "auth_error", "network_error"):
