@@ -16,6 +16,7 @@ import httpx2
 from quart import Quart, Request, current_app, request
 
 from ._config import ClaudeConfig, ConfigError, load_config
+from ._errors import ERROR_CLASSES
 from ._metrics import MULTIPROC_ENV, Metrics, metrics_for
 from ._redact import install as install_redaction
 from ._redact import register_secret
@@ -267,7 +268,7 @@ class ClaudeState:
 def _metrics(config: ClaudeConfig) -> Metrics:
     """The app's Prometheus metrics, their series for every allowed model created at 0."""
     metrics = metrics_for(ClaudeConfig.key("metrics"))
-    metrics.prepare(dict.fromkeys((config.model, *config.allowed_models)))
+    metrics.prepare(dict.fromkeys((config.model, *config.allowed_models)), ERROR_CLASSES)
     directory = metrics.multiprocess_dir
     if directory is not None and not any(
         entry.name.endswith(f"_{os.getpid()}.db") for entry in os.scandir(directory)

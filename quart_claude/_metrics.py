@@ -103,14 +103,24 @@ class Metrics:
             registry=registry,
         )
 
-    def prepare(self, models: Iterable[str]) -> None:
-        """Create the series every dashboard reads at 0, so a rate is defined from the start."""
+    def prepare(self, models: Iterable[str], error_classes: Iterable[str]) -> None:
+        """Create every series at 0 (the label values are all known and few), so that the
+        first stream, the first error of a class, is an increase ``rate()`` can see."""
+        errors = tuple(error_classes)
         for model in models:
             self.streams_active.labels(model)
+            self.time_to_first_token.labels(model)
+            self.stream_duration.labels(model)
             for kind in TOKEN_KINDS:
                 self.tokens.labels(model, kind)
-            self.streams.labels(model, "done")
-            self.upstream_requests.labels(model, "ok")
+            for outcome in ("done", "cancelled", "disconnected", *errors):
+                self.streams.labels(model, outcome)
+            for outcome in ("ok", "cancelled", *errors):
+                self.upstream_requests.labels(model, outcome)
+            for error in errors:
+                self.errors.labels(model, error)
+                for kind in ("retry", "recovery"):
+                    self.retries.labels(model, error, kind)
 
     def exposition(self, accept: str | None) -> tuple[bytes, str]:
         """The scrape's body and content type, in the format the ``Accept`` header asks for

@@ -156,6 +156,10 @@ async def test_resume_and_stop_through_nginx(
             assert stopped.status_code == 200
             upstream = emulator.requests[1]
             await asyncio.wait_for(upstream.ended.wait(), 5)
+            # the metrics are Prometheus's to scrape from inside, not the world's
+            assert (await http.get(url + "/metrics")).status_code == 404
+            direct = await http.get(f"http://127.0.0.1:{port}/metrics")
+            assert direct.status_code == 200 and "claude_streams_total" in direct.text
     assert upstream.disconnected
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -16,6 +17,7 @@ from opentelemetry.trace import StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 from quart import Quart
 
+from quart_claude import Claude, ConfigError
 from quart_claude.testing import Emulator, ErrorReply, Reply
 
 from .helpers import serving, stream_chat
@@ -292,3 +294,23 @@ async def test_without_an_otel_sdk_the_log_still_joins_the_callers_trace(
     )
     assert first["trace_id"] == trace_id and first["span_id"] is None
     assert second["trace_id"] is None
+
+
+def test_a_multiprocess_dir_that_is_not_there_fails_at_init_app(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(missing))
+    with pytest.raises(ConfigError, match=r"PROMETHEUS_MULTIPROC_DIR=.*is not a directory"):
+        Claude(Quart(__name__), api_key="sk-test", base_url="http://127.0.0.1:9")
+    Claude(Quart(__name__), api_key="sk-test", base_url="http://127.0.0.1:9", metrics=False)
+
+
+def test_a_multiprocess_dir_set_too_late_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """prometheus_client decides on import; this process imported it without the variable,
+    so its values would never reach the directory: said at init_app, not found at scrape."""
+    monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(tmp_path))
+    with pytest.raises(ConfigError, match="set after prometheus_client was imported"):
+        Claude(Quart(__name__), api_key="sk-test", base_url="http://127.0.0.1:9")
