@@ -236,8 +236,8 @@ async def test_the_dashboard_reads_real_prometheus_data(emulator: Emulator, tmp_
                     for title, exprs in panels.items()
                 }
     assert len(answers) >= 9
-    for title, results in answers.items():  # every query parses and finds its series
-        assert all(result for result in results), (title, panels[title], results)
+    for title, found in answers.items():  # every query parses and finds its series
+        assert all(series for series in found), (title, panels[title], found)
     assert answers["Active streams"] == [[0.0]]
     ratio = answers["Cache hit ratio"][0][0]
     assert math.isclose(ratio, 300 * 8 / prompt, rel_tol=1e-6), ratio
