@@ -321,6 +321,26 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
                 },
             }
         },
+        **(
+            {
+                f"{prefix}/metrics": {
+                    "get": {
+                        "summary": "Prometheus metrics (text exposition or OpenMetrics)",
+                        "operationId": "metrics",
+                        **(guarded if config.metrics_auth else {}),
+                        "responses": {
+                            "200": {
+                                "description": "the metrics, every worker's",
+                                "content": {"text/plain": {"schema": {"type": "string"}}},
+                            },
+                            **(_errors(401) if guarded and config.metrics_auth else {}),
+                        },
+                    }
+                }
+            }
+            if config.metrics
+            else {}
+        ),
         f"{prefix}/health": {
             "get": {
                 "summary": "Liveness",

@@ -39,6 +39,7 @@ async def test_the_document_describes_this_apps_routes_and_rules(
         "/ai/claude-stream.js",
         "/ai/openapi.json",
         "/ai/docs",
+        "/ai/metrics",
     }
     body = doc["components"]["schemas"]["ChatRequest"]
     assert body["additionalProperties"] is False
