@@ -38,6 +38,7 @@ def quart_claude_app(upstream: str, redis_url: str | None) -> Quart:
         "api_key": "sk-bench",
         "base_url": upstream,
         "max_concurrent_streams": 10_000,
+        "max_streams_per_client": 0,  # the load generator is one client with many streams
         "handle_signals": False,
     }
     if redis_url:
