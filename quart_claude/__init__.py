@@ -9,9 +9,10 @@ Claude(app)            # POST /chat/stream, GET /health, GET /ready
 
 from ._config import DEFAULT_MODEL, ClaudeConfig, ConfigError
 from ._errors import ERROR_CLASSES, UpstreamError
-from ._extension import Claude, ClaudeState
+from ._quart import Claude
 from ._retry import RetryPolicy
 from ._sse import SSEEvent, SSEParser
+from ._state import ClaudeState
 
 __all__ = [
     "DEFAULT_MODEL",

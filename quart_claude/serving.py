@@ -20,7 +20,7 @@ from hypercorn.asyncio import serve
 from hypercorn.config import Config
 from quart import Quart
 
-from ._extension import Claude
+from ._quart import Claude
 
 __all__ = ["drain", "run", "serve_app"]
 

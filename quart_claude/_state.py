@@ -1,4 +1,7 @@
-"""``Claude(app)``: configuration, per-app state, the client's lifecycle, the blueprint."""
+"""The per-app state both front ends share: configuration, the SDK client, the streams, the
+store, telemetry, and the rules of who may do what. It knows no web framework: the Quart and
+Flask front ends call it from their views (Flask through a loop thread).
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,11 @@ import hmac
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anthropic
 import httpx2
-from quart import Quart, Request, current_app, request
 
 from ._config import ClaudeConfig, ConfigError, load_config
 from ._errors import ERROR_CLASSES
@@ -21,22 +23,38 @@ from ._metrics import MULTIPROC_ENV, Metrics, metrics_for
 from ._redact import install as install_redaction
 from ._redact import register_secret
 from ._relay import Relay
+from ._request import ChatRequest
 from ._schema import chat_body_model, openapi_document
-from ._shutdown import ShutdownHooks
-from ._stream import Stream, StreamRegistry
-from ._telemetry import Telemetry
+from ._stream import StoreUnavailable, Stream, StreamRegistry
+from ._telemetry import Telemetry, parent_context
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
     from ._ratelimit import RateLimiter
-    from ._redis_store import RedisStore
+    from ._redis_store import RedisStore, RemoteStream
 
-__all__ = ["Authorize", "Claude", "ClaudeState", "Unauthorized"]
+__all__ = ["Authorize", "ClaudeState", "Extension", "Unauthorized"]
 
 log = logging.getLogger("quart_claude")
 
+#: Where the state lives: ``app.extensions["claude"]``, on Quart and Flask alike.
 EXTENSION_KEY = "claude"
+
+#: ``fn(request) -> identity | None``, sync or async (sync only on Flask), given the
+#: framework's request object.
+Authorize = Callable[[Any], Any]
+
+
+class Unauthorized(Exception):
+    """The request may not use the routes: answered 401."""
+
+
+class Extension(Protocol):
+    """What the state needs of a front end's extension object."""
+
+    @property
+    def authorize_hook(self) -> Authorize | None: ...
 
 
 class ChatStreams:
@@ -68,22 +86,18 @@ class ChatStreams:
         return self._recent.get(key)
 
 
-#: ``fn(request) -> identity | None``, sync or async.
-Authorize = Callable[[Request], Any]
-
-
-class Unauthorized(Exception):
-    """The request may not use the routes: answered 401."""
-
-
 class ClaudeState:
-    """Everything one app needs at run time; lives in ``app.extensions["claude"]``.
+    """Everything one app needs at run time, whatever the web framework; it lives in
+    ``app.extensions["claude"]``.
 
-    The SDK client exists only while the app is serving (``before_serving`` to
-    ``after_serving``), once per worker process.
+    The SDK client, the store and the background tasks exist only while the app is serving
+    (:meth:`startup` to :meth:`shutdown`, on the event loop that serves the streams), once
+    per worker process.
     """
 
-    def __init__(self, extension: Claude, config: ClaudeConfig) -> None:
+    def __init__(
+        self, extension: Extension, config: ClaudeConfig, tracer_provider: TracerProvider | None
+    ) -> None:
         self.extension = extension
         self.config = config
         self.relay: Relay | None = None
@@ -95,9 +109,7 @@ class ClaudeState:
         self.producers: set[asyncio.Task[None]] = set()
         self.body_model = chat_body_model(config)  # validates bodies; the OpenAPI's source
         self.chats = ChatStreams()
-        self.telemetry = Telemetry(
-            _metrics(config) if config.metrics else None, extension.tracer_provider
-        )
+        self.telemetry = Telemetry(_metrics(config) if config.metrics else None, tracer_provider)
         self._openapi: dict[str, Any] | None = None
         self._per_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
@@ -105,13 +117,18 @@ class ClaudeState:
         self.rate_limiter: RateLimiter | None = None
         self.draining = False
         self.store: RedisStore | None = None  # None: streams live in this worker only
-        self._hooks: ShutdownHooks | None = None
 
     @property
     def openapi(self) -> dict[str, Any]:
         if self._openapi is None:
             self._openapi = openapi_document(self.config)
         return self._openapi
+
+    @property
+    def authorize_hook(self) -> Authorize | None:
+        """The extension's ``authorize`` hook (it may be set after ``init_app``); the front
+        end calls it in its own request context."""
+        return self.extension.authorize_hook
 
     @property
     def ready(self) -> bool:
@@ -139,31 +156,97 @@ class ClaudeState:
 
         task.add_done_callback(done)
 
-    async def authorize(self) -> str | None:
-        """Who is asking: the identity that decides who may use the routes, who owns a stream
-        and the rate-limit key. It is the ``authorize`` hook's answer when there is a hook,
-        else the bearer token's (``CLAUDE_API_TOKENS``), else None (no auth: anyone may use
-        the routes, and a stream id is the capability to read or stop it).
+    async def open_stream(
+        self,
+        stream_id: str,
+        chat: ChatRequest,
+        *,
+        owner: str | None,
+        client: str,
+        headers: Any = None,
+    ) -> Stream:
+        """Register a validated request's stream (in the store too, so any worker finds it at
+        once) and start its producer. ``owner``: the identity that may read or stop it;
+        ``client``: whom it counts against; ``headers``: the request's, for the trace the
+        stream's span joins. Raises :class:`StoreUnavailable` when the store cannot take it."""
+        relay = self.relay
+        assert relay is not None, "open_stream before startup"
+        stream = Stream(
+            stream_id, retry_ms=self.config.sse_retry, owner=owner, on_idle=self.stream_idle
+        )
+        if self.store is not None:
+            try:
+                await self.store.attach(stream)
+            except Exception as exc:
+                log.exception("the stream store is unavailable")
+                raise StoreUnavailable(str(exc)) from exc
+        self.streams.add(stream)
+        parent = parent_context(headers) if headers is not None else None
+        self.start_producer(stream, relay.produce(stream, chat, parent), client)
+        return stream
 
-        Raises :class:`Unauthorized` when a hook answers None or no token matches.
-        """
-        identity = None
+    async def find(self, stream_id: str, identity: str | None) -> Stream | RemoteStream | None:
+        """The stream (produced here, or elsewhere when Redis is the store) if it exists and
+        ``identity`` may see it; otherwise None, as if it did not exist. Raises
+        :class:`StoreUnavailable` when the store cannot answer."""
+        found: Stream | RemoteStream | None = self.streams.get(stream_id)
+        if found is None and self.store is not None:
+            found = await self.store.lookup(stream_id)
+        if found is None or (found.owner is not None and found.owner != identity):
+            return None
+        return found
+
+    def read(
+        self, stream: Stream | RemoteStream, after: int, *, live_only: bool = False
+    ) -> AsyncIterator[bytes] | None:
+        """The encoded events after index ``after``, then live ones with heartbeats, from
+        memory or from the store; None when there is nothing more, ever (or, ``live_only``,
+        when the stream has finished)."""
+        heartbeat = self.config.heartbeat_interval
+        if isinstance(stream, Stream):
+            if stream.finished and (live_only or after >= len(stream.events) - 1):
+                return None
+            return stream.read(after, heartbeat)
+        assert self.store is not None
+        if stream.done and (live_only or after >= stream.count - 1):
+            return None
+        return self.store.read(stream.id, after, heartbeat)
+
+    async def stop(self, stream: Stream | RemoteStream) -> bool:
+        """Stop a stream wherever it is produced: whether it was still running."""
+        if isinstance(stream, Stream):
+            return stream.cancel("cancelled")
+        assert self.store is not None  # produced on another worker: it polls within 0.5 s
+        if stream.done:
+            return False
+        await self.store.request_cancel(stream.id)
+        return True
+
+    def check_token(self, authorization: str | None) -> str | None:
+        """The identity a bearer token gives (``CLAUDE_API_TOKENS``), None when no tokens are
+        configured. Raises :class:`Unauthorized` when tokens are configured and none matches.
+
+        Who is asking decides who may use the routes, who owns a stream and the rate-limit
+        key: the ``authorize`` hook's answer when there is a hook (see :meth:`hook_identity`),
+        else the token's, else None (no auth: a stream id is the capability to read or stop
+        it)."""
         tokens = self.config.api_tokens
-        if tokens:
-            scheme, _, given = (request.headers.get("Authorization") or "").partition(" ")
-            offered = given.strip().encode() if scheme.lower() == "bearer" else b""
-            # every token compared in constant time, none skipped: no timing says which failed
-            matches = [t for t in tokens if hmac.compare_digest(offered, t.encode())]
-            if not offered or not matches:
-                raise Unauthorized("a valid 'Authorization: Bearer <token>' is required")
-            identity = "token:" + hashlib.sha256(matches[0].encode()).hexdigest()[:16]
-        hook = self.extension.authorize_hook
-        if hook is not None:
-            value = await current_app.ensure_async(hook)(request)
-            if value is None:
-                raise Unauthorized("this request is not authorized")
-            identity = str(value)
-        return identity
+        if not tokens:
+            return None
+        scheme, _, given = (authorization or "").partition(" ")
+        offered = given.strip().encode() if scheme.lower() == "bearer" else b""
+        # every token compared in constant time, none skipped: no timing says which failed
+        matches = [t for t in tokens if hmac.compare_digest(offered, t.encode())]
+        if not offered or not matches:
+            raise Unauthorized("a valid 'Authorization: Bearer <token>' is required")
+        return "token:" + hashlib.sha256(matches[0].encode()).hexdigest()[:16]
+
+    @staticmethod
+    def hook_identity(value: Any) -> str:
+        """The identity of an ``authorize`` hook's answer; None refuses the request."""
+        if value is None:
+            raise Unauthorized("this request is not authorized")
+        return str(value)
 
     def stream_idle(self, stream: Stream) -> None:
         """The last reader left before the end: give it ``CLAUDE_RESUME_GRACE`` seconds to
@@ -219,9 +302,6 @@ class ClaudeState:
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
-        if config.handle_signals:
-            self._hooks = ShutdownHooks(self.drain)
-            self._hooks.install(asyncio.get_running_loop())
 
     async def _sweep_stalled_readers(self) -> None:
         """Let go of readers whose client stopped reading: after ``CLAUDE_SEND_TIMEOUT``
@@ -251,9 +331,6 @@ class ClaudeState:
 
     async def shutdown(self) -> None:
         await self.drain()
-        if self._hooks is not None:
-            self._hooks.uninstall()
-            self._hooks = None
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -300,92 +377,26 @@ def _http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
     return anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
-class Claude:
-    """The extension. ``Claude(app)`` or, for app factories, ``claude.init_app(app)``.
-
-    Keyword options use the config names without the ``CLAUDE_`` prefix, lowercased:
-    ``Claude(app, model="claude-opus-5", max_retries=5)``. They win over ``app.config``,
-    which wins over environment variables. ``tracer_provider``: the OpenTelemetry provider
-    the streams' spans go to (default: the global one, as OTel instrumentations do).
-    """
-
-    def __init__(
-        self,
-        app: Quart | None = None,
-        *,
-        authorize: Authorize | None = None,
-        tracer_provider: TracerProvider | None = None,
-        **options: Any,
-    ) -> None:
-        self._options = options
-        self.authorize_hook = authorize
-        self.tracer_provider = tracer_provider
-        if app is not None:
-            self.init_app(app)
-
-    def authorize(self, hook: Authorize) -> Authorize:
-        """Decorate the (sync or async) function that, given the request, returns who is
-        asking (any value; ``str()`` of it is the identity) or None to refuse with a 401.
-
-        The identity decides who may use the chat routes, who owns a stream (only the same
-        identity may read or stop it; anyone else gets 404), and the rate-limit key.
-        ``/health``, ``/ready`` and the client script stay open.
-        """
-        self.authorize_hook = hook
-        return hook
-
-    def init_app(self, app: Quart) -> None:
-        if EXTENSION_KEY in app.extensions:
-            raise RuntimeError(
-                "Claude is already registered on this app; call init_app once per app."
-            )
-        config = load_config(self._options, app.config)
-        if not config.api_key:
-            raise ConfigError(
-                "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
-                "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
-            )
-        register_secret(config.api_key)
-        for token in config.api_tokens:
-            register_secret(token)
-        install_redaction()
-        state = ClaudeState(self, config)
-        app.extensions[EXTENSION_KEY] = state
-
-        from ._routes import create_blueprint
-
-        blueprint = create_blueprint(with_metrics=config.metrics)
-        if config.cors_origins:  # for the blueprint's routes only, never the host app's
-            from quart_cors import cors
-
-            origins = "*" if "*" in config.cors_origins else list(config.cors_origins)
-            cors(
-                blueprint,
-                allow_origin=origins,
-                allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
-                allow_methods=["GET", "POST", "DELETE"],
-                expose_headers=[
-                    "X-Stream-Id",
-                    "Retry-After",
-                    "RateLimit-Limit",
-                    "RateLimit-Remaining",
-                    "RateLimit-Reset",
-                ],
-                max_age=600,
-            )
-        app.register_blueprint(blueprint, url_prefix=config.url_prefix or None)
-        app.before_serving(state.startup)
-        app.after_serving(state.shutdown)
-
-    @staticmethod
-    def state(app: Quart | None = None) -> ClaudeState:
-        """The state of ``app`` (default: the current app)."""
-        extensions = app.extensions if app is not None else current_app.extensions
-        try:
-            state: ClaudeState = extensions[EXTENSION_KEY]
-        except KeyError:
-            raise RuntimeError(
-                "Claude is not registered on this app; did you forget Claude(app) or "
-                "claude.init_app(app)?"
-            ) from None
-        return state
+def create_state(
+    extension: Extension,
+    extensions: dict[str, Any],
+    app_config: Any,
+    options: dict[str, Any],
+    tracer_provider: TracerProvider | None,
+) -> ClaudeState:
+    """The checks and the state every front end's ``init_app`` begins with."""
+    if EXTENSION_KEY in extensions:
+        raise RuntimeError("Claude is already registered on this app; call init_app once per app.")
+    config = load_config(options, app_config)
+    if not config.api_key:
+        raise ConfigError(
+            "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
+            "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
+        )
+    register_secret(config.api_key)
+    for token in config.api_tokens:
+        register_secret(token)
+    install_redaction()
+    state = ClaudeState(extension, config, tracer_provider)
+    extensions[EXTENSION_KEY] = state
+    return state

@@ -1,0 +1,494 @@
+"""The routes, written once for every front end: an :class:`HttpRequest` in, a :class:`Reply`
+out, on the event loop that serves the streams.
+
+A front end (Quart's blueprint, Flask's) only translates: its request into an
+:class:`HttpRequest` (and the ``authorize`` hook's answer, called in its own request context),
+and the :class:`Reply` into its response; a body that is an async iterator is the stream. So
+validation, status codes, headers and the event protocol cannot differ between them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ._aisdk import HEADERS as AI_SDK_HEADERS
+from ._aisdk import chat_id_of, to_chat_body, to_ui_message_stream
+from ._request import RequestError, parse_chat_request
+from ._schema import ValidationError
+from ._state import ClaudeState, Unauthorized
+from ._stream import StoreUnavailable, Stream, new_stream_id
+
+if TYPE_CHECKING:  # redis is an optional dependency
+    from ._redis_store import RemoteStream
+
+__all__ = ["ROUTES", "HttpRequest", "Reply", "Route", "method_not_allowed"]
+
+log = logging.getLogger("quart_claude")
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+_JSON = "application/json"
+
+
+class Headers(Protocol):
+    def get(self, key: str) -> str | None: ...
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    """What the routes need of a request, whatever the framework."""
+
+    method: str
+    headers: Headers
+    args: Mapping[str, str]
+    remote_addr: str | None
+    mimetype: str
+    content_length: int | None
+    #: ``read_body(limit)``: the whole body, or :class:`RequestError` (413) past ``limit``
+    read_body: Callable[[int], Awaitable[bytes]]
+    #: the identity (``ClaudeState.check_token`` and the ``authorize`` hook), or Unauthorized
+    authorize: Callable[[], Awaitable[str | None]]
+    path_params: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Reply:
+    """A response: ``body`` bytes, or an async iterator of chunks (a stream, sent as it
+    comes, never buffered and never timed out)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes | AsyncIterator[bytes] = b""
+
+    @property
+    def streaming(self) -> bool:
+        return not isinstance(self.body, bytes)
+
+
+def json_reply(payload: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+    return Reply(status, {**(headers or {}), "Content-Type": _JSON}, json.dumps(payload).encode())
+
+
+def json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Reply:
+    return json_reply({"error": code, "message": message}, status, headers)
+
+
+def _sse(
+    body: AsyncIterator[bytes], stream_id: str, headers: dict[str, str] | None = None
+) -> Reply:
+    return Reply(200, {**SSE_HEADERS, **(headers or {}), "X-Stream-Id": stream_id}, body)
+
+
+def _unauthorized(state: ClaudeState, refused: Unauthorized) -> Reply:
+    headers = {"WWW-Authenticate": "Bearer"} if state.config.api_tokens else None
+    return json_error(401, "unauthorized", str(refused), headers)
+
+
+def _store_unavailable() -> Reply:
+    return json_error(
+        503,
+        "store_unavailable",
+        "the stream store is unavailable; try again shortly",
+        {"Retry-After": "1"},
+    )
+
+
+def _not_found() -> Reply:
+    return json_error(404, "not_found", "no such stream: unknown, expired, or not yours")
+
+
+async def _read_json(state: ClaudeState, req: HttpRequest) -> Any:
+    mimetype = req.mimetype
+    if mimetype != _JSON and not mimetype.endswith("+json"):
+        raise RequestError(
+            415,
+            "unsupported_media_type",
+            "send the body as JSON with 'Content-Type: application/json'",
+        )
+    limit = state.config.max_body_size
+    if req.content_length is not None and req.content_length > limit:
+        raise RequestError(413, "body_too_large", f"the body may be at most {limit} bytes")
+    try:
+        async with asyncio.timeout(state.config.timeout):
+            raw = await req.read_body(limit)
+    except TimeoutError:
+        raise RequestError(408, "request_timeout", "the body took too long to arrive") from None
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestError(400, "invalid_json", "the body is not valid JSON") from None
+    except RecursionError:
+        raise RequestError(400, "invalid_json", "the body is nested too deeply") from None
+    if b"\\u" in raw:  # only an escape can smuggle in a lone surrogate, which no API accepts
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise RequestError(
+                400, "invalid_json", "the body holds a lone surrogate (\\ud800-\\udfff)"
+            ) from None
+    return body
+
+
+async def _open_stream(
+    state: ClaudeState, req: HttpRequest, convert: Callable[[Any], Any] | None = None
+) -> tuple[Stream, dict[str, str]] | Reply:
+    """Validate the request and start its producer: the stream and the headers its answer
+    carries, or the error to answer. Both chat routes begin here, so they refuse alike."""
+    if state.relay is None or state.draining:
+        return json_error(
+            503,
+            "not_ready",
+            "the Claude backend is not serving yet (or is shutting down)",
+            {"Retry-After": "1"},
+        )
+    try:
+        owner = await req.authorize()
+    except Unauthorized as refused:
+        return _unauthorized(state, refused)
+    client = owner if owner is not None else f"addr:{req.remote_addr}"
+    headers: dict[str, str] = {}
+    if state.rate_limiter is not None:
+        try:
+            allowed, headers = await state.rate_limiter.hit(client)
+        except Exception:
+            log.exception("the rate limit store is unavailable")
+            return _store_unavailable()
+        if not allowed:
+            return json_error(
+                429,
+                "rate_limited",
+                "too many requests from this client (CLAUDE_RATE_LIMIT)",
+                headers,
+            )
+    try:
+        body = await _read_json(state, req)
+        if convert is not None:  # another protocol's request shape (the AI SDK's)
+            body = convert(body)
+        chat = parse_chat_request(body, state.config, owner)
+        state.body_model.model_validate(body)  # the model the OpenAPI document is made from
+    except RequestError as error:
+        return json_error(error.status, error.code, error.message)
+    except ValidationError as invalid:
+        first = invalid.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return json_error(400, "invalid_request", f"'{where}': {first['msg']}")
+    if state.live_streams() >= state.config.max_concurrent_streams:
+        return json_error(
+            503,
+            "over_capacity",
+            "too many open streams on this server; try again shortly",
+            {"Retry-After": "1"},
+        )
+    per_client = state.config.max_streams_per_client
+    if per_client and state.streams_of(client) >= per_client:
+        return json_error(
+            429,
+            "too_many_streams",
+            f"at most {per_client} open streams per client (CLAUDE_MAX_STREAMS_PER_CLIENT)",
+            {"Retry-After": "1"},
+        )
+    try:
+        stream = await state.open_stream(
+            new_stream_id(), chat, owner=owner, client=client, headers=req.headers
+        )
+    except StoreUnavailable:
+        return _store_unavailable()
+    return stream, headers
+
+
+async def chat_stream(state: ClaudeState, req: HttpRequest) -> Reply:
+    opened = await _open_stream(state, req)
+    if isinstance(opened, Reply):
+        return opened
+    stream, headers = opened
+    return _sse(stream.read(-1, state.config.heartbeat_interval), stream.id, headers)
+
+
+#: The HTTP status of a failed answer on ``POST /chat``, by error class: 429 and 4xx for
+#: what the client can change, 502/503/504 for the upstream (or this server's key/model).
+_CHAT_STATUS = {
+    "rate_limit": 429,
+    "overloaded": 503,
+    "server_error": 502,
+    "network_error": 502,
+    "timeout": 504,
+    "auth_error": 502,
+    "permission_error": 502,
+    "not_found": 502,
+    "token_limit": 400,
+    "invalid_request": 400,
+    "request_too_large": 413,
+    "unknown": 502,
+    "shutdown": 503,
+    "unavailable": 503,
+    "continuation_failed": 502,
+}
+
+
+async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
+    """The same request as ``/chat/stream``, answered as one JSON object when it is done."""
+    opened = await _open_stream(state, req)
+    if isinstance(opened, Reply):
+        return opened
+    stream, headers = opened
+    producer = stream.producer
+    assert producer is not None
+    try:
+        await asyncio.shield(producer)
+    except asyncio.CancelledError:  # the client left: nobody will read this answer
+        stream.cancel("disconnected")
+        raise
+    events = [json.loads(event[6 : event.index(b"\n")]) for event in stream.events]
+    final = events[-1]
+    if final["type"] == "error":
+        if "retry_after" in final:
+            headers["Retry-After"] = str(final["retry_after"])
+        status = _CHAT_STATUS.get(final["error"], 502)
+        return json_error(status, final["error"], final["message"], headers)
+    start = events[0] if events[0]["type"] == "start" else {}
+    return json_reply(
+        {
+            "id": start.get("message_id"),
+            "model": start.get("model"),
+            "text": "".join(event["text"] for event in events if event["type"] == "delta"),
+            "stop_reason": final.get("stop_reason"),
+            "usage": final.get("usage", {}),
+        },
+        headers=headers,
+    )
+
+
+_EVENT_ID = re.compile(r"-1|[0-9]{1,18}")  # -1: before the first event (nothing seen yet)
+
+
+def _last_event_id(req: HttpRequest) -> int:
+    raw = req.headers.get("Last-Event-ID")
+    if raw is None:
+        raw = req.args.get("last_event_id")
+    if raw is None or raw == "":
+        return -1
+    if _EVENT_ID.fullmatch(raw) is None:
+        raise RequestError(400, "invalid_request", "Last-Event-ID must be an event id (an integer)")
+    return int(raw)
+
+
+async def _find(
+    state: ClaudeState, req: HttpRequest, stream_id: str
+) -> Stream | RemoteStream | Reply:
+    """The stream, or the reply that says why not (401, 404, 503)."""
+    try:
+        found = await state.find(stream_id, await req.authorize())
+    except Unauthorized as refused:
+        return _unauthorized(state, refused)
+    except StoreUnavailable:
+        return _store_unavailable()
+    return _not_found() if found is None else found
+
+
+async def resume_stream(state: ClaudeState, req: HttpRequest) -> Reply:
+    """Replay every event after ``Last-Event-ID`` (or all), then follow the stream live."""
+    try:
+        after = _last_event_id(req)
+    except RequestError as error:
+        return json_error(error.status, error.code, error.message)
+    stream = await _find(state, req, req.path_params["stream_id"])
+    if isinstance(stream, Reply):
+        return stream
+    if req.method == "HEAD":  # headers only: never a reader that keeps the stream alive
+        return Reply(200, {**SSE_HEADERS, "X-Stream-Id": stream.id})
+    events = state.read(stream, after)
+    if events is None:
+        return Reply(204, {})  # nothing more, ever: EventSource stops reconnecting
+    state.telemetry.resumed(stream.id, after)
+    return _sse(events, stream.id)
+
+
+async def stop_stream(state: ClaudeState, req: HttpRequest) -> Reply:
+    """The stop button: close the upstream request; readers get ``done`` / ``cancelled``."""
+    stream = await _find(state, req, req.path_params["stream_id"])
+    if isinstance(stream, Reply):
+        return stream
+    try:
+        stopped = await state.stop(stream)
+    except StoreUnavailable:
+        return _store_unavailable()
+    return json_reply({"stream_id": stream.id, "status": "cancelled" if stopped else "finished"})
+
+
+async def ai_sdk_chat(state: ClaudeState, req: HttpRequest) -> Reply:
+    """``useChat``'s POST: the same producer, answered in the UI message stream protocol."""
+    chat_ids: list[str] = []
+
+    def convert(body: Any) -> Any:
+        chat_ids.append(chat_id_of(body))
+        return to_chat_body(body)
+
+    opened = await _open_stream(state, req, convert)
+    if isinstance(opened, Reply):
+        return opened
+    stream, headers = opened
+    await state.chats.remember(stream.owner, chat_ids[0], stream.id)
+    frames = stream.read(-1, state.config.heartbeat_interval)
+    return _sse(to_ui_message_stream(frames), stream.id, {**AI_SDK_HEADERS, **headers})
+
+
+async def ai_sdk_resume(state: ClaudeState, req: HttpRequest) -> Reply:
+    """``useChat({resume: true})``: the chat's stream in progress, replayed from its start
+    (the client rebuilds the message from it), or 204 when there is none."""
+    try:
+        identity = await req.authorize()
+        stream_id = await state.chats.active(identity, req.path_params["chat_id"])
+        stream = await state.find(stream_id, identity) if stream_id else None
+    except Unauthorized as refused:
+        return _unauthorized(state, refused)
+    except StoreUnavailable:
+        return _store_unavailable()
+    frames = state.read(stream, -1, live_only=True) if stream is not None else None
+    if stream is None or frames is None:
+        return Reply(204, {})
+    state.telemetry.resumed(stream.id, -1)
+    return _sse(to_ui_message_stream(frames), stream.id, AI_SDK_HEADERS)
+
+
+async def metrics(state: ClaudeState, req: HttpRequest) -> Reply:
+    """Prometheus's scrape: this app's metrics (every worker's, in multiprocess mode)."""
+    if state.config.metrics_auth:
+        try:
+            await req.authorize()
+        except Unauthorized as refused:
+            return _unauthorized(state, refused)
+    assert state.telemetry.metrics is not None  # the route exists only with CLAUDE_METRICS
+    exposition = state.telemetry.metrics.exposition
+    body, content_type = await asyncio.to_thread(exposition, req.headers.get("Accept"))
+    return Reply(200, {"Content-Type": content_type, "Cache-Control": "no-store"}, body)
+
+
+async def openapi(state: ClaudeState, req: HttpRequest) -> Reply:
+    return json_reply(state.openapi)
+
+
+_DOCS = b"""<!doctype html><html lang="en"><head><meta charset="utf-8">
+<title>quart-claude API</title><style>body{font:15px/1.5 system-ui,sans-serif;max-width:52rem;
+margin:2rem auto;padding:0 1rem}code{background:#f3f3f3;padding:0 .2em}li{margin:.3rem 0}</style>
+</head><body><h1>quart-claude API</h1><p>The OpenAPI 3.1 document:
+<a href="openapi.json"><code>openapi.json</code></a> (load it in any OpenAPI viewer).</p>
+<ul id="ops"></ul><script>
+fetch("openapi.json").then((r) => r.json()).then((doc) => {
+  const list = document.getElementById("ops");
+  for (const [path, item] of Object.entries(doc.paths)) {
+    for (const [method, op] of Object.entries(item)) {
+      const li = document.createElement("li");
+      const code = document.createElement("code");
+      code.textContent = method.toUpperCase() + " " + path;
+      li.append(code, " " + (op.summary || ""));
+      list.append(li);
+    }
+  }
+});
+</script></body></html>"""
+
+
+async def docs(state: ClaudeState, req: HttpRequest) -> Reply:
+    """A page listing the routes, from the document (no CDN, no dependency)."""
+    return Reply(200, {"Content-Type": "text/html; charset=utf-8"}, _DOCS)
+
+
+async def health(state: ClaudeState, req: HttpRequest) -> Reply:
+    return json_reply({"status": "ok", "timestamp": int(time.time())})
+
+
+async def ready(state: ClaudeState, req: HttpRequest) -> Reply:
+    if state.ready:
+        if state.store is not None and not await state.store.ping():
+            return json_reply({"status": "store_unavailable"}, 503)
+        return json_reply({"status": "ready", "streams": state.live_streams()})
+    return json_reply({"status": "draining" if state.draining else "starting"}, 503)
+
+
+_CLIENT_SCRIPT = Path(__file__).parent / "static" / "claude-stream.js"
+
+
+async def client_script(state: ClaudeState, req: HttpRequest) -> Reply:
+    """The browser client, served next to the routes it speaks to (no build step)."""
+    return Reply(
+        200,
+        {"Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "public, max-age=3600"},
+        _script(),
+    )
+
+
+_script_bytes: bytes | None = None
+
+
+def _script() -> bytes:
+    global _script_bytes
+    if _script_bytes is None:
+        _script_bytes = _CLIENT_SCRIPT.read_bytes()
+    return _script_bytes
+
+
+Handler = Callable[[ClaudeState, HttpRequest], Awaitable[Reply]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One route: its path (Werkzeug's syntax, as both frameworks route), methods, handler,
+    and whether it may ask who is calling (a front end calls the hook only for those)."""
+
+    path: str
+    endpoint: str
+    methods: tuple[str, ...]
+    handler: Handler
+    asks_identity: bool = True
+
+
+ROUTES = (
+    Route("/chat", "chat", ("POST",), chat),
+    Route("/chat/stream", "chat_stream", ("POST",), chat_stream),
+    Route("/chat/stream/<stream_id>", "resume_stream", ("GET",), resume_stream),
+    Route("/chat/stream/<stream_id>", "stop_stream", ("DELETE",), stop_stream),
+    Route("/health", "health", ("GET",), health, asks_identity=False),
+    Route("/ready", "ready", ("GET",), ready, asks_identity=False),
+    Route("/claude-stream.js", "client_script", ("GET",), client_script, asks_identity=False),
+    Route("/openapi.json", "openapi", ("GET",), openapi, asks_identity=False),
+    Route("/ai-sdk/chat", "ai_sdk_chat", ("POST",), ai_sdk_chat),
+    Route("/ai-sdk/chat/<chat_id>/stream", "ai_sdk_resume", ("GET",), ai_sdk_resume),
+    Route("/docs", "docs", ("GET",), docs, asks_identity=False),
+    Route("/metrics", "metrics", ("GET",), metrics),
+)
+
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+def routes_for(state: ClaudeState) -> list[Route]:
+    """This app's routes (``/metrics`` only with ``CLAUDE_METRICS``)."""
+    return [r for r in ROUTES if r.path != "/metrics" or state.config.metrics]
+
+
+def method_not_allowed(routes: list[Route]) -> list[tuple[str, tuple[str, ...], Reply]]:
+    """For each path, the methods it does not answer and the 405 they get (JSON, ``Allow``)."""
+    allowed: dict[str, tuple[str, ...]] = {}
+    for route in routes:
+        allowed[route.path] = allowed.get(route.path, ()) + route.methods
+    answers = []
+    for path, methods in allowed.items():
+        allow = ", ".join((*methods, "HEAD") if "GET" in methods else methods)
+        reply = json_error(
+            405, "method_not_allowed", f"use {allow} here", {"Allow": allow + ", OPTIONS"}
+        )
+        others = tuple(method for method in _METHODS if method not in methods)
+        answers.append((path, others, reply))
+    return answers
