@@ -60,12 +60,12 @@ UV_COMPILE = UV_CUSTOM_COMPILE_COMMAND="make lock" $(UV) pip compile -q pyprojec
 lock: $(if $(wildcard $(LOCK)),install)
 	for v in $(LOCK_PYTHONS); do \
 	  t=$$(echo $$v | tr -d .); \
-	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --group dev \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --group dev \
 	    -o requirements/dev-py$$t.txt || exit 1; \
-	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask \
 	    -o requirements/runtime-py$$t.txt || exit 1; \
 	done
-	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis \
+	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis --extra flask \
 	  --group test --group build -o requirements/lowest-py311.txt
 
 # The suite on the lowest versions pyproject.toml allows (Python 3.11): proves the lower bounds.
@@ -77,7 +77,7 @@ test-lowest:
 test-latest:
 	$(PYTHON) -m venv --clear .venv-latest
 	.venv-latest/bin/$(PIP_INSTALL) --upgrade pip
-	.venv-latest/bin/$(PIP_INSTALL) --upgrade -e '.[uvloop,redis]' --group dev
+	.venv-latest/bin/$(PIP_INSTALL) --upgrade -e '.[uvloop,redis,flask]' --group dev
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(anthropic|quart|hypercorn|httpx2|aiohttp|redis|pytest|mypy|ruff)=' | tr '\n' ' '; echo
 	.venv-latest/bin/ruff check .
 	.venv-latest/bin/mypy

@@ -53,7 +53,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             100 // (scale // 5 or 1),
             100 // scale if quick else 200,
             0.1,
-            systems=("bare", "common", "quart_claude"),
+            systems=("bare", "common", "quart_claude", "flask"),
             ramp=1.0,
         ),
         Scenario(
@@ -94,6 +94,14 @@ def free_port() -> int:
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def worker_of(pid: int) -> int:
+    """The one worker process of a Gunicorn master (the process that serves, and is measured)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    if len(children) != 1:
+        raise RuntimeError(f"expected one Gunicorn worker under {pid}, found {children}")
+    return int(children[0])
 
 
 def rss_kib(pid: int, key: str = "VmRSS") -> int:
@@ -194,6 +202,28 @@ def measure(
     ]
     if redis_url:
         args.append(redis_url)
+    if system == "flask":  # Gunicorn's gthread worker, one worker, a thread per stream
+        app = f'bench.servers:flask_app("http://127.0.0.1:{emulator_port}", {redis_url!r})'
+        args = [
+            str(Path(sys.executable).with_name("gunicorn")),
+            "-k",
+            "gthread",
+            "-w",
+            "1",
+            "--threads",
+            str(scenario.streams + 16),
+            "-b",
+            f"127.0.0.1:{port}",
+            "--backlog",
+            "4096",
+            "--timeout",
+            "300",
+            "--keep-alive",
+            "120",
+            "--access-logfile",
+            "/dev/null",
+            app,
+        ]
     server = subprocess.Popen(pinned(SERVER_CORE, args), cwd=ROOT)
     spy = None
     if profile is not None:  # sample the server with py-spy until it exits
@@ -220,12 +250,13 @@ def measure(
         wait_port(port)
         # warm up: one stream, so imports and first-request costs are not counted
         asyncio.run(chat("127.0.0.1", port, "warm up"))
-        rss_before = rss_kib(server.pid)
-        cpu_before = cpu_seconds(server.pid)
+        pid = worker_of(server.pid) if system == "flask" else server.pid
+        rss_before = rss_kib(pid)
+        cpu_before = cpu_seconds(pid)
         started = time.monotonic()
-        results, peak = asyncio.run(run_load(scenario, port, server.pid))
+        results, peak = asyncio.run(run_load(scenario, port, pid))
         result.wall = time.monotonic() - started
-        cpu = cpu_seconds(server.pid) - cpu_before
+        cpu = cpu_seconds(pid) - cpu_before
         result.events = sum(r.events for r in results)
         result.failures = sum(1 for r in results if not r.ok)
         result.errors = sorted({r.error or "" for r in results if not r.ok})[:5]
@@ -240,7 +271,7 @@ def measure(
         ttfts = [r.ttft for r in results if r.ttft is not None]
         if ttfts:
             result.ttft_overhead_ms = (statistics.median(ttfts) - direct) * 1e3
-        result.peak_rss_mib = rss_kib(server.pid, "VmHWM") / 1024
+        result.peak_rss_mib = rss_kib(pid, "VmHWM") / 1024
         result.rss_per_stream_kib = (peak - rss_before) / scenario.streams
     finally:
         server.terminate()

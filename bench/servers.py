@@ -6,6 +6,8 @@
 - ``bare``: the floor; a raw ASGI app (no framework) that forwards each upstream text delta
   as one SSE event, through httpx2 line iteration.
 - ``common``: the usual design; a Quart view iterating ``client.messages.stream().text_stream``.
+- ``flask``: this project's Flask front end under Gunicorn's gthread worker (``flask_app``,
+  started by ``bench.run`` with the ``gunicorn`` command, one worker, a thread per stream).
 """
 
 from __future__ import annotations
@@ -44,6 +46,25 @@ def quart_claude_app(upstream: str, redis_url: str | None) -> Quart:
     if redis_url:
         options["stream_store"] = redis_url
     Claude(app, **options)
+    return app
+
+
+def flask_app(upstream: str, redis_url: str | None = None) -> Any:
+    """This project's Flask front end, for Gunicorn: ``bench.servers:flask_app("<url>")``."""
+    from flask import Flask
+
+    from quart_claude.flask import Claude as FlaskClaude
+
+    app = Flask(__name__)
+    options: dict[str, Any] = {
+        "api_key": "sk-bench",
+        "base_url": upstream,
+        "max_concurrent_streams": 10_000,
+        "max_streams_per_client": 0,
+    }
+    if redis_url:
+        options["stream_store"] = redis_url
+    FlaskClaude(app, **options)
     return app
 
 

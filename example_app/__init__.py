@@ -18,10 +18,15 @@ from quart import Quart, Response
 from quart_claude import Claude
 from quart_claude.testing import Emulator
 
-__all__ = ["app", "create_app"]
+__all__ = ["app", "create_app", "page"]
 
 log = logging.getLogger("example_app")
 _PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
+
+
+def page(demo: bool, prefix: str) -> str:
+    """The chat page (both front ends serve it)."""
+    return _PAGE.replace("{{DEMO}}", "true" if demo else "false").replace("{{PREFIX}}", prefix)
 
 
 def create_app(**claude_options: Any) -> Quart:
@@ -55,12 +60,11 @@ def create_app(**claude_options: Any) -> Quart:
     else:
         Claude(app, **claude_options)
 
-    prefix = Claude.state(app).config.url_prefix
-    page = _PAGE.replace("{{DEMO}}", "true" if demo else "false").replace("{{PREFIX}}", prefix)
+    html = page(demo, Claude.state(app).config.url_prefix)
 
     @app.get("/")
     async def index() -> Response:
-        return Response(page, content_type="text/html; charset=utf-8")
+        return Response(html, content_type="text/html; charset=utf-8")
 
     return app
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -12,7 +13,7 @@ from quart import Quart
 from quart_claude import Claude
 from quart_claude.testing import Emulator
 
-from .helpers import serving
+from .helpers import gunicorn_serving, serving
 
 API_KEY = "sk-test-emulator-key-0123456789"
 # The suite runs against either upstream transport (CI runs both).
@@ -45,6 +46,32 @@ def make_app(emulator: Emulator) -> Callable[..., Quart]:
         options.setdefault("http_client", HTTP_CLIENT)
         Claude(app, **options)
         return app
+
+    return factory
+
+
+@pytest.fixture(params=["quart", "flask"])
+def front_end(request: pytest.FixtureRequest) -> str:
+    """The acceptance tests run against both front ends: Quart under Hypercorn (in this
+    process) and Flask under Gunicorn's gthread worker (a real server process)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def serve(
+    front_end: str, make_app: Callable[..., Quart], emulator: Emulator
+) -> Callable[..., contextlib.AbstractAsyncContextManager[str]]:
+    """``async with serve(**options) as url``: the front end's server with those options."""
+
+    def factory(**options: Any) -> contextlib.AbstractAsyncContextManager[str]:
+        if front_end == "quart":
+            return serving(make_app(**options))
+        options.setdefault("api_key", API_KEY)
+        options.setdefault("base_url", emulator.url)
+        options.setdefault("retry_base_delay", 0.05)
+        options.setdefault("retry_max_delay", 2.0)
+        options.setdefault("http_client", HTTP_CLIENT)
+        return gunicorn_serving(options)
 
     return factory
 

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -160,3 +164,75 @@ class CuttingProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers -= {writer, up_writer}
+
+
+ROOT = Path(__file__).resolve().parent.parent
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return ",".join(value)
+    return str(value)
+
+
+@contextlib.asynccontextmanager
+async def gunicorn_serving(
+    options: dict[str, Any], *, threads: int = 32, app: str = "tests.flask_host_app:app"
+) -> AsyncIterator[str]:
+    """``tests.flask_host_app`` under Gunicorn's gthread worker (the shipped config, one
+    worker), configured by ``options`` as CLAUDE_* variables; yields its base URL."""
+    for name in ("authorize", "tracer_provider"):
+        if name in options:
+            raise TypeError(f"{name} cannot be passed to a Gunicorn server through its environment")
+    env = {**os.environ, **{"CLAUDE_" + k.upper(): _env_value(v) for k, v in options.items()}}
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        GUNICORN,
+        "-c",
+        str(ROOT / "deploy" / "gunicorn.conf.py"),
+        "-b",
+        f"127.0.0.1:{port}",
+        "-w",
+        "1",
+        "--threads",
+        str(threads),
+        "--graceful-timeout",
+        "5",
+        "--access-logfile",
+        "/dev/null",
+        app,
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,  # its own process group: the master and its worker
+    )
+    url = f"http://127.0.0.1:{port}"
+    ready = url + str(options.get("url_prefix", "")) + "/ready"
+    try:
+        async with httpx2.AsyncClient() as client:
+            for _ in range(300):
+                if process.returncode is not None:
+                    raise RuntimeError(f"gunicorn exited with {process.returncode}")
+                with contextlib.suppress(httpx2.TransportError):
+                    if (await client.get(ready)).status_code == 200:
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise RuntimeError("gunicorn did not become ready")
+        yield url
+    finally:
+        # killed, master and worker: a graceful stop takes Gunicorn seconds, and it is tested
+        # on its own (test_flask.py, SIGTERM with open streams)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        try:
+            output, _ = await asyncio.wait_for(process.communicate(), 20)
+        except TimeoutError:
+            process.kill()
+            output, _ = await process.communicate()
+        secret = options.get("api_key")
+        assert not secret or str(secret).encode() not in output  # the key is never logged

@@ -5,15 +5,18 @@ from __future__ import annotations
 import sys
 
 import httpx2
+import pytest
 
 from .helpers import free_port, stream_chat
 from .test_hypercorn_cli import start, stop, wait_ready
 
 
-async def test_example_app_in_demo_mode(http: httpx2.AsyncClient) -> None:
+@pytest.mark.parametrize("flag", [[], ["--flask"]], ids=["quart", "flask"])
+async def test_example_app_in_demo_mode(http: httpx2.AsyncClient, flag: list[str]) -> None:
     port = free_port()
     process = await start(
-        [sys.executable, "-m", "example_app"], {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005"}
+        [sys.executable, "-m", "example_app", *flag],
+        {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005"},
     )
     url = f"http://127.0.0.1:{port}"
     try:

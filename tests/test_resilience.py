@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx2
@@ -18,6 +18,20 @@ from quart_claude.testing import Emulator, ErrorReply, Hangup, Reply, Scripted
 from .conftest import API_KEY
 from .helpers import free_port, serving, stream_chat
 from .models import DEPRECATED_MODEL, PREFILL_MODEL
+
+
+@pytest.fixture
+async def server(serve: Callable[..., Any]) -> AsyncIterator[str]:
+    """Each front end's server (conftest's ``serve``): the acceptance tests run on both."""
+    async with serve() as url:
+        yield url
+
+
+@pytest.fixture
+async def quart_server(make_app: Callable[..., Quart]) -> AsyncIterator[str]:
+    async with serving(make_app()) as url:
+        yield url
+
 
 ANSWER = "The quick brown fox jumps over the lazy dog, again and again, until done."
 
@@ -116,8 +130,8 @@ MATRIX: list[tuple[str, Scripted, str, bool, int | None, int]] = [
 
 
 @pytest.fixture
-async def retrying_server(make_app: Callable[..., Quart]):
-    async with serving(make_app(max_retries=2, retry_base_delay=0.01, retry_max_delay=5)) as url:
+async def retrying_server(serve: Callable[..., Any]):
+    async with serve(max_retries=2, retry_base_delay=0.01, retry_max_delay=5) as url:
         yield url
 
 
@@ -151,12 +165,11 @@ async def test_fault_matrix(
 
 
 async def test_fault_matrix_timeout_row(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     """No upstream byte for CLAUDE_TIMEOUT seconds: ``timeout``, retried like the others."""
     emulator.script(*[Reply(ANSWER, first_token_delay=30)] * 3, Reply("must never be reached"))
-    app = make_app(timeout=0.5, max_retries=2, retry_base_delay=0.01)
-    async with serving(app) as url:
+    async with serve(timeout=0.5, max_retries=2, retry_base_delay=0.01) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
         error = result.events[-1]
         assert (error["type"], error["error"], error["retryable"]) == ("error", "timeout", True)
@@ -167,19 +180,19 @@ async def test_fault_matrix_timeout_row(
 
 
 async def test_connection_refused_is_a_retryable_network_error(
-    make_app: Callable[..., Quart], http: httpx2.AsyncClient
+    serve: Callable[..., Any], http: httpx2.AsyncClient
 ) -> None:
-    app = make_app(base_url=f"http://127.0.0.1:{free_port()}", max_retries=1, retry_base_delay=0.01)
-    async with serving(app) as url:
+    refused = f"http://127.0.0.1:{free_port()}"
+    async with serve(base_url=refused, max_retries=1, retry_base_delay=0.01) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.events[-1]["error"] == "network_error"
     assert result.events[-1]["retryable"] is True
 
 
 async def test_unknown_model_is_not_found_after_one_request(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
-    async with serving(make_app(model="gpt-4o")) as url:
+    async with serve(model="gpt-4o") as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.events[-1]["error"] == "not_found"
     assert len(emulator.requests) == 1
@@ -197,10 +210,10 @@ async def test_transient_failures_then_success_is_seamless(
 
 
 async def test_retry_after_is_honoured(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(ErrorReply(429, headers={"retry-after": "1"}), Reply(ANSWER))
-    async with serving(make_app(retry_base_delay=0.01)) as url:
+    async with serve(retry_base_delay=0.01) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.text == ANSWER
     first, second = emulator.requests
@@ -208,10 +221,10 @@ async def test_retry_after_is_honoured(
 
 
 async def test_heartbeats_flow_while_waiting_to_retry(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(ErrorReply(529, headers={"retry-after": "1.5"}), Reply(ANSWER))
-    async with serving(make_app(heartbeat_interval=0.2, retry_base_delay=0.01)) as url:
+    async with serve(heartbeat_interval=0.2, retry_base_delay=0.01) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.text == ANSWER
     # pings came before the first event: the wait was not silent
@@ -220,10 +233,10 @@ async def test_heartbeats_flow_while_waiting_to_retry(
 
 
 async def test_heartbeats_flow_during_a_slow_first_token(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, first_token_delay=1.2))
-    async with serving(make_app(heartbeat_interval=0.2)) as url:
+    async with serve(heartbeat_interval=0.2) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.text == ANSWER
     start_end = result.raw.index(b"\n\n") + 2
@@ -256,10 +269,10 @@ async def test_mid_stream_failure_recovers_into_one_seamless_answer(
 
 
 async def test_prefill_continuation_on_models_that_accept_it(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, fault="drop", fault_after=4), Reply(ANSWER))
-    async with serving(make_app(model=PREFILL_MODEL)) as url:
+    async with serve(model=PREFILL_MODEL) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.text == ANSWER
     messages = emulator.requests[1].body["messages"]
@@ -287,10 +300,10 @@ async def test_a_library_warning_raised_as_an_error_never_fails_the_stream(
 
 @pytest.mark.parametrize("fault", ["error", "drop"])
 async def test_mid_stream_failure_without_recovery_is_a_clean_prefix_then_partial_error(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient, fault: Any
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient, fault: Any
 ) -> None:
     emulator.script(Reply(ANSWER, fault=fault, fault_after=5), Reply("never"))
-    async with serving(make_app(recovery=False)) as url:
+    async with serve(recovery=False) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert ANSWER.startswith(result.text) and len(result.text) < len(ANSWER)
     assert result.types.count("delta") == 5
@@ -300,10 +313,10 @@ async def test_mid_stream_failure_without_recovery_is_a_clean_prefix_then_partia
 
 
 async def test_recovery_exhausted_ends_in_a_partial_error(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(*[Reply(ANSWER, fault="error", fault_after=2)] * 3)
-    async with serving(make_app(max_recoveries=2)) as url:
+    async with serve(max_recoveries=2) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert ANSWER.startswith(result.text)
     assert result.events[-1]["partial"] is True
@@ -311,13 +324,13 @@ async def test_recovery_exhausted_ends_in_a_partial_error(
 
 
 async def test_stalled_upstream_times_out(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, fault="stall", fault_after=3, stall=30))
-    started = time.monotonic()
-    async with serving(make_app(timeout=2, max_retries=0, recovery=False)) as url:
+    async with serve(timeout=2, max_retries=0, recovery=False) as url:
+        started = time.monotonic()
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
-    elapsed = time.monotonic() - started
+        elapsed = time.monotonic() - started
     error = result.events[-1]
     assert (error["error"], error["retryable"], error["partial"]) == ("timeout", True, True)
     assert 2 <= elapsed < 8
@@ -325,20 +338,20 @@ async def test_stalled_upstream_times_out(
 
 
 async def test_stall_before_the_first_token_times_out_and_retries(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, first_token_delay=30), Reply(ANSWER))
-    async with serving(make_app(timeout=1, max_retries=1, retry_base_delay=0.01)) as url:
+    async with serve(timeout=1, max_retries=1, retry_base_delay=0.01) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
     assert result.text == ANSWER
     assert len(emulator.requests) == 2
 
 
 async def test_disconnect_closes_the_upstream_within_a_second(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, token_delay=0.1))
-    async with serving(make_app(resume_grace=0)) as server:
+    async with serve(resume_grace=0) as server:
         result = await stream_chat(
             http, server + "/chat/stream", {"message": "hi"}, stop_after_deltas=3
         )
@@ -351,10 +364,10 @@ async def test_disconnect_closes_the_upstream_within_a_second(
 
 
 async def test_capacity_limit_refuses_before_calling_upstream(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.default = Reply(ANSWER, token_delay=0.05)
-    async with serving(make_app(max_concurrent_streams=2)) as url:
+    async with serve(max_concurrent_streams=2) as url:
         first = asyncio.create_task(stream_chat(http, url + "/chat/stream", {"message": "1"}))
         second = asyncio.create_task(stream_chat(http, url + "/chat/stream", {"message": "2"}))
         await emulator.wait_for_requests(2)
@@ -371,12 +384,13 @@ async def test_capacity_limit_refuses_before_calling_upstream(
 
 
 async def test_one_structured_log_line_per_stream_and_never_the_key(
-    server: str,
+    quart_server: str,
     emulator: Emulator,
     http: httpx2.AsyncClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.DEBUG)
+    server = quart_server  # the log records of a server in this process
     emulator.script(ErrorReply(529), Reply(ANSWER))
     await stream_chat(http, server + "/chat/stream", {"message": "hi"})
     emulator.script(ErrorReply(401))

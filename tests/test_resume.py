@@ -6,7 +6,8 @@ import asyncio
 import gc
 import time
 import tracemalloc
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx2
 import pytest
@@ -17,6 +18,14 @@ from quart_claude._stream import Stream, StreamRegistry
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
+
+
+@pytest.fixture
+async def server(serve: Callable[..., Any]) -> AsyncIterator[str]:
+    """Each front end's server (conftest's ``serve``): the acceptance tests run on both."""
+    async with serve() as url:
+        yield url
+
 
 ANSWER = " ".join(f"word{i}" for i in range(40))
 
@@ -114,10 +123,10 @@ async def test_delete_stops_the_upstream_and_readers_get_cancelled(
 
 
 async def test_with_grace_the_generation_outlives_the_connection(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, token_delay=0.03))
-    async with serving(make_app(resume_grace=30)) as url:
+    async with serve(resume_grace=30) as url:
         first = await stream_chat(
             http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=3
         )
@@ -131,10 +140,10 @@ async def test_with_grace_the_generation_outlives_the_connection(
 
 
 async def test_grace_expiry_cancels_when_nobody_comes_back(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     emulator.script(Reply(ANSWER, token_delay=0.2))
-    async with serving(make_app(resume_grace=0.5)) as url:
+    async with serve(resume_grace=0.5) as url:
         first = await stream_chat(
             http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=2
         )
@@ -183,9 +192,9 @@ async def test_identity_hook_restricts_who_may_read_or_stop(
 
 
 async def test_finished_streams_expire_after_the_ttl(
-    make_app: Callable[..., Quart], http: httpx2.AsyncClient
+    serve: Callable[..., Any], http: httpx2.AsyncClient
 ) -> None:
-    async with serving(make_app(stream_ttl=0.5)) as url:
+    async with serve(stream_ttl=0.5) as url:
         done = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
         path = f"{url}/chat/stream/{done.headers['x-stream-id']}"
         assert (await http.get(path)).status_code == 200
@@ -235,7 +244,7 @@ async def test_memory_registry_evicts_expired(ttl: float) -> None:
 
 @pytest.mark.parametrize("store", ["memory", "redis"])
 async def test_grace_counts_from_the_last_reader_leaving(
-    make_app: Callable[..., Quart],
+    serve: Callable[..., Any],
     emulator: Emulator,
     http: httpx2.AsyncClient,
     request: pytest.FixtureRequest,
@@ -245,7 +254,7 @@ async def test_grace_counts_from_the_last_reader_leaving(
     if store == "redis":
         options["stream_store"] = request.getfixturevalue("redis_url")
     emulator.script(Reply(ANSWER, token_delay=0.1))
-    async with serving(make_app(**options)) as url:
+    async with serve(**options) as url:
         first = await stream_chat(
             http, url + "/chat/stream", {"message": "hi"}, stop_after_deltas=2
         )

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import httpx2
 import pytest
@@ -13,6 +14,14 @@ from quart import Quart
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
+
+
+@pytest.fixture
+async def server(serve: Callable[..., Any]) -> AsyncIterator[str]:
+    """Each front end's server (conftest's ``serve``): the acceptance tests run on both."""
+    async with serve() as url:
+        yield url
+
 
 TRICKY = (
     "Line one\nline two\r\nthree\rfour\n\n"
@@ -59,14 +68,14 @@ async def test_streams_text_byte_exact_in_the_v1_protocol(
 
 
 async def test_request_reaches_upstream_as_asked(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+    serve: Callable[..., Any], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     messages = [
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": "Hello!"},
         {"role": "user", "content": "How are you?"},
     ]
-    async with serving(make_app(allow_client_system=True)) as url:
+    async with serve(allow_client_system=True) as url:
         result = await stream_chat(
             http,
             url + "/chat/stream",
@@ -121,9 +130,9 @@ async def test_health_and_ready(server: str, http: httpx2.AsyncClient) -> None:
 
 
 async def test_url_prefix_mounts_under_it(
-    make_app: Callable[..., Quart], http: httpx2.AsyncClient
+    serve: Callable[..., Any], http: httpx2.AsyncClient
 ) -> None:
-    async with serving(make_app(url_prefix="/ai")) as url:
+    async with serve(url_prefix="/ai") as url:
         result = await stream_chat(http, url + "/ai/chat/stream", {"message": "hi"})
         assert result.types[-1] == "done"
         assert (await http.post(url + "/chat/stream", json={"message": "hi"})).status_code == 404

@@ -1,0 +1,66 @@
+"""The example app on Flask: the same chat page and routes, from ``quart_claude.flask``.
+
+``python -m example_app --flask`` serves it with Flask's development server; in production,
+``gunicorn -c deploy/gunicorn.conf.py example_app.flask_app:app``. With no API key it runs in
+demo mode: the emulator answers from a thread of its own, on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import threading
+from typing import Any
+
+from flask import Flask, Response
+
+from quart_claude.flask import Claude
+from quart_claude.testing import Emulator
+
+from . import page
+
+__all__ = ["app", "create_app"]
+
+log = logging.getLogger("example_app")
+
+
+def _emulator_thread() -> str:
+    """Serve an emulator from a daemon thread; its URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    emulator = Emulator(token_delay=float(os.environ.get("DEMO_TOKEN_DELAY", "0.03")))
+
+    async def serve() -> None:
+        await emulator.start_on(sock)
+        await emulator.serve_forever()
+
+    threading.Thread(target=asyncio.run, args=(serve(),), name="emulator", daemon=True).start()
+    host, port = sock.getsockname()[:2]
+    return f"http://{host}:{port}"
+
+
+def create_app(**claude_options: Any) -> Flask:
+    """The Flask app; ``claude_options`` go to ``Claude(app, ...)``."""
+    app = Flask(__name__)
+    demo = not (
+        claude_options.get("api_key")
+        or os.environ.get("CLAUDE_API_KEY")
+        or os.environ.get("ANTHROPIC_API_KEY")
+    )
+    if demo:
+        url = _emulator_thread()
+        log.warning("demo mode: no API key set, answering from the emulator at %s", url)
+        claude_options = {"api_key": "demo-key", "base_url": url}
+    Claude(app, **claude_options)
+    html = page(demo, Claude.state(app).config.url_prefix)
+
+    @app.get("/")
+    def index() -> Response:
+        return Response(html, content_type="text/html; charset=utf-8")
+
+    return app
+
+
+app = create_app()

@@ -1,0 +1,21 @@
+"""A Flask host app written as a user would; served by Gunicorn (gthread) in tests."""
+
+import os
+
+from flask import Flask, Response
+
+from quart_claude.flask import Claude
+
+app = Flask(__name__)
+Claude(app)
+
+
+@app.after_request
+def which_worker(response: Response) -> Response:
+    response.headers["X-Worker-PID"] = str(os.getpid())  # lets tests see cross-worker resumes
+    return response
+
+
+@app.get("/")
+def index() -> str:
+    return "the host app's own page"
