@@ -46,6 +46,12 @@ typecheck: install
 pytest: install
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# The inner loop: the core's tests that need no server, in seconds. `make test` runs all.
+FAST_TESTS := tests/test_config.py tests/test_retry_policy.py tests/test_sse.py \
+	tests/test_upstream_parsing.py tests/test_public_api.py
+test-fast: install
+	$(BIN)/pytest -q $(FAST_TESTS)
+
 test: lint typecheck pytest
 
 bench: install
@@ -69,8 +75,12 @@ lock: $(if $(wildcard $(LOCK)),install)
 	  --group test --group build -o requirements/lowest-py311.txt
 
 # The suite on the lowest versions pyproject.toml allows (Python 3.11): proves the lower bounds.
+# The Flask runs of the acceptance tests are left out here (test_flask.py stays: it proves
+# the Gunicorn and flask-cors lower bounds); the locked legs run them all.
 test-lowest:
-	$(MAKE) pytest VENV=.venv-lowest LOCK=requirements/lowest-py311.txt
+	$(MAKE) pytest VENV=.venv-lowest LOCK=requirements/lowest-py311.txt \
+	  PYTEST_ARGS='-k "not flask or test_flask" $(PYTEST_ARGS)'
+
 
 # The suite on the newest release of everything, no lock: drift seen here before users see it.
 # It does not gate CI (a new upstream release is not our regression); CI prints its outcome.
@@ -81,7 +91,7 @@ test-latest:
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(anthropic|quart|hypercorn|httpx2|aiohttp|redis|pytest|mypy|ruff)=' | tr '\n' ' '; echo
 	.venv-latest/bin/ruff check .
 	.venv-latest/bin/mypy
-	.venv-latest/bin/pytest $(PYTEST_ARGS)
+	.venv-latest/bin/pytest -k "not flask or test_flask" $(PYTEST_ARGS)
 
 # An sdist and a wheel in dist/, checked by twine.
 dist: install

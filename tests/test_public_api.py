@@ -1,0 +1,41 @@
+"""The curated public API: exactly these names, each importable and documented."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+
+PUBLIC = {
+    "quart_claude": {
+        "DEFAULT_MODEL",
+        "ERROR_CLASSES",
+        "Claude",
+        "ClaudeConfig",
+        "ClaudeState",
+        "ConfigError",
+        "RetryPolicy",
+        "SSEEvent",
+        "SSEParser",
+        "UpstreamError",
+    },
+    "quart_claude.flask": {"Claude", "post_worker_init"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(PUBLIC))
+def test_exported_names(module: str) -> None:
+    imported = importlib.import_module(module)
+    assert set(imported.__all__) == PUBLIC[module]
+    for name in imported.__all__:
+        value = getattr(imported, name)
+        if callable(value):
+            assert value.__doc__, f"{module}.{name} has no docstring"
+
+
+def test_both_front_ends_share_the_state_class() -> None:
+    import quart_claude
+    import quart_claude.flask
+
+    assert quart_claude.Claude is not quart_claude.flask.Claude
+    assert quart_claude.Claude.state.__doc__ and quart_claude.flask.Claude.state.__doc__
