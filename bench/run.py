@@ -212,6 +212,8 @@ def measure(
             "1",
             "--threads",
             str(scenario.streams + 16),
+            "--worker-connections",  # gthread's cap on open connections (default 1000)
+            str(scenario.streams + 16),
             "-b",
             f"127.0.0.1:{port}",
             "--backlog",
@@ -316,6 +318,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="scenario names to run")
     parser.add_argument("--systems", nargs="*", help="systems to run (default: each scenario's)")
     parser.add_argument("--profile", type=Path, help="write py-spy profiles of the server here")
+    parser.add_argument(
+        "--streams", type=int, help="concurrent streams instead of each scenario's (find a limit)"
+    )
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(0, {int(LOAD_CORE)})
@@ -326,6 +331,8 @@ def main() -> None:
     for scenario in scenarios(args.quick):
         if args.only and scenario.name not in args.only:
             continue
+        if args.streams:
+            scenario.streams = args.streams
         emulator_port = free_port()
         emulator_args = [
             sys.executable,
