@@ -102,6 +102,7 @@ class StreamOutcome:
         "first_token_at",
         "message_id",
         "model",
+        "parent_trace_id",
         "recoveries",
         "request_id",
         "response_model",
@@ -135,6 +136,9 @@ class StreamOutcome:
         self.span: Span = telemetry.tracer.start_span(
             f"chat {request.model}", context=parent, kind=SpanKind.CLIENT
         )
+        # the caller's trace, for the log line even when no SDK records this span (the API's
+        # no-op span carries the parent's ids on some releases and none on others)
+        self.parent_trace_id = trace.get_current_span(parent).get_span_context().trace_id
         if self.span.is_recording():
             attributes: dict[str, Any] = {
                 "gen_ai.operation.name": "chat",
@@ -235,11 +239,11 @@ class StreamOutcome:
                 if isinstance(value, int) and value > 0:
                     metrics.tokens.labels(model, kind).inc(value)
         span = self.span
-        context = span.get_span_context()  # the parent's ids when tracing is off
-        fields["trace_id"] = format(context.trace_id, "032x") if context.is_valid else None
-        fields["span_id"] = (
-            format(context.span_id, "016x") if context.is_valid and span.is_recording() else None
-        )
+        context = span.get_span_context()
+        recording = span.is_recording()
+        trace_id = context.trace_id if recording else self.parent_trace_id
+        fields["trace_id"] = format(trace_id, "032x") if trace_id else None
+        fields["span_id"] = format(context.span_id, "016x") if recording else None
         if span.is_recording():
             span.set_attributes(
                 {
