@@ -51,6 +51,8 @@ def quart_claude_app(upstream: str, redis_url: str | None) -> Quart:
 
 def flask_app(upstream: str, redis_url: str | None = None) -> Any:
     """This project's Flask front end, for Gunicorn: ``bench.servers:flask_app("<url>")``."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)  # as main() does for the others:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2 descriptors per stream
     from flask import Flask
 
     from quart_claude.flask import Claude as FlaskClaude

@@ -10,6 +10,10 @@ bind = ["0.0.0.0:8000"]
 worker_class = "gthread"
 workers = 2
 threads = 64  # concurrent streams per worker, plus a few for /ready and resumes
+# gthread also caps open connections per worker (default 1000); above ~500 streams per worker
+# raise the open-file limit too (`ulimit -n`, LimitNOFILE=): each stream holds two
+# descriptors, the client's and the upstream's, and the usual soft limit is 1024.
+worker_connections = 1000
 
 # Seconds a SIGTERM'd worker gets to finish its requests: above CLAUDE_SHUTDOWN_GRACE (5 s),
 # the time the extension gives open streams to send their retryable `shutdown` event.
