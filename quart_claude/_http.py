@@ -40,6 +40,18 @@ SSE_HEADERS = {
 }
 _JSON = "application/json"
 
+#: CORS for the blueprint's routes (``CLAUDE_CORS_ORIGINS``), the same on both front ends.
+CORS_ALLOW_HEADERS = ["Content-Type", "Last-Event-ID", "Authorization"]
+CORS_METHODS = ["GET", "POST", "DELETE"]
+CORS_EXPOSE_HEADERS = [
+    "X-Stream-Id",
+    "Retry-After",
+    "RateLimit-Limit",
+    "RateLimit-Remaining",
+    "RateLimit-Reset",
+]
+CORS_MAX_AGE = 600
+
 
 class Headers(Protocol):
     def get(self, key: str) -> str | None: ...

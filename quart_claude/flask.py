@@ -39,7 +39,18 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from ._http import HttpRequest, Reply, Route, json_error, method_not_allowed, routes_for
+from ._http import (
+    CORS_ALLOW_HEADERS,
+    CORS_EXPOSE_HEADERS,
+    CORS_MAX_AGE,
+    CORS_METHODS,
+    HttpRequest,
+    Reply,
+    Route,
+    json_error,
+    method_not_allowed,
+    routes_for,
+)
 from ._request import RequestError
 from ._state import EXTENSION_KEY, Authorize, ClaudeState, Unauthorized, create_state
 
@@ -176,16 +187,10 @@ class Claude:
             CORS(
                 blueprint,
                 origins="*" if "*" in config.cors_origins else list(config.cors_origins),
-                allow_headers=["Content-Type", "Last-Event-ID", "Authorization"],
-                methods=["GET", "POST", "DELETE"],
-                expose_headers=[
-                    "X-Stream-Id",
-                    "Retry-After",
-                    "RateLimit-Limit",
-                    "RateLimit-Remaining",
-                    "RateLimit-Reset",
-                ],
-                max_age=600,
+                allow_headers=CORS_ALLOW_HEADERS,
+                methods=CORS_METHODS,
+                expose_headers=CORS_EXPOSE_HEADERS,
+                max_age=CORS_MAX_AGE,
             )
         app.register_blueprint(blueprint, url_prefix=config.url_prefix or None)
 

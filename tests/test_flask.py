@@ -225,3 +225,31 @@ async def test_flask_run_development_server_streams(
         assert (await http.get(url + "/")).text == "the host app's own page"
     finally:
         await stop(process)
+
+
+async def test_cors_on_flask_is_scoped_to_the_blueprint(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """``CLAUDE_CORS_ORIGINS`` through flask-cors, as quart-cors does it on Quart."""
+    origin = {"Origin": "https://chat.example.com"}
+    async with gunicorn_serving(options(emulator, cors_origins="https://chat.example.com")) as url:
+        preflight = await http.options(
+            url + "/chat/stream",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, last-event-id",
+            },
+        )
+        assert preflight.headers["access-control-allow-origin"] == "https://chat.example.com"
+        assert "last-event-id" in preflight.headers["access-control-allow-headers"].lower()
+        streamed = await stream_chat(http, url + "/chat/stream", {"message": "hi"}, headers=origin)
+        assert streamed.types[-1] == "done"
+        assert streamed.headers["access-control-allow-origin"] == "https://chat.example.com"
+        assert "x-stream-id" in streamed.headers["access-control-expose-headers"].lower()
+        stranger = await http.post(
+            url + "/chat", json={"message": "hi"}, headers={"Origin": "https://evil.example"}
+        )
+        assert "access-control-allow-origin" not in stranger.headers
+        host = await http.get(url + "/", headers=origin)
+        assert "access-control-allow-origin" not in host.headers  # the host app's own routes
