@@ -7,12 +7,12 @@ app = Quart(__name__)
 Claude(app)            # POST /chat/stream, GET /health, GET /ready
 """
 
-from ._config import DEFAULT_MODEL, ClaudeConfig, ConfigError
-from ._errors import ERROR_CLASSES, UpstreamError
+from ._core.config import DEFAULT_MODEL, ClaudeConfig, ConfigError
+from ._core.errors import ERROR_CLASSES, UpstreamError
+from ._core.retry import RetryPolicy
+from ._core.sse import SSEEvent, SSEParser
+from ._core.state import ClaudeState
 from ._quart import Claude
-from ._retry import RetryPolicy
-from ._sse import SSEEvent, SSEParser
-from ._state import ClaudeState
 
 __all__ = [
     "DEFAULT_MODEL",

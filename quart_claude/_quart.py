@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from quart import Blueprint, Quart, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from ._http import (
+from ._core.http import (
     CORS_ALLOW_HEADERS,
     CORS_EXPOSE_HEADERS,
     CORS_MAX_AGE,
@@ -27,9 +27,9 @@ from ._http import (
     method_not_allowed,
     routes_for,
 )
-from ._request import RequestError
+from ._core.request import RequestError
+from ._core.state import EXTENSION_KEY, Authorize, ClaudeState, create_state
 from ._shutdown import ShutdownHooks
-from ._state import EXTENSION_KEY, Authorize, ClaudeState, create_state
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider

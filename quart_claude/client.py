@@ -20,7 +20,7 @@ from typing import Any
 
 import httpx2
 
-from ._sse import SSEParser
+from ._core.sse import SSEParser
 
 __all__ = ["ChatError", "stream_chat", "stream_chat_sync"]
 

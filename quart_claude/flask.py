@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
-from ._http import (
+from ._core.http import (
     CORS_ALLOW_HEADERS,
     CORS_EXPOSE_HEADERS,
     CORS_MAX_AGE,
@@ -51,8 +51,8 @@ from ._http import (
     method_not_allowed,
     routes_for,
 )
-from ._request import RequestError
-from ._state import EXTENSION_KEY, Authorize, ClaudeState, Unauthorized, create_state
+from ._core.request import RequestError
+from ._core.state import EXTENSION_KEY, Authorize, ClaudeState, Unauthorized, create_state
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -178,7 +178,7 @@ class Claude:
             try:
                 from flask_cors import CORS
             except ImportError:
-                from ._config import ConfigError
+                from ._core.config import ConfigError
 
                 raise ConfigError(
                     "CLAUDE_CORS_ORIGINS on Flask needs flask-cors: "

@@ -15,7 +15,7 @@ import pytest
 from quart import Quart
 
 from quart_claude import DEFAULT_MODEL
-from quart_claude._stream import Stream, StreamRegistry
+from quart_claude._core.stream import Stream, StreamRegistry
 from quart_claude.client import stream_chat as client_stream_chat
 from quart_claude.testing import Emulator, ErrorReply, Reply
 

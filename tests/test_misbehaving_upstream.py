@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from quart import Quart
 
 from quart_claude import DEFAULT_MODEL
-from quart_claude._framing import EventTooLarge, UpstreamFramer
-from quart_claude._relay import MAX_UPSTREAM_EVENT
+from quart_claude._core.framing import EventTooLarge, UpstreamFramer
+from quart_claude._core.relay import MAX_UPSTREAM_EVENT
 from quart_claude.testing import Emulator, ErrorReply, Reply
 
 from .helpers import serving, stream_chat

@@ -14,7 +14,7 @@ import pytest
 from quart import Quart, Request
 
 from quart_claude import Claude
-from quart_claude._stream import Stream, StreamRegistry
+from quart_claude._core.stream import Stream, StreamRegistry
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat

@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quart_claude import SSEEvent, SSEParser
-from quart_claude._sse import PING, data_line, frame
+from quart_claude._core.sse import PING, data_line, frame
 
 
 def encode_event(payload: object, event_id: int, retry_ms: int | None = None) -> bytes:

@@ -8,7 +8,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quart_claude._relay import _TEXT_DELTA, _joined, _parse_block
+from quart_claude._core.relay import _TEXT_DELTA, _joined, _parse_block
 
 
 def delta(text: str, **dumps: object) -> bytes:

@@ -19,15 +19,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ._aisdk import HEADERS as AI_SDK_HEADERS
-from ._aisdk import chat_id_of, to_chat_body, to_ui_message_stream
-from ._request import RequestError, parse_chat_request
-from ._schema import ValidationError
-from ._state import ClaudeState, Unauthorized
-from ._stream import StoreUnavailable, Stream, new_stream_id
+from .aisdk import HEADERS as AI_SDK_HEADERS
+from .aisdk import chat_id_of, to_chat_body, to_ui_message_stream
+from .request import RequestError, parse_chat_request
+from .schema import ValidationError
+from .state import ClaudeState, Unauthorized
+from .stream import StoreUnavailable, Stream, new_stream_id
 
 if TYPE_CHECKING:  # redis is an optional dependency
-    from ._redis_store import RemoteStream
+    from .redis_store import RemoteStream
 
 __all__ = ["ROUTES", "HttpRequest", "Reply", "Route", "method_not_allowed"]
 
@@ -430,7 +430,7 @@ async def ready(state: ClaudeState, req: HttpRequest) -> Reply:
     return json_reply({"status": "draining" if state.draining else "starting"}, 503)
 
 
-_CLIENT_SCRIPT = Path(__file__).parent / "static" / "claude-stream.js"
+_CLIENT_SCRIPT = Path(__file__).parent.parent / "static" / "claude-stream.js"
 
 
 async def client_script(state: ClaudeState, req: HttpRequest) -> Reply:

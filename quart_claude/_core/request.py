@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ._config import ClaudeConfig
+from .config import ClaudeConfig
 
 __all__ = ["ChatRequest", "RequestError", "parse_chat_request"]
 

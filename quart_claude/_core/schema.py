@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from ._config import ClaudeConfig
-from ._errors import ERROR_CLASSES
+from .config import ClaudeConfig
+from .errors import ERROR_CLASSES
 
 __all__ = ["ValidationError", "chat_body_model", "openapi_document"]
 
@@ -371,6 +371,6 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__

@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from ._sse import PING, data_line, frame
+from .sse import PING, data_line, frame
 
 __all__ = ["Reader", "StoreUnavailable", "Stream", "StreamRegistry", "new_stream_id"]
 

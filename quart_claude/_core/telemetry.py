@@ -17,8 +17,8 @@ from opentelemetry import propagate, trace
 from opentelemetry.context import Context
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvider
 
-from ._metrics import TOKEN_KINDS, Metrics
-from ._request import ChatRequest
+from .metrics import TOKEN_KINDS, Metrics
+from .request import ChatRequest
 
 __all__ = ["StreamOutcome", "Telemetry", "parent_context"]
 

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._errors import UpstreamError
+from .errors import UpstreamError
 
 __all__ = ["RetryPolicy"]
 

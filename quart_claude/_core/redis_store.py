@@ -34,9 +34,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from ._errors import UpstreamError
-from ._sse import PING, data_line, frame
-from ._stream import StoreUnavailable, Stream
+from .errors import UpstreamError
+from .sse import PING, data_line, frame
+from .stream import StoreUnavailable, Stream
 
 __all__ = ["RedisStore", "RemoteStream"]
 

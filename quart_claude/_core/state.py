@@ -17,22 +17,22 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anthropic
 import httpx2
 
-from ._config import ClaudeConfig, ConfigError, load_config
-from ._errors import ERROR_CLASSES
-from ._metrics import MULTIPROC_ENV, Metrics, metrics_for
-from ._redact import install as install_redaction
-from ._redact import register_secret
-from ._relay import Relay
-from ._request import ChatRequest
-from ._schema import chat_body_model, openapi_document
-from ._stream import StoreUnavailable, Stream, StreamRegistry
-from ._telemetry import Telemetry, parent_context
+from .config import ClaudeConfig, ConfigError, load_config
+from .errors import ERROR_CLASSES
+from .metrics import MULTIPROC_ENV, Metrics, metrics_for
+from .redact import install as install_redaction
+from .redact import register_secret
+from .relay import Relay
+from .request import ChatRequest
+from .schema import chat_body_model, openapi_document
+from .stream import StoreUnavailable, Stream, StreamRegistry
+from .telemetry import Telemetry, parent_context
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
 
-    from ._ratelimit import RateLimiter
-    from ._redis_store import RedisStore, RemoteStream
+    from .ratelimit import RateLimiter
+    from .redis_store import RedisStore, RemoteStream
 
 __all__ = ["Authorize", "ClaudeState", "Extension", "Unauthorized"]
 
@@ -288,13 +288,13 @@ class ClaudeState:
             http_client=_http_client(config),
         )
         if config.stream_store != "memory":
-            from ._redis_store import RedisStore
+            from .redis_store import RedisStore
 
             self.store = RedisStore(config.stream_store, ttl=config.stream_ttl)
             await self.store.start()
             self.chats.store = self.store
         if config.rate_limit:
-            from ._ratelimit import RateLimiter
+            from .ratelimit import RateLimiter
 
             pool = self.store.redis.connection_pool if self.store is not None else None
             self.rate_limiter = RateLimiter(config.rate_limit, pool)

@@ -19,15 +19,15 @@ from typing import Any
 import anthropic
 from opentelemetry.context import Context
 
-from ._config import ClaudeConfig
-from ._continuation import ContinuationGuard, Diverged, continuation_messages
-from ._errors import UpstreamError, classify_exception, classify_status
-from ._framing import EventTooLarge, UpstreamFramer
-from ._request import ChatRequest
-from ._retry import RetryPolicy
-from ._sse import encode_json
-from ._stream import Stream
-from ._telemetry import StreamOutcome, Telemetry
+from .config import ClaudeConfig
+from .continuation import ContinuationGuard, Diverged, continuation_messages
+from .errors import UpstreamError, classify_exception, classify_status
+from .framing import EventTooLarge, UpstreamFramer
+from .request import ChatRequest
+from .retry import RetryPolicy
+from .sse import encode_json
+from .stream import Stream
+from .telemetry import StreamOutcome, Telemetry
 
 __all__ = ["MAX_UPSTREAM_EVENT", "Relay"]
 

@@ -18,7 +18,7 @@ from typing import Any
 import anthropic
 import httpx2
 
-from ._redact import redact
+from .redact import redact
 
 __all__ = ["ERROR_CLASSES", "UpstreamError", "classify_exception", "classify_status"]
 

@@ -171,7 +171,7 @@ def metrics_for(key: str) -> Metrics:
     if directory is None:
         return Metrics(CollectorRegistry(auto_describe=True), None)
     if not Path(directory).is_dir():
-        from ._config import ConfigError
+        from .config import ConfigError
 
         raise ConfigError(
             f"{MULTIPROC_ENV}={directory!r} is not a directory: create it (empty) before the "

@@ -124,7 +124,7 @@ def _rate_limit(key: str, value: Any) -> tuple[Any, ...]:
     text = _str(key, value).strip()
     if not text:
         return ()
-    from ._ratelimit import parse_rate_limit
+    from .ratelimit import parse_rate_limit
 
     try:
         return parse_rate_limit(key, text)

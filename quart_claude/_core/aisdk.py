@@ -12,8 +12,8 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from ._request import RequestError
-from ._sse import SSEParser
+from .request import RequestError
+from .sse import SSEParser
 
 __all__ = ["HEADERS", "chat_id_of", "to_chat_body", "to_ui_message_stream"]
 
