@@ -28,18 +28,18 @@ from ._core.http import (
     routes_for,
 )
 from ._core.request import RequestError
-from ._core.state import EXTENSION_KEY, Authorize, ClaudeState, create_state
+from ._core.state import ClaudeState, ExtensionBase, state_of
 from ._shutdown import ShutdownHooks
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import TracerProvider
+    pass
 
 __all__ = ["Claude"]
 
 log = logging.getLogger("quart_claude")
 
 
-class Claude:
+class Claude(ExtensionBase[Quart]):
     """The extension. ``Claude(app)`` or, for app factories, ``claude.init_app(app)``.
 
     Keyword options use the config names without the ``CLAUDE_`` prefix, lowercased:
@@ -48,33 +48,8 @@ class Claude:
     the streams' spans go to (default: the global one, as OTel instrumentations do).
     """
 
-    def __init__(
-        self,
-        app: Quart | None = None,
-        *,
-        authorize: Authorize | None = None,
-        tracer_provider: TracerProvider | None = None,
-        **options: Any,
-    ) -> None:
-        self._options = options
-        self.authorize_hook = authorize
-        self.tracer_provider = tracer_provider
-        if app is not None:
-            self.init_app(app)
-
-    def authorize(self, hook: Authorize) -> Authorize:
-        """Decorate the (sync or async) function that, given the request, returns who is
-        asking (any value; ``str()`` of it is the identity) or None to refuse with a 401.
-
-        The identity decides who may use the chat routes, who owns a stream (only the same
-        identity may read or stop it; anyone else gets 404), and the rate-limit key.
-        ``/health``, ``/ready`` and the client script stay open.
-        """
-        self.authorize_hook = hook
-        return hook
-
     def init_app(self, app: Quart) -> None:
-        state = create_state(self, app.extensions, app.config, self._options, self.tracer_provider)
+        state = self._create_state(app.extensions, app.config)
         blueprint = _blueprint(state)
         config = state.config
         if config.cors_origins:  # for the blueprint's routes only, never the host app's
@@ -110,15 +85,7 @@ class Claude:
     @staticmethod
     def state(app: Quart | None = None) -> ClaudeState:
         """The state of ``app`` (default: the current app)."""
-        extensions = app.extensions if app is not None else current_app.extensions
-        try:
-            state: ClaudeState = extensions[EXTENSION_KEY]
-        except KeyError:
-            raise RuntimeError(
-                "Claude is not registered on this app; did you forget Claude(app) or "
-                "claude.init_app(app)?"
-            ) from None
-        return state
+        return state_of(app.extensions if app is not None else current_app.extensions)
 
 
 # -- the blueprint -------------------------------------------------------------------------

@@ -32,7 +32,7 @@ import signal
 import socket
 import threading
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -52,10 +52,10 @@ from ._core.http import (
     routes_for,
 )
 from ._core.request import RequestError
-from ._core.state import EXTENSION_KEY, Authorize, ClaudeState, Unauthorized, create_state
+from ._core.state import ClaudeState, ExtensionBase, Unauthorized, state_of
 
 if TYPE_CHECKING:
-    from opentelemetry.trace import TracerProvider
+    pass
 
 __all__ = ["Claude", "post_worker_init"]
 
@@ -103,9 +103,9 @@ class LoopThread:
         self.loop, self._pid = loop, os.getpid()
         _running.add(self)
 
-    def call(self, work: Awaitable[Any]) -> Any:
+    def call(self, work: Coroutine[Any, Any, Any]) -> Any:
         """Run ``work`` on the loop and wait for its result in this thread."""
-        return asyncio.run_coroutine_threadsafe(_awaited(work), self.ensure_started()).result()
+        return asyncio.run_coroutine_threadsafe(work, self.ensure_started()).result()
 
     def drain_soon(self) -> None:
         """Begin draining without waiting (safe in a signal handler)."""
@@ -128,10 +128,6 @@ class LoopThread:
             self._thread.join(5)
 
 
-async def _awaited(work: Awaitable[Any]) -> Any:
-    return await work
-
-
 _running: weakref.WeakSet[LoopThread] = weakref.WeakSet()
 
 
@@ -141,35 +137,15 @@ def _stop_all() -> None:
         runner.stop()
 
 
-class Claude:
+class Claude(ExtensionBase[Flask]):
     """The extension for Flask. ``Claude(app)`` or, for app factories,
     ``claude.init_app(app)``; the same keyword options, ``CLAUDE_*`` keys and routes as the
     Quart extension. The ``authorize`` hook is called in the request thread, with Flask's
     request (an ``async def`` hook goes through Flask's ``ensure_sync``).
     """
 
-    def __init__(
-        self,
-        app: Flask | None = None,
-        *,
-        authorize: Authorize | None = None,
-        tracer_provider: TracerProvider | None = None,
-        **options: Any,
-    ) -> None:
-        self._options = options
-        self.authorize_hook = authorize
-        self.tracer_provider = tracer_provider
-        if app is not None:
-            self.init_app(app)
-
-    def authorize(self, hook: Authorize) -> Authorize:
-        """Decorate the function that, given the request, returns who is asking or None to
-        refuse with a 401 (see the Quart extension's ``authorize``)."""
-        self.authorize_hook = hook
-        return hook
-
     def init_app(self, app: Flask) -> None:
-        state = create_state(self, app.extensions, app.config, self._options, self.tracer_provider)
+        state = self._create_state(app.extensions, app.config)
         runner = LoopThread(state)
         app.extensions[_RUNNER_KEY] = runner
         blueprint = _blueprint(state, runner)
@@ -197,15 +173,7 @@ class Claude:
     @staticmethod
     def state(app: Flask | None = None) -> ClaudeState:
         """The state of ``app`` (default: the current app)."""
-        extensions = app.extensions if app is not None else current_app.extensions
-        try:
-            state: ClaudeState = extensions[EXTENSION_KEY]
-        except KeyError:
-            raise RuntimeError(
-                "Claude is not registered on this app; did you forget Claude(app) or "
-                "claude.init_app(app)?"
-            ) from None
-        return state
+        return state_of(app.extensions if app is not None else current_app.extensions)
 
     @staticmethod
     def loop_thread(app: Flask) -> LoopThread:

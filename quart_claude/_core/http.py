@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -452,7 +452,7 @@ def _script() -> bytes:
     return _script_bytes
 
 
-Handler = Callable[[ClaudeState, HttpRequest], Awaitable[Reply]]
+Handler = Callable[[ClaudeState, HttpRequest], Coroutine[Any, Any, Reply]]
 
 
 @dataclass(frozen=True, slots=True)

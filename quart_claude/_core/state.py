@@ -11,8 +11,8 @@ import hmac
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
 import anthropic
 import httpx2
@@ -399,4 +399,57 @@ def create_state(
     install_redaction()
     state = ClaudeState(extension, config, tracer_provider)
     extensions[EXTENSION_KEY] = state
+    return state
+
+
+AppT = TypeVar("AppT")
+
+
+class ExtensionBase(Generic[AppT]):
+    """What both front ends' ``Claude`` share: the options, the ``authorize`` hook, the
+    tracer provider, and the lookup of an app's state. A front end adds ``init_app``."""
+
+    def __init__(
+        self,
+        app: AppT | None = None,
+        *,
+        authorize: Authorize | None = None,
+        tracer_provider: TracerProvider | None = None,
+        **options: Any,
+    ) -> None:
+        self._options = options
+        self.authorize_hook = authorize
+        self.tracer_provider = tracer_provider
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: AppT) -> None:
+        raise NotImplementedError
+
+    def authorize(self, hook: Authorize) -> Authorize:
+        """Decorate the function that, given the request, returns who is asking (any value;
+        ``str()`` of it is the identity) or None to refuse with a 401. Quart awaits an
+        ``async def`` one; Flask calls it in the request thread (an ``async def`` one
+        through Flask's ``ensure_sync``).
+
+        The identity decides who may use the chat routes, who owns a stream (only the same
+        identity may read or stop it; anyone else gets 404), and the rate-limit key.
+        ``/health``, ``/ready`` and the client script stay open.
+        """
+        self.authorize_hook = hook
+        return hook
+
+    def _create_state(self, extensions: dict[str, Any], app_config: Any) -> ClaudeState:
+        return create_state(self, extensions, app_config, self._options, self.tracer_provider)
+
+
+def state_of(extensions: Mapping[str, Any]) -> ClaudeState:
+    """The state registered in an app's ``extensions``, or a RuntimeError saying how to fix it."""
+    try:
+        state: ClaudeState = extensions[EXTENSION_KEY]
+    except KeyError:
+        raise RuntimeError(
+            "Claude is not registered on this app; did you forget Claude(app) or "
+            "claude.init_app(app)?"
+        ) from None
     return state
