@@ -16,7 +16,8 @@ PIP_INSTALL := python -m pip install -q --disable-pip-version-check
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: $(wildcard $(LOCK)) pyproject.toml tests/ai_sdk/package-lock.json
+$(VENV)/.installed: $(wildcard $(LOCK)) pyproject.toml tests/ai_sdk/package-lock.json \
+		tools/package-lock.json
 	@test -f $(LOCK) || { echo "no lock for this Python ($(LOCK)): use 3.11-3.13, or run 'make lock'" >&2; exit 1; }
 	$(PYTHON) -m venv --clear $(VENV)
 	$(BIN)/$(PIP_INSTALL) --require-hashes --no-deps -r $(LOCK)
@@ -24,6 +25,7 @@ $(VENV)/.installed: $(wildcard $(LOCK)) pyproject.toml tests/ai_sdk/package-lock
 	@# the AI SDK's own client, for tests/test_ai_sdk.py (package-lock.json pins it)
 	if command -v npm >/dev/null 2>&1; then \
 	  npm ci --prefix tests/ai_sdk --no-audit --no-fund --loglevel=error; \
+	  npm ci --prefix tools --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the AI SDK tests will skip (CI fails on a skip)" >&2; fi
 	touch $@
 
@@ -103,7 +105,8 @@ dist: install
 # from outside the checkout, import the public API and stream one reply through a real server.
 check-wheel: dist
 	$(BIN)/python scripts/check_wheel.py --python $(PYTHON) \
-	  --runtime-lock requirements/runtime-py$(PYTAG).txt dist/*.whl
+	  --runtime-lock requirements/runtime-py$(PYTAG).txt dist/*.whl \
+	  --pyright tools/node_modules/.bin/pyright
 
 clean:
 	rm -rf .venv .venv313 .venv-lowest .venv-latest .mypy_cache .pytest_cache .ruff_cache \

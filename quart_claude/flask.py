@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Claude", "post_worker_init"]
 
-log = logging.getLogger("quart_claude")
+log: logging.Logger = logging.getLogger("quart_claude")
 
 #: While a stream is silent, how often (seconds) its generator checks that the client is there.
 LIVENESS_INTERVAL = 1.0

@@ -4,12 +4,14 @@ Checks the wheel's contents (what runs is in it; tests, bench and the example ap
 installs it into a clean venv with only the locked runtime dependencies (no dev tools, not
 editable), then, from a directory outside the checkout, imports the public API, serves a tiny
 ``Claude(app)`` with the real ``hypercorn`` command against ``python -m quart_claude.testing``,
-and streams one reply through :mod:`quart_claude.client`.
+and streams one reply through :mod:`quart_claude.client`. Last, ``pyright --verifytypes`` on
+the installed package: every name a user can reach has a known type (100 %).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -115,6 +117,7 @@ def main() -> None:
     parser.add_argument("wheel", type=Path)
     parser.add_argument("--python", default="python3", help="the interpreter for the venv")
     parser.add_argument("--runtime-lock", type=Path, required=True)
+    parser.add_argument("--pyright", type=Path, help="pyright, for --verifytypes (tools/)")
     args = parser.parse_args()
     checkout = Path(__file__).resolve().parent.parent
     wheel, lock = args.wheel.resolve(), args.runtime_lock.resolve()
@@ -134,6 +137,31 @@ def main() -> None:
         run(*pip, "--no-deps", str(wheel))
         run(python, "-m", "pip", "check")  # the wheel's declared dependencies are all there
         run(python, "-c", SMOKE, str(checkout))
+        if args.pyright is None:
+            return
+        if args.pyright.is_file():
+            verify_types(args.pyright.resolve(), venv, work)
+        elif os.environ.get("QUART_CLAUDE_REQUIRE_ALL") == "1":
+            sys.exit(f"{args.pyright} is missing (npm ci --prefix tools): types not verified")
+        else:
+            print(f"TYPES NOT VERIFIED: {args.pyright} is missing (npm ci --prefix tools)")
+
+
+def verify_types(pyright: Path, venv: Path, work: Path) -> None:
+    """The installed package's public interface is 100 % typed (pyright finds the package
+    through the venv it runs in: an editable install would hide it)."""
+    env = {**os.environ, "VIRTUAL_ENV": str(venv), "PATH": f"{venv / 'bin'}:{os.environ['PATH']}"}
+    result = subprocess.run(
+        [str(pyright), "--verifytypes", "quart_claude", "--ignoreexternal"],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    score = [line for line in result.stdout.splitlines() if "completeness score" in line]
+    if result.returncode != 0 or score != ["Type completeness score: 100%"]:
+        sys.exit(f"pyright --verifytypes quart_claude:\n{result.stdout}{result.stderr}")
+    print(f"pyright --verifytypes quart_claude: {score[0]}")
 
 
 if __name__ == "__main__":

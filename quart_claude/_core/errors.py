@@ -95,11 +95,11 @@ class UpstreamError(Exception):
     ) -> None:
         default_retryable, default_message = ERROR_CLASSES[error_class]
         self.error_class = error_class
-        self.retryable = default_retryable if retryable is None else retryable
+        self.retryable: bool = default_retryable if retryable is None else retryable
         self.retry_after = retry_after
-        self.message = redact(message) if message else default_message
+        self.message: str = redact(message) if message else default_message
         self.request_id = request_id
-        self.detail = redact(detail)  # for logs only: never sent to clients
+        self.detail: str = redact(detail)  # for logs only: never sent to clients
         super().__init__(self.message)
 
     def __repr__(self) -> str:

@@ -45,59 +45,59 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry, multiprocess_dir: str | None) -> None:
         self.registry = registry
         self.multiprocess_dir = multiprocess_dir
-        self.streams_active = Gauge(
+        self.streams_active: Gauge = Gauge(
             "claude_streams_active",
             "Streams being produced right now (summed over live worker processes).",
             ["model"],
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.streams = Counter(
+        self.streams: Counter = Counter(
             "claude_streams",
             "Streams ended, by outcome: done, cancelled, disconnected, or the error class.",
             ["model", "outcome"],
             registry=registry,
         )
-        self.time_to_first_token = Histogram(
+        self.time_to_first_token: Histogram = Histogram(
             "claude_time_to_first_token_seconds",
             "From the stream's start to its first text delta, retries included.",
             ["model"],
             registry=registry,
             buckets=TTFT_BUCKETS,
         )
-        self.stream_duration = Histogram(
+        self.stream_duration: Histogram = Histogram(
             "claude_stream_duration_seconds",
             "From the stream's start to its last event, whatever the outcome.",
             ["model"],
             registry=registry,
             buckets=DURATION_BUCKETS,
         )
-        self.tokens = Counter(
+        self.tokens: Counter = Counter(
             "claude_tokens",
             "Tokens billed upstream, by kind: input, output, cache_read, cache_write.",
             ["model", "kind"],
             registry=registry,
         )
-        self.upstream_requests = Counter(
+        self.upstream_requests: Counter = Counter(
             "claude_upstream_requests",
             "Requests made to the Anthropic API, by outcome: ok, cancelled, or the error class.",
             ["model", "outcome"],
             registry=registry,
         )
-        self.retries = Counter(
+        self.retries: Counter = Counter(
             "claude_retries",
             "Requests made again after a failure, by the failure's class and kind "
             "(retry: before any text; recovery: a continuation after text was sent).",
             ["model", "error", "kind"],
             registry=registry,
         )
-        self.errors = Counter(
+        self.errors: Counter = Counter(
             "claude_errors",
             "Failures classified by the relay, by class, whether a retry hid them or not.",
             ["model", "error"],
             registry=registry,
         )
-        self.resumes = Counter(
+        self.resumes: Counter = Counter(
             "claude_resumes",
             "Readers that came back to a stream with GET /chat/stream/<id> (or the AI SDK's).",
             registry=registry,

@@ -96,16 +96,16 @@ class RemoteStream:
     __slots__ = ("count", "done", "id", "owner")
 
     def __init__(self, stream_id: str, owner: str | None, count: int, done: bool) -> None:
-        self.id = stream_id
-        self.owner = owner
-        self.count = count
-        self.done = done
+        self.id: str = stream_id
+        self.owner: str | None = owner
+        self.count: int = count
+        self.done: bool = done
 
 
 class RedisStore:
     def __init__(self, url: str, *, ttl: float, max_events: int = 100_000) -> None:
         self.url = url
-        self.ttl = max(1, int(ttl))
+        self.ttl: int = max(1, int(ttl))
         self.max_events = max_events
         # typed Any: redis-py's reply unions cover decode_responses=True, which we never use
         self.redis: Any = None
@@ -116,7 +116,9 @@ class RedisStore:
         self._flush_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._append: Any = None
-        self.closing = asyncio.Event()  # set when draining: remote readers end with shutdown
+        self.closing: asyncio.Event = (
+            asyncio.Event()
+        )  # set when draining: remote readers end with shutdown
 
     async def start(self) -> None:
         # a pooled connection that went stale (Redis restarted) is retried once on a new one

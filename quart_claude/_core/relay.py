@@ -65,7 +65,7 @@ class Relay:
         self.client = client
         self.config = config
         self.telemetry = telemetry
-        self.policy = RetryPolicy(
+        self.policy: RetryPolicy = RetryPolicy(
             config.max_retries, config.retry_base_delay, config.retry_max_delay
         )
 

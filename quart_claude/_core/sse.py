@@ -72,7 +72,7 @@ class SSEParser:
         self._last_id: str | None = None
         self._retry: int | None = None
         self._pending_cr = False
-        self.comments = 0  # how many comment lines (e.g. ``: ping``) were seen
+        self.comments: int = 0  # how many comment lines (e.g. ``: ping``) were seen
 
     @property
     def last_event_id(self) -> str | None:

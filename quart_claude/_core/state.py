@@ -30,6 +30,7 @@ from .telemetry import Telemetry, parent_context
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
+    from pydantic import BaseModel
 
     from .ratelimit import RateLimiter
     from .redis_store import RedisStore, RemoteStream
@@ -101,21 +102,25 @@ class ClaudeState:
         self.extension = extension
         self.config = config
         self.relay: Relay | None = None
-        self.streams = StreamRegistry(
+        self.streams: StreamRegistry = StreamRegistry(
             ttl=config.stream_ttl,
             max_finished=config.max_finished_streams,
             max_bytes=config.max_finished_bytes,
         )
         self.producers: set[asyncio.Task[None]] = set()
-        self.body_model = chat_body_model(config)  # validates bodies; the OpenAPI's source
-        self.chats = ChatStreams()
-        self.telemetry = Telemetry(_metrics(config) if config.metrics else None, tracer_provider)
+        self.body_model: type[BaseModel] = chat_body_model(
+            config
+        )  # validates bodies; the OpenAPI's source
+        self.chats: ChatStreams = ChatStreams()
+        self.telemetry: Telemetry = Telemetry(
+            _metrics(config) if config.metrics else None, tracer_provider
+        )
         self._openapi: dict[str, Any] | None = None
         self._per_client: dict[str, int] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.rate_limiter: RateLimiter | None = None
-        self.draining = False
+        self.draining: bool = False
         self.store: RedisStore | None = None  # None: streams live in this worker only
 
     @property

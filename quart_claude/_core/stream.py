@@ -66,12 +66,14 @@ class Stream:
         owner: str | None = None,
         on_idle: Callable[[Stream], None] | None = None,
     ) -> None:
-        self.id = stream_id
-        self.owner = owner  # the identity allowed to read or stop it (None: anyone with the id)
+        self.id: str = stream_id
+        self.owner: str | None = (
+            owner  # the identity allowed to read or stop it (None: anyone with the id)
+        )
         self.events: list[bytes] = []
-        self.finished = False
+        self.finished: bool = False
         self.finished_at: float | None = None
-        self.created_at = time.monotonic()
+        self.created_at: float = time.monotonic()
         self.readers: set[Reader] = set()
         self.idle_timer: asyncio.TimerHandle | None = None
         self.mirror: Callable[[Stream], None] | None = None  # e.g. the Redis store
@@ -205,7 +207,7 @@ class StreamRegistry:
         self.ttl = ttl
         self.max_finished = max_finished
         self.max_bytes = max_bytes
-        self.finished_bytes = 0
+        self.finished_bytes: int = 0
         self._streams: dict[str, Stream] = {}
         self._finished: deque[tuple[Stream, int]] = deque()  # in the order they finished
 

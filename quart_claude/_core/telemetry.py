@@ -68,7 +68,7 @@ class Telemetry:
     def __init__(self, metrics: Metrics | None, tracer_provider: TracerProvider | None) -> None:
         self.metrics = metrics
         # the global provider's tracer is a proxy: it follows an SDK configured later
-        self.tracer = trace.get_tracer(_TRACER_NAME, tracer_provider=tracer_provider)
+        self.tracer: trace.Tracer = trace.get_tracer(_TRACER_NAME, tracer_provider=tracer_provider)
         self._live: dict[str, StreamOutcome] = {}
 
     def stream(
@@ -119,13 +119,13 @@ class StreamOutcome:
         self, telemetry: Telemetry, stream_id: str, request: ChatRequest, parent: Context | None
     ) -> None:
         self._telemetry = telemetry
-        self.stream_id = stream_id
-        self.model = request.model  # bounded: CLAUDE_MODEL or one of CLAUDE_ALLOWED_MODELS
-        self.started = time.monotonic()
-        self.attempts = 0
-        self.retries = 0
-        self.recoveries = 0
-        self.resumes = 0
+        self.stream_id: str = stream_id
+        self.model: str = request.model  # bounded: CLAUDE_MODEL or one of CLAUDE_ALLOWED_MODELS
+        self.started: float = time.monotonic()
+        self.attempts: int = 0
+        self.retries: int = 0
+        self.recoveries: int = 0
+        self.resumes: int = 0
         self.first_token_at: float | None = None
         self.request_id: str | None = None
         self.message_id: str | None = None
@@ -138,7 +138,7 @@ class StreamOutcome:
         )
         # the caller's trace, for the log line even when no SDK records this span (the API's
         # no-op span carries the parent's ids on some releases and none on others)
-        self.parent_trace_id = trace.get_current_span(parent).get_span_context().trace_id
+        self.parent_trace_id: int = trace.get_current_span(parent).get_span_context().trace_id
         if self.span.is_recording():
             attributes: dict[str, Any] = {
                 "gen_ai.operation.name": "chat",

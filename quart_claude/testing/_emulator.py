@@ -172,8 +172,8 @@ class Emulator:
         token_delay: float = 0.0,
         default: Scripted | None = None,
     ) -> None:
-        self.host = host
-        self.port = port
+        self.host: str = host
+        self.port: int = port
         self.api_key = api_key
         self.token_delay = token_delay
         self.default: Scripted = default if default is not None else Reply()
@@ -197,7 +197,8 @@ class Emulator:
 
     async def start_on(self, sock: socket.socket) -> Emulator:
         """Listen on an already bound socket (so its URL can be known before the loop runs)."""
-        self.host, self.port = sock.getsockname()[:2]
+        address = sock.getsockname()
+        self.host, self.port = str(address[0]), int(address[1])
         self._server = await asyncio.start_server(self._on_connection, sock=sock)
         return self
 
