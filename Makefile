@@ -50,7 +50,7 @@ pytest: install
 
 # The inner loop: the core's tests that need no server, in seconds. `make test` runs all.
 FAST_TESTS := tests/test_config.py tests/test_retry_policy.py tests/test_sse.py \
-	tests/test_upstream_parsing.py tests/test_public_api.py
+	tests/test_upstream_parsing.py tests/test_public_api.py tests/test_layout.py
 test-fast: install
 	$(BIN)/pytest -q $(FAST_TESTS)
 

@@ -8,7 +8,7 @@ Claude(app)            # POST /chat/stream, GET /health, GET /ready
 """
 
 from ._core.config import DEFAULT_MODEL, ClaudeConfig, ConfigError
-from ._core.errors import ERROR_CLASSES, UpstreamError
+from ._core.protocol import ERROR_CLASSES, UpstreamError
 from ._core.retry import RetryPolicy
 from ._core.sse import SSEEvent, SSEParser
 from ._core.state import ClaudeState

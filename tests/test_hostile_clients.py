@@ -15,7 +15,8 @@ import pytest
 from quart import Quart
 
 from quart_claude import DEFAULT_MODEL
-from quart_claude._core.stream import Stream, StreamRegistry
+from quart_claude._core.store import MemoryStore
+from quart_claude._core.stream import Stream
 from quart_claude.client import stream_chat as client_stream_chat
 from quart_claude.testing import Emulator, ErrorReply, Reply
 
@@ -150,7 +151,7 @@ async def test_the_operator_can_open_models_and_the_system_prompt(
 
 
 def test_finished_streams_are_bounded_by_bytes() -> None:
-    registry = StreamRegistry(ttl=300, max_finished=10_000, max_bytes=100_000)
+    registry = MemoryStore(ttl=300, max_finished=10_000, max_bytes=100_000)
     for index in range(50):
         stream = Stream(f"s{index}")
         registry.add(stream)

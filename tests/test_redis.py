@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 from quart import Quart
 
 from quart_claude import Claude
+from quart_claude._core.redis_store import RedisStore
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
@@ -116,7 +117,7 @@ async def test_readers_learn_when_the_producer_dies(
         await emulator.wait_for_requests(1)
         # the producing worker "dies": its lease stops being refreshed and expires
         store = Claude.state(first).store
-        assert store is not None
+        assert isinstance(store, RedisStore)
         store._local.pop(stream_id)
         client = aioredis.from_url(redis_url)
         await client.delete(f"qc:{stream_id}:lease")
@@ -149,7 +150,7 @@ async def test_store_down_is_a_503_not_a_500(
     app = make_app(stream_store=redis_url)
     async with serving(app) as url:
         store = Claude.state(app).store
-        assert store is not None
+        assert isinstance(store, RedisStore)
         real = store.redis
         store.redis = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
         try:
@@ -172,7 +173,7 @@ async def test_redis_lost_mid_read_ends_with_a_retryable_error(
     emulator.script(Reply(ANSWER, token_delay=0.05))
     first = await stream_chat(http, a + "/chat/stream", {"message": "hi"}, stop_after_deltas=3)
     store = Claude.state(second).store
-    assert store is not None
+    assert isinstance(store, RedisStore)
     reading = asyncio.create_task(
         stream_chat(http, b + "/chat/stream/" + first.headers["x-stream-id"], method="GET")
     )

@@ -14,7 +14,8 @@ import pytest
 from quart import Quart, Request
 
 from quart_claude import Claude
-from quart_claude._core.stream import Stream, StreamRegistry
+from quart_claude._core.store import MemoryStore
+from quart_claude._core.stream import Stream
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
@@ -204,7 +205,7 @@ async def test_finished_streams_expire_after_the_ttl(
 
 def test_memory_registry_stays_bounded_under_load() -> None:
     """10,000 finished streams past the cap: the count and the memory stop growing."""
-    registry = StreamRegistry(ttl=300, max_finished=1000)
+    registry = MemoryStore(ttl=300, max_finished=1000)
 
     def finish_many(count: int) -> None:
         for index in range(count):
@@ -231,7 +232,7 @@ def test_memory_registry_stays_bounded_under_load() -> None:
 
 @pytest.mark.parametrize("ttl", [0.05])
 async def test_memory_registry_evicts_expired(ttl: float) -> None:
-    registry = StreamRegistry(ttl=ttl, max_finished=100)
+    registry = MemoryStore(ttl=ttl, max_finished=100)
     old = Stream("old")
     registry.add(old)
     old.finish()

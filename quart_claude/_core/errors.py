@@ -1,4 +1,5 @@
-"""Upstream failures, classified once into the classes of the event protocol.
+"""Upstream failures, classified once into the classes of the event protocol
+(:mod:`.protocol`, which imports no SDK: the stores and the front ends use it).
 
 Every way a Claude request can fail (an HTTP status from the SDK, an in-stream ``error`` event,
 a raw ``httpx2`` transport error the SDK lets escape mid-stream, a body that ends without
@@ -13,38 +14,15 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
 
 import anthropic
 import httpx2
 
-from .redact import redact
+from .protocol import ERROR_CLASSES, UpstreamError
 
 __all__ = ["ERROR_CLASSES", "UpstreamError", "classify_exception", "classify_status"]
 
 log = logging.getLogger("quart_claude")
-
-#: class -> (retryable by default, safe message)
-ERROR_CLASSES: dict[str, tuple[bool, str]] = {
-    "rate_limit": (True, "Claude is receiving too many requests; try again shortly."),
-    "overloaded": (True, "Claude is temporarily overloaded; try again shortly."),
-    "server_error": (True, "Claude had a temporary server error; try again."),
-    "network_error": (True, "The connection to Claude was interrupted; try again."),
-    "timeout": (True, "Claude did not respond in time; try again."),
-    "auth_error": (False, "The server's Claude API key was rejected."),
-    "permission_error": (False, "The server's Claude API key may not use this resource."),
-    "not_found": (False, "The requested Claude model or resource was not found."),
-    "token_limit": (False, "The conversation is too long for the model's context window."),
-    "invalid_request": (False, "Claude rejected the request as invalid."),
-    "request_too_large": (False, "The request is too large for Claude."),
-    "unknown": (False, "An unexpected error occurred while talking to Claude."),
-    "shutdown": (True, "The server is restarting; try again."),
-    "unavailable": (True, "The server generating this answer went away; try again."),
-    "continuation_failed": (
-        True,
-        "The answer was interrupted and could not be continued exactly; ask again.",
-    ),
-}
 
 #: The longest ``retry-after`` passed on (seconds): a day. Anything longer is a day.
 MAX_RETRY_AFTER = 86_400.0
@@ -78,46 +56,6 @@ _TYPE_CLASSES = {
 
 _TOKEN_LIMIT_HINTS = ("prompt is too long", "context window", "context length", "too many tokens")
 _SPEND_LIMIT = "enforced_spend_limit_reached"
-
-
-class UpstreamError(Exception):
-    """A classified upstream failure. ``str()`` is the safe message."""
-
-    def __init__(
-        self,
-        error_class: str,
-        *,
-        retryable: bool | None = None,
-        retry_after: float | None = None,
-        message: str | None = None,
-        request_id: str | None = None,
-        detail: str = "",
-    ) -> None:
-        default_retryable, default_message = ERROR_CLASSES[error_class]
-        self.error_class = error_class
-        self.retryable: bool = default_retryable if retryable is None else retryable
-        self.retry_after = retry_after
-        self.message: str = redact(message) if message else default_message
-        self.request_id = request_id
-        self.detail: str = redact(detail)  # for logs only: never sent to clients
-        super().__init__(self.message)
-
-    def __repr__(self) -> str:
-        return f"UpstreamError({self.error_class!r}, retryable={self.retryable})"
-
-    def event(self, *, partial: bool) -> dict[str, Any]:
-        """The protocol's ``error`` event; ``partial`` when some text was already sent."""
-        payload: dict[str, Any] = {
-            "type": "error",
-            "error": self.error_class,
-            "message": self.message,
-            "retryable": self.retryable,
-        }
-        if self.retry_after is not None:
-            payload["retry_after"] = max(1, math.ceil(self.retry_after))
-        if partial:
-            payload["partial"] = True
-        return payload
 
 
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:

@@ -17,17 +17,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from .aisdk import HEADERS as AI_SDK_HEADERS
 from .aisdk import chat_id_of, to_chat_body, to_ui_message_stream
 from .request import RequestError, parse_chat_request
 from .schema import ValidationError
 from .state import ClaudeState, Unauthorized
+from .store import Found
 from .stream import StoreUnavailable, Stream, new_stream_id
-
-if TYPE_CHECKING:  # redis is an optional dependency
-    from .redis_store import RemoteStream
 
 __all__ = ["ROUTES", "HttpRequest", "Reply", "Route", "method_not_allowed"]
 
@@ -297,9 +295,7 @@ def _last_event_id(req: HttpRequest) -> int:
     return int(raw)
 
 
-async def _find(
-    state: ClaudeState, req: HttpRequest, stream_id: str
-) -> Stream | RemoteStream | Reply:
+async def _find(state: ClaudeState, req: HttpRequest, stream_id: str) -> Found | Reply:
     """The stream, or the reply that says why not (401, 404, 503)."""
     try:
         found = await state.find(stream_id, await req.authorize())
@@ -352,7 +348,7 @@ async def ai_sdk_chat(state: ClaudeState, req: HttpRequest) -> Reply:
     if isinstance(opened, Reply):
         return opened
     stream, headers = opened
-    await state.chats.remember(stream.owner, chat_ids[0], stream.id)
+    await state.remember_chat(stream.owner, chat_ids[0], stream.id)
     frames = stream.read(-1, state.config.heartbeat_interval)
     return _sse(to_ui_message_stream(frames), stream.id, {**AI_SDK_HEADERS, **headers})
 
@@ -362,7 +358,7 @@ async def ai_sdk_resume(state: ClaudeState, req: HttpRequest) -> Reply:
     (the client rebuilds the message from it), or 204 when there is none."""
     try:
         identity = await req.authorize()
-        stream_id = await state.chats.active(identity, req.path_params["chat_id"])
+        stream_id = await state.active_chat(identity, req.path_params["chat_id"])
         stream = await state.find(stream_id, identity) if stream_id else None
     except Unauthorized as refused:
         return _unauthorized(state, refused)
@@ -424,7 +420,7 @@ async def health(state: ClaudeState, req: HttpRequest) -> Reply:
 
 async def ready(state: ClaudeState, req: HttpRequest) -> Reply:
     if state.ready:
-        if state.store is not None and not await state.store.ping():
+        if not await state.store.ping():
             return json_reply({"status": "store_unavailable"}, 503)
         return json_reply({"status": "ready", "streams": state.live_streams()})
     return json_reply({"status": "draining" if state.draining else "starting"}, 503)

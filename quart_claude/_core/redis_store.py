@@ -1,8 +1,9 @@
 """Redis, so a stream produced on one worker can be read and stopped from any other.
 
-The producing worker keeps its in-memory :class:`Stream` (its own readers never touch Redis)
-and mirrors every event into a Redis Stream. Entry ids are ``0-<index+1>``, so "every event
-after ``Last-Event-ID: N``" is exactly ``XREAD ... 0-<N+1>``. Keys, for stream ``ID``:
+:class:`RedisStore` is a :class:`~.store.MemoryStore` for the streams this worker produces
+(their own readers never touch Redis) that mirrors every event into a Redis Stream. Entry ids
+are ``0-<index+1>``, so "every event after ``Last-Event-ID: N``" is exactly
+``XREAD ... 0-<N+1>``. Keys, for stream ``ID``:
 
 - ``qc:ID:ev``: the events (XADD, MAXLEN-capped); field ``e`` the encoded event, ``f`` on the
   final one;
@@ -34,8 +35,9 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from .errors import UpstreamError
+from .protocol import UpstreamError
 from .sse import PING, data_line, frame
+from .store import Found, MemoryStore, RemoteStream
 from .stream import StoreUnavailable, Stream
 
 __all__ = ["RedisStore", "RemoteStream"]
@@ -90,22 +92,13 @@ def _key(stream_id: str, part: str) -> str:
     return f"qc:{stream_id}:{part}"
 
 
-class RemoteStream:
-    """What a worker that does not produce a stream knows of it."""
+class RedisStore(MemoryStore):
+    """Streams any worker can find, read and stop; the ones produced here stay in memory too."""
 
-    __slots__ = ("count", "done", "id", "owner")
-
-    def __init__(self, stream_id: str, owner: str | None, count: int, done: bool) -> None:
-        self.id: str = stream_id
-        self.owner: str | None = owner
-        self.count: int = count
-        self.done: bool = done
-
-
-class RedisStore:
-    def __init__(self, url: str, *, ttl: float, max_events: int = 100_000) -> None:
+    def __init__(self, url: str, *, ttl: float, max_events: int = 100_000, **memory: Any) -> None:
+        super().__init__(ttl=ttl, **memory)
         self.url = url
-        self.ttl: int = max(1, int(ttl))
+        self.redis_ttl: int = max(1, int(ttl))
         self.max_events = max_events
         # typed Any: redis-py's reply unions cover decode_responses=True, which we never use
         self.redis: Any = None
@@ -116,9 +109,7 @@ class RedisStore:
         self._flush_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._append: Any = None
-        self.closing: asyncio.Event = (
-            asyncio.Event()
-        )  # set when draining: remote readers end with shutdown
+        self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         # a pooled connection that went stale (Redis restarted) is retried once on a new one
@@ -131,7 +122,12 @@ class RedisStore:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._flusher()), loop.create_task(self._leases())]
 
+    @property
+    def connection_pool(self) -> Any:
+        return self.redis.connection_pool if self.redis is not None else None
+
     async def close(self) -> None:
+        await super().close()
         if self._dirty:
             with contextlib.suppress(Exception):
                 await self._flush()
@@ -146,22 +142,39 @@ class RedisStore:
         self.redis = self._blocking = None
 
     # -- producer side -------------------------------------------------------------------
-    async def attach(self, stream: Stream) -> None:
+    async def open(self, stream: Stream) -> None:
         """Register a stream this worker produces (before its POST answers, so any worker
         can find it at once), then mirror its events as they come."""
-        async with self.redis.pipeline(transaction=False) as pipe:
-            await self._write(pipe, stream, 0)
-            pipe.set(_key(stream.id, "lease"), b"1", ex=LEASE_SECONDS)
-            await pipe.execute()
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                await self._write(pipe, stream, 0)
+                pipe.set(_key(stream.id, "lease"), b"1", ex=LEASE_SECONDS)
+                await pipe.execute()
+        except Exception as exc:
+            log.exception("the stream store is unavailable")
+            raise StoreUnavailable(str(exc)) from exc
         self._local[stream.id] = stream
         self._mirrored[stream.id] = 0
-        stream.mirror = self._changed
+        self.add(stream)
         if stream.events or stream.finished:
-            self._changed(stream)
+            self.changed(stream)
 
-    def _changed(self, stream: Stream) -> None:
+    def changed(self, stream: Stream) -> None:
         self._dirty[stream.id] = stream
         self._flush_wanted.set()
+
+    def _unread(self, stream: Stream) -> None:
+        """Readers on other workers count too: ask Redis before stopping the producer."""
+        task = asyncio.get_running_loop().create_task(self._stop_unless_read_elsewhere(stream))
+        self._background.add(task)  # a reference, so it is not collected mid-flight
+        task.add_done_callback(self._background.discard)
+
+    async def _stop_unless_read_elsewhere(self, stream: Stream) -> None:
+        if await self.has_remote_readers(stream.id):
+            if not stream.readers and stream.id not in self._grace:  # look again later
+                self._arm_grace(stream, LEASE_REFRESH * 4)
+        elif not stream.readers and stream.id not in self._grace:
+            stream.cancel("disconnected")
 
     async def _flusher(self) -> None:
         while True:
@@ -188,7 +201,7 @@ class RedisStore:
                 start,
                 stream.owner or "",
                 1 if final else 0,
-                self.ttl,
+                self.redis_ttl,
                 LIVE_TTL,
                 self.max_events,
                 *events[start:end],
@@ -219,7 +232,7 @@ class RedisStore:
             if not written:  # Redis lost (part of) it: rewrite it whole from memory
                 log.warning("stream %s: Redis lost its state; rewriting it", stream.id)
                 self._mirrored[stream.id] = 0
-                self._changed(stream)
+                self.changed(stream)
             elif final:
                 self._local.pop(stream.id, None)
                 self._mirrored.pop(stream.id, None)
@@ -251,7 +264,7 @@ class RedisStore:
                 if not present and stream_id not in self._dirty:  # lost while idle: repair
                     log.warning("stream %s: Redis lost its state; rewriting it", stream_id)
                     self._mirrored[stream_id] = 0
-                    self._changed(stream)
+                    self.changed(stream)
                 if cancel is not None:
                     stream.cancel("cancelled")
 
@@ -265,7 +278,10 @@ class RedisStore:
             return False
         return True
 
-    async def lookup(self, stream_id: str) -> RemoteStream | None:
+    async def lookup(self, stream_id: str) -> Found | None:
+        local = self.get(stream_id)
+        if local is not None:
+            return local
         assert self.redis is not None
         try:
             meta = await self.redis.hgetall(_key(stream_id, "meta"))
@@ -278,6 +294,7 @@ class RedisStore:
 
     async def remember_chat(self, key: str, stream_id: str) -> None:
         """The AI SDK chat ``key`` is answered by ``stream_id`` (for its resume route)."""
+        await super().remember_chat(key, stream_id)
         assert self.redis is not None
         await self.redis.set(f"qc:chat:{key}", stream_id.encode(), ex=LIVE_TTL)
 
@@ -287,20 +304,36 @@ class RedisStore:
             value = await self.redis.get(f"qc:chat:{key}")
         except Exception as exc:
             raise StoreUnavailable(str(exc)) from exc
-        return value.decode() if value else None
+        return value.decode() if value else await super().active_chat(key)
 
-    async def request_cancel(self, stream_id: str) -> None:
-        assert self.redis is not None
+    async def cancel(self, found: Found) -> bool:
+        if isinstance(found, Stream):
+            return await super().cancel(found)
+        if found.done:
+            return False
+        assert self.redis is not None  # produced on another worker: it polls within 0.5 s
         try:
-            await self.redis.set(_key(stream_id, "cancel"), b"1", ex=60)
+            await self.redis.set(_key(found.id, "cancel"), b"1", ex=60)
         except Exception as exc:
             raise StoreUnavailable(str(exc)) from exc
+        return True
+
+    def read(
+        self, found: Found, after: int, heartbeat: float, *, live_only: bool = False
+    ) -> AsyncIterator[bytes] | None:
+        if isinstance(found, Stream):
+            return super().read(found, after, heartbeat, live_only=live_only)
+        if found.done and (live_only or after >= found.count - 1):
+            return None
+        return self._read_remote(found.id, after, heartbeat)
 
     async def has_remote_readers(self, stream_id: str) -> bool:
         assert self.redis is not None
         return bool(await self.redis.exists(_key(stream_id, "readers")))
 
-    async def read(self, stream_id: str, after: int, heartbeat: float) -> AsyncIterator[bytes]:
+    async def _read_remote(
+        self, stream_id: str, after: int, heartbeat: float
+    ) -> AsyncIterator[bytes]:
         """Events after ``after`` from Redis, then live ones, until the final one.
 
         Ends with a retryable ``unavailable`` error when the producer or Redis is gone, and

@@ -23,6 +23,7 @@ from .config import ClaudeConfig
 from .continuation import ContinuationGuard, Diverged, continuation_messages
 from .errors import UpstreamError, classify_exception, classify_status
 from .framing import EventTooLarge, UpstreamFramer
+from .protocol import done_event, start_event
 from .request import ChatRequest
 from .retry import RetryPolicy
 from .sse import encode_json
@@ -91,7 +92,7 @@ class Relay:
                 outcome.error = "shutdown"
                 stream.append(UpstreamError("shutdown").event(partial=partial))
             else:
-                stream.append({"type": "done", "stop_reason": "cancelled", "usage": outcome.usage})
+                stream.append(done_event("cancelled", outcome.usage))
             result = reason
         except Exception as exc:  # a bug of ours: never leave readers hanging
             log.exception("stream %s failed", stream.id)
@@ -152,15 +153,13 @@ class Relay:
             else:
                 outcome.upstream("ok")
                 outcome.stop_reason = stop_reason
-                stream.append({"type": "done", "stop_reason": stop_reason, "usage": outcome.usage})
+                stream.append(done_event(stop_reason, outcome.usage))
                 return "done"
             if texts:  # the next request continues what the client already has
                 remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
                 if remaining < 1:
                     outcome.stop_reason = "max_tokens"
-                    stream.append(
-                        {"type": "done", "stop_reason": "max_tokens", "usage": outcome.usage}
-                    )
+                    stream.append(done_event("max_tokens", outcome.usage))
                     return "done"
                 sent = _joined(texts)
                 messages, whitespace = continuation_messages(request.model, request.messages, sent)
@@ -176,17 +175,13 @@ class Relay:
         guard: ContinuationGuard | None,
     ) -> str | None:
         """One upstream request. Returns the stop reason, or raises :class:`UpstreamError`."""
-        usage: dict[str, Any] = {}
-        stop_reason: str | None = None
-        completed = False  # saw message_stop: a body that ends without it is truncated
-        deltas = 0
-        append = stream.append
+        turn = _Turn(stream, outcome)
         append_data = stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
         framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
         try:
             async with self.client.messages.with_streaming_response.create(**params) as response:
-                outcome.request_id = response.request_id
+                turn.request_id = outcome.request_id = response.request_id
                 async for chunk in response.http_response.aiter_bytes():
                     for block in framer.feed(chunk):
                         # the API's framing, "event: <name>\ndata: <json>", else the general path
@@ -199,52 +194,24 @@ class Relay:
                             name, data = block[7:cut], block[cut + 7 :]
                         else:
                             name, data = _parse_block(block)
-                        if name == b"content_block_delta":
-                            match = None if guard is not None else text_delta(data)
-                            if match is not None:  # hot path: splice the JSON string as is
-                                literal = match.group(1)
-                                if literal == b'""':
-                                    continue
-                            else:
-                                text = _delta_text(data)
-                                if not text:
-                                    continue  # thinking, signatures, tool input: not in v1
-                                if guard is not None:
-                                    text = guard.feed(text)
-                                    if not guard.deciding:
-                                        guard = None  # decided: the rest takes the fast path
-                                    if not text:
-                                        continue
-                                literal = encode_json(text)
-                            if not texts:
-                                outcome.first_token()
-                            deltas += 1
-                            texts.append(literal)
-                            append_data(_DELTA_PREFIX + literal + b"}")
-                        elif name == b"message_start":
-                            message = json.loads(data)["message"]
-                            usage = dict(message.get("usage") or {})
-                            if not stream.events:
-                                outcome.response_model = message.get("model")
-                                outcome.message_id = message.get("id")
-                                append(
-                                    {
-                                        "type": "start",
-                                        "stream_id": stream.id,
-                                        "model": message.get("model"),
-                                        "message_id": message.get("id"),
-                                        "usage": usage,
-                                    }
-                                )
-                        elif name == b"message_delta":
-                            body = json.loads(data)
-                            stop_reason = body.get("delta", {}).get("stop_reason") or stop_reason
-                            usage.update(body.get("usage") or {})
-                        elif name == b"message_stop":
-                            completed = True
-                        elif name == b"error":
-                            raise _stream_error(data, response.request_id)
-            if not completed:
+                        if name != b"content_block_delta":
+                            turn.control(name, data)
+                            continue
+                        match = None if guard is not None else text_delta(data)
+                        if match is not None:  # hot path: splice the JSON string as is
+                            literal = match.group(1)
+                            if literal == b'""':
+                                continue
+                        else:
+                            literal, guard = _slow_delta(data, guard)
+                            if literal is None:
+                                continue
+                        if not texts:
+                            outcome.first_token()
+                        turn.deltas += 1
+                        texts.append(literal)
+                        append_data(_DELTA_PREFIX + literal + b"}")
+            if not turn.completed:
                 raise UpstreamError("network_error", detail="upstream ended without message_stop")
             if guard is not None:  # the whole continuation was shorter than the hold
                 rest = guard.end()
@@ -253,24 +220,91 @@ class Relay:
                     texts.append(literal)
                     append_data(_DELTA_PREFIX + literal + b"}")
         except BaseException as exc:  # ours, SDK errors, transport errors, cancellation
-            # an interrupted request never reports its final output count: the deltas
-            # received are a lower bound
-            if usage:
-                usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), deltas)
-            _add_usage(outcome.usage, usage)
+            turn.settle_interrupted()
             if not isinstance(exc, Exception):
                 raise  # cancelled: the producer decides what to tell readers
-            if isinstance(exc, Warning):
-                raise _tolerate(exc) from None
-            if isinstance(exc, UpstreamError):
-                raise
-            if isinstance(exc, Diverged):
-                raise UpstreamError("continuation_failed", detail=str(exc)) from None
-            if isinstance(exc, EventTooLarge):
-                raise UpstreamError("unknown", retryable=False, detail=str(exc)) from None
-            raise classify_exception(exc) from exc
-        _add_usage(outcome.usage, usage)
-        return stop_reason
+            raise _classified(exc) from (None if _ours(exc) else exc)
+        _add_usage(outcome.usage, turn.usage)
+        return turn.stop_reason
+
+
+class _Turn:
+    """What one upstream request said besides text: its usage, stop reason and whether it
+    ended properly (``message_stop``); the first request's ``message_start`` starts the
+    stream."""
+
+    __slots__ = ("completed", "deltas", "outcome", "request_id", "stop_reason", "stream", "usage")
+
+    def __init__(self, stream: Stream, outcome: StreamOutcome) -> None:
+        self.stream = stream
+        self.outcome = outcome
+        self.usage: dict[str, Any] = {}
+        self.stop_reason: str | None = None
+        self.completed = False  # saw message_stop: a body that ends without it is truncated
+        self.deltas = 0
+        self.request_id: str | None = None
+
+    def control(self, name: bytes, data: bytes) -> None:
+        """Any event but a content delta (block starts and stops, pings: nothing to do)."""
+        if name == b"message_start":
+            message = json.loads(data)["message"]
+            self.usage = dict(message.get("usage") or {})
+            if not self.stream.events:
+                outcome = self.outcome
+                outcome.response_model = message.get("model")
+                outcome.message_id = message.get("id")
+                self.stream.append(
+                    start_event(self.stream.id, message.get("model"), message.get("id"), self.usage)
+                )
+        elif name == b"message_delta":
+            body = json.loads(data)
+            self.stop_reason = body.get("delta", {}).get("stop_reason") or self.stop_reason
+            self.usage.update(body.get("usage") or {})
+        elif name == b"message_stop":
+            self.completed = True
+        elif name == b"error":
+            raise _stream_error(data, self.request_id)
+
+    def settle_interrupted(self) -> None:
+        """Count an interrupted request's usage: it never reports its final output count, so
+        the deltas received are a lower bound."""
+        usage = self.usage
+        if usage:
+            usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), self.deltas)
+        _add_usage(self.outcome.usage, usage)
+
+
+def _slow_delta(
+    data: bytes, guard: ContinuationGuard | None
+) -> tuple[bytes | None, ContinuationGuard | None]:
+    """A delta off the fast path: decoded, passed through a continuation's guard (None once
+    it has decided), re-encoded. ``None`` when there is no text to send."""
+    text = _delta_text(data)
+    if not text:
+        return None, guard  # thinking, signatures, tool input: not in v1
+    if guard is not None:
+        text = guard.feed(text)
+        if not guard.deciding:
+            guard = None  # decided: the rest takes the fast path
+        if not text:
+            return None, guard
+    return encode_json(text), guard
+
+
+def _ours(exc: Exception) -> bool:
+    """Raised by this module (its cause says nothing more)."""
+    return isinstance(exc, UpstreamError | Diverged | EventTooLarge | Warning)
+
+
+def _classified(exc: Exception) -> Exception:
+    """What an attempt's failure becomes for :meth:`Relay._run`."""
+    if isinstance(exc, Warning):
+        return _tolerate(exc)
+    if isinstance(exc, Diverged):
+        return UpstreamError("continuation_failed", detail=str(exc))
+    if isinstance(exc, EventTooLarge):
+        return UpstreamError("unknown", retryable=False, detail=str(exc))
+    return classify_exception(exc)
 
 
 class _WarningRaised(Exception):

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import UpstreamError
+from .protocol import UpstreamError
 
 __all__ = ["RetryPolicy"]
 

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from .config import ClaudeConfig
-from .errors import ERROR_CLASSES
+from .protocol import ERROR_CLASSES
 
 __all__ = ["ValidationError", "chat_body_model", "openapi_document"]
 

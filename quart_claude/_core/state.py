@@ -10,7 +10,6 @@ import hashlib
 import hmac
 import logging
 import os
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
 
@@ -18,14 +17,15 @@ import anthropic
 import httpx2
 
 from .config import ClaudeConfig, ConfigError, load_config
-from .errors import ERROR_CLASSES
 from .metrics import MULTIPROC_ENV, Metrics, metrics_for
+from .protocol import ERROR_CLASSES
 from .redact import install as install_redaction
 from .redact import register_secret
 from .relay import Relay
 from .request import ChatRequest
 from .schema import chat_body_model, openapi_document
-from .stream import StoreUnavailable, Stream, StreamRegistry
+from .store import Found, MemoryStore
+from .stream import Stream
 from .telemetry import Telemetry, parent_context
 
 if TYPE_CHECKING:
@@ -33,7 +33,6 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
     from .ratelimit import RateLimiter
-    from .redis_store import RedisStore, RemoteStream
 
 __all__ = ["Authorize", "ClaudeState", "Extension", "Unauthorized"]
 
@@ -58,35 +57,6 @@ class Extension(Protocol):
     def authorize_hook(self) -> Authorize | None: ...
 
 
-class ChatStreams:
-    """Which stream a chat (the AI SDK's chat id, per identity) is answering right now, so
-    ``useChat({resume: true})`` can find it: in memory, and in Redis when it is the store."""
-
-    def __init__(self, limit: int = 10_000) -> None:
-        self._recent: OrderedDict[str, str] = OrderedDict()
-        self._limit = limit
-        self.store: RedisStore | None = None
-
-    @staticmethod
-    def _key(identity: str | None, chat_id: str) -> str:
-        return hashlib.sha256(f"{identity or ''}\x00{chat_id}".encode()).hexdigest()
-
-    async def remember(self, identity: str | None, chat_id: str, stream_id: str) -> None:
-        key = self._key(identity, chat_id)
-        self._recent[key] = stream_id
-        self._recent.move_to_end(key)
-        while len(self._recent) > self._limit:
-            self._recent.popitem(last=False)
-        if self.store is not None:
-            await self.store.remember_chat(key, stream_id)
-
-    async def active(self, identity: str | None, chat_id: str) -> str | None:
-        key = self._key(identity, chat_id)
-        if self.store is not None:
-            return await self.store.active_chat(key) or self._recent.get(key)
-        return self._recent.get(key)
-
-
 class ClaudeState:
     """Everything one app needs at run time, whatever the web framework; it lives in
     ``app.extensions["claude"]``.
@@ -102,26 +72,20 @@ class ClaudeState:
         self.extension = extension
         self.config = config
         self.relay: Relay | None = None
-        self.streams: StreamRegistry = StreamRegistry(
-            ttl=config.stream_ttl,
-            max_finished=config.max_finished_streams,
-            max_bytes=config.max_finished_bytes,
-        )
+        #: where streams live (memory, or Redis for every worker): a new one each startup
+        self.store: MemoryStore = _create_store(config)
         self.producers: set[asyncio.Task[None]] = set()
         self.body_model: type[BaseModel] = chat_body_model(
             config
         )  # validates bodies; the OpenAPI's source
-        self.chats: ChatStreams = ChatStreams()
         self.telemetry: Telemetry = Telemetry(
             _metrics(config) if config.metrics else None, tracer_provider
         )
         self._openapi: dict[str, Any] | None = None
         self._per_client: dict[str, int] = {}
-        self._background: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         self.rate_limiter: RateLimiter | None = None
         self.draining: bool = False
-        self.store: RedisStore | None = None  # None: streams live in this worker only
 
     @property
     def openapi(self) -> dict[str, Any]:
@@ -176,56 +140,39 @@ class ClaudeState:
         stream's span joins. Raises :class:`StoreUnavailable` when the store cannot take it."""
         relay = self.relay
         assert relay is not None, "open_stream before startup"
-        stream = Stream(
-            stream_id, retry_ms=self.config.sse_retry, owner=owner, on_idle=self.stream_idle
-        )
-        if self.store is not None:
-            try:
-                await self.store.attach(stream)
-            except Exception as exc:
-                log.exception("the stream store is unavailable")
-                raise StoreUnavailable(str(exc)) from exc
-        self.streams.add(stream)
+        stream = Stream(stream_id, retry_ms=self.config.sse_retry, owner=owner)
+        await self.store.open(stream)
         parent = parent_context(headers) if headers is not None else None
         self.start_producer(stream, relay.produce(stream, chat, parent), client)
         return stream
 
-    async def find(self, stream_id: str, identity: str | None) -> Stream | RemoteStream | None:
+    async def find(self, stream_id: str, identity: str | None) -> Found | None:
         """The stream (produced here, or elsewhere when Redis is the store) if it exists and
         ``identity`` may see it; otherwise None, as if it did not exist. Raises
         :class:`StoreUnavailable` when the store cannot answer."""
-        found: Stream | RemoteStream | None = self.streams.get(stream_id)
-        if found is None and self.store is not None:
-            found = await self.store.lookup(stream_id)
+        found = await self.store.lookup(stream_id)
         if found is None or (found.owner is not None and found.owner != identity):
             return None
         return found
 
     def read(
-        self, stream: Stream | RemoteStream, after: int, *, live_only: bool = False
+        self, found: Found, after: int, *, live_only: bool = False
     ) -> AsyncIterator[bytes] | None:
-        """The encoded events after index ``after``, then live ones with heartbeats, from
-        memory or from the store; None when there is nothing more, ever (or, ``live_only``,
-        when the stream has finished)."""
-        heartbeat = self.config.heartbeat_interval
-        if isinstance(stream, Stream):
-            if stream.finished and (live_only or after >= len(stream.events) - 1):
-                return None
-            return stream.read(after, heartbeat)
-        assert self.store is not None
-        if stream.done and (live_only or after >= stream.count - 1):
-            return None
-        return self.store.read(stream.id, after, heartbeat)
+        """The encoded events after index ``after``, then live ones with heartbeats; None
+        when there is nothing more, ever (or, ``live_only``, when the stream has finished)."""
+        return self.store.read(found, after, self.config.heartbeat_interval, live_only=live_only)
 
-    async def stop(self, stream: Stream | RemoteStream) -> bool:
+    async def stop(self, found: Found) -> bool:
         """Stop a stream wherever it is produced: whether it was still running."""
-        if isinstance(stream, Stream):
-            return stream.cancel("cancelled")
-        assert self.store is not None  # produced on another worker: it polls within 0.5 s
-        if stream.done:
-            return False
-        await self.store.request_cancel(stream.id)
-        return True
+        return await self.store.cancel(found)
+
+    async def remember_chat(self, identity: str | None, chat_id: str, stream_id: str) -> None:
+        """The AI SDK chat ``chat_id`` of ``identity`` is answered by ``stream_id``."""
+        await self.store.remember_chat(_chat_key(identity, chat_id), stream_id)
+
+    async def active_chat(self, identity: str | None, chat_id: str) -> str | None:
+        """The stream answering the chat right now (for ``useChat({resume: true})``)."""
+        return await self.store.active_chat(_chat_key(identity, chat_id))
 
     def check_token(self, authorization: str | None) -> str | None:
         """The identity a bearer token gives (``CLAUDE_API_TOKENS``), None when no tokens are
@@ -253,37 +200,6 @@ class ClaudeState:
             raise Unauthorized("this request is not authorized")
         return str(value)
 
-    def stream_idle(self, stream: Stream) -> None:
-        """The last reader left before the end: give it ``CLAUDE_RESUME_GRACE`` seconds to
-        come back (a returning reader cancels the timer), then stop paying for tokens nobody
-        will read."""
-        self._arm_idle(stream, self.config.resume_grace)
-
-    def _arm_idle(self, stream: Stream, delay: float) -> None:
-        loop = asyncio.get_running_loop()
-        stream.idle_timer = loop.call_later(delay, self._idle_expired, stream)
-
-    def _idle_expired(self, stream: Stream) -> None:
-        stream.idle_timer = None
-        if stream.readers or stream.finished:
-            return
-        if self.store is None:
-            stream.cancel("disconnected")
-        else:  # readers on other workers count too
-            task = asyncio.get_running_loop().create_task(
-                self._cancel_unless_read_elsewhere(stream)
-            )
-            self._background.add(task)  # a reference, so it is not collected mid-flight
-            task.add_done_callback(self._background.discard)
-
-    async def _cancel_unless_read_elsewhere(self, stream: Stream) -> None:
-        store = self.store
-        if store is not None and await store.has_remote_readers(stream.id):
-            if stream.idle_timer is None and not stream.readers:
-                self._arm_idle(stream, self.config.heartbeat_interval)
-        elif not stream.readers and stream.idle_timer is None:
-            stream.cancel("disconnected")
-
     async def startup(self) -> None:
         config = self.config
         client = anthropic.AsyncAnthropic(
@@ -292,17 +208,12 @@ class ClaudeState:
             max_retries=0,  # this project owns the retry policy
             http_client=_http_client(config),
         )
-        if config.stream_store != "memory":
-            from .redis_store import RedisStore
-
-            self.store = RedisStore(config.stream_store, ttl=config.stream_ttl)
-            await self.store.start()
-            self.chats.store = self.store
+        self.store = _create_store(config)
+        await self.store.start()
         if config.rate_limit:
             from .ratelimit import RateLimiter
 
-            pool = self.store.redis.connection_pool if self.store is not None else None
-            self.rate_limiter = RateLimiter(config.rate_limit, pool)
+            self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
         self.relay = Relay(client, config, self.telemetry)
         self.draining = False
         if config.send_timeout > 0:
@@ -317,7 +228,7 @@ class ClaudeState:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(max(0.25, timeout / 4))
-            for reader in self.streams.stalled_readers(loop.time() - timeout):
+            for reader in self.store.stalled_readers(loop.time() - timeout):
                 if reader.task is not None and not reader.task.done():
                     log.info("a client stopped reading for %ss: letting its stream go", timeout)
                     reader.task.cancel()
@@ -327,9 +238,8 @@ class ClaudeState:
         if not self.draining:
             log.info("draining: ending %d open stream(s)", len(self.producers))
         self.draining = True
-        if self.store is not None:  # readers of other workers' streams end too
-            self.store.closing.set()
-        for stream in self.streams.live():
+        self.store.closing.set()  # readers of other workers' streams end too
+        for stream in self.store.live():
             stream.cancel("shutdown")
         if self.producers:
             await asyncio.wait(list(self.producers), timeout=self.config.shutdown_grace)
@@ -342,9 +252,25 @@ class ClaudeState:
         relay, self.relay = self.relay, None
         if relay is not None:
             await relay.client.close()
-        store, self.store = self.store, None
-        if store is not None:
-            await store.close()
+        await self.store.close()
+
+
+def _create_store(config: ClaudeConfig) -> MemoryStore:
+    options: dict[str, Any] = {
+        "ttl": config.stream_ttl,
+        "max_finished": config.max_finished_streams,
+        "max_bytes": config.max_finished_bytes,
+        "resume_grace": config.resume_grace,
+    }
+    if config.stream_store == "memory":
+        return MemoryStore(**options)
+    from .redis_store import RedisStore
+
+    return RedisStore(config.stream_store, **options)
+
+
+def _chat_key(identity: str | None, chat_id: str) -> str:
+    return hashlib.sha256(f"{identity or ''}\x00{chat_id}".encode()).hexdigest()
 
 
 def _metrics(config: ClaudeConfig) -> Metrics:

@@ -1,8 +1,12 @@
 """A stream: the ordered, already-encoded events of one generation, and its readers.
 
-The producer (:mod:`._relay`) appends; every HTTP response reads from an index. Appending is
+The producer (:mod:`.relay`) appends; every HTTP response reads from an index. Appending is
 O(1) and resolves the futures its waiting readers sleep on; a reader that wakes
 takes every event that is waiting as one write. Events are encoded exactly once, here.
+
+A stream tells one listener, its store (:mod:`.store`), what happens to it: an event was
+added, it finished, its last reader left, a reader came back. The store owns everything
+that follows from those (mirroring to Redis, the resume grace, eviction).
 """
 
 from __future__ import annotations
@@ -10,13 +14,12 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Callable
-from typing import Any
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 from .sse import PING, data_line, frame
 
-__all__ = ["Reader", "StoreUnavailable", "Stream", "StreamRegistry", "new_stream_id"]
+__all__ = ["Reader", "StoreUnavailable", "Stream", "StreamListener", "new_stream_id"]
 
 
 class StoreUnavailable(Exception):
@@ -26,6 +29,34 @@ class StoreUnavailable(Exception):
 def new_stream_id() -> str:
     """128 random bits, URL-safe (22 characters)."""
     return secrets.token_urlsafe(16)
+
+
+class StreamListener(Protocol):
+    """What a stream tells its store."""
+
+    def changed(self, stream: Stream) -> None:
+        """An event was appended (or the stream finished)."""
+
+    def finished(self, stream: Stream) -> None:
+        """The stream has its last event."""
+
+    def idle(self, stream: Stream) -> None:
+        """The last reader left before the end."""
+
+    def returned(self, stream: Stream) -> None:
+        """A reader started reading."""
+
+
+class _Unlisted:
+    """The listener of a stream no store holds (tests, tools): nothing follows."""
+
+    def changed(self, stream: Stream) -> None:
+        pass
+
+    finished = idle = returned = changed
+
+
+_UNLISTED = _Unlisted()
 
 
 class Reader:
@@ -41,8 +72,6 @@ class Reader:
 
 class Stream:
     __slots__ = (
-        "_on_finish",
-        "_on_idle",
         "_retry_ms",
         "_waiters",
         "cancel_reason",
@@ -51,20 +80,14 @@ class Stream:
         "finished",
         "finished_at",
         "id",
-        "idle_timer",
-        "mirror",
+        "listener",
         "owner",
         "producer",
         "readers",
     )
 
     def __init__(
-        self,
-        stream_id: str,
-        *,
-        retry_ms: int | None = None,
-        owner: str | None = None,
-        on_idle: Callable[[Stream], None] | None = None,
+        self, stream_id: str, *, retry_ms: int | None = None, owner: str | None = None
     ) -> None:
         self.id: str = stream_id
         self.owner: str | None = (
@@ -75,14 +98,11 @@ class Stream:
         self.finished_at: float | None = None
         self.created_at: float = time.monotonic()
         self.readers: set[Reader] = set()
-        self.idle_timer: asyncio.TimerHandle | None = None
-        self.mirror: Callable[[Stream], None] | None = None  # e.g. the Redis store
-        self.producer: asyncio.Task[None] | None = None
+        self.listener: StreamListener = _UNLISTED  # set by the store that holds it
+        self.producer: asyncio.Task[None] | None = None  # set by the state that starts it
         self.cancel_reason: str | None = None
         self._retry_ms = retry_ms
         self._waiters: list[asyncio.Future[bool]] = []
-        self._on_idle = on_idle
-        self._on_finish: Callable[[Stream], None] | None = None
 
     # -- producer side -------------------------------------------------------------------
     def append(self, payload: dict[str, Any]) -> None:
@@ -95,18 +115,15 @@ class Stream:
         index = len(events)
         events.append(frame(data, index, self._retry_ms if index == 0 else None))
         self._wake()
-        if self.mirror is not None:
-            self.mirror(self)
+        self.listener.changed(self)
 
     def finish(self) -> None:
         if not self.finished:
             self.finished = True
             self.finished_at = time.monotonic()
             self._wake()
-            if self.mirror is not None:
-                self.mirror(self)
-            if self._on_finish is not None:
-                self._on_finish(self)
+            self.listener.changed(self)
+            self.listener.finished(self)
 
     def cancel(self, reason: str) -> bool:
         """Ask the producer to stop; it ends the stream with an event saying why."""
@@ -136,9 +153,7 @@ class Stream:
         position = after + 1
         reader = Reader(asyncio.current_task())
         self.readers.add(reader)
-        if self.idle_timer is not None:  # a reader is back within the grace period
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.listener.returned(self)
         loop = asyncio.get_running_loop()
         # One heartbeat timer per reader, re-armed lazily: sending an event only moves the
         # deadline, so the per-event cost is a float store, not a timer.
@@ -188,69 +203,5 @@ class Stream:
             if timer is not None:
                 timer.cancel()
             self.readers.discard(reader)
-            if not self.readers and not self.finished and self._on_idle is not None:
-                self._on_idle(self)
-
-
-class StreamRegistry:
-    """The streams of one app in one worker: live ones, and finished ones until they expire.
-
-    Live streams are bounded by ``CLAUDE_MAX_CONCURRENT_STREAMS`` (checked before one is
-    created); finished ones by ``ttl``, by count (``max_finished``) and by the bytes of their
-    events (``max_bytes``), oldest evicted first. Each ``add`` evicts what has expired, so
-    memory stays flat under any load.
-    """
-
-    def __init__(
-        self, *, ttl: float = 300.0, max_finished: int = 10_000, max_bytes: int = 256 << 20
-    ) -> None:
-        self.ttl = ttl
-        self.max_finished = max_finished
-        self.max_bytes = max_bytes
-        self.finished_bytes: int = 0
-        self._streams: dict[str, Stream] = {}
-        self._finished: deque[tuple[Stream, int]] = deque()  # in the order they finished
-
-    def __len__(self) -> int:
-        return len(self._streams)
-
-    def add(self, stream: Stream) -> None:
-        self._evict()
-        stream._on_finish = self._on_finish
-        self._streams[stream.id] = stream
-
-    def _on_finish(self, stream: Stream) -> None:
-        size = sum(map(len, stream.events))
-        self._finished.append((stream, size))
-        self.finished_bytes += size
-        self._evict()
-
-    def get(self, stream_id: str) -> Stream | None:
-        self._evict()
-        return self._streams.get(stream_id)
-
-    def live(self) -> list[Stream]:
-        return [stream for stream in self._streams.values() if not stream.finished]
-
-    def stalled_readers(self, since: float) -> list[Reader]:
-        """Readers whose current write began before ``since`` (loop time)."""
-        return [
-            reader
-            for stream in self._streams.values()
-            for reader in stream.readers
-            if 0.0 < reader.sending_since < since
-        ]
-
-    def _evict(self) -> None:
-        finished = self._finished
-        if not finished:
-            return
-        horizon = time.monotonic() - self.ttl
-        while finished and (
-            len(finished) > self.max_finished
-            or self.finished_bytes > self.max_bytes
-            or (finished[0][0].finished_at or 0) < horizon
-        ):
-            stream, size = finished.popleft()
-            self.finished_bytes -= size
-            self._streams.pop(stream.id, None)
+            if not self.readers and not self.finished:
+                self.listener.idle(self)
