@@ -6,9 +6,10 @@
         if event["type"] == "delta":
             print(event["text"], end="", flush=True)
 
-On a network error mid-stream it reconnects to ``GET {url}/{stream_id}`` with
-``Last-Event-ID``, so the caller sees every event exactly once, ending with ``done`` or
-``error``. :func:`stream_chat_sync` does the same for scripts without an event loop.
+On a network error mid-stream, or when a draining server hands the stream to another one (an
+``error`` event with ``"resume": true``, never passed on), it reconnects to
+``GET {url}/{stream_id}`` with ``Last-Event-ID``, so the caller sees every event exactly once,
+ending with ``done`` or ``error``. :func:`stream_chat_sync` does the same for scripts without an event loop.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ class _Session:
                     continue  # already seen before the reconnect
                 self.last_id = index
             payload = event.json()
+            if payload.get("resume") is True:  # handed off to another server: resume there
+                raise _Interrupted
             self.reconnects = 0  # progress: the budget is for drops in a row, not per answer
             if payload.get("type") in ("done", "error"):
                 self.finished = True

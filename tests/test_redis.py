@@ -103,15 +103,21 @@ async def test_remote_reader_keeps_the_generation_alive(
     assert emulator.requests[0].outcome == "completed"
 
 
-async def test_readers_learn_when_the_producer_dies(
-    workers: tuple[str, str, Quart, Quart],
+async def test_without_takeovers_readers_learn_when_the_producer_dies(
+    make_app: Callable[..., Quart],
     redis_url: str,
     emulator: Emulator,
     http: httpx2.AsyncClient,
 ) -> None:
-    a, b, first, _ = workers
+    """``CLAUDE_MAX_TAKEOVERS=0``: nobody continues it (tests/test_takeover.py: with)."""
+    first = make_app(stream_store=redis_url, heartbeat_interval=0.5, max_takeovers=0)
+    second = make_app(stream_store=redis_url, heartbeat_interval=0.5, max_takeovers=0)
     emulator.script(Reply(ANSWER, fault="stall", fault_after=5, stall=60))
-    async with http.stream("POST", a + "/chat/stream", json={"message": "hi"}) as response:
+    async with (
+        serving(first) as a,
+        serving(second) as b,
+        http.stream("POST", a + "/chat/stream", json={"message": "hi"}) as response,
+    ):
         path = "/chat/stream/" + response.headers["x-stream-id"]
         stream_id = response.headers["x-stream-id"]
         await emulator.wait_for_requests(1)

@@ -182,6 +182,7 @@ _KEYS: dict[str, _Key] = {
     "max_concurrent_streams": _Key(_positive_int, 1000),
     "shutdown_grace": _Key(_seconds, 5.0),
     "resume_grace": _Key(_seconds, 30.0),
+    "max_takeovers": _Key(_non_negative_int, 2),
     "stream_ttl": _Key(_seconds, 300.0),
     "stream_store": _Key(_store_url, "memory"),
     "max_finished_streams": _Key(_positive_int, 10_000),
@@ -226,6 +227,7 @@ class ClaudeConfig:
     max_concurrent_streams: int
     shutdown_grace: float
     resume_grace: float
+    max_takeovers: int
     stream_ttl: float
     stream_store: str
     max_finished_streams: int

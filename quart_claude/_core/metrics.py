@@ -22,6 +22,8 @@ __all__ = ["MULTIPROC_ENV", "TOKEN_KINDS", "Metrics", "metrics_for"]
 
 #: prometheus-client's own switch for multiprocess mode (read when it is imported).
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Outcomes of a stream this worker stopped producing while it went on on another one.
+_LEFT = ("handoff", "superseded")
 
 #: ``claude_tokens_total{kind}`` -> the usage field it sums.
 TOKEN_KINDS = {
@@ -54,7 +56,8 @@ class Metrics:
         )
         self.streams: Counter = Counter(
             "claude_streams",
-            "Streams ended, by outcome: done, cancelled, disconnected, or the error class.",
+            "Streams ended, by outcome: done, cancelled, disconnected, handoff and superseded "
+            "(it went on on another worker), or the error class.",
             ["model", "outcome"],
             registry=registry,
         )
@@ -113,7 +116,7 @@ class Metrics:
             self.stream_duration.labels(model)
             for kind in TOKEN_KINDS:
                 self.tokens.labels(model, kind)
-            for outcome in ("done", "cancelled", "disconnected", *errors):
+            for outcome in ("done", "cancelled", "disconnected", *_LEFT, *errors):
                 self.streams.labels(model, outcome)
             for outcome in ("ok", "cancelled", *errors):
                 self.upstream_requests.labels(model, outcome)

@@ -1,32 +1,46 @@
-"""Redis, so a stream produced on one worker can be read and stopped from any other.
+"""Redis, so a stream produced on one worker can be read, stopped and continued from any other.
 
 :class:`RedisStore` is a :class:`~.store.MemoryStore` for the streams this worker produces
-(their own readers never touch Redis) that mirrors every event into a Redis Stream. Entry ids
+that mirrors every event into a Redis Stream, and publishes an event to this worker's own
+readers once it is in Redis: an event any reader has seen survives its producer. Entry ids
 are ``0-<index+1>``, so "every event after ``Last-Event-ID: N``" is exactly
 ``XREAD ... 0-<N+1>``. Keys, for stream ``ID``:
 
 - ``qc:ID:ev``: the events (XADD, MAXLEN-capped); field ``e`` the encoded event, ``f`` on the
   final one;
-- ``qc:ID:meta``: hash ``owner``, ``done`` and ``n`` (the event count, set when done);
-  TTL ``CLAUDE_STREAM_TTL`` once finished;
-- ``qc:ID:lease``: refreshed every 0.5 s while the producer lives (expires after 3 s);
+- ``qc:ID:meta``: hash ``owner``, ``done``, ``n`` (the event count, set when done),
+  ``fence`` (the producer's fencing token), ``producer``, ``takeovers``, ``seen`` (when the
+  lease was last renewed), ``handoff`` and ``usage`` (the upstream usage so far, JSON);
+- ``qc:ID:req``: the validated request (JSON; never the API key), so another worker can
+  continue the answer;
+- ``qc:ID:lease``: the producer's fencing token, renewed every 0.5 s (expires after 3 s);
 - ``qc:ID:cancel``: set by DELETE on any worker; the producer's worker polls for it;
 - ``qc:ID:readers``: refreshed by remote readers, so the grace period counts them too.
 
+All of a stream's keys have the live TTL while it runs and the stream TTL once it is done.
+
 Writes are batched: one pipeline carries every event of every stream that arrived within
 ``FLUSH_WINDOW`` (5 ms), in order. Each stream's part is one Lua script, so it is atomic and
-checked: it appends only if Redis still holds exactly what this worker wrote before (the meta
-record, and the last entry id it expects). After a Redis restart, a flushed database or a
-pipeline that failed half-way, the check fails, and the producer rewrites the whole stream
-from its memory in one script: readers elsewhere see the exact answer or, while Redis is
-away, a retryable error; never a hole, and never a stream without its owner.
+checked: it appends only if the fence is still this producer's (else the producer was
+superseded: it stops and writes nothing more) and Redis still holds exactly what this worker
+wrote before (else, after a Redis restart, a flushed database or a pipeline that failed
+half-way, the producer rewrites the whole stream from its memory in one script).
+
+Takeover: a worker reading a stream whose lease lapsed (or was released by a draining
+worker: a hand-off) claims it in one script (:data:`_CLAIM`): the fence goes up by one, the
+lease is its own. It loads the request and the events, and its relay continues the answer
+after the last stored event. A crash loop is bounded by ``CLAUDE_MAX_TAKEOVERS``; a stream
+nobody read or resumed within ``CLAUDE_RESUME_GRACE`` of its producer's end is not continued.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
+import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -37,10 +51,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .protocol import UpstreamError
 from .sse import PING, data_line, frame
-from .store import Found, MemoryStore, RemoteStream
+from .store import Claim, Found, MemoryStore, RemoteStream
 from .stream import StoreUnavailable, Stream
 
-__all__ = ["RedisStore", "RemoteStream"]
+__all__ = ["RedisStore"]
 
 log = logging.getLogger("quart_claude")
 
@@ -48,43 +62,97 @@ LEASE_SECONDS = 3
 LEASE_REFRESH = 0.5
 FLUSH_WINDOW = 0.005
 LIVE_TTL = 3600  # a live stream's keys outlive any answer; finished ones get the stream TTL
+#: How often a remote reader looks at the producer's lease while the stream is silent.
+LIVENESS_INTERVAL = 1.0
 
 
-#: What a reader on another worker sends when the stream can no longer be followed (no id:
-#: it is not one of the stream's events).
-_UNAVAILABLE = frame(data_line(UpstreamError("unavailable").event(partial=True)), None)
+def _error_frame(error_class: str, *, partial: bool, **extra: Any) -> bytes:
+    """An error sent to a reader that is not one of the stream's events (no id)."""
+    return frame(data_line({**UpstreamError(error_class).event(partial=partial), **extra}), None)
 
-# KEYS: events, meta, lease. ARGV: start index, owner, final (0/1), finished TTL, live TTL,
-# MAXLEN, then the encoded events from ``start`` on. Returns 0 (and writes nothing) when the
-# stream in Redis is not what this worker left there: the caller then rewrites it from 0.
+
+#: What a reader sends when the stream can no longer be followed.
+_UNAVAILABLE = _error_frame("unavailable", partial=True)
+
+# KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
+# live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, then the
+# encoded events from ``start`` on. Returns 1; 0 (writing nothing) when the stream in Redis
+# is not what this worker left there (the caller rewrites it from 0); -1 when another
+# producer holds the stream (the caller stops).
 _APPEND = """
 local start = tonumber(ARGV[1])
+local fence = redis.call('HGET', KEYS[2], 'fence')
+if fence and fence ~= ARGV[7] then return -1 end
 if start > 0 then
-  if redis.call('HEXISTS', KEYS[2], 'owner') == 0 then return 0 end
+  if not fence then return 0 end
   local top = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
   if #top == 0 or top[1][1] ~= '0-' .. start then return 0 end
 else
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'owner', ARGV[2], 'n', 0, 'done', 0)
+  redis.call('HSET', KEYS[2], 'owner', ARGV[2], 'n', 0, 'done', 0, 'fence', ARGV[7])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
+  if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[5]) end
 end
-local count = #ARGV - 6
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'usage', ARGV[9]) end
+local count = #ARGV - 9
 for i = 1, count do
   local id = '0-' .. (start + i)
   if ARGV[3] == '1' and i == count then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[6 + i], 'f', '1')
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[9 + i], 'f', '1')
   else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[6 + i])
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[9 + i])
   end
 end
 if start == 0 and count > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
 if ARGV[3] == '1' then
   redis.call('HSET', KEYS[2], 'n', start + count, 'done', 1)
-  redis.call('EXPIRE', KEYS[2], ARGV[4])
-  redis.call('EXPIRE', KEYS[1], ARGV[4])
+  for _, key in ipairs({KEYS[1], KEYS[2], KEYS[4]}) do redis.call('EXPIRE', key, ARGV[4]) end
   redis.call('DEL', KEYS[3])
 end
 return 1
+"""
+
+# KEYS: meta, lease, cancel. ARGV: fence, lease seconds. Returns 1 (renewed), 2 (renewed; a
+# stop was asked), 0 (the record is gone: rewrite it) or -1 (superseded).
+_RENEW = """
+local fence = redis.call('HGET', KEYS[1], 'fence')
+if not fence then return 0 end
+if fence ~= ARGV[1] then return -1 end
+redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('HSET', KEYS[1], 'seen', redis.call('TIME')[1])
+if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
+return 1
+"""
+
+# KEYS: meta, lease. ARGV: fence. A draining producer lets the stream go: no lease, marked as
+# a hand-off (claimed at once, and not counted as a crash).
+_RELEASE = """
+if redis.call('HGET', KEYS[1], 'fence') ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[2])
+redis.call('HSET', KEYS[1], 'handoff', 1, 'seen', redis.call('TIME')[1])
+return 1
+"""
+
+# KEYS: meta, lease, request. ARGV: worker, max takeovers, grace seconds, lease seconds.
+# Returns {fence, previous producer, owner, request, usage} to the one claimant, {0} when
+# there is nothing to claim (finished, unknown, or its producer is alive), {-1} when the
+# takeovers are used up and {-2} when nobody came back for it in time.
+_CLAIM = """
+local m = redis.call('HMGET', KEYS[1], 'fence', 'done', 'takeovers', 'seen', 'handoff',
+  'producer', 'owner', 'usage')
+if not m[1] or m[2] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then return {0} end
+local request = redis.call('GET', KEYS[3])
+if not request then return {-1} end
+local now = tonumber(redis.call('TIME')[1])
+local seen = tonumber(m[4] or now)
+if now - seen > tonumber(ARGV[3]) + tonumber(ARGV[4]) then return {-2} end
+local handoff = m[5] == '1'
+if not handoff and tonumber(m[3] or 0) >= tonumber(ARGV[2]) then return {-1} end
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+if not handoff then redis.call('HINCRBY', KEYS[1], 'takeovers', 1) end
+redis.call('HSET', KEYS[1], 'producer', ARGV[1], 'handoff', 0, 'seen', now)
+redis.call('SET', KEYS[2], fence, 'EX', ARGV[4])
+return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0}
 """
 
 
@@ -93,22 +161,35 @@ def _key(stream_id: str, part: str) -> str:
 
 
 class RedisStore(MemoryStore):
-    """Streams any worker can find, read and stop; the ones produced here stay in memory too."""
+    """Streams any worker can find, read, stop and continue; the ones produced here stay in
+    memory too."""
 
-    def __init__(self, url: str, *, ttl: float, max_events: int = 100_000, **memory: Any) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        ttl: float,
+        max_events: int = 100_000,
+        max_takeovers: int = 2,
+        **memory: Any,
+    ) -> None:
         super().__init__(ttl=ttl, **memory)
         self.url = url
         self.redis_ttl: int = max(1, int(ttl))
         self.max_events = max_events
+        self.max_takeovers = max_takeovers
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
         # typed Any: redis-py's reply unions cover decode_responses=True, which we never use
         self.redis: Any = None
         self._blocking: Any = None  # XREAD BLOCK holds a connection while it waits
         self._local: dict[str, Stream] = {}  # streams this worker produces
+        self._fences: dict[str, int] = {}
+        self._requests: dict[str, bytes] = {}  # until the first write has stored it
         self._mirrored: dict[str, int] = {}
         self._dirty: dict[str, Stream] = {}
         self._flush_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._append: Any = None
+        self._scripts: dict[str, Any] = {}
         self._background: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -117,7 +198,15 @@ class RedisStore(MemoryStore):
         retry = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
         self.redis = aioredis.from_url(self.url, **retry)
         self._blocking = aioredis.from_url(self.url, max_connections=10_000, **retry)
-        self._append = self.redis.register_script(_APPEND)
+        self._scripts = {
+            name: self.redis.register_script(source)
+            for name, source in (
+                ("append", _APPEND),
+                ("renew", _RENEW),
+                ("release", _RELEASE),
+                ("claim", _CLAIM),
+            )
+        }
         await self.redis.ping()
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._flusher()), loop.create_task(self._leases())]
@@ -142,26 +231,93 @@ class RedisStore(MemoryStore):
         self.redis = self._blocking = None
 
     # -- producer side -------------------------------------------------------------------
-    async def open(self, stream: Stream) -> None:
-        """Register a stream this worker produces (before its POST answers, so any worker
-        can find it at once), then mirror its events as they come."""
+    async def open(self, stream: Stream, request: dict[str, Any] | None = None) -> None:
+        """Register a stream this worker produces, with the request that continues it
+        elsewhere (before its POST answers, so any worker can find it at once), then mirror
+        its events as they come."""
+        self._requests[stream.id] = json.dumps(request or {}).encode()
+        self._fences[stream.id] = 1
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 await self._write(pipe, stream, 0)
                 pipe.set(_key(stream.id, "lease"), b"1", ex=LEASE_SECONDS)
                 await pipe.execute()
         except Exception as exc:
+            self._forget(stream.id)
             log.exception("the stream store is unavailable")
             raise StoreUnavailable(str(exc)) from exc
+        self._adopt(stream, 0)
+
+    def _adopt(self, stream: Stream, mirrored: int) -> None:
         self._local[stream.id] = stream
-        self._mirrored[stream.id] = 0
+        self._mirrored[stream.id] = mirrored
         self.add(stream)
-        if stream.events or stream.finished:
+        stream.publish(mirrored)
+        if len(stream.events) > mirrored or stream.finished:
             self.changed(stream)
 
+    def _forget(self, stream_id: str) -> None:
+        self._local.pop(stream_id, None)
+        self._fences.pop(stream_id, None)
+        self._requests.pop(stream_id, None)
+        self._mirrored.pop(stream_id, None)
+        self._dirty.pop(stream_id, None)
+
     def changed(self, stream: Stream) -> None:
-        self._dirty[stream.id] = stream
-        self._flush_wanted.set()
+        if stream.id in self._fences:
+            self._dirty[stream.id] = stream
+            self._flush_wanted.set()
+
+    hands_off = True
+
+    def _finished_published(self, stream: Stream) -> None:
+        pass  # closed when its last event is in Redis (see _flush)
+
+    def left(self, stream: Stream) -> None:
+        """A hand-off: the relay stopped at an event boundary; :meth:`hand_off` writes what
+        is left, releases the lease and tells this worker's readers to resume elsewhere."""
+
+    async def hand_off(self) -> None:
+        """Let every stream this worker produced and left go to other workers (draining)."""
+        leaving = [s for s in self._local.values() if s.left and not s.closed]
+        if not leaving:
+            return
+        try:
+            await self._flush()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for stream in leaving:
+                    await self._scripts["release"](
+                        keys=[_key(stream.id, "meta"), _key(stream.id, "lease")],
+                        args=[self._fences[stream.id]],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        except Exception:
+            log.exception("could not hand streams off through Redis")
+            for stream in leaving:
+                stream.close(_UNAVAILABLE)
+                self._drop(stream)
+            return
+        log.info("handed off %d stream(s) to other workers", len(leaving))
+        for stream in leaving:
+            partial = any(b'"type":"delta"' in event for event in stream.events)
+            stream.close(
+                _error_frame("shutdown", partial=partial, stream_id=stream.id, resume=True)
+            )
+            self._drop(stream)
+
+    def _drop(self, stream: Stream) -> None:
+        """This worker no longer produces ``stream``: lookups go to Redis."""
+        self._forget(stream.id)
+        self._streams.pop(stream.id, None)
+
+    def _superseded(self, stream: Stream) -> None:
+        """Another worker took the stream over (this one was paused, say): write nothing more,
+        stop the upstream request, and send this worker's readers to resume elsewhere."""
+        log.warning("stream %s: taken over by another worker; stopping here", stream.id)
+        self._drop(stream)
+        stream.cancel("superseded")
+        stream.close(_UNAVAILABLE)
 
     def _unread(self, stream: Stream) -> None:
         """Readers on other workers count too: ask Redis before stopping the producer."""
@@ -179,8 +335,7 @@ class RedisStore(MemoryStore):
     async def _flusher(self) -> None:
         while True:
             await self._flush_wanted.wait()
-            # gather what arrives within a few ms into the same pipeline: remote readers see
-            # events at most this much later; this worker's own readers never wait on Redis
+            # gather what arrives within a few ms into the same pipeline
             await asyncio.sleep(FLUSH_WINDOW)
             self._flush_wanted.clear()
             try:
@@ -194,9 +349,16 @@ class RedisStore(MemoryStore):
         """Queue the atomic, checked append of ``stream``'s events from ``start``; the end."""
         events = stream.events
         end = len(events)
-        final = stream.finished
-        await self._append(  # with a pipeline: queued, sent by its execute()
-            keys=[_key(stream.id, "ev"), _key(stream.id, "meta"), _key(stream.id, "lease")],
+        final = stream.finished and not stream.left
+        await self._scripts[
+            "append"
+        ](  # with a pipeline: queued, sent by its execute()
+            keys=[
+                _key(stream.id, "ev"),
+                _key(stream.id, "meta"),
+                _key(stream.id, "lease"),
+                _key(stream.id, "req"),
+            ],
             args=[
                 start,
                 stream.owner or "",
@@ -204,6 +366,9 @@ class RedisStore(MemoryStore):
                 self.redis_ttl,
                 LIVE_TTL,
                 self.max_events,
+                self._fences[stream.id],
+                self._requests.get(stream.id, b"") if start == 0 else b"",
+                json.dumps(stream.usage) if stream.usage else "",
                 *events[start:end],
             ],
             client=pipe,
@@ -213,34 +378,41 @@ class RedisStore(MemoryStore):
     async def _flush(self) -> None:
         assert self.redis is not None
         dirty, self._dirty = self._dirty, {}
+        dirty = {sid: stream for sid, stream in dirty.items() if sid in self._fences}
+        if not dirty:
+            return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 batch = [
-                    (
-                        stream,
-                        await self._write(pipe, stream, self._mirrored.get(sid, 0)),
-                        stream.finished,
-                    )
+                    (stream, await self._write(pipe, stream, self._mirrored.get(sid, 0)))
                     for sid, stream in dirty.items()
                 ]
                 results = await pipe.execute()
         except BaseException:
             for sid, stream in dirty.items():  # nothing is marked written: all of it goes again
                 self._dirty.setdefault(sid, stream)
+                # Redis is away: this worker's readers are not held up by it (the stream is
+                # rewritten whole when Redis is back)
+                stream.publish(len(stream.events))
+                if stream.finished and not stream.left:
+                    stream.close()
             raise
-        for (stream, end, final), written in zip(batch, results, strict=True):
-            if not written:  # Redis lost (part of) it: rewrite it whole from memory
+        for (stream, end), written in zip(batch, results, strict=True):
+            if written == -1:
+                self._superseded(stream)
+            elif not written:  # Redis lost (part of) it: rewrite it whole from memory
                 log.warning("stream %s: Redis lost its state; rewriting it", stream.id)
                 self._mirrored[stream.id] = 0
                 self.changed(stream)
-            elif final:
-                self._local.pop(stream.id, None)
-                self._mirrored.pop(stream.id, None)
             else:
+                stream.publish(end)
                 self._mirrored[stream.id] = end
+                if stream.finished and not stream.left and end == len(stream.events):
+                    stream.close()
+                    self._forget(stream.id)
 
     async def _leases(self) -> None:
-        """Keep the leases of local live streams alive; act on remote stop requests."""
+        """Renew the leases of local live streams; act on stop requests and on supersession."""
         assert self.redis is not None
         while True:
             await asyncio.sleep(LEASE_REFRESH)
@@ -250,23 +422,75 @@ class RedisStore(MemoryStore):
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
                     for stream_id in ids:
-                        pipe.set(_key(stream_id, "lease"), b"1", ex=LEASE_SECONDS)
-                        pipe.exists(_key(stream_id, "meta"))
-                    pipe.mget([_key(stream_id, "cancel") for stream_id in ids])
-                    *replies, cancels = await pipe.execute()
+                        await self._scripts["renew"](
+                            keys=[
+                                _key(stream_id, "meta"),
+                                _key(stream_id, "lease"),
+                                _key(stream_id, "cancel"),
+                            ],
+                            args=[self._fences[stream_id], LEASE_SECONDS],
+                            client=pipe,
+                        )
+                    replies = await pipe.execute()
             except Exception:
-                log.exception("could not refresh stream leases in Redis")
+                log.exception("could not renew stream leases in Redis")
                 continue
-            for stream_id, present, cancel in zip(ids, replies[1::2], cancels, strict=True):
+            for stream_id, reply in zip(ids, replies, strict=True):
                 stream = self._local.get(stream_id)
                 if stream is None:
                     continue
-                if not present and stream_id not in self._dirty:  # lost while idle: repair
+                if reply == -1:
+                    self._superseded(stream)
+                elif reply == 0 and stream_id not in self._dirty:  # lost while idle: repair
                     log.warning("stream %s: Redis lost its state; rewriting it", stream_id)
                     self._mirrored[stream_id] = 0
                     self.changed(stream)
-                if cancel is not None:
+                elif reply == 2:
                     stream.cancel("cancelled")
+
+    # -- takeover ------------------------------------------------------------------------
+    async def _claim(self, stream_id: str) -> Claim | str | None:
+        """Try to become the producer of a stream whose producer is gone: the claim, or
+        "unavailable" (it cannot be continued), or None (someone produces it)."""
+        if self.take_over is None or self.closing.is_set():
+            return None
+        reply = await self._scripts["claim"](
+            keys=[_key(stream_id, "meta"), _key(stream_id, "lease"), _key(stream_id, "req")],
+            args=[self.worker, self.max_takeovers, self.resume_grace, LEASE_SECONDS],
+        )
+        status = int(reply[0])
+        if status == 0:
+            return None
+        if status < 0:
+            return "unavailable"
+        fence, previous, owner, request, usage, handoff = reply
+        entries = await self.redis.xrange(_key(stream_id, "ev"))
+        claim = Claim(
+            stream_id,
+            int(fence),
+            previous.decode(),
+            owner.decode() or None,
+            json.loads(request),
+            json.loads(usage),
+            [fields[b"e"] for _, fields in entries],
+            bool(int(handoff)),
+        )
+        log.info(
+            "stream %s taken over: producer %s -> %s, %d events already stored%s",
+            stream_id,
+            claim.previous or "?",
+            self.worker,
+            len(claim.events),
+            " (hand-off)" if claim.handoff else "",
+        )
+        return claim
+
+    def adopt(self, claim: Claim, stream: Stream) -> None:
+        """``stream`` (holding the claim's events) is now produced here, under its fence."""
+        self._fences[stream.id] = claim.fence
+        stream.events.extend(claim.events)
+        self._adopt(stream, len(claim.events))
+        self.idle(stream)  # no reader here yet: the grace counts readers everywhere
 
     # -- any worker ----------------------------------------------------------------------
     async def ping(self) -> bool:
@@ -336,17 +560,23 @@ class RedisStore(MemoryStore):
     ) -> AsyncIterator[bytes]:
         """Events after ``after`` from Redis, then live ones, until the final one.
 
-        Ends with a retryable ``unavailable`` error when the producer or Redis is gone, and
-        with a retryable ``shutdown`` error when this worker drains.
+        While the stream is silent it looks at the producer's lease every second; when the
+        producer is gone it claims the stream (see :meth:`_claim`) and goes on reading what
+        its own producer writes. Ends with a retryable ``unavailable`` error when the stream
+        cannot go on or Redis is gone, and with a retryable ``shutdown`` error when this
+        worker drains.
         """
         assert self._blocking is not None and self.redis is not None
         events_key = _key(stream_id, "ev")
         position = f"0-{after + 1}" if after >= 0 else "0-0"
-        block_ms = max(1, int(heartbeat * 1000))
+        block_ms = max(1, int(min(heartbeat, LIVENESS_INTERVAL) * 1000))
         presence = max(2, int(heartbeat * 2) + 1)
+        loop = asyncio.get_running_loop()
+        ping_at = loop.time() + heartbeat
         closing = asyncio.ensure_future(self.closing.wait())
         try:
             while True:
+                claimed: Claim | str | None = None
                 try:
                     await self.redis.set(_key(stream_id, "readers"), b"1", ex=presence)
                     xread = asyncio.ensure_future(
@@ -356,13 +586,13 @@ class RedisStore(MemoryStore):
                     if closing.done():
                         xread.cancel()
                         partial = position not in ("0-0", "0-1")  # text may have been sent
-                        yield frame(
-                            data_line(UpstreamError("shutdown").event(partial=partial)), None
-                        )
+                        yield _error_frame("shutdown", partial=partial)
                         return
                     reply = xread.result()
                     if not reply:  # silence: is anyone still producing this stream?
                         alive, done = await self._alive(stream_id)
+                        if not alive and not done:
+                            claimed = await self._claim(stream_id)
                 except Exception:  # Redis went away: say so, retryably, instead of cutting off
                     log.exception("stream %s: Redis failed while reading", stream_id)
                     yield _UNAVAILABLE
@@ -370,15 +600,23 @@ class RedisStore(MemoryStore):
                 if reply:
                     entries = reply[0][1]
                     position = entries[-1][0].decode()
+                    ping_at = loop.time() + heartbeat
                     yield b"".join(fields[b"e"] for _, fields in entries)
                     if b"f" in entries[-1][1]:
                         return
-                elif done:  # finished, and nothing after this reader's position: the end
+                    continue
+                if done:  # finished, and nothing after this reader's position: the end
                     return
-                elif not alive:
+                if claimed == "unavailable":
                     yield _UNAVAILABLE
                     return
-                else:
+                if isinstance(claimed, Claim):
+                    assert self.take_over is not None
+                    if not await self.take_over(claimed):
+                        yield _UNAVAILABLE  # e.g. at capacity: the claim is let go
+                        return
+                if loop.time() >= ping_at:
+                    ping_at = loop.time() + heartbeat
                     yield PING
         finally:
             closing.cancel()

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import anthropic
@@ -30,7 +31,7 @@ from .sse import encode_json
 from .stream import Stream
 from .telemetry import StreamOutcome, Telemetry
 
-__all__ = ["MAX_UPSTREAM_EVENT", "Relay"]
+__all__ = ["MAX_UPSTREAM_EVENT", "Prior", "Relay"]
 
 log = logging.getLogger("quart_claude")
 
@@ -71,14 +72,19 @@ class Relay:
         )
 
     async def produce(
-        self, stream: Stream, request: ChatRequest, parent: Context | None = None
+        self,
+        stream: Stream,
+        request: ChatRequest,
+        parent: Context | None = None,
+        prior: Prior | None = None,
     ) -> None:
         """Fill ``stream`` with one answer: ``start``, ``delta``s, then ``done`` or ``error``.
-        ``parent``: the trace the stream's span joins (None: the current context)."""
+        ``parent``: the trace the stream's span joins (None: the current context);
+        ``prior``: what the stream already holds when this worker took it over."""
         outcome = self.telemetry.stream(stream.id, request, parent)
         result = "unknown"
         try:
-            result = await self._run(stream, request, outcome)
+            result = await self._run(stream, request, outcome, prior)
         except asyncio.CancelledError:
             reason = stream.cancel_reason
             if reason is None:
@@ -86,7 +92,9 @@ class Relay:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            if reason == "shutdown":
+            if reason in ("handoff", "superseded"):  # it goes on elsewhere: no last event
+                stream.leave()
+            elif reason == "shutdown":
                 partial = outcome.first_token_at is not None  # some text was sent
                 outcome.failed("shutdown")
                 outcome.error = "shutdown"
@@ -103,13 +111,28 @@ class Relay:
             stream.finish()
             outcome.end(result)
 
-    async def _run(self, stream: Stream, request: ChatRequest, outcome: StreamOutcome) -> str:
+    async def _run(
+        self,
+        stream: Stream,
+        request: ChatRequest,
+        outcome: StreamOutcome,
+        prior: Prior | None,
+    ) -> str:
         config = self.config
         policy = self.policy
         texts: list[bytes] = []  # what the client has received (JSON literals), to continue
         params = _params(request, request.messages, request.max_tokens, config)
         guard: ContinuationGuard | None = None  # set on continuation requests
         tolerated = 0  # library warnings turned from errors into log lines
+        if prior is not None:  # taken over: the usage so far, and the text to continue
+            _add_usage(outcome.usage, prior.usage)
+            stream.usage = dict(outcome.usage)
+            if prior.text:
+                texts.append(encode_json(prior.text))
+                following = self._continuation(request, texts, outcome)
+                if following is None:
+                    return self._out_of_tokens(stream, outcome)
+                params, guard = following
         while True:
             outcome.attempts += 1
             try:
@@ -156,15 +179,30 @@ class Relay:
                 stream.append(done_event(stop_reason, outcome.usage))
                 return "done"
             if texts:  # the next request continues what the client already has
-                remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
-                if remaining < 1:
-                    outcome.stop_reason = "max_tokens"
-                    stream.append(done_event("max_tokens", outcome.usage))
-                    return "done"
-                sent = _joined(texts)
-                messages, whitespace = continuation_messages(request.model, request.messages, sent)
-                params = _params(request, messages, remaining, config)
-                guard = ContinuationGuard(sent, whitespace)
+                following = self._continuation(request, texts, outcome)
+                if following is None:
+                    return self._out_of_tokens(stream, outcome)
+                params, guard = following
+
+    def _continuation(
+        self, request: ChatRequest, texts: list[bytes], outcome: StreamOutcome
+    ) -> tuple[dict[str, Any], ContinuationGuard] | None:
+        """The request that continues the text sent so far, and its guard; None when the
+        answer has used its ``max_tokens``."""
+        remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
+        if remaining < 1:
+            return None
+        sent = _joined(texts)
+        messages, whitespace = continuation_messages(request.model, request.messages, sent)
+        return _params(request, messages, remaining, self.config), ContinuationGuard(
+            sent, whitespace
+        )
+
+    @staticmethod
+    def _out_of_tokens(stream: Stream, outcome: StreamOutcome) -> str:
+        outcome.stop_reason = "max_tokens"
+        stream.append(done_event("max_tokens", outcome.usage))
+        return "done"
 
     async def _attempt(
         self,
@@ -249,6 +287,7 @@ class _Turn:
         if name == b"message_start":
             message = json.loads(data)["message"]
             self.usage = dict(message.get("usage") or {})
+            self._note_usage()
             if not self.stream.events:
                 outcome = self.outcome
                 outcome.response_model = message.get("model")
@@ -260,10 +299,17 @@ class _Turn:
             body = json.loads(data)
             self.stop_reason = body.get("delta", {}).get("stop_reason") or self.stop_reason
             self.usage.update(body.get("usage") or {})
+            self._note_usage()
         elif name == b"message_stop":
             self.completed = True
         elif name == b"error":
             raise _stream_error(data, self.request_id)
+
+    def _note_usage(self) -> None:
+        """The stream's usage so far: every request before, and this one as reported."""
+        usage = dict(self.outcome.usage)
+        _add_usage(usage, self.usage)
+        self.stream.usage = usage
 
     def settle_interrupted(self) -> None:
         """Count an interrupted request's usage: it never reports its final output count, so
@@ -305,6 +351,27 @@ def _classified(exc: Exception) -> Exception:
     if isinstance(exc, EventTooLarge):
         return UpstreamError("unknown", retryable=False, detail=str(exc))
     return classify_exception(exc)
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """What a stream holds when this worker takes it over: the text sent and the usage."""
+
+    text: str
+    usage: dict[str, Any]
+
+    @classmethod
+    def from_events(cls, events: list[bytes], usage: dict[str, Any]) -> Prior:
+        """From the stream's encoded events and its last stored usage. An interrupted
+        request never reported its output: the deltas are a lower bound of it."""
+        pieces: list[str] = []
+        for event in events:
+            payload = json.loads(event[6 : event.index(b"\n")])
+            if payload.get("type") == "delta":
+                pieces.append(payload["text"])
+        usage = dict(usage)
+        usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), len(pieces))
+        return cls("".join(pieces), usage)
 
 
 class _WarningRaised(Exception):

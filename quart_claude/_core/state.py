@@ -6,6 +6,7 @@ Flask front ends call it from their views (Flask through a loop thread).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import hmac
 import logging
@@ -21,10 +22,10 @@ from .metrics import MULTIPROC_ENV, Metrics, metrics_for
 from .protocol import ERROR_CLASSES
 from .redact import install as install_redaction
 from .redact import register_secret
-from .relay import Relay
+from .relay import Prior, Relay
 from .request import ChatRequest
 from .schema import chat_body_model, openapi_document
-from .store import Found, MemoryStore
+from .store import Claim, Found, MemoryStore
 from .stream import Stream
 from .telemetry import Telemetry, parent_context
 
@@ -141,10 +142,29 @@ class ClaudeState:
         relay = self.relay
         assert relay is not None, "open_stream before startup"
         stream = Stream(stream_id, retry_ms=self.config.sse_retry, owner=owner)
-        await self.store.open(stream)
+        await self.store.open(stream, {**dataclasses.asdict(chat), "client": client})
         parent = parent_context(headers) if headers is not None else None
         self.start_producer(stream, relay.produce(stream, chat, parent), client)
         return stream
+
+    async def take_over(self, claim: Claim) -> bool:
+        """Continue a stream another worker produced until it died or drained (the store
+        claimed it for this worker): False when this worker cannot take it now."""
+        relay = self.relay
+        if relay is None or self.draining:
+            return False
+        if len(self.producers) >= self.config.max_concurrent_streams:
+            log.warning("stream %s: not taken over, this worker is at capacity", claim.stream_id)
+            return False
+        fields = dict(claim.request)
+        client = str(fields.pop("client", ""))
+        fields["stop_sequences"] = tuple(fields.get("stop_sequences") or ())
+        chat = ChatRequest(**fields)
+        stream = Stream(claim.stream_id, retry_ms=self.config.sse_retry, owner=claim.owner)
+        self.store.adopt(claim, stream)
+        prior = Prior.from_events(claim.events, claim.usage)
+        self.start_producer(stream, relay.produce(stream, chat, None, prior), client)
+        return True
 
     async def find(self, stream_id: str, identity: str | None) -> Found | None:
         """The stream (produced here, or elsewhere when Redis is the store) if it exists and
@@ -209,6 +229,7 @@ class ClaudeState:
             http_client=_http_client(config),
         )
         self.store = _create_store(config)
+        self.store.take_over = self.take_over
         await self.store.start()
         if config.rate_limit:
             from .ratelimit import RateLimiter
@@ -234,15 +255,20 @@ class ClaudeState:
                     reader.task.cancel()
 
     async def drain(self) -> None:
-        """Refuse new streams; end open ones with a retryable ``shutdown`` error event."""
+        """Refuse new streams. With Redis, hand open ones to other workers (this worker's
+        readers get a retryable ``shutdown`` event that says to resume); in memory, end them
+        with a retryable ``shutdown`` error event."""
+        store = self.store
         if not self.draining:
-            log.info("draining: ending %d open stream(s)", len(self.producers))
+            verb = "handing off" if store.hands_off else "ending"
+            log.info("draining: %s %d open stream(s)", verb, len(self.producers))
         self.draining = True
-        self.store.closing.set()  # readers of other workers' streams end too
-        for stream in self.store.live():
-            stream.cancel("shutdown")
+        store.closing.set()  # readers of other workers' streams end too
+        for stream in store.live():
+            stream.cancel("handoff" if store.hands_off else "shutdown")
         if self.producers:
             await asyncio.wait(list(self.producers), timeout=self.config.shutdown_grace)
+        await store.hand_off()
 
     async def shutdown(self) -> None:
         await self.drain()
@@ -266,7 +292,7 @@ def _create_store(config: ClaudeConfig) -> MemoryStore:
         return MemoryStore(**options)
     from .redis_store import RedisStore
 
-    return RedisStore(config.stream_store, **options)
+    return RedisStore(config.stream_store, max_takeovers=config.max_takeovers, **options)
 
 
 def _chat_key(identity: str | None, chat_id: str) -> str:

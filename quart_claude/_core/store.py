@@ -13,12 +13,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from .stream import Reader, Stream
 
-__all__ = ["Found", "MemoryStore", "RemoteStream"]
+__all__ = ["Claim", "Found", "MemoryStore", "RemoteStream", "TakeOver"]
 
 
 class RemoteStream:
@@ -35,6 +36,25 @@ class RemoteStream:
 
 #: A stream as a lookup finds it: produced here, or (Redis) elsewhere.
 Found = Stream | RemoteStream
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A stream this worker now produces after another worker's end: what it needs to go on."""
+
+    stream_id: str
+    fence: int
+    previous: str  # the producer before (host:pid)
+    owner: str | None
+    request: dict[str, Any]  # as :meth:`RedisStore.open` stored it
+    usage: dict[str, Any]  # upstream usage of every request so far
+    events: list[bytes]  # every stored event, encoded
+    handoff: bool  # released by a draining worker (not a crash)
+
+
+#: What the state does with a claim: start a producer that continues the stream (False when
+#: it cannot, e.g. at capacity; the claim then lapses and another worker may take it).
+TakeOver = Callable[[Claim], Awaitable[bool]]
 
 
 class MemoryStore:
@@ -67,6 +87,8 @@ class MemoryStore:
         self._grace: dict[str, asyncio.TimerHandle] = {}
         self._chats: OrderedDict[str, str] = OrderedDict()
         self._chat_limit = chats
+        #: set by the state: how a stream this store claimed is continued (None: never claim)
+        self.take_over: TakeOver | None = None
 
     def __len__(self) -> int:
         return len(self._streams)
@@ -89,11 +111,22 @@ class MemoryStore:
         """A Redis connection pool other features may share (the rate limiter), or None."""
         return None
 
+    #: Whether a draining worker hands its streams to others (else it ends them).
+    hands_off = False
+
     # -- streams -------------------------------------------------------------------------
-    async def open(self, stream: Stream) -> None:
-        """Hold a new stream this worker produces. Raises
-        :class:`~.stream.StoreUnavailable` when a shared store cannot take it."""
+    async def open(self, stream: Stream, request: dict[str, Any] | None = None) -> None:
+        """Hold a new stream this worker produces (``request``: what another worker would
+        need to continue it). Raises :class:`~.stream.StoreUnavailable` when a shared store
+        cannot take it."""
         self.add(stream)
+
+    async def hand_off(self) -> None:
+        """Let the streams this worker left go on elsewhere (nothing to do in memory)."""
+
+    def adopt(self, claim: Claim, stream: Stream) -> None:
+        """Produce ``stream`` here from now on, holding the claim's events."""
+        raise NotImplementedError("only a shared store claims other workers' streams")
 
     def add(self, stream: Stream) -> None:
         self._evict()
@@ -115,7 +148,7 @@ class MemoryStore:
         """The encoded events after index ``after``, then live ones with heartbeats; None
         when there is nothing more, ever (or, ``live_only``, when the stream has finished)."""
         assert isinstance(found, Stream), "a memory store holds only its own streams"
-        if found.finished and (live_only or after >= len(found.events) - 1):
+        if found.closed and (live_only or after >= found.visible - 1):
             return None
         return found.read(after, heartbeat)
 
@@ -149,7 +182,7 @@ class MemoryStore:
 
     # -- a stream's listener -------------------------------------------------------------
     def changed(self, stream: Stream) -> None:
-        pass  # memory: the stream is its own record
+        stream.publish(len(stream.events))  # memory: the stream is its own record
 
     def finished(self, stream: Stream) -> None:
         timer = self._grace.pop(stream.id, None)
@@ -159,6 +192,14 @@ class MemoryStore:
         self._finished.append((stream, size))
         self.finished_bytes += size
         self._evict()
+        self._finished_published(stream)
+
+    def _finished_published(self, stream: Stream) -> None:
+        """The last event is where readers can see it: they end after it."""
+        stream.close()
+
+    def left(self, stream: Stream) -> None:
+        stream.close()
 
     def idle(self, stream: Stream) -> None:
         """The last reader left before the end: ``CLAUDE_RESUME_GRACE`` seconds to return."""

@@ -6,7 +6,11 @@ takes every event that is waiting as one write. Events are encoded exactly once,
 
 A stream tells one listener, its store (:mod:`.store`), what happens to it: an event was
 added, it finished, its last reader left, a reader came back. The store owns everything
-that follows from those (mirroring to Redis, the resume grace, eviction).
+that follows from those (mirroring to Redis, the resume grace, eviction), and decides when
+readers see an event: :meth:`Stream.publish` (the memory store at once; the Redis store once
+the event is in Redis, so an event a reader has seen survives its producer) and
+:meth:`Stream.close` (no more events here: readers end, with an ``epilogue`` frame when the
+stream goes on elsewhere).
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ class StreamListener(Protocol):
     """What a stream tells its store."""
 
     def changed(self, stream: Stream) -> None:
-        """An event was appended (or the stream finished)."""
+        """An event was appended (or the stream finished): publish it when it is safe."""
 
     def finished(self, stream: Stream) -> None:
-        """The stream has its last event."""
+        """The stream has its last event: close it when it is published."""
+
+    def left(self, stream: Stream) -> None:
+        """The producer stopped here without a last event (hand-off, superseded)."""
 
     def idle(self, stream: Stream) -> None:
         """The last reader left before the end."""
@@ -48,12 +55,21 @@ class StreamListener(Protocol):
 
 
 class _Unlisted:
-    """The listener of a stream no store holds (tests, tools): nothing follows."""
+    """The listener of a stream no store holds (tests, tools): published and closed at once."""
 
     def changed(self, stream: Stream) -> None:
+        stream.publish(len(stream.events))
+
+    def finished(self, stream: Stream) -> None:
+        stream.close()
+
+    def left(self, stream: Stream) -> None:
+        stream.close()
+
+    def idle(self, stream: Stream) -> None:
         pass
 
-    finished = idle = returned = changed
+    returned = idle
 
 
 _UNLISTED = _Unlisted()
@@ -75,15 +91,20 @@ class Stream:
         "_retry_ms",
         "_waiters",
         "cancel_reason",
+        "closed",
         "created_at",
+        "epilogue",
         "events",
         "finished",
         "finished_at",
         "id",
+        "left",
         "listener",
         "owner",
         "producer",
         "readers",
+        "usage",
+        "visible",
     )
 
     def __init__(
@@ -94,13 +115,20 @@ class Stream:
             owner  # the identity allowed to read or stop it (None: anyone with the id)
         )
         self.events: list[bytes] = []
-        self.finished: bool = False
+        self.visible = 0  # how many events readers may see (the store publishes them)
+        self.finished: bool = False  # the producer appended its last event
+        self.closed = False  # no more events will be published here: readers end
+        self.left = False  # the producer stopped here without a last event (see leave)
+        self.epilogue: bytes | None = None  # sent to readers after the last one, if closed so
         self.finished_at: float | None = None
         self.created_at: float = time.monotonic()
         self.readers: set[Reader] = set()
         self.listener: StreamListener = _UNLISTED  # set by the store that holds it
         self.producer: asyncio.Task[None] | None = None  # set by the state that starts it
         self.cancel_reason: str | None = None
+        #: upstream usage so far (every request, the current one as last reported), kept
+        #: by the producer, so another worker that takes the stream over can sum it
+        self.usage: dict[str, Any] = {}
         self._retry_ms = retry_ms
         self._waiters: list[asyncio.Future[bool]] = []
 
@@ -114,16 +142,39 @@ class Stream:
         events = self.events
         index = len(events)
         events.append(frame(data, index, self._retry_ms if index == 0 else None))
-        self._wake()
         self.listener.changed(self)
 
     def finish(self) -> None:
+        """The last event is appended (done or error)."""
         if not self.finished:
             self.finished = True
             self.finished_at = time.monotonic()
-            self._wake()
             self.listener.changed(self)
             self.listener.finished(self)
+
+    def leave(self) -> None:
+        """The producer stopped without a last event: the stream goes on elsewhere (or was
+        taken over); the store decides what this worker's readers are told."""
+        if not self.finished:
+            self.finished = True
+            self.left = True
+            self.finished_at = time.monotonic()
+            self.listener.left(self)
+
+    # -- the store's side ----------------------------------------------------------------
+    def publish(self, count: int) -> None:
+        """Readers may now see the first ``count`` events."""
+        if count > self.visible:
+            self.visible = count
+            self._wake()
+
+    def close(self, epilogue: bytes | None = None) -> None:
+        """Nothing more is published here: readers send what is visible (then ``epilogue``)
+        and end."""
+        if not self.closed:
+            self.closed = True
+            self.epilogue = epilogue
+            self._wake()
 
     def cancel(self, reason: str) -> bool:
         """Ask the producer to stop; it ends the stream with an event saying why."""
@@ -172,9 +223,9 @@ class Stream:
 
         try:
             while True:
-                events = self.events
-                count = len(events)
+                count = self.visible
                 if count > position:
+                    events = self.events
                     chunk = (
                         events[position]
                         if count - position == 1
@@ -187,7 +238,9 @@ class Stream:
                     yield chunk
                     reader.sending_since = 0.0
                     continue
-                if self.finished:
+                if self.closed:
+                    if self.epilogue is not None:
+                        yield self.epilogue
                     return
                 waiting = loop.create_future()
                 self._waiters.append(waiting)

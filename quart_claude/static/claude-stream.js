@@ -203,6 +203,7 @@
           } catch (_) {
             continue;
           }
+          if (event.resume === true) return null; // handed off to another server: resume
           this.emit(event);
           if (this.finished) {
             this.controller.abort();

@@ -1,0 +1,404 @@
+"""Streams that outlive their worker: takeover after a crash, hand-off on a deploy.
+
+Three single-process ``hypercorn -w 0`` servers on their own ports (the recommended topology:
+one process per port, each respawned alone by its manager) share one real redis-server; the
+emulator paces the answers. The producing server is SIGKILLed, SIGSTOPped or SIGTERMed for
+real. Every reader must end with the exact full answer, once, under contiguous ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+import redis.asyncio as aioredis
+
+from quart_claude import SSEParser
+from quart_claude.testing import Emulator, RecordedRequest, Reply
+
+from .helpers import free_port
+from .test_hypercorn_cli import HYPERCORN, wait_ready
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = 120
+ANSWER = " ".join(f"w{i:03d}" for i in range(WORDS))
+SHUTDOWN_GRACE = 8.0
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    process: asyncio.subprocess.Process
+    log: Path
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Servers:
+    """Hypercorn processes of one test, each stopped (SIGKILL at worst) at the end."""
+
+    def __init__(self, emulator: Emulator, redis_url: str, directory: Path) -> None:
+        self.env = {
+            **os.environ,
+            "CLAUDE_API_KEY": "sk-test-takeover",
+            "CLAUDE_BASE_URL": emulator.url,
+            "CLAUDE_STREAM_STORE": redis_url,
+            "CLAUDE_HEARTBEAT_INTERVAL": "1",
+            "CLAUDE_SHUTDOWN_GRACE": str(SHUTDOWN_GRACE),
+            "CLAUDE_RESUME_GRACE": "20",
+            "HOST_APP_LOG": "INFO",
+        }
+        self.directory = directory
+        self.all: list[Server] = []
+
+    async def start(self, port: int | None = None) -> Server:
+        port = port or free_port()
+        log = self.directory / f"hypercorn-{port}-{len(self.all)}.log"
+        with log.open("wb") as sink:
+            process = await asyncio.create_subprocess_exec(
+                HYPERCORN,
+                "-w",
+                "0",
+                "--graceful-timeout",
+                str(int(SHUTDOWN_GRACE) + 2),
+                "-b",
+                f"127.0.0.1:{port}",
+                "tests.host_app:app",
+                cwd=ROOT,
+                env=self.env,
+                stdout=sink,
+                stderr=sink,
+            )
+        server = Server(f"http://127.0.0.1:{port}", port, process, log)
+        self.all.append(server)
+        await wait_ready(server.url + "/ready", process)
+        return server
+
+    async def stop_all(self) -> None:
+        for server in self.all:
+            if server.process.returncode is None:
+                server.process.send_signal(signal.SIGCONT)
+                server.process.kill()
+            await server.process.wait()
+
+
+@pytest.fixture
+async def servers(emulator: Emulator, redis_url: str, tmp_path: Path) -> AsyncIterator[Servers]:
+    group = Servers(emulator, redis_url, tmp_path)
+    try:
+        yield group
+    finally:
+        await group.stop_all()
+        for server in group.all:  # shown by pytest when the test failed
+            print(f"--- {server.log.name}\n{server.output()[-3000:]}")
+
+
+@dataclass
+class Reading:
+    """What one reader received of a stream, across reconnects."""
+
+    ids: list[int] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    served_by: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return "".join(e["text"] for e in self.events if e["type"] == "delta")
+
+    @property
+    def last(self) -> dict[str, Any]:
+        return self.events[-1] if self.events else {}
+
+    def check_exact(self) -> None:
+        assert self.last.get("type") == "done", self.last
+        assert self.ids == list(range(len(self.ids))), self.ids  # contiguous, once
+        assert self.text == ANSWER
+
+
+async def read(
+    http: httpx2.AsyncClient,
+    reading: Reading,
+    urls: list[str],
+    stream_id: str,
+    *,
+    post: dict[str, Any] | None = None,
+    on_event: asyncio.Event | None = None,
+    deltas_before_signal: int = 0,
+) -> Reading:
+    """Follow ``stream_id`` to its end, first on ``urls[0]`` (POSTing ``post`` when given),
+    reconnecting with ``Last-Event-ID`` on the next URL after a cut or a hand-off."""
+    attempt = 0
+    while reading.last.get("type") not in ("done", "error") and attempt < 30:
+        url = urls[min(attempt, len(urls) - 1)]
+        attempt += 1
+        if post is not None and attempt == 1:
+            request = http.stream("POST", url + "/chat/stream", json=post)
+        else:
+            headers = {"Last-Event-ID": str(reading.ids[-1] if reading.ids else -1)}
+            request = http.stream("GET", f"{url}/chat/stream/{stream_id}", headers=headers)
+        try:
+            async with request as response:
+                if response.status_code != 200:
+                    await response.aread()
+                    raise AssertionError(f"{url}: {response.status_code} {response.text}")
+                reading.served_by.append(url)
+                stream_id = stream_id or response.headers["x-stream-id"]
+                parser = SSEParser()
+                async for chunk in response.aiter_bytes():
+                    for event in parser.feed(chunk):
+                        payload = event.json()
+                        if payload.get("resume") is True:
+                            raise ConnectionResetError("handed off")
+                        if event.id is not None:
+                            index = int(event.id)
+                            if reading.ids and index <= reading.ids[-1]:
+                                continue  # seen before this reconnect
+                            reading.ids.append(index)
+                        reading.events.append(payload)
+                        deltas = sum(1 for e in reading.events if e["type"] == "delta")
+                        if on_event is not None and deltas >= deltas_before_signal:
+                            on_event.set()
+        except (httpx2.TransportError, ConnectionResetError):
+            await asyncio.sleep(0.2)
+    return reading
+
+
+def continuations(emulator: Emulator, prompt: str) -> list[RecordedRequest]:
+    """The requests after the first for the stream asked ``prompt``."""
+    mine = [r for r in emulator.requests if r.body["messages"][0]["content"] == prompt]
+    return mine[1:]
+
+
+def stream_id_of(reading: Reading) -> str:
+    start = reading.events[0]
+    assert start["type"] == "start"
+    return str(start["stream_id"])
+
+
+async def test_a_sigkilled_producer_is_taken_over_exactly(
+    servers: Servers, emulator: Emulator
+) -> None:
+    a, b, c = [await servers.start() for _ in range(3)]
+    emulator.default = Reply(ANSWER, token_delay=0.04)  # about 5 s an answer
+    streams = 20
+    async with httpx2.AsyncClient(timeout=60) as http:
+        readings = [Reading() for _ in range(streams)]
+        mid_answer = [asyncio.Event() for _ in range(streams)]
+        posts = [
+            asyncio.create_task(
+                read(
+                    http,
+                    readings[i],
+                    [a.url, b.url],  # after the kill: Last-Event-ID on b
+                    "",
+                    post={"message": f"question {i}"},
+                    on_event=mid_answer[i],
+                    deltas_before_signal=15,
+                )
+            )
+            for i in range(streams)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in mid_answer)), 30)
+        ids = [stream_id_of(r) for r in readings]
+        # readers attached to the other servers, following live
+        followers = [
+            asyncio.create_task(read(http, Reading(), [(b, c)[i % 2].url], ids[i]))
+            for i in range(streams)
+        ]
+        await asyncio.sleep(0.5)
+        killed_at = time.monotonic()
+        a.process.kill()
+        await a.process.wait()
+        assert not any(p.done() for p in followers), "a follower ended before the kill"
+        results = await asyncio.wait_for(asyncio.gather(*posts, *followers), 60)
+    for reading in results:
+        reading.check_exact()
+    for index in range(streams):
+        again = continuations(emulator, f"question {index}")
+        assert len(again) == 1, f"stream {index}: {len(again)} continuation requests"
+        assert again[0].received_at > killed_at - 1
+    logs = b.output() + c.output()
+    assert logs.count("taken over") == streams, "one takeover line per stream"
+
+
+async def test_takeover_sums_usage_over_every_request(servers: Servers, emulator: Emulator) -> None:
+    a, b = [await servers.start() for _ in range(2)]
+    emulator.default = Reply(ANSWER, token_delay=0.04, input_tokens=100)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        reading, mid = Reading(), asyncio.Event()
+        post = asyncio.create_task(
+            read(
+                http,
+                reading,
+                [a.url, b.url],
+                "",
+                post={"message": "hi"},
+                on_event=mid,
+                deltas_before_signal=20,
+            )
+        )
+        await asyncio.wait_for(mid.wait(), 30)
+        a.process.kill()
+        result = await asyncio.wait_for(post, 60)
+    result.check_exact()
+    assert len(emulator.requests) == 2
+    assert result.last["usage"]["input_tokens"] == 200  # both requests' input
+    assert result.last["usage"]["output_tokens"] >= WORDS  # the first's deltas, the rest's
+
+
+async def test_a_paused_producer_appends_nothing_after_the_takeover(
+    servers: Servers, emulator: Emulator, redis_url: str
+) -> None:
+    a, b = [await servers.start() for _ in range(2)]
+    long_answer = " ".join(f"p{i:03d}" for i in range(400))
+    emulator.default = Reply(long_answer, token_delay=0.03)  # 12 s
+    async with httpx2.AsyncClient(timeout=60) as http:
+        reading, mid = Reading(), asyncio.Event()
+        post = asyncio.create_task(
+            read(
+                http,
+                reading,
+                [a.url],
+                "",
+                post={"message": "hi"},
+                on_event=mid,
+                deltas_before_signal=10,
+            )
+        )
+        await asyncio.wait_for(mid.wait(), 30)
+        stream_id = stream_id_of(reading)
+        follower = asyncio.create_task(read(http, Reading(), [b.url], stream_id))
+        await asyncio.sleep(0.3)
+        a.process.send_signal(signal.SIGSTOP)  # a long GC, a stalled host
+        await emulator.wait_for_requests(2, within=20)  # b took it over and continued
+        await asyncio.sleep(1.0)
+        a.process.send_signal(signal.SIGCONT)
+        original = emulator.requests[0]
+        await asyncio.wait_for(original.ended.wait(), 10)
+        assert original.outcome == "disconnected"  # a stopped its upstream request
+        followed = await asyncio.wait_for(follower, 60)
+        post.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await post
+    assert followed.last.get("type") == "done"
+    assert followed.ids == list(range(len(followed.ids)))
+    assert followed.text == long_answer
+    client = aioredis.from_url(redis_url)
+    try:
+        count = await client.xlen(f"qc:{stream_id}:ev")
+    finally:
+        await client.aclose()
+    assert count == len(followed.ids)  # nothing else was written
+    assert "taken over by another worker; stopping here" in a.output()
+
+
+async def test_sigterm_hands_every_stream_to_the_others(
+    servers: Servers, emulator: Emulator
+) -> None:
+    a, b, c = [await servers.start() for _ in range(3)]
+    emulator.default = Reply(ANSWER, token_delay=0.04)
+    streams = 20
+    async with httpx2.AsyncClient(timeout=60) as http:
+        readings = [Reading() for _ in range(streams)]
+        mid_answer = [asyncio.Event() for _ in range(streams)]
+        posts = [
+            asyncio.create_task(
+                read(
+                    http,
+                    readings[i],
+                    [a.url, (b, c)[i % 2].url],
+                    "",
+                    post={"message": f"question {i}"},
+                    on_event=mid_answer[i],
+                    deltas_before_signal=15,
+                )
+            )
+            for i in range(streams)
+        ]
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in mid_answer)), 30)
+        ids = [stream_id_of(r) for r in readings]
+        followers = [
+            asyncio.create_task(read(http, Reading(), [(c, b)[i % 2].url], ids[i]))
+            for i in range(streams)
+        ]
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        a.process.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(a.process.wait(), SHUTDOWN_GRACE + 5)
+        exited_after = time.monotonic() - started
+        results = await asyncio.wait_for(asyncio.gather(*posts, *followers), 60)
+    assert exited_after < SHUTDOWN_GRACE
+    for reading in results:
+        reading.check_exact()
+    for index in range(streams):
+        assert len(continuations(emulator, f"question {index}")) == 1
+    assert "handed off 20 stream(s)" in a.output()
+    assert (b.output() + c.output()).count("(hand-off)") == streams
+
+
+async def test_two_crashes_are_survived_and_a_third_is_unavailable(
+    servers: Servers, emulator: Emulator
+) -> None:
+    long_answer = " ".join(f"q{i:03d}" for i in range(600))
+    emulator.default = Reply(long_answer, token_delay=0.02)  # 12 s
+    a = await servers.start()
+    b = await servers.start()
+    async with httpx2.AsyncClient(timeout=60) as http:
+        reading, mid = Reading(), asyncio.Event()
+        post = asyncio.create_task(
+            read(
+                http,
+                reading,
+                [a.url],
+                "",
+                post={"message": "hi"},
+                on_event=mid,
+                deltas_before_signal=5,
+            )
+        )
+        await asyncio.wait_for(mid.wait(), 30)
+        stream_id = stream_id_of(reading)
+        survivor = Reading()
+
+        async def progressed(reading: Reading, deltas: int) -> None:
+            while sum(1 for e in reading.events if e["type"] == "delta") < deltas:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+
+        # crash 1: a dies, b's reader claims it
+        on_b = asyncio.create_task(read(http, survivor, [b.url], stream_id))
+        await asyncio.sleep(0.3)
+        a.process.kill()
+        await emulator.wait_for_requests(2, within=20)
+        await asyncio.wait_for(progressed(survivor, len(survivor.events) + 5), 20)
+        # crash 2: b dies, a reader on a restarted a claims it
+        a2 = await servers.start(a.port)
+        second = Reading()
+        on_a2 = asyncio.create_task(read(http, second, [a2.url], stream_id))
+        await asyncio.sleep(0.3)
+        b.process.kill()
+        await emulator.wait_for_requests(3, within=20)
+        await asyncio.wait_for(progressed(second, 5), 20)
+        # crash 3: a2 dies; the reader on a restarted b may not claim it again
+        b2 = await servers.start(b.port)
+        third = asyncio.create_task(read(http, Reading(), [b2.url], stream_id))
+        await asyncio.sleep(0.3)
+        a2.process.kill()
+        ended = await asyncio.wait_for(third, 30)
+        for task in (post, on_b, on_a2):
+            task.cancel()
+        await asyncio.gather(post, on_b, on_a2, return_exceptions=True)
+    assert ended.last["type"] == "error" and ended.last["error"] == "unavailable"
+    assert ended.last["retryable"] is True
+    assert len(emulator.requests) == 3  # two continuations, no third
+    assert long_answer.startswith(ended.text)  # what it got was exact
