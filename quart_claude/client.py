@@ -9,7 +9,8 @@
 On a network error mid-stream, or when a draining server hands the stream to another one (an
 ``error`` event with ``"resume": true``, never passed on), it reconnects to
 ``GET {url}/{stream_id}`` with ``Last-Event-ID``, so the caller sees every event exactly once,
-ending with ``done`` or ``error``. :func:`stream_chat_sync` does the same for scripts without an event loop.
+ending with ``done`` or ``error``. :func:`stream_chat_sync` does the same for scripts
+without an event loop.
 """
 
 from __future__ import annotations
