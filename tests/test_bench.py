@@ -30,3 +30,21 @@ def test_quick_benchmark_runs_without_failures() -> None:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert int(cells[3]) > 0, row  # events relayed
         assert cells[4] == "0", row  # failures
+
+
+def test_takeover_benchmark_runs() -> None:
+    """``python -m bench.takeover``: every stream continued exactly after the kill (the
+    script asserts it), and a figure for each column."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.takeover", "--streams", "3", "--rounds", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| takeover")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "3"
+    gap = float(cells[2].removesuffix(" s"))
+    assert 0.5 < gap < 30  # after the lease lapsed, and not never

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import os
+import shutil
 import signal
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -402,3 +405,102 @@ async def test_two_crashes_are_survived_and_a_third_is_unavailable(
     assert ended.last["retryable"] is True
     assert len(emulator.requests) == 3  # two continuations, no third
     assert long_answer.startswith(ended.text)  # what it got was exact
+
+
+# -- the topology to recommend ---------------------------------------------------------
+
+
+async def test_hypercorn_workers_all_stop_when_one_is_killed(tmp_path: Path) -> None:
+    """Why deploy/ runs one ``hypercorn -w 0`` per port under a process manager instead of
+    ``hypercorn -w N``: Hypercorn 0.18 stops every worker when one dies (its parent treats a
+    non-zero exit as a shutdown), so one OOM-kill would end every stream on the host. If a
+    release changes this, this test says so and the recommendation can be revisited."""
+    port = free_port()
+    log = (tmp_path / "workers.log").open("wb")
+    parent = await asyncio.create_subprocess_exec(
+        HYPERCORN, "-w", "2", "-b", f"127.0.0.1:{port}", "tests.host_app:app",
+        cwd=ROOT, stdout=log, stderr=log,
+        env={**os.environ, "CLAUDE_API_KEY": "sk-test", "CLAUDE_BASE_URL": "http://127.0.0.1:9"},
+    )  # fmt: skip
+    try:
+        await wait_ready(f"http://127.0.0.1:{port}/health", parent)
+        async with httpx2.AsyncClient(
+            timeout=5, limits=httpx2.Limits(max_keepalive_connections=0)
+        ) as http:
+            pids = set()
+            for _ in range(200):  # until both workers have answered
+                pids.add((await http.get(f"http://127.0.0.1:{port}/")).headers["x-worker-pid"])
+                if len(pids) == 2:
+                    break
+            assert len(pids) == 2
+            os.kill(int(pids.pop()), signal.SIGKILL)
+            await asyncio.wait_for(parent.wait(), 15)  # the whole server went away
+            survivor = int(pids.pop())
+            with contextlib.suppress(ProcessLookupError):  # ...the other worker too
+                for _ in range(100):
+                    os.kill(survivor, 0)
+                    await asyncio.sleep(0.1)
+                raise AssertionError("the other worker outlived its parent")
+    finally:
+        if parent.returncode is None:
+            parent.kill()
+            await parent.wait()
+        log.close()
+
+
+def test_the_shipped_systemd_unit_verifies(tmp_path: Path) -> None:
+    """deploy/systemd/quart-claude@.service, with this machine's paths, passes
+    ``systemd-analyze verify`` without a warning."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("SYSTEMD-ANALYZE IS MISSING: apt-get install systemd; CI installs it")
+    unit = (ROOT / "deploy" / "systemd" / "quart-claude@.service").read_text()
+    unit = unit.replace("/srv/quart-claude/.venv/bin/hypercorn", HYPERCORN)
+    unit = unit.replace("User=quart-claude", f"User={getpass.getuser()}")
+    instance = tmp_path / "quart-claude@8001.service"
+    instance.write_text(unit)
+    result = subprocess.run(
+        [analyze, "verify", str(instance)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == "" and result.stdout.strip() == "", result.stderr
+    assert "--workers 0" in unit and "Restart=always" in unit
+
+
+async def test_identity_and_stop_hold_across_a_takeover(
+    servers: Servers, emulator: Emulator
+) -> None:
+    """The owner is stored with the stream: after a takeover another identity still gets 404,
+    the owner's DELETE stops the new producer's upstream request, readers get cancelled."""
+    servers.env["CLAUDE_API_TOKENS"] = "token-alice,token-bob"
+    alice = {"Authorization": "Bearer token-alice"}
+    bob = {"Authorization": "Bearer token-bob"}
+    long_answer = " ".join(f"s{i:03d}" for i in range(500))
+    emulator.default = Reply(long_answer, token_delay=0.03)
+    a, b = [await servers.start() for _ in range(2)]
+    async with httpx2.AsyncClient(timeout=60, headers=alice) as http:
+        reading, mid = Reading(), asyncio.Event()
+        post = asyncio.create_task(
+            read(http, reading, [a.url], "", post={"message": "hi"}, on_event=mid,
+                 deltas_before_signal=5)
+        )  # fmt: skip
+        await asyncio.wait_for(mid.wait(), 30)
+        stream_id = stream_id_of(reading)
+        follower = asyncio.create_task(read(http, Reading(), [b.url], stream_id))
+        await asyncio.sleep(0.3)
+        a.process.kill()
+        await emulator.wait_for_requests(2, within=20)  # b continues it
+        path = f"{b.url}/chat/stream/{stream_id}"
+        assert (await http.get(path, headers=bob)).status_code == 404
+        assert (await http.delete(path, headers=bob)).status_code == 404
+        stopped = await http.delete(path)
+        assert stopped.json() == {"stream_id": stream_id, "status": "cancelled"}
+        followed = await asyncio.wait_for(follower, 20)
+        post.cancel()
+        await asyncio.gather(post, return_exceptions=True)
+    assert followed.last["type"] == "done" and followed.last["stop_reason"] == "cancelled"
+    assert followed.ids == list(range(len(followed.ids)))
+    assert long_answer.startswith(followed.text)
+    continuation = emulator.requests[1]
+    await asyncio.wait_for(continuation.ended.wait(), 5)
+    assert continuation.outcome == "disconnected"
