@@ -504,3 +504,27 @@ async def test_identity_and_stop_hold_across_a_takeover(
     continuation = emulator.requests[1]
     await asyncio.wait_for(continuation.ended.wait(), 5)
     assert continuation.outcome == "disconnected"
+
+
+async def test_nobody_pays_for_a_stream_nobody_came_back_for(
+    servers: Servers, emulator: Emulator
+) -> None:
+    """The producer dies with no reader elsewhere; a resume after ``CLAUDE_RESUME_GRACE``
+    (plus the lease) is told ``unavailable``, and no continuation is requested."""
+    servers.env["CLAUDE_RESUME_GRACE"] = "1"
+    emulator.default = Reply(ANSWER, token_delay=0.05)
+    a, b = [await servers.start() for _ in range(2)]
+    async with httpx2.AsyncClient(timeout=60) as http:
+        reading, mid = Reading(), asyncio.Event()
+        post = asyncio.create_task(
+            read(http, reading, [a.url], "", post={"message": "hi"}, on_event=mid,
+                 deltas_before_signal=5)
+        )  # fmt: skip
+        await asyncio.wait_for(mid.wait(), 30)
+        a.process.kill()
+        await asyncio.sleep(3 + 1 + 1.5)  # the lease, the grace, and then some
+        late = await asyncio.wait_for(read(http, Reading(), [b.url], stream_id_of(reading)), 20)
+        post.cancel()
+        await asyncio.gather(post, return_exceptions=True)
+    assert late.last["type"] == "error" and late.last["error"] == "unavailable"
+    assert len(emulator.requests) == 1  # nobody paid for the rest

@@ -75,8 +75,8 @@ def _error_frame(error_class: str, *, partial: bool, **extra: Any) -> bytes:
 _UNAVAILABLE = _error_frame("unavailable", partial=True)
 
 # KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
-# live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, then the
-# encoded events from ``start`` on. Returns 1; 0 (writing nothing) when the stream in Redis
+# live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, this worker,
+# then the encoded events from ``start`` on. Returns 1; 0 (writing nothing) when the stream in Redis
 # is not what this worker left there (the caller rewrites it from 0); -1 when another
 # producer holds the stream (the caller stops).
 _APPEND = """
@@ -89,18 +89,19 @@ if start > 0 then
   if #top == 0 or top[1][1] ~= '0-' .. start then return 0 end
 else
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'owner', ARGV[2], 'n', 0, 'done', 0, 'fence', ARGV[7])
+  redis.call('HSET', KEYS[2], 'owner', ARGV[2], 'n', 0, 'done', 0, 'fence', ARGV[7],
+    'producer', ARGV[10], 'seen', redis.call('TIME')[1])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
   if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[5]) end
 end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'usage', ARGV[9]) end
-local count = #ARGV - 9
+local count = #ARGV - 10
 for i = 1, count do
   local id = '0-' .. (start + i)
   if ARGV[3] == '1' and i == count then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[9 + i], 'f', '1')
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[10 + i], 'f', '1')
   else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[9 + i])
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[10 + i])
   end
 end
 if start == 0 and count > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
@@ -369,6 +370,7 @@ class RedisStore(MemoryStore):
                 self._fences[stream.id],
                 self._requests.get(stream.id, b"") if start == 0 else b"",
                 json.dumps(stream.usage) if stream.usage else "",
+                self.worker,
                 *events[start:end],
             ],
             client=pipe,

@@ -320,7 +320,10 @@ class Emulator:
             except (ConnectionError, OSError):
                 record.outcome = "disconnected"
                 return False
-        # the client closed (or sent bytes mid-response, which a client we serve never does)
+        # the client closed (or sent bytes mid-response, which a client we serve never does);
+        # a reset comes as the watch's exception: retrieved, it is the answer, not an error
+        if not watch.cancelled():
+            watch.exception()
         send.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
             await send
