@@ -80,6 +80,8 @@ async def test_schemathesis_finds_no_5xx_and_no_schema_mismatch(
             "--request-timeout",
             "30",
             "--no-color",
+            "--output-truncate",
+            "false",
             cwd=tmp_path,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,

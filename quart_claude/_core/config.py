@@ -179,6 +179,7 @@ _KEYS: dict[str, _Key] = {
     "recovery": _Key(_bool, True),
     "max_recoveries": _Key(_non_negative_int, 2),
     "max_body_size": _Key(_positive_int, 1024 * 1024),
+    "allow_url_sources": _Key(_bool, True),
     "max_concurrent_streams": _Key(_positive_int, 1000),
     "shutdown_grace": _Key(_seconds, 5.0),
     "resume_grace": _Key(_seconds, 30.0),
@@ -224,6 +225,7 @@ class ClaudeConfig:
     recovery: bool
     max_recoveries: int
     max_body_size: int
+    allow_url_sources: bool
     max_concurrent_streams: int
     shutdown_grace: float
     resume_grace: float

@@ -11,6 +11,7 @@ client can act on) a continuation that restarted and then diverged.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 __all__ = [
     "CONTINUE_PROMPT",
@@ -46,8 +47,8 @@ def supports_prefill(model: str) -> bool:
 
 
 def continuation_messages(
-    model: str, messages: list[dict[str, str]], partial: str
-) -> tuple[list[dict[str, str]], str]:
+    model: str, messages: list[dict[str, Any]], partial: str
+) -> tuple[list[dict[str, Any]], str]:
     """The messages that continue ``partial``, and the whitespace the answer may repeat."""
     if supports_prefill(model) and partial.strip():
         kept = partial.rstrip()  # the API refuses a prefill ending in whitespace

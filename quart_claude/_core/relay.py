@@ -441,7 +441,7 @@ def _stream_error(data: bytes, request_id: str | None) -> UpstreamError:
 
 
 def _params(
-    request: ChatRequest, messages: list[dict[str, str]], max_tokens: int, config: ClaudeConfig
+    request: ChatRequest, messages: list[dict[str, Any]], max_tokens: int, config: ClaudeConfig
 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": request.model,
@@ -459,9 +459,11 @@ def _params(
         # the conversation before the newest user turn: the same on the next turn, so cached
         index = len(request.messages) - 2
         marked = dict(messages[index])
-        marked["content"] = [  # type: ignore[assignment]
-            {"type": "text", "text": messages[index]["content"], "cache_control": _EPHEMERAL}
-        ]
+        content = marked["content"]
+        if isinstance(content, str):
+            marked["content"] = [{"type": "text", "text": content, "cache_control": _EPHEMERAL}]
+        else:  # blocks: the breakpoint goes on the last one
+            marked["content"] = [*content[:-1], {**content[-1], "cache_control": _EPHEMERAL}]
         params["messages"] = [*messages[:index], marked, *messages[index + 1 :]]
     if request.temperature is not None:
         # not a typed parameter of SDK 2.x's create(): sent through its public extra_body

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ClaudeConfig
+from .content import ContentError, check_content
 
 __all__ = ["ChatRequest", "RequestError", "parse_chat_request"]
 
@@ -32,7 +33,7 @@ class RequestError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]  # content: a string, or the API's blocks
     model: str
     max_tokens: int
     system: str
@@ -64,7 +65,7 @@ def parse_chat_request(body: Any, config: ClaudeConfig, identity: str | None = N
     if "messages" in body:
         if "message" in body:
             raise _invalid("send either 'message' or 'messages', not both")
-        messages = _messages(body["messages"])
+        messages = _messages(body["messages"], config.allow_url_sources)
     elif "message" in body:
         messages = [{"role": "user", "content": _text(body["message"], "message")}]
     else:
@@ -143,19 +144,29 @@ def _user_id(metadata: Any) -> str | None:
     return user_id
 
 
-def _messages(value: Any) -> list[dict[str, str]]:
+def _messages(value: Any, allow_urls: bool) -> list[dict[str, Any]]:
     if not isinstance(value, list) or not value:
         raise _invalid("'messages' must be a non-empty list")
     if len(value) > _MAX_MESSAGES:
         raise _invalid(f"'messages' may hold at most {_MAX_MESSAGES} turns")
-    messages = []
+    messages: list[dict[str, Any]] = []
+    media = 0  # images and documents so far
     for index, item in enumerate(value):
         if not isinstance(item, dict):
             raise _invalid(f"'messages[{index}]' must be an object")
         role = item.get("role")
         if role not in _ROLES:
             raise _invalid(f"'messages[{index}].role' must be 'user' or 'assistant'")
-        content = _text(item.get("content"), f"messages[{index}].content")
+        try:
+            content, media = check_content(
+                item.get("content"),
+                f"messages[{index}].content",
+                role=role,
+                allow_urls=allow_urls,
+                media_seen=media,
+            )
+        except ContentError as error:
+            raise _invalid(str(error)) from None
         messages.append({"role": role, "content": content})
     if messages[-1]["role"] != "user":
         raise _invalid("the last message must have the role 'user'")

@@ -8,7 +8,7 @@ says exactly what this app accepts.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
@@ -21,10 +21,56 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 _TEXT = Field(min_length=1, pattern=r"\S")  # a string with something in it
 
 
+class TextBlock(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str = _TEXT
+
+
+class UrlSource(BaseModel):
+    """Fetched by the API (unless ``CLAUDE_ALLOW_URL_SOURCES=false``)."""
+
+    model_config = _STRICT
+    type: Literal["url"]
+    url: str = Field(pattern=r"^https://", max_length=2048)
+
+
+class ImageData(BaseModel):
+    model_config = _STRICT
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str = Field(min_length=1)
+
+
+class PdfData(BaseModel):
+    model_config = _STRICT
+    type: Literal["base64"]
+    media_type: Literal["application/pdf"]
+    data: str = Field(min_length=1)
+
+
+class ImageBlock(BaseModel):
+    model_config = _STRICT
+    type: Literal["image"]
+    source: Annotated[ImageData | UrlSource, Field(discriminator="type")]
+
+
+class DocumentBlock(BaseModel):
+    model_config = _STRICT
+    type: Literal["document"]
+    source: Annotated[PdfData | UrlSource, Field(discriminator="type")]
+    title: str | None = None
+    context: str | None = None
+
+
+Block = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
+
+
 class Message(BaseModel):
     model_config = _STRICT
     role: Literal["user", "assistant"]
-    content: str = _TEXT
+    #: a string, or the API's blocks (images and documents in user turns only)
+    content: Annotated[str, _TEXT] | Annotated[list[Block], Field(min_length=1, max_length=100)]
 
 
 class Metadata(BaseModel):
@@ -184,7 +230,26 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
             "text/event-stream: each event one `data:` line holding a StreamEvent as JSON, "
             "then `id: <n>`; `: ping` comments between events (protocol v1)"
         ),
-        "content": {"text/event-stream": {"schema": _ref("StreamEvent")}},
+        # each event as SSE parsers (and OpenAPI 3.2's itemSchema) see it: its fields, the
+        # data a StreamEvent as JSON
+        "content": {
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "data": {
+                            "type": "string",
+                            "contentMediaType": "application/json",
+                            "contentSchema": _ref("StreamEvent"),
+                        },
+                        "id": {"type": "string", "pattern": "^[0-9]+$"},
+                        "event": {"type": "string"},
+                        "retry": {"type": "integer", "minimum": 0},
+                    },
+                    "required": ["data"],
+                }
+            }
+        },
         "headers": {"X-Stream-Id": {"schema": {"type": "string"}}},
     }
     request_body = {

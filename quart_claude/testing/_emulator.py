@@ -8,6 +8,8 @@ a body cleanly without ``message_stop``, and notice the moment a client hangs up
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import re
@@ -395,6 +397,9 @@ class Emulator:
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
                 return 400, "invalid_request_error", f"messages.{index}.role: invalid"
+            problem = _content_problem(message, f"messages.{index}.content")
+            if problem is not None:
+                return 400, "invalid_request_error", problem
         if not model.startswith("claude-"):
             return 404, "not_found_error", f"model: {model}"
         if messages[-1]["role"] == "assistant" and _NO_PREFILL.match(model):
@@ -661,6 +666,44 @@ async def _write_json(
     )
     writer.write(head.encode() + data)
     await writer.drain()
+
+
+_MEDIA_TYPES = {
+    "image": {"image/jpeg", "image/png", "image/gif", "image/webp"},
+    "document": {"application/pdf"},
+}
+
+
+def _content_problem(message: Mapping[str, Any], where: str) -> str | None:
+    """What the API would say of a message's content (None: it is well-formed)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return None
+    if not isinstance(content, list) or not content:
+        return f"{where}: Input should be a valid string or a non-empty list"
+    for index, block in enumerate(content):
+        at = f"{where}.{index}"
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            if not isinstance(block.get("text"), str):
+                return f"{at}.text: Field required"
+            continue
+        if kind not in _MEDIA_TYPES:
+            return f"{at}: Input tag '{kind}' is not a known content block type"
+        if message.get("role") != "user":
+            return f"{at}: {kind} blocks are only allowed in user messages"
+        source = block.get("source")
+        if not isinstance(source, dict):
+            return f"{at}.source: Field required"
+        if source.get("type") == "url":
+            continue
+        if source.get("media_type") not in _MEDIA_TYPES[kind]:
+            return f"{at}.source.media_type: Input should be one of {sorted(_MEDIA_TYPES[kind])}"
+        try:
+            base64.b64decode(source.get("data") or "", validate=True)
+        except (binascii.Error, ValueError):
+            return f"{at}.source.data: invalid base64 data"
+    return None
 
 
 def _content_text(message: Mapping[str, Any]) -> str:
