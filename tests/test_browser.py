@@ -201,3 +201,24 @@ async def test_the_client_script_is_served_by_the_blueprint() -> None:
     response = await app.test_client().get("/ai/claude-stream.js")
     assert response.status_code == 200 and "javascript" in (response.content_type or "")
     assert "ClaudeStream" in await response.get_data(True)
+
+
+async def test_thinking_shows_collapsed_above_the_reply(page: Page, emulator: Emulator) -> None:
+    emulator.script(
+        Reply("The answer is 4.", thinking="Two plus two <b>is</b> four.", token_delay=0.02)
+    )
+    app = create_app(api_key=API_KEY, base_url=emulator.url, thinking=1024)
+    async with serving(app) as url:
+        await ask(page, url, "What is 2 + 2?")
+        await wait_until(page, "!document.querySelector('#send').disabled")
+        thinking = page.locator(".assistant .thinking").last
+        assert await thinking.get_attribute("open") is None  # collapsed
+        assert await thinking.locator("div").text_content() == "Two plus two <b>is</b> four."
+        assert await thinking.locator("b").count() == 0  # text, never markup
+        assert await reply_text(page) == "The answer is 4."
+        # above the reply
+        assert await page.evaluate(
+            "(() => { const t = document.querySelector('.assistant .thinking');"
+            " return !!(t.compareDocumentPosition(t.parentElement.querySelector('.body'))"
+            " & Node.DOCUMENT_POSITION_FOLLOWING); })()"
+        )

@@ -32,6 +32,7 @@ _FINISH_REASONS = {
     "refusal": "content-filter",
 }
 _DONE = b"data: [DONE]\n\n"
+_REASONING_ID = "reasoning-0"
 _TEXT_ID = "t0"
 
 
@@ -76,16 +77,40 @@ def _data(chunk: dict[str, Any]) -> bytes:
     )
 
 
+def _ending(event: dict[str, Any]) -> bytes:
+    """A ``done`` or ``error`` event as the chunk that ends a UI message stream."""
+    if event["type"] == "done":
+        reason = _FINISH_REASONS.get(event.get("stop_reason") or "", "other")
+        finish = {"usage": event.get("usage", {})}
+        return _data({"type": "finish", "finishReason": reason, "messageMetadata": finish})
+    text = event.get("message", "")
+    if event.get("retry_after"):
+        text += f" Try again in {event['retry_after']} s."
+    # useChat shows errorText; the other keys are for clients that want them
+    return _data({**event, "type": "error", "errorText": text})
+
+
 async def to_ui_message_stream(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Our protocol's frames (from a stream or its Redis mirror) as UI message chunks."""
     parser = SSEParser()
-    open_text = False
+    open_text = open_reasoning = False
     async for chunk in frames:
         pings = parser.comments
         out: list[bytes] = []
         for raw in parser.feed(chunk):
             event = json.loads(raw.data)
             kind = event.get("type")
+            if kind == "thinking":  # protocol v1.1: the AI SDK's reasoning parts
+                if not open_reasoning:
+                    out.append(_data({"type": "reasoning-start", "id": _REASONING_ID}))
+                    open_reasoning = True
+                if event.get("text"):
+                    delta = {"type": "reasoning-delta", "id": _REASONING_ID, "delta": event["text"]}
+                    out.append(_data(delta))
+                continue
+            if open_reasoning:
+                out.append(_data({"type": "reasoning-end", "id": _REASONING_ID}))
+                open_reasoning = False
             if kind == "delta":
                 if not open_text:
                     out.append(_data({"type": "text-start", "id": _TEXT_ID}))
@@ -104,19 +129,7 @@ async def to_ui_message_stream(frames: AsyncIterator[bytes]) -> AsyncIterator[by
             elif kind in ("done", "error"):
                 if open_text:
                     out.append(_data({"type": "text-end", "id": _TEXT_ID}))
-                if kind == "done":
-                    reason = _FINISH_REASONS.get(event.get("stop_reason") or "", "other")
-                    finish = {"usage": event.get("usage", {})}
-                    out.append(
-                        _data({"type": "finish", "finishReason": reason, "messageMetadata": finish})
-                    )
-                else:
-                    text = event.get("message", "")
-                    if event.get("retry_after"):
-                        text += f" Try again in {event['retry_after']} s."
-                    # useChat shows errorText; the other keys are for clients that want them
-                    out.append(_data({**event, "type": "error", "errorText": text}))
-                out.append(_DONE)
+                out += (_ending(event), _DONE)
                 yield b"".join(out)
                 return
         if parser.comments > pings and not out:

@@ -139,6 +139,25 @@ def _http_client(key: str, value: Any) -> str:
     return text
 
 
+#: The smallest thinking budget the API accepts.
+MIN_THINKING_BUDGET = 1024
+
+
+def _thinking(key: str, value: Any) -> str | int:
+    """``off``, ``adaptive`` (the model decides), or a token budget (at least 1024)."""
+    if isinstance(value, str) and value.strip().lower() in ("off", "adaptive"):
+        return value.strip().lower()
+    try:
+        budget = _int(key, value)
+    except ConfigError:
+        raise ConfigError(
+            f"{key} must be 'off', 'adaptive' or a token budget, got {value!r}"
+        ) from None
+    if budget < MIN_THINKING_BUDGET:
+        raise ConfigError(f"{key}: a thinking budget is at least {MIN_THINKING_BUDGET} tokens")
+    return budget
+
+
 def _store_url(key: str, value: Any) -> str:
     text = _str(key, value).strip()
     if text in ("", "memory"):
@@ -193,6 +212,8 @@ _KEYS: dict[str, _Key] = {
     "cors_origins": _Key(_models, ()),
     "handle_signals": _Key(_bool, True),
     "http_client": _Key(_http_client, "auto"),
+    "thinking": _Key(_thinking, "off"),
+    "expose_thinking": _Key(_bool, True),
     "sse_retry": _Key(_non_negative_int, 1000),
     "metrics": _Key(_bool, True),
     "metrics_auth": _Key(_bool, True),
@@ -239,6 +260,8 @@ class ClaudeConfig:
     cors_origins: tuple[str, ...]
     handle_signals: bool
     http_client: str
+    thinking: str | int  # "off", "adaptive", or a budget in tokens
+    expose_thinking: bool
     sse_retry: int
     metrics: bool
     metrics_auth: bool

@@ -47,10 +47,11 @@ def supports_prefill(model: str) -> bool:
 
 
 def continuation_messages(
-    model: str, messages: list[dict[str, Any]], partial: str
+    model: str, messages: list[dict[str, Any]], partial: str, *, prefill: bool = True
 ) -> tuple[list[dict[str, Any]], str]:
-    """The messages that continue ``partial``, and the whitespace the answer may repeat."""
-    if supports_prefill(model) and partial.strip():
+    """The messages that continue ``partial``, and the whitespace the answer may repeat.
+    ``prefill=False``: the "continue" turn whatever the model (thinking forbids a prefill)."""
+    if prefill and supports_prefill(model) and partial.strip():
         kept = partial.rstrip()  # the API refuses a prefill ending in whitespace
         return [*messages, {"role": "assistant", "content": kept}], partial[len(kept) :]
     tail = partial[-200:]

@@ -193,7 +193,9 @@ class Relay:
         if remaining < 1:
             return None
         sent = _joined(texts)
-        messages, whitespace = continuation_messages(request.model, request.messages, sent)
+        messages, whitespace = continuation_messages(
+            request.model, request.messages, sent, prefill=self.config.thinking == "off"
+        )
         return _params(request, messages, remaining, self.config), ContinuationGuard(
             sent, whitespace
         )
@@ -213,7 +215,8 @@ class Relay:
         guard: ContinuationGuard | None,
     ) -> str | None:
         """One upstream request. Returns the stop reason, or raises :class:`UpstreamError`."""
-        turn = _Turn(stream, outcome)
+        # a continuation's thinking (about how to go on) is not shown mid-answer
+        turn = _Turn(stream, outcome, self.config.expose_thinking and not texts)
         append_data = stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
         framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
@@ -241,7 +244,7 @@ class Relay:
                             if literal == b'""':
                                 continue
                         else:
-                            literal, guard = _slow_delta(data, guard)
+                            literal, guard = turn.slow_delta(data, guard)
                             if literal is None:
                                 continue
                         if not texts:
@@ -271,11 +274,25 @@ class _Turn:
     ended properly (``message_stop``); the first request's ``message_start`` starts the
     stream."""
 
-    __slots__ = ("completed", "deltas", "outcome", "request_id", "stop_reason", "stream", "usage")
+    __slots__ = (
+        "completed",
+        "deltas",
+        "expose_thinking",
+        "outcome",
+        "request_id",
+        "signatures",
+        "stop_reason",
+        "stream",
+        "thought",
+        "usage",
+    )
 
-    def __init__(self, stream: Stream, outcome: StreamOutcome) -> None:
+    def __init__(self, stream: Stream, outcome: StreamOutcome, expose_thinking: bool) -> None:
         self.stream = stream
         self.outcome = outcome
+        self.expose_thinking = expose_thinking
+        self.thought = False  # this request streamed thinking
+        self.signatures: list[str] = []  # kept server-side, for the API, never for readers
         self.usage: dict[str, Any] = {}
         self.stop_reason: str | None = None
         self.completed = False  # saw message_stop: a body that ends without it is truncated
@@ -305,6 +322,42 @@ class _Turn:
         elif name == b"error":
             raise _stream_error(data, self.request_id)
 
+    def slow_delta(
+        self, data: bytes, guard: ContinuationGuard | None
+    ) -> tuple[bytes | None, ContinuationGuard | None]:
+        """A delta off the fast path: text decoded, passed through a continuation's guard
+        (None once it has decided) and re-encoded; thinking sent as its own event. ``None``
+        when there is no text to send."""
+        delta = json.loads(data)["delta"]
+        kind = delta.get("type")
+        if kind == "thinking_delta":
+            self._thinking(delta.get("thinking") or "")
+            return None, guard
+        if kind == "signature_delta":
+            self.signatures.append(delta.get("signature") or "")
+            return None, guard
+        text = delta.get("text") if kind == "text_delta" else None
+        if not text:
+            return None, guard  # tool input: not in this protocol
+        if guard is not None:
+            text = guard.feed(text)
+            if not guard.deciding:
+                guard = None  # decided: the rest takes the fast path
+            if not text:
+                return None, guard
+        return encode_json(text), guard
+
+    def _thinking(self, text: str) -> None:
+        if not self.expose_thinking or not text:
+            return
+        stream = self.stream
+        if not self.thought:
+            self.thought = True
+            # a retry after thinking (no text yet) thinks again: say so, so a client clears it
+            if any(b'"type":"thinking"' in event for event in stream.events):
+                stream.append({"type": "thinking", "text": "", "restart": True})
+        stream.append({"type": "thinking", "text": text})
+
     def _note_usage(self) -> None:
         """The stream's usage so far: every request before, and this one as reported."""
         usage = dict(self.outcome.usage)
@@ -318,23 +371,6 @@ class _Turn:
         if usage:
             usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), self.deltas)
         _add_usage(self.outcome.usage, usage)
-
-
-def _slow_delta(
-    data: bytes, guard: ContinuationGuard | None
-) -> tuple[bytes | None, ContinuationGuard | None]:
-    """A delta off the fast path: decoded, passed through a continuation's guard (None once
-    it has decided), re-encoded. ``None`` when there is no text to send."""
-    text = _delta_text(data)
-    if not text:
-        return None, guard  # thinking, signatures, tool input: not in v1
-    if guard is not None:
-        text = guard.feed(text)
-        if not guard.deciding:
-            guard = None  # decided: the rest takes the fast path
-        if not text:
-            return None, guard
-    return encode_json(text), guard
 
 
 def _ours(exc: Exception) -> bool:
@@ -411,11 +447,6 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes]:
     return name, joined
 
 
-def _delta_text(data: bytes) -> str | None:
-    delta = json.loads(data)["delta"]
-    return delta.get("text") if delta.get("type") == "text_delta" else None
-
-
 def _joined(texts: list[bytes]) -> str:
     """The text the client has received, from the JSON string literals kept per delta."""
     return "".join(json.loads(b"[" + b",".join(texts) + b"]"))
@@ -449,6 +480,12 @@ def _params(
         "messages": messages,
         "stream": True,
     }
+    thinking = config.thinking
+    if thinking == "adaptive":
+        params["thinking"] = {"type": "adaptive"}
+    elif isinstance(thinking, int):  # the budget comes on top of the answer's max_tokens
+        params["thinking"] = {"type": "enabled", "budget_tokens": thinking}
+        params["max_tokens"] = max_tokens + thinking
     if request.system:
         params["system"] = (
             [{"type": "text", "text": request.system, "cache_control": _EPHEMERAL}]

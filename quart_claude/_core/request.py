@@ -98,6 +98,11 @@ def parse_chat_request(body: Any, config: ClaudeConfig, identity: str | None = N
     if model != config.model and "*" not in allowed and model not in allowed:
         choices = ", ".join((config.model, *allowed))
         raise _invalid(f"'model' must be one of: {choices} (CLAUDE_ALLOWED_MODELS)")
+    if config.thinking != "off" and body.get("temperature") is not None:
+        raise _invalid(
+            "'temperature' cannot be set while the server has thinking on (CLAUDE_THINKING): "
+            "the API requires its default"
+        )
     return ChatRequest(
         messages=messages,
         model=model,

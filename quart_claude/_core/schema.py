@@ -135,6 +135,18 @@ class ErrorEvent(BaseModel):
     retryable: bool
     retry_after: int | None = None
     partial: bool | None = None
+    #: a draining server handed the stream off: resume it (not the stream's last event)
+    resume: bool | None = None
+    stream_id: str | None = None
+
+
+class ThinkingEvent(BaseModel):
+    """Protocol v1.1: the model's thinking, before its text (``CLAUDE_THINKING``);
+    ``restart``: the thinking so far is void (a retry thinks again)."""
+
+    type: Literal["thinking"]
+    text: str
+    restart: bool | None = None
 
 
 class ChatReply(BaseModel):
@@ -193,6 +205,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     DeltaEvent,
     DoneEvent,
     ErrorEvent,
+    ThinkingEvent,
     ChatReply,
     ErrorBody,
     Health,
@@ -223,7 +236,7 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
     events = {"oneOf": [_ref(name) for name in ("StartEvent", "DeltaEvent", "DoneEvent")]}
-    events["oneOf"].append(_ref("ErrorEvent"))
+    events["oneOf"] += [_ref("ErrorEvent"), _ref("ThinkingEvent")]
     schemas["StreamEvent"] = events
     sse = {
         "description": (

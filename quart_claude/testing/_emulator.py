@@ -17,7 +17,7 @@ import secrets
 import socket
 import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -103,7 +103,8 @@ class Reply:
     input_tokens: int | None = None
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
-    thinking: str | None = None  # a thinking block streamed before the text
+    thinking: str | None = None  # a thinking block streamed before the text, word by word
+    redacted_thinking: bool = False  # a redacted_thinking block (encrypted: no text) first
     stamp: bool = False  # each delta carries its send time: "<unix seconds> " (benchmarks)
     #: How a continuation request is answered, as real models do: ``"rest"`` the text after
     #: what the request already has; ``"restart"`` the whole text again from its start;
@@ -402,6 +403,9 @@ class Emulator:
                 return 400, "invalid_request_error", problem
         if not model.startswith("claude-"):
             return 404, "not_found_error", f"model: {model}"
+        problem = _thinking_problem(body, model)
+        if problem is not None:
+            return 400, "invalid_request_error", problem
         if messages[-1]["role"] == "assistant" and _NO_PREFILL.match(model):
             return (
                 400,
@@ -532,34 +536,13 @@ class Emulator:
                 },
             },
         )
-        index = 0
-        if reply.thinking is not None:
-            await event(
-                "content_block_start",
-                {
-                    "type": "content_block_start",
-                    "index": 0,
-                    "content_block": {"type": "thinking", "thinking": ""},
-                },
-            )
-            await event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "thinking_delta", "thinking": reply.thinking},
-                },
-            )
-            await event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": 0,
-                    "delta": {"type": "signature_delta", "signature": "c2lnbmF0dXJl"},
-                },
-            )
-            await event("content_block_stop", {"type": "content_block_stop", "index": 0})
-            index = 1
+        thinking = body.get("thinking")
+        if reply.thinking is None and isinstance(thinking, dict) and thinking.get("type") in (
+            "enabled",
+            "adaptive",
+        ):  # asked to think, a model thinks
+            reply = replace(reply, thinking=_demo_thought(body["messages"]))
+        index = await _thinking_blocks(event, reply, delay or 0.0)
         await event(
             "content_block_start",
             {
@@ -674,6 +657,79 @@ _MEDIA_TYPES = {
 }
 
 
+async def _thinking_blocks(
+    event: Callable[[str, dict[str, Any]], Awaitable[None]], reply: Reply, delay: float
+) -> int:
+    """A reply's redacted and thinking blocks (word by word, then a signature); the index of
+    the next block."""
+    index = 0
+    if reply.redacted_thinking:
+        block = {"type": "redacted_thinking", "data": "RW5jcnlwdGVk" + secrets.token_hex(8)}
+        await event(
+            "content_block_start",
+            {"type": "content_block_start", "index": index, "content_block": block},
+        )
+        await event("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    if reply.thinking is not None:
+        await event(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": index,
+                "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+            },
+        )
+        for piece in _TOKEN.findall(reply.thinking):
+            if delay:
+                await asyncio.sleep(delay)
+            await event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "thinking_delta", "thinking": piece},
+                },
+            )
+        signature = base64.b64encode(secrets.token_bytes(24)).decode()
+        await event(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": index,
+                "delta": {"type": "signature_delta", "signature": signature},
+            },
+        )
+        await event("content_block_stop", {"type": "content_block_stop", "index": index})
+        index += 1
+    return index
+
+
+def _thinking_problem(body: Mapping[str, Any], model: str) -> str | None:
+    """What the API says of a request's ``thinking`` (None: acceptable)."""
+    thinking = body.get("thinking")
+    if thinking is None:
+        return None
+    kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "adaptive":
+        if not _NO_PREFILL.match(model):
+            return f"thinking.type: adaptive thinking is not supported on {model}"
+    elif kind == "enabled":
+        budget = thinking.get("budget_tokens")
+        if type(budget) is not int or budget < 1024:
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if budget >= body["max_tokens"]:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    elif kind != "disabled":
+        return "thinking.type: Input tag does not match any of the expected tags"
+    if kind != "disabled":
+        if body.get("temperature") not in (None, 1):
+            return "`temperature` may only be set to 1 when thinking is enabled"
+        if body["messages"][-1].get("role") == "assistant":
+            return "Extended thinking is not compatible with assistant message prefill"
+    return None
+
+
 def _content_problem(message: Mapping[str, Any], where: str) -> str | None:
     """What the API would say of a message's content (None: it is well-formed)."""
     content = message.get("content")
@@ -754,6 +810,18 @@ def _tokenize(reply: Reply, text: str) -> list[str]:
     if pieces and skip:
         pieces[0] = pieces[0][skip:]  # the continuation starts inside this piece
     return pieces
+
+
+def _demo_thought(messages: Iterable[Mapping[str, Any]]) -> str:
+    prompt = ""
+    for message in messages:
+        if message.get("role") == "user":
+            prompt = _content_text(message)
+    words = len(prompt.split())
+    return (
+        f"The user wrote {words} word{'s' if words != 1 else ''}. "
+        "I should answer directly and briefly, in the same language."
+    )
 
 
 def _demo_text(messages: Iterable[Mapping[str, Any]]) -> str:
