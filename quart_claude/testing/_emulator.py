@@ -537,9 +537,14 @@ class Emulator:
             },
         )
         thinking = body.get("thinking")
-        if reply.thinking is None and isinstance(thinking, dict) and thinking.get("type") in (
-            "enabled",
-            "adaptive",
+        if (
+            reply.thinking is None
+            and isinstance(thinking, dict)
+            and thinking.get("type")
+            in (
+                "enabled",
+                "adaptive",
+            )
         ):  # asked to think, a model thinks
             reply = replace(reply, thinking=_demo_thought(body["messages"]))
         index = await _thinking_blocks(event, reply, delay or 0.0)
