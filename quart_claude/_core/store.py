@@ -79,9 +79,9 @@ class MemoryStore:
         self.max_finished = max_finished
         self.max_bytes = max_bytes
         self.resume_grace = resume_grace
-        self.finished_bytes = 0
+        self.finished_bytes: int = 0
         #: set when the worker drains: readers of other workers' streams end with shutdown
-        self.closing = asyncio.Event()
+        self.closing: asyncio.Event = asyncio.Event()
         self._streams: dict[str, Stream] = {}
         self._finished: deque[tuple[Stream, int]] = deque()  # in the order they finished
         self._grace: dict[str, asyncio.TimerHandle] = {}

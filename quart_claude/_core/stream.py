@@ -115,10 +115,10 @@ class Stream:
             owner  # the identity allowed to read or stop it (None: anyone with the id)
         )
         self.events: list[bytes] = []
-        self.visible = 0  # how many events readers may see (the store publishes them)
+        self.visible: int = 0  # how many events readers may see (the store publishes them)
         self.finished: bool = False  # the producer appended its last event
-        self.closed = False  # no more events will be published here: readers end
-        self.left = False  # the producer stopped here without a last event (see leave)
+        self.closed: bool = False  # no more events will be published here: readers end
+        self.left: bool = False  # the producer stopped here without a last event (see leave)
         self.epilogue: bytes | None = None  # sent to readers after the last one, if closed so
         self.finished_at: float | None = None
         self.created_at: float = time.monotonic()
