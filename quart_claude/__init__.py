@@ -12,6 +12,7 @@ from ._core.protocol import ERROR_CLASSES, UpstreamError
 from ._core.retry import RetryPolicy
 from ._core.sse import SSEEvent, SSEParser
 from ._core.state import ClaudeState
+from ._core.tools import ToolContext
 from ._quart import Claude
 
 __all__ = [
@@ -24,6 +25,7 @@ __all__ = [
     "RetryPolicy",
     "SSEEvent",
     "SSEParser",
+    "ToolContext",
     "UpstreamError",
 ]
 

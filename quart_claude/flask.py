@@ -53,11 +53,12 @@ from ._core.http import (
 )
 from ._core.request import RequestError
 from ._core.state import ClaudeState, ExtensionBase, Unauthorized, state_of
+from ._core.tools import ToolContext
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Claude", "post_worker_init"]
+__all__ = ["Claude", "ToolContext", "post_worker_init"]
 
 log: logging.Logger = logging.getLogger("quart_claude")
 

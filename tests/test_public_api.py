@@ -17,9 +17,10 @@ PUBLIC = {
         "RetryPolicy",
         "SSEEvent",
         "SSEParser",
+        "ToolContext",
         "UpstreamError",
     },
-    "quart_claude.flask": {"Claude", "post_worker_init"},
+    "quart_claude.flask": {"Claude", "ToolContext", "post_worker_init"},
 }
 
 

@@ -7,6 +7,7 @@ that order, then the default. Bad values fail at ``init_app`` with a message nam
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -158,6 +159,28 @@ def _thinking(key: str, value: Any) -> str | int:
     return budget
 
 
+def _server_tools(key: str, value: Any) -> tuple[dict[str, Any], ...]:
+    """Tool definitions the API runs itself (web search, code execution), as JSON or a
+    list of dicts: each needs a ``type`` and a ``name``."""
+    if isinstance(value, str):
+        if not value.strip():
+            return ()
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a JSON list of tool definitions") from None
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{key} must be a list of tool definitions, got {value!r}")
+    for item in value:
+        if not (
+            isinstance(item, dict)
+            and isinstance(item.get("type"), str)
+            and isinstance(item.get("name"), str)
+        ):
+            raise ConfigError(f"{key}: each server tool needs a 'type' and a 'name', got {item!r}")
+    return tuple(dict(item) for item in value)
+
+
 def _store_url(key: str, value: Any) -> str:
     text = _str(key, value).strip()
     if text in ("", "memory"):
@@ -213,6 +236,9 @@ _KEYS: dict[str, _Key] = {
     "handle_signals": _Key(_bool, True),
     "http_client": _Key(_http_client, "auto"),
     "thinking": _Key(_thinking, "off"),
+    "max_tool_steps": _Key(_positive_int, 8),
+    "tool_timeout": _Key(_positive_seconds, 30.0),
+    "server_tools": _Key(_server_tools, ()),
     "expose_thinking": _Key(_bool, True),
     "sse_retry": _Key(_non_negative_int, 1000),
     "metrics": _Key(_bool, True),
@@ -261,6 +287,9 @@ class ClaudeConfig:
     handle_signals: bool
     http_client: str
     thinking: str | int  # "off", "adaptive", or a budget in tokens
+    max_tool_steps: int
+    tool_timeout: float
+    server_tools: tuple[dict[str, Any], ...]
     expose_thinking: bool
     sse_retry: int
     metrics: bool

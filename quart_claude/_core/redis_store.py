@@ -10,7 +10,8 @@ are ``0-<index+1>``, so "every event after ``Last-Event-ID: N``" is exactly
   final one;
 - ``qc:ID:meta``: hash ``owner``, ``done``, ``n`` (the event count, set when done),
   ``fence`` (the producer's fencing token), ``producer``, ``takeovers``, ``seen`` (when the
-  lease was last renewed), ``handoff`` and ``usage`` (the upstream usage so far, JSON);
+  lease was last renewed), ``handoff``, ``usage`` (the upstream usage so far, JSON) and
+  ``steps`` (a tool loop's finished steps and its tools' results, JSON);
 - ``qc:ID:req``: the validated request (JSON; never the API key), so another worker can
   continue the answer;
 - ``qc:ID:lease``: the producer's fencing token, renewed every 0.5 s (expires after 3 s);
@@ -75,10 +76,11 @@ def _error_frame(error_class: str, *, partial: bool, **extra: Any) -> bytes:
 _UNAVAILABLE = _error_frame("unavailable", partial=True)
 
 # KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
-# live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, this worker,
-# then the encoded events from ``start`` on. Returns 1; 0 (writing nothing) when the stream in Redis
-# is not what this worker left there (the caller rewrites it from 0); -1 when another
-# producer holds the stream (the caller stops).
+# live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, steps JSON (a
+# tool loop's, when they changed), this worker, then the encoded events from ``start`` on.
+# Returns 1; 0 (writing nothing) when the stream in Redis is not what this worker left there
+# (the caller rewrites it from 0); -1 when another producer holds the stream (the caller
+# stops).
 _APPEND = """
 local start = tonumber(ARGV[1])
 local fence = redis.call('HGET', KEYS[2], 'fence')
@@ -90,18 +92,19 @@ if start > 0 then
 else
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'owner', ARGV[2], 'n', 0, 'done', 0, 'fence', ARGV[7],
-    'producer', ARGV[10], 'seen', redis.call('TIME')[1])
+    'producer', ARGV[11], 'seen', redis.call('TIME')[1])
   redis.call('EXPIRE', KEYS[2], ARGV[5])
   if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[5]) end
 end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'usage', ARGV[9]) end
-local count = #ARGV - 10
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[2], 'steps', ARGV[10]) end
+local count = #ARGV - 11
 for i = 1, count do
   local id = '0-' .. (start + i)
   if ARGV[3] == '1' and i == count then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[10 + i], 'f', '1')
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[11 + i], 'f', '1')
   else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[10 + i])
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[11 + i])
   end
 end
 if start == 0 and count > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
@@ -135,12 +138,12 @@ return 1
 """
 
 # KEYS: meta, lease, request. ARGV: worker, max takeovers, grace seconds, lease seconds.
-# Returns {fence, previous producer, owner, request, usage} to the one claimant, {0} when
-# there is nothing to claim (finished, unknown, or its producer is alive), {-1} when the
-# takeovers are used up and {-2} when nobody came back for it in time.
+# Returns {fence, previous producer, owner, request, usage, handoff, steps} to the one
+# claimant, {0} when there is nothing to claim (finished, unknown, or its producer is
+# alive), {-1} when the takeovers are used up and {-2} when nobody came back for it in time.
 _CLAIM = """
 local m = redis.call('HMGET', KEYS[1], 'fence', 'done', 'takeovers', 'seen', 'handoff',
-  'producer', 'owner', 'usage')
+  'producer', 'owner', 'usage', 'steps')
 if not m[1] or m[2] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then return {0} end
 local request = redis.call('GET', KEYS[3])
 if not request then return {-1} end
@@ -153,7 +156,7 @@ local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
 if not handoff then redis.call('HINCRBY', KEYS[1], 'takeovers', 1) end
 redis.call('HSET', KEYS[1], 'producer', ARGV[1], 'handoff', 0, 'seen', now)
 redis.call('SET', KEYS[2], fence, 'EX', ARGV[4])
-return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0}
+return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0, m[9] or '[]'}
 """
 
 
@@ -187,6 +190,7 @@ class RedisStore(MemoryStore):
         self._fences: dict[str, int] = {}
         self._requests: dict[str, bytes] = {}  # until the first write has stored it
         self._mirrored: dict[str, int] = {}
+        self._steps_mirrored: dict[str, int] = {}  # the steps_version Redis has
         self._dirty: dict[str, Stream] = {}
         self._flush_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -262,6 +266,7 @@ class RedisStore(MemoryStore):
         self._fences.pop(stream_id, None)
         self._requests.pop(stream_id, None)
         self._mirrored.pop(stream_id, None)
+        self._steps_mirrored.pop(stream_id, None)
         self._dirty.pop(stream_id, None)
 
     def changed(self, stream: Stream) -> None:
@@ -347,10 +352,16 @@ class RedisStore(MemoryStore):
                 self._flush_wanted.set()
 
     async def _write(self, pipe: Any, stream: Stream, start: int) -> int:
-        """Queue the atomic, checked append of ``stream``'s events from ``start``; the end."""
+        """Queue the atomic, checked append of ``stream``'s events from ``start`` (and its
+        steps, when they changed); the end."""
         events = stream.events
         end = len(events)
         final = stream.finished and not stream.left
+        steps = ""
+        if stream.steps and (
+            start == 0 or self._steps_mirrored.get(stream.id) != stream.steps_version
+        ):
+            steps = json.dumps(stream.steps)
         await self._scripts[
             "append"
         ](  # with a pipeline: queued, sent by its execute()
@@ -370,6 +381,7 @@ class RedisStore(MemoryStore):
                 self._fences[stream.id],
                 self._requests.get(stream.id, b"") if start == 0 else b"",
                 json.dumps(stream.usage) if stream.usage else "",
+                steps,
                 self.worker,
                 *events[start:end],
             ],
@@ -386,7 +398,11 @@ class RedisStore(MemoryStore):
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 batch = [
-                    (stream, await self._write(pipe, stream, self._mirrored.get(sid, 0)))
+                    (
+                        stream,
+                        await self._write(pipe, stream, self._mirrored.get(sid, 0)),
+                        stream.steps_version,
+                    )
                     for sid, stream in dirty.items()
                 ]
                 results = await pipe.execute()
@@ -399,7 +415,7 @@ class RedisStore(MemoryStore):
                 if stream.finished and not stream.left:
                     stream.close()
             raise
-        for (stream, end), written in zip(batch, results, strict=True):
+        for (stream, end, steps_version), written in zip(batch, results, strict=True):
             if written == -1:
                 self._superseded(stream)
             elif not written:  # Redis lost (part of) it: rewrite it whole from memory
@@ -409,6 +425,7 @@ class RedisStore(MemoryStore):
             else:
                 stream.publish(end)
                 self._mirrored[stream.id] = end
+                self._steps_mirrored[stream.id] = steps_version
                 if stream.finished and not stream.left and end == len(stream.events):
                     stream.close()
                     self._forget(stream.id)
@@ -465,7 +482,7 @@ class RedisStore(MemoryStore):
             return None
         if status < 0:
             return "unavailable"
-        fence, previous, owner, request, usage, handoff = reply
+        fence, previous, owner, request, usage, handoff, steps = reply
         entries = await self.redis.xrange(_key(stream_id, "ev"))
         claim = Claim(
             stream_id,
@@ -476,6 +493,7 @@ class RedisStore(MemoryStore):
             json.loads(usage),
             [fields[b"e"] for _, fields in entries],
             bool(int(handoff)),
+            json.loads(steps),
         )
         log.info(
             "stream %s taken over: producer %s -> %s, %d events already stored%s",

@@ -14,7 +14,7 @@ import json
 import logging
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
@@ -30,6 +30,7 @@ from .retry import RetryPolicy
 from .sse import encode_json
 from .stream import Stream
 from .telemetry import StreamOutcome, Telemetry
+from .tools import ToolBox
 
 __all__ = ["MAX_UPSTREAM_EVENT", "Prior", "Relay"]
 
@@ -62,11 +63,16 @@ class Relay:
     """Runs generations for one app in one worker: the SDK client plus the policies."""
 
     def __init__(
-        self, client: anthropic.AsyncAnthropic, config: ClaudeConfig, telemetry: Telemetry
+        self,
+        client: anthropic.AsyncAnthropic,
+        config: ClaudeConfig,
+        telemetry: Telemetry,
+        tools: ToolBox | None = None,
     ) -> None:
         self.client = client
         self.config = config
         self.telemetry = telemetry
+        self.tools: ToolBox = tools if tools is not None else ToolBox()
         self.policy: RetryPolicy = RetryPolicy(
             config.max_retries, config.retry_base_delay, config.retry_max_delay
         )
@@ -118,39 +124,127 @@ class Relay:
         outcome: StreamOutcome,
         prior: Prior | None,
     ) -> str:
-        config = self.config
-        policy = self.policy
-        texts: list[bytes] = []  # what the client has received (JSON literals), to continue
-        params = _params(request, request.messages, request.max_tokens, config)
-        guard: ContinuationGuard | None = None  # set on continuation requests
-        tolerated = 0  # library warnings turned from errors into log lines
-        if prior is not None:  # taken over: the usage so far, and the text to continue
+        """The steps of one answer: each an upstream message (with its retries and
+        continuations); a message that stops to use tools, or that the API paused, is followed
+        by the next one, up to ``CLAUDE_MAX_TOOL_STEPS``."""
+        texts: list[bytes] = []  # this step's text the client has (JSON literals), to continue
+        step_base = 0  # output tokens before this step (a step has its own max_tokens)
+        if prior is not None:  # taken over: the steps and usage so far, the text to continue
             _add_usage(outcome.usage, prior.usage)
             stream.usage = dict(outcome.usage)
+            stream.steps = [dict(step) for step in prior.steps]
             if prior.text:
                 texts.append(encode_json(prior.text))
-                following = self._continuation(request, texts, outcome)
-                if following is None:
-                    return self._out_of_tokens(stream, outcome)
-                params, guard = following
+            step_base = int(outcome.usage.get("output_tokens") or 0) - prior.step_deltas
+            pending = prior.pending_calls()
+            if pending:  # the tools that had not finished; the finished ones never run again
+                await self._run_tools(stream, stream.steps[-1], pending)
+        while True:
+            history = _history(request.messages, stream.steps)
+            turn = await self._step(stream, request, history, texts, outcome, step_base)
+            if isinstance(turn, str):
+                return turn  # ended with an error, or out of tokens
+            stop_reason = turn.stop_reason
+            calls = turn.calls() if stop_reason == "tool_use" else []
+            if not calls and stop_reason != "pause_turn":
+                outcome.stop_reason = stop_reason
+                stream.append(done_event(stop_reason, outcome.usage))
+                return "done"
+            if len(stream.steps) >= self.config.max_tool_steps:
+                log.info("stream %s: CLAUDE_MAX_TOOL_STEPS reached", stream.id)
+                outcome.stop_reason = "max_tool_steps"
+                stream.append(done_event("max_tool_steps", outcome.usage))
+                return "done"
+            step: dict[str, Any] = {
+                "content": turn.content(_joined(texts) if texts else ""),
+                "results": {} if calls else None,  # None: paused, continued as is
+                "at": len(stream.events),  # the step's text is in the events before this
+            }
+            stream.add_step(step)
+            if calls:
+                tools = self.tools
+                for call in calls:
+                    tool = tools.tools.get(call["name"])
+                    shown = tool.view_input(call["input"]) if tool is not None else call["input"]
+                    event = {"type": "tool_call", "id": call["id"], "name": call["name"]}
+                    stream.append({**event, "input": shown})
+                await self._run_tools(stream, step, calls)
+            texts = []
+            step_base = int(outcome.usage.get("output_tokens") or 0)
+
+    async def _run_tools(
+        self, stream: Stream, step: dict[str, Any], calls: list[dict[str, Any]]
+    ) -> None:
+        """Run a step's tool calls at once; each result is recorded with the step (so it is
+        never run again, here or on another worker) before its event goes out."""
+        tools = self.tools
+        timeout = self.config.tool_timeout
+        results: dict[str, Any] = step["results"]
+
+        async def run(call: dict[str, Any]) -> None:
+            result = await tools.run(
+                call["id"],
+                call["name"],
+                call["input"],
+                identity=stream.owner,
+                stream_id=stream.id,
+                default_timeout=timeout,
+            )
+            results[result.id] = result.block()
+            stream.steps_changed()
+            tool = tools.tools.get(result.name)
+            output = tool.view_output(result) if tool is not None else result.output
+            stream.append(
+                {
+                    "type": "tool_result",
+                    "id": result.id,
+                    "name": result.name,
+                    "is_error": result.is_error,
+                    "output": output,
+                }
+            )
+
+        await asyncio.gather(*(run(call) for call in calls))
+
+    async def _step(
+        self,
+        stream: Stream,
+        request: ChatRequest,
+        history: list[dict[str, Any]],
+        texts: list[bytes],
+        outcome: StreamOutcome,
+        step_base: int,
+    ) -> _Turn | str:
+        """One step's upstream message, retried before any of its text was sent and continued
+        after: its last request's :class:`_Turn`, or how the stream ended (a str)."""
+        config = self.config
+        policy = self.policy
+        params = self._params(request, history, request.max_tokens)
+        guard: ContinuationGuard | None = None  # set on continuation requests
+        tolerated = 0  # library warnings turned from errors into log lines
+        if texts:  # taken over mid-step: continue what the client has
+            following = self._continuation(request, history, texts, outcome, step_base)
+            if following is None:
+                return self._out_of_tokens(stream, outcome)
+            params, guard = following
         while True:
             outcome.attempts += 1
             try:
-                stop_reason = await self._attempt(stream, params, texts, outcome, guard)
+                turn = await self._attempt(stream, params, texts, outcome, guard)
             except _WarningRaised as raised:
                 tolerated += 1
                 if tolerated > 3:  # the filter did not take: never loop
                     error = UpstreamError("unknown", detail=raised.detail)
                     outcome.failed("unknown")
                     outcome.error = "unknown"
-                    stream.append(error.event(partial=bool(texts)))
+                    stream.append(error.event(partial=_partial(stream, texts)))
                     return "unknown"
             except UpstreamError as error:
                 error_class = error.error_class
                 outcome.upstream(error_class)
                 outcome.failed(error_class)
                 kind = "retry" if not texts else "recovery"
-                if not texts:  # nothing sent yet: a retry, from the retry budget
+                if not texts:  # nothing of this step sent yet: a retry, from the retry budget
                     wait = policy.delay(error, outcome.retries + 1)
                 elif (  # text sent: a continuation, from the recovery budget
                     config.recovery
@@ -165,7 +259,7 @@ class Relay:
                         "stream %s upstream failure: %s %s", stream.id, error_class, error.detail
                     )
                     outcome.error = error_class
-                    stream.append(error.event(partial=bool(texts)))
+                    stream.append(error.event(partial=_partial(stream, texts)))
                     return error_class
                 log.info("stream %s retrying in %.2fs after %s", stream.id, wait, error_class)
                 outcome.retrying(error_class, kind, wait)
@@ -175,30 +269,41 @@ class Relay:
                 raise
             else:
                 outcome.upstream("ok")
-                outcome.stop_reason = stop_reason
-                stream.append(done_event(stop_reason, outcome.usage))
-                return "done"
+                return turn
             if texts:  # the next request continues what the client already has
-                following = self._continuation(request, texts, outcome)
+                following = self._continuation(request, history, texts, outcome, step_base)
                 if following is None:
                     return self._out_of_tokens(stream, outcome)
                 params, guard = following
 
+    def _params(
+        self, request: ChatRequest, messages: list[dict[str, Any]], max_tokens: int
+    ) -> dict[str, Any]:
+        params = _params(request, messages, max_tokens, self.config)
+        tools = self.tools
+        if tools or self.config.server_tools:
+            params["tools"] = [*tools.definitions(), *self.config.server_tools]
+        return params
+
     def _continuation(
-        self, request: ChatRequest, texts: list[bytes], outcome: StreamOutcome
+        self,
+        request: ChatRequest,
+        history: list[dict[str, Any]],
+        texts: list[bytes],
+        outcome: StreamOutcome,
+        step_base: int,
     ) -> tuple[dict[str, Any], ContinuationGuard] | None:
-        """The request that continues the text sent so far, and its guard; None when the
-        answer has used its ``max_tokens``."""
-        remaining = request.max_tokens - int(outcome.usage.get("output_tokens", 0))
+        """The request that continues the step's text sent so far, and its guard; None when
+        the step has used its ``max_tokens``."""
+        used = int(outcome.usage.get("output_tokens", 0)) - step_base
+        remaining = request.max_tokens - used
         if remaining < 1:
             return None
         sent = _joined(texts)
         messages, whitespace = continuation_messages(
-            request.model, request.messages, sent, prefill=self.config.thinking == "off"
+            request.model, history, sent, prefill=self.config.thinking == "off"
         )
-        return _params(request, messages, remaining, self.config), ContinuationGuard(
-            sent, whitespace
-        )
+        return self._params(request, messages, remaining), ContinuationGuard(sent, whitespace)
 
     @staticmethod
     def _out_of_tokens(stream: Stream, outcome: StreamOutcome) -> str:
@@ -213,8 +318,9 @@ class Relay:
         texts: list[bytes],
         outcome: StreamOutcome,
         guard: ContinuationGuard | None,
-    ) -> str | None:
-        """One upstream request. Returns the stop reason, or raises :class:`UpstreamError`."""
+    ) -> _Turn:
+        """One upstream request: what it said besides text (its stop reason, its blocks), or
+        raises :class:`UpstreamError`."""
         # a continuation's thinking (about how to go on) is not shown mid-answer
         turn = _Turn(stream, outcome, self.config.expose_thinking and not texts)
         append_data = stream.append_data
@@ -247,7 +353,7 @@ class Relay:
                             literal, guard = turn.slow_delta(data, guard)
                             if literal is None:
                                 continue
-                        if not texts:
+                        if not texts and outcome.first_token_at is None:
                             outcome.first_token()
                         turn.deltas += 1
                         texts.append(literal)
@@ -266,21 +372,23 @@ class Relay:
                 raise  # cancelled: the producer decides what to tell readers
             raise _classified(exc) from (None if _ours(exc) else exc)
         _add_usage(outcome.usage, turn.usage)
-        return turn.stop_reason
+        return turn
 
 
 class _Turn:
-    """What one upstream request said besides text: its usage, stop reason and whether it
-    ended properly (``message_stop``); the first request's ``message_start`` starts the
-    stream."""
+    """What one upstream request said besides text: its usage, stop reason, whether it
+    ended properly (``message_stop``), and its other content blocks (thinking with its
+    signature, tool calls, server tools' blocks), kept to send back to the API on the next
+    step. The first request's ``message_start`` starts the stream."""
 
     __slots__ = (
+        "blocks",
         "completed",
         "deltas",
         "expose_thinking",
+        "inputs",
         "outcome",
         "request_id",
-        "signatures",
         "stop_reason",
         "stream",
         "thought",
@@ -292,7 +400,10 @@ class _Turn:
         self.outcome = outcome
         self.expose_thinking = expose_thinking
         self.thought = False  # this request streamed thinking
-        self.signatures: list[str] = []  # kept server-side, for the API, never for readers
+        #: the message's blocks but text, by index (thinking keeps its signature here: for
+        #: the API, never for readers)
+        self.blocks: dict[int, dict[str, Any]] = {}
+        self.inputs: dict[int, list[str]] = {}  # tool inputs' JSON, as it streams
         self.usage: dict[str, Any] = {}
         self.stop_reason: str | None = None
         self.completed = False  # saw message_stop: a body that ends without it is truncated
@@ -301,7 +412,16 @@ class _Turn:
 
     def control(self, name: bytes, data: bytes) -> None:
         """Any event but a content delta (block starts and stops, pings: nothing to do)."""
-        if name == b"message_start":
+        if name == b"content_block_start":
+            body = json.loads(data)
+            block = body.get("content_block") or {}
+            if block.get("type") != "text":
+                self._block_start(int(body.get("index", 0)), dict(block))
+        elif name == b"content_block_stop":
+            index = json.loads(data).get("index", 0)
+            if index in self.inputs:
+                self._input_done(index)
+        elif name == b"message_start":
             message = json.loads(data)["message"]
             self.usage = dict(message.get("usage") or {})
             self._note_usage()
@@ -322,30 +442,99 @@ class _Turn:
         elif name == b"error":
             raise _stream_error(data, self.request_id)
 
+    def _block_start(self, index: int, block: dict[str, Any]) -> None:
+        kind = block.get("type")
+        self.blocks[index] = block
+        if kind in ("tool_use", "server_tool_use"):
+            self.inputs[index] = []
+        elif kind == "thinking":
+            block["thinking"] = block.get("thinking") or ""
+        elif isinstance(kind, str) and kind.endswith("_tool_result"):  # a server tool's result
+            content = block.get("content")
+            failed = isinstance(content, dict) and str(content.get("type", "")).endswith("_error")
+            self.stream.append(
+                {
+                    "type": "tool_result",
+                    "id": block.get("tool_use_id"),
+                    "name": kind[: -len("_tool_result")],
+                    "is_error": failed,
+                    "output": content,
+                    "server": True,
+                }
+            )
+
+    def _input_done(self, index: int) -> None:
+        """A tool call's input is complete; a server tool's call is shown now (the API runs
+        it), the app's tools once the message ends (they run then)."""
+        block = self.blocks[index]
+        raw = "".join(self.inputs.pop(index))
+        try:
+            block["input"] = json.loads(raw) if raw else block.get("input") or {}
+        except ValueError:
+            block["input"] = {}
+        if block.get("type") == "server_tool_use":
+            self.stream.append(
+                {
+                    "type": "tool_call",
+                    "id": block.get("id"),
+                    "name": block.get("name"),
+                    "input": block["input"],
+                    "server": True,
+                }
+            )
+
+    def calls(self) -> list[dict[str, Any]]:
+        """The app's tool calls, complete, in the order the model made them."""
+        return [
+            block
+            for _, block in sorted(self.blocks.items())
+            if block.get("type") == "tool_use" and "id" in block
+        ]
+
+    def content(self, text: str) -> list[dict[str, Any]]:
+        """The message's content as the next step sends it back: thinking first (as the API
+        requires), the step's text (all of it, over any continuations), then the rest."""
+        ordered = [block for _, block in sorted(self.blocks.items())]
+        thinking = [b for b in ordered if b.get("type") in ("thinking", "redacted_thinking")]
+        others = [b for b in ordered if b.get("type") not in ("thinking", "redacted_thinking")]
+        return [*thinking, *([{"type": "text", "text": text}] if text else []), *others]
+
     def slow_delta(
         self, data: bytes, guard: ContinuationGuard | None
     ) -> tuple[bytes | None, ContinuationGuard | None]:
         """A delta off the fast path: text decoded, passed through a continuation's guard
-        (None once it has decided) and re-encoded; thinking sent as its own event. ``None``
-        when there is no text to send."""
-        delta = json.loads(data)["delta"]
+        (None once it has decided) and re-encoded; thinking sent as its own event; a tool's
+        input kept. ``None`` when there is no text to send."""
+        body = json.loads(data)
+        delta = body["delta"]
         kind = delta.get("type")
-        if kind == "thinking_delta":
-            self._thinking(delta.get("thinking") or "")
-            return None, guard
-        if kind == "signature_delta":
-            self.signatures.append(delta.get("signature") or "")
-            return None, guard
-        text = delta.get("text") if kind == "text_delta" else None
-        if not text:
-            return None, guard  # tool input: not in this protocol
-        if guard is not None:
-            text = guard.feed(text)
-            if not guard.deciding:
-                guard = None  # decided: the rest takes the fast path
+        if kind == "text_delta":
+            text = delta.get("text")
             if not text:
                 return None, guard
-        return encode_json(text), guard
+            if guard is not None:
+                text = guard.feed(text)
+                if not guard.deciding:
+                    guard = None  # decided: the rest takes the fast path
+                if not text:
+                    return None, guard
+            return encode_json(text), guard
+        index = body.get("index", 0)
+        if kind == "input_json_delta":
+            parts = self.inputs.get(index)
+            if parts is not None:
+                parts.append(delta.get("partial_json") or "")
+        elif kind == "thinking_delta":
+            text = delta.get("thinking") or ""
+            block = self.blocks.get(index)
+            if block is not None:
+                block["thinking"] += text
+            self._thinking(text)
+        elif kind == "signature_delta":
+            block = self.blocks.get(index)
+            if block is not None:
+                block["signature"] = delta.get("signature") or ""
+        return None, guard  # citations and the rest: not in this protocol
 
     def _thinking(self, text: str) -> None:
         if not self.expose_thinking or not text:
@@ -391,23 +580,44 @@ def _classified(exc: Exception) -> Exception:
 
 @dataclass(frozen=True, slots=True)
 class Prior:
-    """What a stream holds when this worker takes it over: the text sent and the usage."""
+    """What a stream holds when this worker takes it over: the finished steps of a tool loop
+    (with their recorded results), the current step's text sent, and the usage."""
 
     text: str
     usage: dict[str, Any]
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    step_deltas: int = 0  # the current step's deltas (a lower bound of its output tokens)
 
     @classmethod
-    def from_events(cls, events: list[bytes], usage: dict[str, Any]) -> Prior:
-        """From the stream's encoded events and its last stored usage. An interrupted
-        request never reported its output: the deltas are a lower bound of it."""
+    def from_events(
+        cls, events: list[bytes], usage: dict[str, Any], steps: list[dict[str, Any]] | None = None
+    ) -> Prior:
+        """From the stream's encoded events, its steps and its last stored usage. An
+        interrupted request never reported its output: the deltas are a lower bound of it."""
+        steps = list(steps or ())
+        at = int(steps[-1]["at"]) if steps else 0
         pieces: list[str] = []
-        for event in events:
+        total = 0
+        for position, event in enumerate(events):
             payload = json.loads(event[6 : event.index(b"\n")])
             if payload.get("type") == "delta":
-                pieces.append(payload["text"])
+                total += 1
+                if position >= at:
+                    pieces.append(payload["text"])
         usage = dict(usage)
-        usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), len(pieces))
-        return cls("".join(pieces), usage)
+        usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), total)
+        return cls("".join(pieces), usage, steps, len(pieces))
+
+    def pending_calls(self) -> list[dict[str, Any]]:
+        """The last step's tool calls without a recorded result."""
+        if not self.steps or self.steps[-1]["results"] is None:
+            return []
+        done = self.steps[-1]["results"]
+        return [
+            block
+            for block in self.steps[-1]["content"]
+            if block.get("type") == "tool_use" and block.get("id") not in done
+        ]
 
 
 class _WarningRaised(Exception):
@@ -445,6 +655,32 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes]:
         kind = body.get("type") if isinstance(body, dict) else None
         name = kind.encode() if isinstance(kind, str) else b""
     return name, joined
+
+
+def _partial(stream: Stream, texts: list[bytes]) -> bool:
+    """Whether the reader already has some of the answer (this step's text, or a step)."""
+    return bool(texts) or bool(stream.steps)
+
+
+def _history(messages: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The conversation a step continues: the request's, then each finished step's message
+    and (for tool steps) a user turn with its results, in the order of the calls."""
+    history = list(messages)
+    for step in steps:
+        history.append({"role": "assistant", "content": step["content"]})
+        results = step["results"]
+        if results is not None:
+            history.append(
+                {
+                    "role": "user",
+                    "content": [
+                        results[block["id"]]
+                        for block in step["content"]
+                        if block.get("type") == "tool_use" and block.get("id") in results
+                    ],
+                }
+            )
+    return history
 
 
 def _joined(texts: list[bytes]) -> str:

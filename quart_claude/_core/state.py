@@ -12,7 +12,7 @@ import hmac
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 import anthropic
 import httpx2
@@ -28,6 +28,7 @@ from .schema import chat_body_model, openapi_document
 from .store import Claim, Found, MemoryStore
 from .stream import Stream
 from .telemetry import Telemetry, parent_context
+from .tools import Show, ToolBox
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -56,6 +57,9 @@ class Extension(Protocol):
 
     @property
     def authorize_hook(self) -> Authorize | None: ...
+
+    @property
+    def tools(self) -> ToolBox: ...
 
 
 class ClaudeState:
@@ -162,7 +166,7 @@ class ClaudeState:
         chat = ChatRequest(**fields)
         stream = Stream(claim.stream_id, retry_ms=self.config.sse_retry, owner=claim.owner)
         self.store.adopt(claim, stream)
-        prior = Prior.from_events(claim.events, claim.usage)
+        prior = Prior.from_events(claim.events, claim.usage, claim.steps)
         self.start_producer(stream, relay.produce(stream, chat, None, prior), client)
         return True
 
@@ -235,7 +239,7 @@ class ClaudeState:
             from .ratelimit import RateLimiter
 
             self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
-        self.relay = Relay(client, config, self.telemetry)
+        self.relay = Relay(client, config, self.telemetry, self.extension.tools)
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
@@ -360,6 +364,7 @@ def create_state(
 
 
 AppT = TypeVar("AppT")
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class ExtensionBase(Generic[AppT]):
@@ -376,6 +381,7 @@ class ExtensionBase(Generic[AppT]):
     ) -> None:
         self._options = options
         self.authorize_hook = authorize
+        self.tools: ToolBox = ToolBox()
         self.tracer_provider = tracer_provider
         if app is not None:
             self.init_app(app)
@@ -395,6 +401,48 @@ class ExtensionBase(Generic[AppT]):
         """
         self.authorize_hook = hook
         return hook
+
+    @overload
+    def tool(self, function: F, /) -> F: ...
+
+    @overload
+    def tool(
+        self,
+        function: None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        show: Show = "full",
+    ) -> Callable[[F], F]: ...
+
+    def tool(
+        self,
+        function: F | None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        show: Show = "full",
+    ) -> F | Callable[[F], F]:
+        """Decorate a function (sync or async) the model may call; it runs on the server.
+
+        Its input schema comes from its signature (pydantic; ``Annotated[int, Field(ge=1,
+        description=...)]`` refines it), its description from its docstring (or
+        ``description``). ``timeout``: seconds (default ``CLAUDE_TOOL_TIMEOUT``). ``show``:
+        what readers see, ``"full"`` (input and output), ``"hidden"`` (the name only) or a
+        function of the output returning a summary. A parameter annotated
+        :class:`ToolContext` receives who asked. Raises ValueError at once for a function
+        that cannot be a tool. The function is returned unchanged.
+        """
+
+        def register(fn: F) -> F:
+            self.tools.register(fn, name=name, description=description, timeout=timeout, show=show)
+            return fn
+
+        return register(function) if function is not None else register
 
     def _create_state(self, extensions: dict[str, Any], app_config: Any) -> ClaudeState:
         return create_state(self, extensions, app_config, self._options, self.tracer_provider)

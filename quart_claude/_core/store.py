@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .stream import Reader, Stream
@@ -50,6 +50,7 @@ class Claim:
     usage: dict[str, Any]  # upstream usage of every request so far
     events: list[bytes]  # every stored event, encoded
     handoff: bool  # released by a draining worker (not a crash)
+    steps: list[dict[str, Any]] = field(default_factory=list)  # a tool loop's, so far
 
 
 #: What the state does with a claim: start a producer that continues the stream (False when

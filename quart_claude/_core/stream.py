@@ -103,6 +103,8 @@ class Stream:
         "owner",
         "producer",
         "readers",
+        "steps",
+        "steps_version",
         "usage",
         "visible",
     )
@@ -129,6 +131,10 @@ class Stream:
         #: upstream usage so far (every request, the current one as last reported), kept
         #: by the producer, so another worker that takes the stream over can sum it
         self.usage: dict[str, Any] = {}
+        #: a tool loop's steps so far (see :mod:`.relay`): each message's content and its
+        #: tools' results, kept with the stream (and mirrored) so nothing runs twice
+        self.steps: list[dict[str, Any]] = []
+        self.steps_version: int = 0  # counts changes to ``steps``, for the store to mirror
         self._retry_ms = retry_ms
         self._waiters: list[asyncio.Future[bool]] = []
 
@@ -143,6 +149,14 @@ class Stream:
         index = len(events)
         events.append(frame(data, index, self._retry_ms if index == 0 else None))
         self.listener.changed(self)
+
+    def add_step(self, step: dict[str, Any]) -> None:
+        self.steps.append(step)
+        self.steps_version += 1
+
+    def steps_changed(self) -> None:
+        """A step recorded a result: the store mirrors it with the next event."""
+        self.steps_version += 1
 
     def finish(self) -> None:
         """The last event is appended (done or error)."""

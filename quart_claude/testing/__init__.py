@@ -17,6 +17,7 @@ from ._emulator import (
     RecordedRequest,
     Reply,
     Scripted,
+    ToolUse,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "RecordedRequest",
     "Reply",
     "Scripted",
+    "ToolUse",
 ]

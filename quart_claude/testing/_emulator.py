@@ -11,6 +11,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -29,6 +31,7 @@ __all__ = [
     "RecordedRequest",
     "Reply",
     "Scripted",
+    "ToolUse",
 ]
 
 #: A user turn starting with this asks to continue an interrupted answer (see the docs'
@@ -79,6 +82,20 @@ def _dumps(payload: Any) -> bytes:
 
 
 @dataclass(frozen=True, slots=True)
+class ToolUse:
+    """A tool call in a reply: a ``tool_use`` block after the text, its input streamed as
+    ``input_json_delta`` pieces cut at awkward places (inside keys, escapes, numbers), as the
+    API's are. ``server=True``: a ``server_tool_use`` block before the text, followed by its
+    ``<name>_tool_result`` block holding ``result``, as the API runs its own tools."""
+
+    name: str
+    input: Mapping[str, Any] = field(default_factory=dict)
+    id: str | None = None  # None: a fresh toolu_… id
+    server: bool = False
+    result: Any = None  # a server tool's result content
+
+
+@dataclass(frozen=True, slots=True)
 class Reply:
     """A streamed (or, for ``stream: false``, whole) answer, optionally ending in a fault.
 
@@ -115,6 +132,11 @@ class Reply:
     #: without their ``event:`` line (the JSON ``type`` still names them).
     framing: Literal["lf", "crlf", "cr", "data_only"] = "lf"
     raw: bytes = b""  # sent as is, before the first text delta (malformed input for tests)
+    #: tool calls: the app's after the text (the stop reason becomes ``tool_use``), the
+    #: server's before it
+    tool_calls: Sequence[ToolUse] = ()
+    #: ``fault`` happens after this many input pieces of the first app tool call instead
+    fault_in_input: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -358,6 +380,10 @@ class Emulator:
             )
             return True
         body = record.body
+        if scripted.text is None and scripted.tokens is None and not scripted.tool_calls:
+            demo = _demo_tool_call(body)  # demo mode: a prompt that names a tool calls it
+            if demo is not None:
+                scripted = replace(scripted, text="Let me look that up. ", tool_calls=(demo,))
         text = self._answer_text(scripted, body)
         stops = [s for s in body.get("stop_sequences") or () if isinstance(s, str) and s in text]
         if stops:  # the answer ends before the first stop sequence it contains, as the API's
@@ -403,10 +429,14 @@ class Emulator:
                 return 400, "invalid_request_error", problem
         if not model.startswith("claude-"):
             return 404, "not_found_error", f"model: {model}"
-        problem = _thinking_problem(body, model)
+        problem = _thinking_problem(body, model) or _conversation_problem(body)
         if problem is not None:
             return 400, "invalid_request_error", problem
-        if messages[-1]["role"] == "assistant" and _NO_PREFILL.match(model):
+        if (
+            messages[-1]["role"] == "assistant"
+            and _NO_PREFILL.match(model)
+            and not _continues_server_tool(messages)
+        ):
             return (
                 400,
                 "invalid_request_error",
@@ -548,6 +578,55 @@ class Emulator:
         ):  # asked to think, a model thinks
             reply = replace(reply, thinking=_demo_thought(body["messages"]))
         index = await _thinking_blocks(event, reply, delay or 0.0)
+        calls = [replace(c, id=c.id or _tool_id(c.server)) for c in reply.tool_calls]
+        for call in calls:
+            if call.server:  # the API runs its tools before it writes the answer
+                await _tool_block(event, index, call)
+                index += 2
+        pieces = 0
+        if tokens or not calls or reply.fault is not None:
+            faulted = await self._text_block(
+                record, writer, event, chunk, reply, tokens, index, delay or 0.0
+            )
+            if faulted is not None:
+                return faulted
+            index += 1
+        for number, call in enumerate(c for c in calls if not c.server):
+            fault_at = reply.fault_in_input if number == 0 and reply.fault is not None else None
+            sent = await _tool_block(event, index, call, fault_at)
+            if sent is None:
+                return await self._fault(record, writer, event, reply)
+            pieces += sent
+            index += 1
+        if any(not call.server for call in calls) and stop_reason == "end_turn":
+            stop_reason = "tool_use"
+        await event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop_reason, "stop_sequence": reply.stop_sequence},
+                "usage": {"output_tokens": len(tokens) + pieces},
+            },
+        )
+        await event("message_stop", {"type": "message_stop"})
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        record.outcome = "completed"
+        return True
+
+    async def _text_block(
+        self,
+        record: RecordedRequest,
+        writer: asyncio.StreamWriter,
+        event: Callable[[str, dict[str, Any]], Awaitable[None]],
+        chunk: Callable[[bytes], Awaitable[None]],
+        reply: Reply,
+        tokens: list[str],
+        index: int,
+        delay: float,
+    ) -> bool | None:
+        """The text block, word by word, with the reply's fault in it (its result: the
+        response ended there) or None."""
         await event(
             "content_block_start",
             {
@@ -561,7 +640,8 @@ class Emulator:
             await chunk(reply.raw)
         if reply.first_token_delay:
             await asyncio.sleep(reply.first_token_delay)
-        fault_at = reply.fault_after if reply.fault is not None else -1
+        in_text = reply.fault is not None and reply.fault_in_input is None
+        fault_at = reply.fault_after if in_text else -1
         for sent in range(len(tokens) + 1):
             if sent == fault_at:
                 if reply.fault != "stall":
@@ -581,19 +661,7 @@ class Emulator:
                 },
             )
         await event("content_block_stop", {"type": "content_block_stop", "index": index})
-        await event(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": reply.stop_sequence},
-                "usage": {"output_tokens": len(tokens)},
-            },
-        )
-        await event("message_stop", {"type": "message_stop"})
-        writer.write(b"0\r\n\r\n")
-        await writer.drain()
-        record.outcome = "completed"
-        return True
+        return None
 
     async def _fault(
         self, record: RecordedRequest, writer: asyncio.StreamWriter, event: Any, reply: Reply
@@ -696,7 +764,7 @@ async def _thinking_blocks(
                     "delta": {"type": "thinking_delta", "thinking": piece},
                 },
             )
-        signature = base64.b64encode(secrets.token_bytes(24)).decode()
+        signature = _sign(reply.thinking)
         await event(
             "content_block_delta",
             {
@@ -708,6 +776,79 @@ async def _thinking_blocks(
         await event("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
     return index
+
+
+#: Signs thinking blocks, so a follow-up that altered one is refused as the API refuses it.
+_SIGNING_KEY = secrets.token_bytes(32)
+
+
+def _sign(thinking: str) -> str:
+    digest = hmac.new(_SIGNING_KEY, thinking.encode(), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _tool_id(server: bool) -> str:
+    return ("srvtoolu_emu_" if server else "toolu_emu_") + secrets.token_hex(8)
+
+
+#: How tool input JSON is cut into ``input_json_delta`` pieces: sizes that land inside
+#: keys, escapes (``\\u00e9``) and numbers, after an empty first piece as the API sends.
+_INPUT_CUTS = (0, 1, 3, 2, 5, 1, 7, 4)
+
+
+def input_pieces(value: Any) -> list[str]:
+    """``value``'s JSON (ASCII, so non-ASCII text is ``\\u`` escapes) cut awkwardly."""
+    text = json.dumps(value, ensure_ascii=True)
+    pieces: list[str] = []
+    position = 0
+    for step in range(len(text) + len(_INPUT_CUTS)):
+        size = _INPUT_CUTS[step % len(_INPUT_CUTS)]
+        pieces.append(text[position : position + size])
+        position += size
+        if position >= len(text):
+            break
+    return pieces
+
+
+async def _tool_block(
+    event: Callable[[str, dict[str, Any]], Awaitable[None]],
+    index: int,
+    call: ToolUse,
+    fault_at: int | None = None,
+) -> int | None:
+    """A tool call's block (and a server tool's result block after it): the input pieces
+    sent, or None at ``fault_at`` pieces (the caller ends the response there)."""
+    kind = "server_tool_use" if call.server else "tool_use"
+    block: dict[str, Any] = {"type": kind, "id": call.id, "name": call.name, "input": {}}
+    await event(
+        "content_block_start",
+        {"type": "content_block_start", "index": index, "content_block": block},
+    )
+    pieces = input_pieces(dict(call.input))
+    for sent, piece in enumerate(pieces):
+        if sent == fault_at:
+            return None
+        await event(
+            "content_block_delta",
+            {
+                "type": "content_block_delta",
+                "index": index,
+                "delta": {"type": "input_json_delta", "partial_json": piece},
+            },
+        )
+    await event("content_block_stop", {"type": "content_block_stop", "index": index})
+    if call.server:
+        result = {
+            "type": f"{call.name}_tool_result",
+            "tool_use_id": call.id,
+            "content": call.result if call.result is not None else [],
+        }
+        await event(
+            "content_block_start",
+            {"type": "content_block_start", "index": index + 1, "content_block": result},
+        )
+        await event("content_block_stop", {"type": "content_block_stop", "index": index + 1})
+    return len(pieces)
 
 
 def _thinking_problem(body: Mapping[str, Any], model: str) -> str | None:
@@ -730,7 +871,9 @@ def _thinking_problem(body: Mapping[str, Any], model: str) -> str | None:
     if kind != "disabled":
         if body.get("temperature") not in (None, 1):
             return "`temperature` may only be set to 1 when thinking is enabled"
-        if body["messages"][-1].get("role") == "assistant":
+        if body["messages"][-1].get("role") == "assistant" and not _continues_server_tool(
+            body["messages"]
+        ):
             return "Extended thinking is not compatible with assistant message prefill"
     return None
 
@@ -749,6 +892,9 @@ def _content_problem(message: Mapping[str, Any], where: str) -> str | None:
             if not isinstance(block.get("text"), str):
                 return f"{at}.text: Field required"
             continue
+        problem = _turn_block_problem(block, kind, message.get("role"), at)
+        if problem != "":
+            return problem
         if kind not in _MEDIA_TYPES:
             return f"{at}: Input tag '{kind}' is not a known content block type"
         if message.get("role") != "user":
@@ -765,6 +911,141 @@ def _content_problem(message: Mapping[str, Any], where: str) -> str | None:
         except (binascii.Error, ValueError):
             return f"{at}.source.data: invalid base64 data"
     return None
+
+
+_ASSISTANT_BLOCKS = {"thinking", "redacted_thinking", "tool_use", "server_tool_use"}
+
+
+def _turn_block_problem(block: Mapping[str, Any], kind: Any, role: Any, at: str) -> str | None:
+    """What the API says of a block of a tool loop or of thinking; ``""``: not such a block."""
+    server_result = (
+        isinstance(kind, str) and kind.endswith("_tool_result") and kind != "tool_result"
+    )
+    if kind in _ASSISTANT_BLOCKS or server_result:
+        if role != "assistant":
+            return f"{at}: {kind} blocks are only allowed in assistant messages"
+        if kind == "thinking" and not (
+            isinstance(block.get("thinking"), str) and isinstance(block.get("signature"), str)
+        ):
+            return f"{at}.signature: Field required"
+        if kind in ("tool_use", "server_tool_use") and not (
+            isinstance(block.get("id"), str)
+            and isinstance(block.get("name"), str)
+            and isinstance(block.get("input"), dict)
+        ):
+            return f"{at}: a {kind} block needs an id, a name and an input object"
+        return None
+    if kind == "tool_result":
+        if role != "user":
+            return f"{at}: tool_result blocks are only allowed in user messages"
+        if not isinstance(block.get("tool_use_id"), str):
+            return f"{at}.tool_use_id: Field required"
+        if not isinstance(block.get("content", ""), str | list):
+            return f"{at}.content: Input should be a valid string or list"
+        if not isinstance(block.get("is_error", False), bool):
+            return f"{at}.is_error: Input should be a valid boolean"
+        return None
+    return ""
+
+
+def _blocks_of(message: Mapping[str, Any], kind: str) -> list[Mapping[str, Any]]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    return [block for block in content if isinstance(block, dict) and block.get("type") == kind]
+
+
+def _conversation_problem(body: Mapping[str, Any]) -> str | None:
+    """What the API says of a tool loop's follow-up: every ``tool_use`` answered by a
+    ``tool_result`` first in the next user turn (and no stray results), tools defined
+    properly, and, with thinking on, the tool loop's assistant turn starting with its
+    thinking, signature intact."""
+    messages: list[Mapping[str, Any]] = body["messages"]
+    thinking = body.get("thinking")
+    thinking_on = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+    return (
+        _tools_problem(body.get("tools"))
+        or _pairing_problem(messages)
+        or (_loop_thinking_problem(messages) if thinking_on else None)
+    )
+
+
+def _tools_problem(tools: Any) -> str | None:
+    if tools is None:
+        return None
+    if not isinstance(tools, list):
+        return "tools: Input should be a valid list"
+    names = set()
+    for index, tool in enumerate(tools):
+        name = tool.get("name") if isinstance(tool, dict) else None
+        if not isinstance(name, str) or not re.fullmatch(r"[a-zA-Z0-9_-]{1,64}", name):
+            return f"tools.{index}.name: String should match pattern '^[a-zA-Z0-9_-]{{1,64}}$'"
+        if name in names:
+            return "tools: Tool names must be unique."
+        names.add(name)
+        schema = tool.get("input_schema")
+        described = isinstance(schema, dict) and schema.get("type") == "object"
+        if "type" not in tool and not described:  # a server tool has a type instead
+            return f"tools.{index}.input_schema.type: Input should be 'object'"
+    return None
+
+
+def _pairing_problem(messages: list[Mapping[str, Any]]) -> str | None:
+    for index, message in enumerate(messages):
+        for block in _blocks_of(message, "thinking"):
+            if block.get("signature") != _sign(block.get("thinking", "")):
+                return f"messages.{index}.content: Invalid `signature` in `thinking` block"
+        calls = [block["id"] for block in _blocks_of(message, "tool_use")]
+        following = messages[index + 1] if index + 1 < len(messages) else {}
+        results = _blocks_of(following, "tool_result")
+        if calls:
+            answered = {block.get("tool_use_id") for block in results}
+            missing = [call for call in calls if call not in answered]
+            if missing:
+                return (
+                    f"messages.{index + 1}: `tool_use` ids were found without `tool_result` "
+                    f"blocks immediately after: {', '.join(missing)}. Each `tool_use` block must "
+                    "have a corresponding `tool_result` block in the next message."
+                )
+            content = following["content"]
+            if any(block.get("type") != "tool_result" for block in content[: len(results)]):
+                return f"messages.{index + 1}: tool_result blocks must come first in the content"
+        if message.get("role") == "user":
+            previous = messages[index - 1] if index else {}
+            known = {block.get("id") for block in _blocks_of(previous, "tool_use")}
+            for block in _blocks_of(message, "tool_result"):
+                if block.get("tool_use_id") not in known:
+                    return (
+                        f"messages.{index}.content: unexpected `tool_use_id` found in "
+                        f"`tool_result` blocks: {block.get('tool_use_id')}. Each `tool_result` "
+                        "block must have a corresponding `tool_use` block in the previous message."
+                    )
+    return None
+
+
+def _loop_thinking_problem(messages: list[Mapping[str, Any]]) -> str | None:
+    """With thinking on, the tool loop in progress: its assistant turn starts with thinking."""
+    if len(messages) < 2 or not _blocks_of(messages[-1], "tool_result"):
+        return None
+    turn = messages[-2].get("content")
+    first = turn[0].get("type") if isinstance(turn, list) and turn else "text"
+    if first in ("thinking", "redacted_thinking"):
+        return None
+    return (
+        f"messages.{len(messages) - 2}.content.0.type: Expected `thinking` or "
+        f"`redacted_thinking`, but found `{first}`. When `thinking` is enabled, a "
+        "final `assistant` message must start with a thinking block."
+    )
+
+
+def _continues_server_tool(messages: Sequence[Mapping[str, Any]]) -> bool:
+    """The conversation ends with an assistant turn the API paused (``pause_turn``) after a
+    server tool: sending it back as is continues it, whatever the model."""
+    content = messages[-1].get("content") if messages[-1].get("role") == "assistant" else None
+    if not isinstance(content, list) or not content:
+        return False
+    kind = content[-1].get("type") if isinstance(content[-1], dict) else None
+    return isinstance(kind, str) and (kind == "server_tool_use" or kind.endswith("_tool_result"))
 
 
 def _content_text(message: Mapping[str, Any]) -> str:
@@ -829,7 +1110,38 @@ def _demo_thought(messages: Iterable[Mapping[str, Any]]) -> str:
     )
 
 
+def _demo_tool_call(body: Mapping[str, Any]) -> ToolUse | None:
+    """The app's tool the newest user turn names ("order status" names ``order_status``),
+    called with its string parameters set to the turn's last word; None when none is named
+    or the turn answers a tool."""
+    last = body["messages"][-1]
+    if last.get("role") != "user" or _blocks_of(last, "tool_result"):
+        return None
+    prompt = _content_text(last)
+    words = re.findall(r"[\w-]+", prompt)
+    spoken = prompt.lower()
+    for tool in body.get("tools") or ():
+        name = tool.get("name", "") if isinstance(tool, dict) else ""
+        schema = tool.get("input_schema") if isinstance(tool, dict) else None
+        if not name or not isinstance(schema, dict):
+            continue  # a server tool: not the demo's
+        if name.lower() in spoken or name.replace("_", " ").lower() in spoken:
+            properties = schema.get("properties") or {}
+            arguments = {
+                key: (words[-1] if words else "demo")
+                for key, spec in properties.items()
+                if key in (schema.get("required") or ()) and spec.get("type") == "string"
+            }
+            return ToolUse(name, arguments)
+    return None
+
+
 def _demo_text(messages: Iterable[Mapping[str, Any]]) -> str:
+    messages = list(messages)
+    results = _blocks_of(messages[-1], "tool_result") if messages else []
+    if results:
+        said = "; ".join(str(block.get("content", "")) for block in results)
+        return f"The tool answered: {said[:300]}. (Demo mode: the emulator quotes it.)"
     prompt = ""
     for message in messages:
         if message.get("role") == "user":
