@@ -18,7 +18,7 @@ from quart import Quart, Response
 from quart_claude import Claude
 from quart_claude.testing import Emulator
 
-__all__ = ["app", "create_app", "page"]
+__all__ = ["app", "create_app", "order_status", "page"]
 
 log = logging.getLogger("example_app")
 _PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
@@ -27,6 +27,11 @@ _PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="ut
 def page(demo: bool, prefix: str) -> str:
     """The chat page (both front ends serve it)."""
     return _PAGE.replace("{{DEMO}}", "true" if demo else "false").replace("{{PREFIX}}", prefix)
+
+
+async def order_status(order_id: str) -> dict[str, str]:
+    """Look up an order of the example shop by its id."""
+    return {"order_id": order_id, "status": "shipped", "carrier": "Example Post"}
 
 
 def create_app(**claude_options: Any) -> Quart:
@@ -56,10 +61,13 @@ def create_app(**claude_options: Any) -> Quart:
         async def stop_emulator() -> None:
             await emulator.stop()
 
-        Claude(app, api_key="demo-key", base_url=f"http://127.0.0.1:{port}")
+        claude = Claude(app, api_key="demo-key", base_url=f"http://127.0.0.1:{port}")
     else:
-        Claude(app, **claude_options)
+        claude = Claude(app, **claude_options)
 
+    # the example's tool: ask "what is the order status of A-17?" (in demo mode, the
+    # emulator calls a tool whose name the prompt says)
+    claude.tool(order_status)
     html = page(demo, Claude.state(app).config.url_prefix)
 
     @app.get("/")

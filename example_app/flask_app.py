@@ -19,7 +19,7 @@ from flask import Flask, Response
 from quart_claude.flask import Claude
 from quart_claude.testing import Emulator
 
-from . import page
+from . import order_status, page
 
 __all__ = ["app", "create_app"]
 
@@ -53,7 +53,7 @@ def create_app(**claude_options: Any) -> Flask:
         url = _emulator_thread()
         log.warning("demo mode: no API key set, answering from the emulator at %s", url)
         claude_options = {"api_key": "demo-key", "base_url": url}
-    Claude(app, **claude_options)
+    Claude(app, **claude_options).tool(order_status)
     html = page(demo, Claude.state(app).config.url_prefix)
 
     @app.get("/")

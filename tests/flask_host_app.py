@@ -7,7 +7,13 @@ from flask import Flask, Response
 from quart_claude.flask import Claude
 
 app = Flask(__name__)
-Claude(app)
+claude = Claude(app)
+
+
+@claude.tool
+def stock_level(sku: str) -> dict[str, object]:
+    """Units of a product in stock (a sync tool, as a Flask app writes them)."""
+    return {"sku": sku, "units": 7, "worker": os.getpid()}
 
 
 @app.after_request

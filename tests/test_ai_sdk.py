@@ -14,7 +14,8 @@ import httpx2
 import pytest
 from quart import Quart
 
-from quart_claude.testing import Emulator, ErrorReply, Reply
+from quart_claude import Claude
+from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 
 from .helpers import serving
 
@@ -52,6 +53,51 @@ async def test_use_chat_reads_a_full_reply_with_usage(
     assert result["text"] == ANSWER
     assert result["metadata"]["usage"]["cache_read_input_tokens"] == 1234
     assert result["metadata"]["usage"]["output_tokens"] == 30
+
+
+async def test_use_chat_shows_tool_calls_between_the_texts(
+    make_app: Callable[..., Quart], emulator: Emulator
+) -> None:
+    app = make_app()
+    claude = Claude.state(app).extension
+
+    @claude.tool
+    def stock(item: str) -> dict[str, int]:
+        """Units in stock."""
+        return {item: 3}
+
+    @claude.tool
+    def broken() -> str:
+        """Always fails."""
+        raise RuntimeError("the warehouse is offline")
+
+    emulator.script(
+        Reply("Checking. ", tool_calls=[ToolUse("stock", {"item": "mugs"}), ToolUse("broken")]),
+        Reply("Three mugs left."),
+    )
+    async with serving(app) as url:
+        result = await node_check(url, "tools")
+    assert result["errors"] == []
+    assert result["parts"] == [
+        {"type": "text", "text": "Checking. "},
+        {
+            "type": "dynamic-tool",
+            "toolName": "stock",
+            "state": "output-available",
+            "input": {"item": "mugs"},
+            "output": {"mugs": 3},
+            "errorText": None,
+        },
+        {
+            "type": "dynamic-tool",
+            "toolName": "broken",
+            "state": "output-error",
+            "input": {},
+            "output": None,
+            "errorText": "the warehouse is offline",
+        },
+        {"type": "text", "text": "Three mugs left."},
+    ]
 
 
 async def test_use_chat_sees_an_error_chunk(

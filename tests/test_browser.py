@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from example_app import create_app
-from quart_claude.testing import Emulator, ErrorReply, Reply
+from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 
 from .conftest import API_KEY
 from .helpers import CuttingProxy, serving
@@ -221,4 +221,36 @@ async def test_thinking_shows_collapsed_above_the_reply(page: Page, emulator: Em
             "(() => { const t = document.querySelector('.assistant .thinking');"
             " return !!(t.compareDocumentPosition(t.parentElement.querySelector('.body'))"
             " & Node.DOCUMENT_POSITION_FOLLOWING); })()"
+        )
+
+
+async def test_tool_calls_show_inline_between_the_texts(page: Page, emulator: Emulator) -> None:
+    emulator.script(
+        Reply(
+            "Let me look. ",
+            tool_calls=[ToolUse("order_status", {"order_id": "<i>A-17</i>"})],
+            token_delay=0.01,
+        ),
+        Reply("It has **shipped**.", token_delay=0.01),
+    )
+    app = create_app(api_key=API_KEY, base_url=emulator.url)
+    async with serving(app) as url:
+        await ask(page, url, "Where is my order?")
+        await wait_until(page, "!document.querySelector('#send').disabled")
+        turn = page.locator(".assistant").last
+        bodies = await turn.locator(".body").all_inner_texts()
+        assert bodies == ["Let me look.", "It has shipped."]
+        tool = turn.locator(".tool")
+        assert await tool.count() == 1
+        shown = await tool.text_content() or ""
+        assert 'order_status({"order_id":"<i>A-17</i>"})' in shown  # text, never markup
+        assert await tool.locator("i").count() == 0
+        assert '"status":"shipped"' in (await tool.locator(".result").text_content() or "")
+        # in order: text, the call, the text after it
+        assert (
+            await page.evaluate(
+                "(() => { const t = [...document.querySelectorAll('.assistant')].pop();"
+                " return [...t.children].map(c => c.className).join(' '); })()"
+            )
+            == "body tool body meta"
         )

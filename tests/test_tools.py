@@ -20,7 +20,7 @@ from quart_claude import Claude, ToolContext
 from quart_claude.testing import Emulator, Reply, ToolUse
 from quart_claude.testing._emulator import input_pieces
 
-from .helpers import serving, stream_chat
+from .helpers import gunicorn_serving, serving, stream_chat
 
 API_KEY = "sk-ant-test-tools"
 ORDER = {"order_id": "A-17", "status": "shipped"}
@@ -557,3 +557,19 @@ async def test_demo_mode_calls_a_tool_the_prompt_names(
     assert result.types[-1] == "done"
     assert made.calls == [("weather", {"city": "Bergen", "days": 1})]
     assert "sunny in Bergen" in result.text
+
+
+async def test_flask_runs_the_same_tool_loop(emulator: Emulator, http: httpx2.AsyncClient) -> None:
+    """tests/flask_host_app.py registers a tool as a Flask app would; Gunicorn serves it."""
+    emulator.script(
+        Reply("Checking. ", tool_calls=[ToolUse("stock_level", {"sku": "MUG-1"})]),
+        Reply("Seven mugs."),
+    )
+    options = {"api_key": API_KEY, "base_url": emulator.url, "retry_base_delay": 0.05}
+    async with gunicorn_serving(options) as url:
+        result = await read_stream(http, url)
+    assert result.types[-1] == "done" and result.text == "Checking. Seven mugs."
+    output = next(e for e in result.events if e["type"] == "tool_result")["output"]
+    assert output["sku"] == "MUG-1" and output["units"] == 7
+    sent = emulator.requests[1].body["messages"][-1]["content"][0]
+    assert json.loads(sent["content"])["units"] == 7

@@ -33,7 +33,6 @@ _FINISH_REASONS = {
 }
 _DONE = b"data: [DONE]\n\n"
 _REASONING_ID = "reasoning-0"
-_TEXT_ID = "t0"
 
 
 def _invalid(message: str) -> RequestError:
@@ -93,46 +92,84 @@ def _ending(event: dict[str, Any]) -> bytes:
 async def to_ui_message_stream(frames: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """Our protocol's frames (from a stream or its Redis mirror) as UI message chunks."""
     parser = SSEParser()
-    open_text = open_reasoning = False
+    message = _UIMessage()
     async for chunk in frames:
         pings = parser.comments
         out: list[bytes] = []
         for raw in parser.feed(chunk):
-            event = json.loads(raw.data)
-            kind = event.get("type")
-            if kind == "thinking":  # protocol v1.1: the AI SDK's reasoning parts
-                if not open_reasoning:
-                    out.append(_data({"type": "reasoning-start", "id": _REASONING_ID}))
-                    open_reasoning = True
-                if event.get("text"):
-                    delta = {"type": "reasoning-delta", "id": _REASONING_ID, "delta": event["text"]}
-                    out.append(_data(delta))
-                continue
-            if open_reasoning:
-                out.append(_data({"type": "reasoning-end", "id": _REASONING_ID}))
-                open_reasoning = False
-            if kind == "delta":
-                if not open_text:
-                    out.append(_data({"type": "text-start", "id": _TEXT_ID}))
-                    open_text = True
-                out.append(_data({"type": "text-delta", "id": _TEXT_ID, "delta": event["text"]}))
-            elif kind == "start":
-                out.append(
-                    _data(
-                        {
-                            "type": "start",
-                            "messageId": event.get("message_id"),
-                            "messageMetadata": {"usage": event.get("usage", {})},
-                        }
-                    )
-                )
-            elif kind in ("done", "error"):
-                if open_text:
-                    out.append(_data({"type": "text-end", "id": _TEXT_ID}))
-                out += (_ending(event), _DONE)
+            if message.add(json.loads(raw.data), out):
                 yield b"".join(out)
                 return
         if parser.comments > pings and not out:
             out.append(b": keep-alive\n\n")
         if out:
             yield b"".join(out)
+
+
+class _UIMessage:
+    """The parts open in the UI message being written: reasoning, and the current text part
+    (the text after a tool call is a new part, so it shows after the call)."""
+
+    __slots__ = ("reasoning", "text", "texts")
+
+    def __init__(self) -> None:
+        self.reasoning = False
+        self.text: str | None = None  # the open text part's id
+        self.texts = 0
+
+    def add(self, event: dict[str, Any], out: list[bytes]) -> bool:
+        """Append ``event``'s chunks to ``out``; True when it ended the message."""
+        kind = event.get("type")
+        if kind == "thinking":  # protocol v1.1: the AI SDK's reasoning parts
+            if not self.reasoning:
+                out.append(_data({"type": "reasoning-start", "id": _REASONING_ID}))
+                self.reasoning = True
+            if event.get("text"):
+                delta = {"type": "reasoning-delta", "id": _REASONING_ID, "delta": event["text"]}
+                out.append(_data(delta))
+            return False
+        if self.reasoning:
+            out.append(_data({"type": "reasoning-end", "id": _REASONING_ID}))
+            self.reasoning = False
+        if kind == "delta":
+            if self.text is None:
+                self.text = f"t{self.texts}"
+                self.texts += 1
+                out.append(_data({"type": "text-start", "id": self.text}))
+            out.append(_data({"type": "text-delta", "id": self.text, "delta": event["text"]}))
+        elif kind in ("tool_call", "tool_result"):  # v1.1: dynamic tool parts
+            self._end_text(out)
+            out.append(_data(_tool_chunk(event)))
+        elif kind == "start":
+            start = {
+                "type": "start",
+                "messageId": event.get("message_id"),
+                "messageMetadata": {"usage": event.get("usage", {})},
+            }
+            out.append(_data(start))
+        elif kind in ("done", "error"):
+            self._end_text(out)
+            out += (_ending(event), _DONE)
+            return True
+        return False
+
+    def _end_text(self, out: list[bytes]) -> None:
+        if self.text is not None:
+            out.append(_data({"type": "text-end", "id": self.text}))
+            self.text = None
+
+
+def _tool_chunk(event: dict[str, Any]) -> dict[str, Any]:
+    """A ``tool_call`` or ``tool_result`` as the AI SDK's tool chunk (a dynamic tool: the
+    browser does not know the server's tools; ``providerExecuted``: the API ran it)."""
+    chunk: dict[str, Any] = {"toolCallId": event["id"], "dynamic": True}
+    if event.get("server"):
+        chunk["providerExecuted"] = True
+    if event["type"] == "tool_call":
+        chunk.update(toolName=event["name"], input=event.get("input"))
+        return {"type": "tool-input-available", **chunk}
+    output = event.get("output")
+    if event.get("is_error"):
+        text = output if isinstance(output, str) else "the tool failed"
+        return {"type": "tool-output-error", **chunk, "errorText": text}
+    return {"type": "tool-output-available", **chunk, "output": output}

@@ -149,6 +149,29 @@ class ThinkingEvent(BaseModel):
     restart: bool | None = None
 
 
+class ToolCallEvent(BaseModel):
+    """Protocol v1.1: the model called a tool (``@claude.tool``, run on this server once the
+    model has finished asking; ``server``: one the API runs itself). ``input`` is null when
+    the tool hides it."""
+
+    type: Literal["tool_call"]
+    id: str
+    name: str
+    input: Any = None
+    server: bool | None = None
+
+
+class ToolResultEvent(BaseModel):
+    """Protocol v1.1: a tool's result, as much of it as the tool shows (null: hidden)."""
+
+    type: Literal["tool_result"]
+    id: str
+    name: str
+    is_error: bool
+    output: Any = None
+    server: bool | None = None
+
+
 class ChatReply(BaseModel):
     id: str | None
     model: str | None
@@ -206,6 +229,8 @@ _MODELS: tuple[type[BaseModel], ...] = (
     DoneEvent,
     ErrorEvent,
     ThinkingEvent,
+    ToolCallEvent,
+    ToolResultEvent,
     ChatReply,
     ErrorBody,
     Health,
@@ -236,7 +261,8 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
     events = {"oneOf": [_ref(name) for name in ("StartEvent", "DeltaEvent", "DoneEvent")]}
-    events["oneOf"] += [_ref("ErrorEvent"), _ref("ThinkingEvent")]
+    events["oneOf"] += [_ref(name) for name in ("ErrorEvent", "ThinkingEvent")]
+    events["oneOf"] += [_ref(name) for name in ("ToolCallEvent", "ToolResultEvent")]
     schemas["StreamEvent"] = events
     sse = {
         "description": (

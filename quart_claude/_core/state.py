@@ -403,7 +403,16 @@ class ExtensionBase(Generic[AppT]):
         return hook
 
     @overload
-    def tool(self, function: F, /) -> F: ...
+    def tool(
+        self,
+        function: F,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        timeout: float | None = None,
+        show: Show = "full",
+    ) -> F: ...
 
     @overload
     def tool(

@@ -1,6 +1,6 @@
 // Drives quart-claude's AI SDK routes with the `ai` package's own DefaultChatTransport and
 // readUIMessageStream (what useChat runs in a browser). Prints one JSON line of results.
-//   node check.mjs <base url of the blueprint> reply|error|refused|resume
+//   node check.mjs <base url of the blueprint> reply|error|tools|refused|resume
 import { DefaultChatTransport, readUIMessageStream } from "ai";
 
 const [base, scenario] = process.argv.slice(2);
@@ -29,6 +29,16 @@ let result;
 if (scenario === "reply" || scenario === "error") {
   const { last, errors } = await read(await send(`chat-${scenario}`));
   result = { text: textOf(last), metadata: last?.metadata ?? null, errors };
+} else if (scenario === "tools") {
+  const { last, errors } = await read(await send("chat-tools"));
+  const parts = (last?.parts ?? [])
+    .filter((p) => p.type === "text" || p.type === "dynamic-tool")
+    .map((p) =>
+      p.type === "text"
+        ? { type: "text", text: p.text }
+        : { type: p.type, toolName: p.toolName, state: p.state, input: p.input, output: p.output ?? null, errorText: p.errorText ?? null },
+    );
+  result = { parts, errors };
 } else if (scenario === "refused") {
   try {
     await send("chat-refused");
