@@ -60,6 +60,7 @@ async def test_use_chat_shows_tool_calls_between_the_texts(
 ) -> None:
     app = make_app()
     claude = Claude.state(app).extension
+    assert isinstance(claude, Claude)
 
     @claude.tool
     def stock(item: str) -> dict[str, int]:
