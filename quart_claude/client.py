@@ -101,7 +101,7 @@ async def stream_chat(
     url: str,
     *,
     message: str | None = None,
-    messages: list[dict[str, str]] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     http: httpx2.AsyncClient | None = None,
     headers: dict[str, str] | None = None,
     max_reconnects: int = 5,
@@ -142,7 +142,7 @@ def stream_chat_sync(
     url: str,
     *,
     message: str | None = None,
-    messages: list[dict[str, str]] | None = None,
+    messages: list[dict[str, Any]] | None = None,
     http: httpx2.Client | None = None,
     headers: dict[str, str] | None = None,
     max_reconnects: int = 5,
@@ -176,7 +176,7 @@ def stream_chat_sync(
 
 
 def _body(
-    message: str | None, messages: list[dict[str, str]] | None, fields: dict[str, Any]
+    message: str | None, messages: list[dict[str, Any]] | None, fields: dict[str, Any]
 ) -> dict[str, Any]:
     if (message is None) == (messages is None):
         raise TypeError("pass exactly one of message= or messages=")

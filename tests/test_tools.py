@@ -17,10 +17,11 @@ from pydantic import Field
 from quart import Quart
 
 from quart_claude import Claude, ToolContext
+from quart_claude.client import stream_chat as client_stream_chat
 from quart_claude.testing import Emulator, Reply, ToolUse
 from quart_claude.testing._emulator import input_pieces
 
-from .helpers import gunicorn_serving, serving, stream_chat
+from .helpers import CuttingProxy, gunicorn_serving, serving, stream_chat
 
 API_KEY = "sk-ant-test-tools"
 ORDER = {"order_id": "A-17", "status": "shipped"}
@@ -573,3 +574,53 @@ async def test_flask_runs_the_same_tool_loop(emulator: Emulator, http: httpx2.As
     assert output["sku"] == "MUG-1" and output["units"] == 7
     sent = emulator.requests[1].body["messages"][-1]["content"][0]
     assert json.loads(sent["content"])["units"] == 7
+
+
+async def test_the_python_client_yields_tool_events_once_across_a_cut(
+    host: Callable[..., Host], emulator: Emulator
+) -> None:
+    made = host()
+    emulator.script(
+        Reply("Looking. ", tool_calls=[ToolUse("weather", {"city": "Bern"})], token_delay=0.02),
+        Reply(" ".join(f"word{i}" for i in range(40)), token_delay=0.02),
+    )
+    async with serving(made.app) as url:
+        port = int(url.rsplit(":", 1)[1])
+        async with CuttingProxy(port) as proxy:
+            events = []
+            async for event in client_stream_chat(
+                f"http://127.0.0.1:{proxy.port}/chat/stream", message="hi", reconnect_delay=0.05
+            ):
+                events.append(event)
+                if event["type"] == "tool_result":
+                    proxy.cut()  # the network blips right after the tool's result
+            assert proxy.connections >= 2
+    types = [e["type"] for e in events]
+    assert types.count("tool_call") == 1 and types.count("tool_result") == 1
+    assert types[-1] == "done" and len(made.calls) == 1
+    text = "".join(e["text"] for e in events if e["type"] == "delta")
+    assert text == "Looking. " + " ".join(f"word{i}" for i in range(40))
+
+
+async def test_post_chat_reports_the_tools_used(
+    host: Callable[..., Host], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    made = host()
+    emulator.script(
+        Reply("", tool_calls=[ToolUse("weather", {"city": "Nice"}, id="toolu_n")]),
+        Reply("Sunny."),
+    )
+    async with serving(made.app) as url:
+        reply = await http.post(url + "/chat", json={"message": "weather?"})
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["text"] == "Sunny." and body["stop_reason"] == "end_turn"
+    assert body["tool_calls"] == [
+        {
+            "id": "toolu_n",
+            "name": "weather",
+            "input": {"city": "Nice"},
+            "is_error": False,
+            "output": "sunny in Nice for 1 day(s)",
+        }
+    ]

@@ -269,16 +269,22 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
         status = _CHAT_STATUS.get(final["error"], 502)
         return json_error(status, final["error"], final["message"], headers)
     start = events[0] if events[0]["type"] == "start" else {}
-    return json_reply(
-        {
-            "id": start.get("message_id"),
-            "model": start.get("model"),
-            "text": "".join(event["text"] for event in events if event["type"] == "delta"),
-            "stop_reason": final.get("stop_reason"),
-            "usage": final.get("usage", {}),
-        },
-        headers=headers,
-    )
+    reply: dict[str, Any] = {
+        "id": start.get("message_id"),
+        "model": start.get("model"),
+        "text": "".join(event["text"] for event in events if event["type"] == "delta"),
+        "stop_reason": final.get("stop_reason"),
+        "usage": final.get("usage", {}),
+    }
+    calls: dict[str, dict[str, Any]] = {}  # tool calls with their results, as readers see them
+    for event in events:
+        if event["type"] == "tool_call":
+            calls[event["id"]] = {key: value for key, value in event.items() if key != "type"}
+        elif event["type"] == "tool_result" and event["id"] in calls:
+            calls[event["id"]].update(is_error=event["is_error"], output=event.get("output"))
+    if calls:
+        reply["tool_calls"] = list(calls.values())
+    return json_reply(reply, headers=headers)
 
 
 _EVENT_ID = re.compile(r"-1|[0-9]{1,18}")  # -1: before the first event (nothing seen yet)

@@ -172,12 +172,24 @@ class ToolResultEvent(BaseModel):
     server: bool | None = None
 
 
+class ToolCall(BaseModel):
+    """A tool the model used, with its result, as readers see them (``POST /chat``)."""
+
+    id: str
+    name: str
+    input: Any = None
+    is_error: bool | None = None
+    output: Any = None
+    server: bool | None = None
+
+
 class ChatReply(BaseModel):
     id: str | None
     model: str | None
     text: str
     stop_reason: str | None
     usage: Usage
+    tool_calls: list[ToolCall] | None = None  # present when the model used tools
 
 
 class ErrorBody(BaseModel):
