@@ -1,5 +1,6 @@
 """A host app written as a user would; served by the ``hypercorn`` CLI in tests."""
 
+import asyncio
 import logging
 import os
 
@@ -11,7 +12,31 @@ if os.environ.get("HOST_APP_LOG"):  # the extension's INFO lines, for tests that
     logging.basicConfig(level=os.environ["HOST_APP_LOG"])
 
 app = Quart(__name__)
-Claude(app)
+claude = Claude(app)
+
+
+def _note(line: str) -> None:
+    """Each tool run, for tests that count them across processes (``HOST_APP_TOOL_LOG``)."""
+    path = os.environ.get("HOST_APP_TOOL_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{line} {os.getpid()}\n")
+
+
+@claude.tool
+async def fast_lookup(key: str) -> str:
+    """Looks a key up at once."""
+    _note(f"fast {key}")
+    return f"fast value of {key}"
+
+
+@claude.tool
+async def slow_lookup(key: str) -> str:
+    """Looks a key up, slowly."""
+    _note(f"slow-start {key}")
+    await asyncio.sleep(float(os.environ.get("HOST_APP_SLOW_TOOL", "3")))
+    _note(f"slow-done {key}")
+    return f"slow value of {key}"
 
 
 @app.after_request

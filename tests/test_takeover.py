@@ -26,7 +26,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from quart_claude import SSEParser
-from quart_claude.testing import Emulator, RecordedRequest, Reply
+from quart_claude.testing import Emulator, RecordedRequest, Reply, ToolUse
 
 from .helpers import free_port
 from .test_hypercorn_cli import HYPERCORN, wait_ready
@@ -233,6 +233,55 @@ async def test_a_sigkilled_producer_is_taken_over_exactly(
         assert again[0].received_at > killed_at - 1
     logs = b.output() + c.output()
     assert logs.count("taken over") == streams, "one takeover line per stream"
+
+
+async def test_a_takeover_continues_a_tool_loop_without_rerunning_finished_tools(
+    servers: Servers, emulator: Emulator, tmp_path: Path
+) -> None:
+    """The producer dies while one of a step's two tools runs: the other worker runs only
+    the unfinished one (the finished one's result is in Redis), then the next step."""
+    tool_log = tmp_path / "tools.log"
+    servers.env["HOST_APP_TOOL_LOG"] = str(tool_log)
+    a, b = [await servers.start() for _ in range(2)]
+    emulator.script(
+        Reply(
+            "Checking. ",
+            tool_calls=[
+                ToolUse("fast_lookup", {"key": "k1"}, id="toolu_fast"),
+                ToolUse("slow_lookup", {"key": "k2"}, id="toolu_slow"),
+            ],
+        )
+    )
+    emulator.default = Reply(ANSWER, token_delay=0.01)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        reading = Reading()
+        post = asyncio.create_task(
+            read(http, reading, [a.url, b.url], "", post={"message": "look both up"})
+        )
+        for _ in range(200):  # until the fast tool's result has been read
+            if any(
+                e.get("id") == "toolu_fast" for e in reading.events if e["type"] == "tool_result"
+            ):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"no fast result: {reading.events}")
+        assert "slow-start k2" in tool_log.read_text()
+        a.process.kill()  # mid slow_lookup
+        await a.process.wait()
+        result = await asyncio.wait_for(post, 60)
+    assert result.last.get("type") == "done", result.last
+    assert result.ids == list(range(len(result.ids)))
+    assert result.text == "Checking. " + ANSWER
+    types = [e["type"] for e in result.events]
+    assert types.count("tool_call") == 2 and types.count("tool_result") == 2
+    runs = [line.rsplit(" ", 1)[0] for line in tool_log.read_text().splitlines()]
+    assert runs.count("fast k1") == 1  # finished before the kill: never run again
+    assert runs.count("slow-start k2") == 2 and runs.count("slow-done k2") == 1
+    assert len(emulator.requests) == 2  # step 1 (before the kill), step 2 (after)
+    answered = emulator.requests[1].body["messages"][-1]["content"]
+    assert [block["tool_use_id"] for block in answered] == ["toolu_fast", "toolu_slow"]
+    assert answered[0]["content"] == "fast value of k1"
 
 
 async def test_takeover_sums_usage_over_every_request(servers: Servers, emulator: Emulator) -> None:
