@@ -13,6 +13,9 @@ from typing import Annotated, Any
 import anthropic
 import httpx2
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import Field
 from quart import Quart
 
@@ -624,3 +627,59 @@ async def test_post_chat_reports_the_tools_used(
             "output": "sunny in Nice for 1 day(s)",
         }
     ]
+
+
+async def test_tool_calls_are_counted_timed_and_traced(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    made = Host(emulator, tracer_provider=provider)
+
+    @made.claude.tool
+    def add(a: int, b: int) -> int:
+        """Adds two numbers."""
+        return a + b
+
+    emulator.script(
+        Reply(
+            "",
+            tool_calls=[
+                ToolUse("add", {"a": 1, "b": 2}, id="toolu_a"),
+                ToolUse("add", {"a": "x"}, id="toolu_b"),
+                ToolUse("invented", {}, id="toolu_c"),
+            ],
+        ),
+        Reply("Three."),
+    )
+    try:
+        async with serving(made.app) as url:
+            result = await read_stream(http, url)
+            metrics = scrape_text(await http.get(url + "/metrics"))
+    finally:
+        provider.shutdown()
+    assert result.types[-1] == "done"
+    assert metrics['claude_tool_calls_total{outcome="ok",tool="add"}'] == 1
+    assert metrics['claude_tool_calls_total{outcome="invalid_input",tool="add"}'] == 1
+    assert metrics['claude_tool_calls_total{outcome="unknown_tool",tool="_unknown"}'] == 1
+    assert metrics['claude_tool_duration_seconds_count{tool="add"}'] == 2
+    tools = [s for s in exporter.get_finished_spans() if s.name.startswith("execute_tool")]
+    chat = next(s for s in exporter.get_finished_spans() if s.name.startswith("chat "))
+    names = sorted(s.name for s in tools)
+    assert names == ["execute_tool add", "execute_tool add", "execute_tool invented"]
+    assert all(s.parent is not None and s.parent.span_id == chat.context.span_id for s in tools)
+    attributes = [dict(s.attributes or {}) for s in tools]
+    failed = {a["gen_ai.tool.call.id"]: a.get("error.type") for a in attributes}
+    assert failed == {"toolu_a": None, "toolu_b": "invalid_input", "toolu_c": "unknown_tool"}
+    assert dict(chat.attributes or {})["quart_claude.tool_calls"] == 3
+
+
+def scrape_text(response: httpx2.Response) -> dict[str, float]:
+    assert response.status_code == 200, response.text
+    samples = {}
+    for line in response.text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, number = line.rpartition(" ")
+            samples[name] = float(number)
+    return samples

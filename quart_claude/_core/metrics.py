@@ -36,6 +36,7 @@ TOKEN_KINDS = {
 # LLM latencies: a first token in 0.3-3 s is normal, 10 s+ is a queue or a retry; whole
 # answers run from a second to many minutes.
 TTFT_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0, 30.0, 60.0)
+TOOL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 _LIVE_GAUGE_FILE = re.compile(r"gauge_live\w*_(\d+)\.db")
@@ -99,6 +100,21 @@ class Metrics:
             "Failures classified by the relay, by class, whether a retry hid them or not.",
             ["model", "error"],
             registry=registry,
+        )
+        self.tool_calls: Counter = Counter(
+            "claude_tool_calls",
+            "Calls of the app's tools, by tool and outcome: ok, error, timeout, invalid_input, "
+            "cancelled (the stream was stopped), unknown_tool (a name the model made up; its "
+            "tool label is _unknown).",
+            ["tool", "outcome"],
+            registry=registry,
+        )
+        self.tool_duration: Histogram = Histogram(
+            "claude_tool_duration_seconds",
+            "How long the app's tools ran, by tool.",
+            ["tool"],
+            registry=registry,
+            buckets=TOOL_BUCKETS,
         )
         self.resumes: Counter = Counter(
             "claude_resumes",

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -138,7 +139,7 @@ class Relay:
             step_base = int(outcome.usage.get("output_tokens") or 0) - prior.step_deltas
             pending = prior.pending_calls()
             if pending:  # the tools that had not finished; the finished ones never run again
-                await self._run_tools(stream, stream.steps[-1], pending)
+                await self._run_tools(stream, stream.steps[-1], pending, outcome)
         while True:
             history = _history(request.messages, stream.steps)
             turn = await self._step(stream, request, history, texts, outcome, step_base)
@@ -168,12 +169,16 @@ class Relay:
                     shown = tool.view_input(call["input"]) if tool is not None else call["input"]
                     event = {"type": "tool_call", "id": call["id"], "name": call["name"]}
                     stream.append({**event, "input": shown})
-                await self._run_tools(stream, step, calls)
+                await self._run_tools(stream, step, calls, outcome)
             texts = []
             step_base = int(outcome.usage.get("output_tokens") or 0)
 
     async def _run_tools(
-        self, stream: Stream, step: dict[str, Any], calls: list[dict[str, Any]]
+        self,
+        stream: Stream,
+        step: dict[str, Any],
+        calls: list[dict[str, Any]],
+        outcome: StreamOutcome,
     ) -> None:
         """Run a step's tool calls at once; each result is recorded with the step (so it is
         never run again, here or on another worker) before its event goes out."""
@@ -182,14 +187,24 @@ class Relay:
         results: dict[str, Any] = step["results"]
 
         async def run(call: dict[str, Any]) -> None:
-            result = await tools.run(
-                call["id"],
-                call["name"],
-                call["input"],
-                identity=stream.owner,
-                stream_id=stream.id,
-                default_timeout=timeout,
-            )
+            name = call["name"]
+            span = outcome.tool_started(name, call["id"])
+            started = time.monotonic()
+            ended = "cancelled"
+            try:
+                result = await tools.run(
+                    call["id"],
+                    name,
+                    call["input"],
+                    identity=stream.owner,
+                    stream_id=stream.id,
+                    default_timeout=timeout,
+                )
+                ended = result.outcome
+            finally:
+                elapsed = time.monotonic() - started
+                outcome.tool_ended(span, _label(tools, name), ended, elapsed)
+            log.info("stream %s tool %s: %s in %.3fs", stream.id, name, ended, elapsed)
             results[result.id] = result.block()
             stream.steps_changed()
             tool = tools.tools.get(result.name)
@@ -655,6 +670,11 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes]:
         kind = body.get("type") if isinstance(body, dict) else None
         name = kind.encode() if isinstance(kind, str) else b""
     return name, joined
+
+
+def _label(tools: ToolBox, name: str) -> str:
+    """A tool's metric label: its name if it is registered (the model may make names up)."""
+    return name if name in tools.tools else "_unknown"
 
 
 def _partial(stream: Stream, texts: list[bytes]) -> bool:

@@ -41,6 +41,7 @@ _SPAN_ATTRIBUTES = {
     "retries": "quart_claude.retries",
     "recoveries": "quart_claude.recoveries",
     "resumes": "quart_claude.resumes",
+    "tool_calls": "quart_claude.tool_calls",
     "ttft_ms": "quart_claude.ttft_ms",
     "duration_ms": "quart_claude.duration_ms",
     "request_id": "quart_claude.upstream_request_id",
@@ -112,6 +113,7 @@ class StreamOutcome:
         "started",
         "stop_reason",
         "stream_id",
+        "tool_calls",
         "usage",
     )
 
@@ -133,6 +135,7 @@ class StreamOutcome:
         self.stop_reason: str | None = None
         self.error: str | None = None
         self.usage: dict[str, Any] = {}
+        self.tool_calls: int = 0
         self.span: Span = telemetry.tracer.start_span(
             f"chat {request.model}", context=parent, kind=SpanKind.CLIENT
         )
@@ -198,6 +201,31 @@ class StreamOutcome:
                 },
             )
 
+    def tool_started(self, name: str, call_id: str) -> Span:
+        """A tool call's span (GenAI ``execute_tool``), a child of the stream's."""
+        return self._telemetry.tracer.start_span(
+            f"execute_tool {name}",
+            context=trace.set_span_in_context(self.span),
+            attributes={
+                "gen_ai.operation.name": "execute_tool",
+                "gen_ai.tool.name": name,
+                "gen_ai.tool.call.id": call_id,
+            },
+        )
+
+    def tool_ended(self, span: Span, tool: str, outcome: str, seconds: float) -> None:
+        """A tool call ended: ``ok`` or how it failed. ``tool``: a bounded label (the
+        registered name, or ``_unknown``)."""
+        self.tool_calls += 1
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            metrics.tool_calls.labels(tool, outcome).inc()
+            metrics.tool_duration.labels(tool).observe(seconds)
+        if outcome != "ok" and span.is_recording():
+            span.set_attribute("error.type", outcome)
+            span.set_status(Status(StatusCode.ERROR, outcome))
+        span.end()
+
     def end(self, outcome: str) -> dict[str, Any]:
         """The stream ended with ``outcome`` (``done``, ``cancelled``, ``disconnected`` or an
         error class): count it, end the span, write the log line; returns the log's fields."""
@@ -214,6 +242,7 @@ class StreamOutcome:
             "retries": self.retries,
             "recoveries": self.recoveries,
             "resumes": self.resumes,
+            "tool_calls": self.tool_calls or None,
             "ttft_ms": (
                 round((self.first_token_at - self.started) * 1000)
                 if self.first_token_at is not None

@@ -56,6 +56,8 @@ class ToolResult:
     content: str
     is_error: bool
     output: Any
+    #: how it ended: ok, error, timeout, invalid_input or unknown_tool (metrics and spans)
+    outcome: str = "ok"
 
     def block(self) -> dict[str, Any]:
         """The ``tool_result`` content block the API expects in the next user turn."""
@@ -159,13 +161,13 @@ class ToolBox:
         """Run one call to its end: a result, never an exception (but cancellation)."""
         tool = self.tools.get(name)
         if tool is None:
-            return _error(call_id, name, f"there is no tool named {name!r}")
+            return _error(call_id, name, f"there is no tool named {name!r}", "unknown_tool")
         try:
             arguments = tool.arguments.model_validate(
                 input_value if isinstance(input_value, Mapping) else {}
             )
         except ValidationError as exc:
-            return _error(call_id, name, "invalid input: " + _problems(exc))
+            return _error(call_id, name, "invalid input: " + _problems(exc), "invalid_input")
         kwargs = {field: getattr(arguments, field) for field in type(arguments).model_fields}
         if tool.context_parameter is not None:
             kwargs[tool.context_parameter] = ToolContext(identity, stream_id, call_id)
@@ -180,7 +182,7 @@ class ToolBox:
             if not deadline.expired():
                 return _error(call_id, name, "TimeoutError")
             log.warning("tool %s timed out after %gs", name, timeout)
-            return _error(call_id, name, f"the tool did not finish within {timeout:g} s")
+            return _error(call_id, name, f"the tool did not finish within {timeout:g} s", "timeout")
         except Exception as exc:
             log.warning("tool %s raised %s", name, type(exc).__name__, exc_info=True)
             return _error(call_id, name, str(exc) or type(exc).__name__)
@@ -193,8 +195,8 @@ class ToolBox:
         return ToolResult(call_id, name, content, False, output)
 
 
-def _error(call_id: str, name: str, message: str) -> ToolResult:
-    return ToolResult(call_id, name, message, True, message)
+def _error(call_id: str, name: str, message: str, outcome: str = "error") -> ToolResult:
+    return ToolResult(call_id, name, message, True, message, outcome)
 
 
 def _problems(exc: ValidationError) -> str:
