@@ -411,6 +411,9 @@ async def test_thinking_goes_back_first_and_intact_in_a_tool_loop(
     assert [b["type"] for b in turn] == ["redacted_thinking", "thinking", "text", "tool_use"]
     assert turn[1]["thinking"] == "I need the weather tool."
     assert "signature" not in result.raw.decode()
+    thoughts = [e for e in result.events if e["type"] == "thinking"]
+    assert "".join(e["text"] for e in thoughts) == "I need the weather tool.The tool answered."
+    assert not any(e.get("restart") for e in thoughts)  # the second step's is not a retry
 
 
 async def test_server_tools_pass_through_and_a_paused_turn_goes_on(

@@ -116,6 +116,8 @@ class Relay:
             stream.append(UpstreamError("unknown", detail=repr(exc)).event(partial=False))
         finally:
             stream.finish()
+            if not stream.left:  # only a takeover needs them, and there is none after the end
+                stream.steps = []
             outcome.end(result)
 
     async def _run(
@@ -237,6 +239,7 @@ class Relay:
         params = self._params(request, history, request.max_tokens)
         guard: ContinuationGuard | None = None  # set on continuation requests
         tolerated = 0  # library warnings turned from errors into log lines
+        thought = False  # a request of this step showed thinking: a retry's says it restarts
         if texts:  # taken over mid-step: continue what the client has
             following = self._continuation(request, history, texts, outcome, step_base)
             if following is None:
@@ -245,7 +248,9 @@ class Relay:
         while True:
             outcome.attempts += 1
             try:
-                turn = await self._attempt(stream, params, texts, outcome, guard)
+                # a continuation's thinking (about how to go on) is not shown mid-answer
+                turn = _Turn(stream, outcome, config.expose_thinking and not texts, thought)
+                await self._attempt(stream, params, texts, outcome, guard, turn)
             except _WarningRaised as raised:
                 tolerated += 1
                 if tolerated > 3:  # the filter did not take: never loop
@@ -285,6 +290,7 @@ class Relay:
             else:
                 outcome.upstream("ok")
                 return turn
+            thought = thought or turn.thought
             if texts:  # the next request continues what the client already has
                 following = self._continuation(request, history, texts, outcome, step_base)
                 if following is None:
@@ -333,11 +339,10 @@ class Relay:
         texts: list[bytes],
         outcome: StreamOutcome,
         guard: ContinuationGuard | None,
-    ) -> _Turn:
-        """One upstream request: what it said besides text (its stop reason, its blocks), or
-        raises :class:`UpstreamError`."""
-        # a continuation's thinking (about how to go on) is not shown mid-answer
-        turn = _Turn(stream, outcome, self.config.expose_thinking and not texts)
+        turn: _Turn,
+    ) -> None:
+        """One upstream request; ``turn`` keeps what it said besides text (its stop reason,
+        its blocks). Raises :class:`UpstreamError`."""
         append_data = stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
         framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
@@ -387,7 +392,6 @@ class Relay:
                 raise  # cancelled: the producer decides what to tell readers
             raise _classified(exc) from (None if _ours(exc) else exc)
         _add_usage(outcome.usage, turn.usage)
-        return turn
 
 
 class _Turn:
@@ -404,16 +408,20 @@ class _Turn:
         "inputs",
         "outcome",
         "request_id",
+        "rethinking",
         "stop_reason",
         "stream",
         "thought",
         "usage",
     )
 
-    def __init__(self, stream: Stream, outcome: StreamOutcome, expose_thinking: bool) -> None:
+    def __init__(
+        self, stream: Stream, outcome: StreamOutcome, expose_thinking: bool, rethinking: bool
+    ) -> None:
         self.stream = stream
         self.outcome = outcome
         self.expose_thinking = expose_thinking
+        self.rethinking = rethinking  # an earlier request of this step showed thinking
         self.thought = False  # this request streamed thinking
         #: the message's blocks but text, by index (thinking keeps its signature here: for
         #: the API, never for readers)
@@ -558,7 +566,7 @@ class _Turn:
         if not self.thought:
             self.thought = True
             # a retry after thinking (no text yet) thinks again: say so, so a client clears it
-            if any(b'"type":"thinking"' in event for event in stream.events):
+            if self.rethinking:
                 stream.append({"type": "thinking", "text": "", "restart": True})
         stream.append({"type": "thinking", "text": text})
 

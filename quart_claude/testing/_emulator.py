@@ -652,14 +652,7 @@ class Emulator:
             if sent and delay:
                 await asyncio.sleep(delay)
             piece = f"{time.time():.6f} " if reply.stamp else tokens[sent]
-            await event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "text_delta", "text": piece},
-                },
-            )
+            await event(*_delta(index, "text_delta", text=piece))
         await event("content_block_stop", {"type": "content_block_stop", "index": index})
         return None
 
@@ -756,23 +749,9 @@ async def _thinking_blocks(
         for piece in _TOKEN.findall(reply.thinking):
             if delay:
                 await asyncio.sleep(delay)
-            await event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": index,
-                    "delta": {"type": "thinking_delta", "thinking": piece},
-                },
-            )
+            await event(*_delta(index, "thinking_delta", thinking=piece))
         signature = _sign(reply.thinking)
-        await event(
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": index,
-                "delta": {"type": "signature_delta", "signature": signature},
-            },
-        )
+        await event(*_delta(index, "signature_delta", signature=signature))
         await event("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
     return index
@@ -785,6 +764,12 @@ _SIGNING_KEY = secrets.token_bytes(32)
 def _sign(thinking: str) -> str:
     digest = hmac.new(_SIGNING_KEY, thinking.encode(), hashlib.sha256).digest()
     return base64.b64encode(digest).decode()
+
+
+def _delta(index: int, kind: str, **fields: Any) -> tuple[str, dict[str, Any]]:
+    """A ``content_block_delta`` event of block ``index``: its name and its data."""
+    delta = {"type": kind, **fields}
+    return "content_block_delta", {"type": "content_block_delta", "index": index, "delta": delta}
 
 
 def _tool_id(server: bool) -> str:
@@ -828,14 +813,7 @@ async def _tool_block(
     for sent, piece in enumerate(pieces):
         if sent == fault_at:
             return None
-        await event(
-            "content_block_delta",
-            {
-                "type": "content_block_delta",
-                "index": index,
-                "delta": {"type": "input_json_delta", "partial_json": piece},
-            },
-        )
+        await event(*_delta(index, "input_json_delta", partial_json=piece))
     await event("content_block_stop", {"type": "content_block_stop", "index": index})
     if call.server:
         result = {
