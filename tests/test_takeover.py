@@ -189,6 +189,42 @@ def stream_id_of(reading: Reading) -> str:
     return str(start["stream_id"])
 
 
+async def open_mid_answer(
+    http: httpx2.AsyncClient,
+    producer: Server,
+    posted_next: list[Server],
+    followed_on: list[Server],
+    streams: int,
+) -> tuple[list[asyncio.Task[Reading]], list[asyncio.Task[Reading]]]:
+    """POST ``streams`` questions to ``producer`` (each reader resumes on
+    ``posted_next[i % n]`` after a cut), wait until each is mid-answer, and attach a live
+    follower to each on ``followed_on[i % n]``: the POST readers and the followers."""
+    readings = [Reading() for _ in range(streams)]
+    mid_answer = [asyncio.Event() for _ in range(streams)]
+    posts = [
+        asyncio.create_task(
+            read(
+                http,
+                readings[i],
+                [producer.url, posted_next[i % len(posted_next)].url],
+                "",
+                post={"message": f"question {i}"},
+                on_event=mid_answer[i],
+                deltas_before_signal=15,
+            )
+        )
+        for i in range(streams)
+    ]
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in mid_answer)), 30)
+    ids = [stream_id_of(r) for r in readings]
+    followers = [
+        asyncio.create_task(read(http, Reading(), [followed_on[i % len(followed_on)].url], ids[i]))
+        for i in range(streams)
+    ]
+    await asyncio.sleep(0.5)
+    return posts, followers
+
+
 async def test_a_sigkilled_producer_is_taken_over_exactly(
     servers: Servers, emulator: Emulator
 ) -> None:
@@ -196,30 +232,8 @@ async def test_a_sigkilled_producer_is_taken_over_exactly(
     emulator.default = Reply(ANSWER, token_delay=0.04)  # about 5 s an answer
     streams = 20
     async with httpx2.AsyncClient(timeout=60) as http:
-        readings = [Reading() for _ in range(streams)]
-        mid_answer = [asyncio.Event() for _ in range(streams)]
-        posts = [
-            asyncio.create_task(
-                read(
-                    http,
-                    readings[i],
-                    [a.url, b.url],  # after the kill: Last-Event-ID on b
-                    "",
-                    post={"message": f"question {i}"},
-                    on_event=mid_answer[i],
-                    deltas_before_signal=15,
-                )
-            )
-            for i in range(streams)
-        ]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in mid_answer)), 30)
-        ids = [stream_id_of(r) for r in readings]
-        # readers attached to the other servers, following live
-        followers = [
-            asyncio.create_task(read(http, Reading(), [(b, c)[i % 2].url], ids[i]))
-            for i in range(streams)
-        ]
-        await asyncio.sleep(0.5)
+        # after the kill: the POST readers resume on b; followers read live on b and c
+        posts, followers = await open_mid_answer(http, a, [b], [b, c], streams)
         killed_at = time.monotonic()
         a.process.kill()
         await a.process.wait()
@@ -362,29 +376,7 @@ async def test_sigterm_hands_every_stream_to_the_others(
     emulator.default = Reply(ANSWER, token_delay=0.04)
     streams = 20
     async with httpx2.AsyncClient(timeout=60) as http:
-        readings = [Reading() for _ in range(streams)]
-        mid_answer = [asyncio.Event() for _ in range(streams)]
-        posts = [
-            asyncio.create_task(
-                read(
-                    http,
-                    readings[i],
-                    [a.url, (b, c)[i % 2].url],
-                    "",
-                    post={"message": f"question {i}"},
-                    on_event=mid_answer[i],
-                    deltas_before_signal=15,
-                )
-            )
-            for i in range(streams)
-        ]
-        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in mid_answer)), 30)
-        ids = [stream_id_of(r) for r in readings]
-        followers = [
-            asyncio.create_task(read(http, Reading(), [(c, b)[i % 2].url], ids[i]))
-            for i in range(streams)
-        ]
-        await asyncio.sleep(0.5)
+        posts, followers = await open_mid_answer(http, a, [b, c], [c, b], streams)
         started = time.monotonic()
         a.process.send_signal(signal.SIGTERM)
         await asyncio.wait_for(a.process.wait(), SHUTDOWN_GRACE + 5)
