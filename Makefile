@@ -59,6 +59,7 @@ test: lint typecheck pytest
 bench: install
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.takeover
+	$(BIN)/python -m bench.tool_loop
 
 # Regenerate the locks after changing a dependency in pyproject.toml (existing pins are kept
 # where they still fit); `make lock UPGRADE=1` moves every pin to the newest release.

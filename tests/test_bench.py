@@ -48,3 +48,21 @@ def test_takeover_benchmark_runs() -> None:
     assert cells[1] == "3"
     gap = float(cells[2].removesuffix(" s"))
     assert 0.5 < gap < 30  # after the lease lapsed, and not never
+
+
+def test_tool_loop_benchmark_runs() -> None:
+    """``python -m bench.tool_loop``: every answer took its tool step (the script asserts
+    it), and a figure for each column."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.tool_loop", "--streams", "5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| tool-loop")]
+    cells = [cell.strip() for cell in row.strip("|").split("|")]
+    assert cells[1] == "5"
+    p50, p99 = (float(part) for part in cells[3].split(" / "))
+    assert 0 < p50 <= p99
