@@ -9,23 +9,25 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_quick_benchmark_runs_without_failures() -> None:
+def bench(module: str, *args: str) -> list[str]:
+    """Run ``python -m bench.<module> args``; its output lines (it must exit 0)."""
     result = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--only", "flat-out", "paced", "setup"],
+        [sys.executable, "-m", f"bench.{module}", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     )
-    rows = [
-        line
-        for line in result.stdout.splitlines()
-        if line.startswith(("| flat-out", "| paced", "| setup"))
-    ]
+    return result.stdout.splitlines()
+
+
+def test_quick_benchmark_runs_without_failures() -> None:
+    lines = bench("run", "--quick", "--only", "flat-out", "paced", "setup")
+    rows = [line for line in lines if line.startswith(("| flat-out", "| paced", "| setup"))]
     # bare, common, quart_claude; the same and flask (paced: more streams than one client may
     # hold by default, so a cap the bench forgot shows up as failures); setup
-    assert len(rows) == 8, result.stdout
+    assert len(rows) == 8, lines
     for row in rows:
         cells = [cell.strip() for cell in row.strip("|").split("|")]
         assert int(cells[3]) > 0, row  # events relayed
@@ -35,15 +37,8 @@ def test_quick_benchmark_runs_without_failures() -> None:
 def test_takeover_benchmark_runs() -> None:
     """``python -m bench.takeover``: every stream continued exactly after the kill (the
     script asserts it), and a figure for each column."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.takeover", "--streams", "3", "--rounds", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| takeover")]
+    lines = bench("takeover", "--streams", "3", "--rounds", "1")
+    (row,) = [line for line in lines if line.startswith("| takeover")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[1] == "3"
     gap = float(cells[2].removesuffix(" s"))
@@ -53,15 +48,8 @@ def test_takeover_benchmark_runs() -> None:
 def test_tool_loop_benchmark_runs() -> None:
     """``python -m bench.tool_loop``: every answer took its tool step (the script asserts
     it), and a figure for each column."""
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.tool_loop", "--streams", "5"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
-    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| tool-loop")]
+    lines = bench("tool_loop", "--streams", "5")
+    (row,) = [line for line in lines if line.startswith("| tool-loop")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]
     assert cells[1] == "5"
     p50, p99 = (float(part) for part in cells[3].split(" / "))
