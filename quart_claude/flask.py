@@ -147,6 +147,9 @@ class Claude(ExtensionBase[Flask]):
 
     def init_app(self, app: Flask) -> None:
         state = self._create_state(app.extensions, app.config)
+        # tools run on the loop thread, outside any request: give them the app's context
+        # (current_app, and what extensions such as Flask-SQLAlchemy need)
+        state.tool_scope = app.app_context
         runner = LoopThread(state)
         app.extensions[_RUNNER_KEY] = runner
         blueprint = _blueprint(state, runner)

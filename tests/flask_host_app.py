@@ -2,7 +2,7 @@
 
 import os
 
-from flask import Flask, Response
+from flask import Flask, Response, current_app
 
 from quart_claude.flask import Claude
 
@@ -13,7 +13,7 @@ claude = Claude(app)
 @claude.tool
 def stock_level(sku: str) -> dict[str, object]:
     """Units of a product in stock (a sync tool, as a Flask app writes them)."""
-    return {"sku": sku, "units": 7, "worker": os.getpid()}
+    return {"sku": sku, "units": 7, "worker": os.getpid(), "app": current_app.name}
 
 
 @app.after_request

@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from pydantic import Field
-from quart import Quart
+from quart import Quart, current_app
 
 from quart_claude import Claude, ToolContext
 from quart_claude.client import stream_chat as client_stream_chat
@@ -578,6 +578,7 @@ async def test_flask_runs_the_same_tool_loop(emulator: Emulator, http: httpx2.As
     assert result.types[-1] == "done" and result.text == "Checking. Seven mugs."
     output = next(e for e in result.events if e["type"] == "tool_result")["output"]
     assert output["sku"] == "MUG-1" and output["units"] == 7
+    assert output["app"] == "tests.flask_host_app"  # run inside the app's context
     sent = emulator.requests[1].body["messages"][-1]["content"][0]
     assert json.loads(sent["content"])["units"] == 7
 
@@ -686,3 +687,27 @@ def scrape_text(response: httpx2.Response) -> dict[str, float]:
             name, _, number = line.rpartition(" ")
             samples[name] = float(number)
     return samples
+
+
+async def test_quart_tools_see_the_app(emulator: Emulator, http: httpx2.AsyncClient) -> None:
+    """The producer task carries the request's context: current_app works in a tool, async
+    or sync (its thread gets a copy)."""
+    made = Host(emulator)
+
+    @made.claude.tool
+    async def app_name() -> str:
+        """The app's name."""
+        return current_app.name
+
+    @made.claude.tool
+    def app_name_sync() -> str:
+        """The app's name, from a thread."""
+        return current_app.name
+
+    emulator.script(
+        Reply("", tool_calls=[ToolUse("app_name"), ToolUse("app_name_sync")]), Reply("ok")
+    )
+    async with serving(made.app) as url:
+        result = await read_stream(http, url)
+    outputs = [e["output"] for e in result.events if e["type"] == "tool_result"]
+    assert sorted(outputs) == [made.app.name, made.app.name]

@@ -31,7 +31,7 @@ from .retry import RetryPolicy
 from .sse import encode_json
 from .stream import Stream
 from .telemetry import StreamOutcome, Telemetry
-from .tools import ToolBox
+from .tools import ToolBox, ToolScope
 
 __all__ = ["MAX_UPSTREAM_EVENT", "Prior", "Relay"]
 
@@ -69,11 +69,13 @@ class Relay:
         config: ClaudeConfig,
         telemetry: Telemetry,
         tools: ToolBox | None = None,
+        tool_scope: ToolScope | None = None,
     ) -> None:
         self.client = client
         self.config = config
         self.telemetry = telemetry
         self.tools: ToolBox = tools if tools is not None else ToolBox()
+        self.tool_scope = tool_scope
         self.policy: RetryPolicy = RetryPolicy(
             config.max_retries, config.retry_base_delay, config.retry_max_delay
         )
@@ -201,6 +203,7 @@ class Relay:
                     identity=stream.owner,
                     stream_id=stream.id,
                     default_timeout=timeout,
+                    scope=self.tool_scope,
                 )
                 ended = result.outcome
             finally:

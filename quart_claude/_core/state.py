@@ -28,7 +28,7 @@ from .schema import chat_body_model, openapi_document
 from .store import Claim, Found, MemoryStore
 from .stream import Stream
 from .telemetry import Telemetry, parent_context
-from .tools import Show, ToolBox
+from .tools import Show, ToolBox, ToolScope
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -91,6 +91,9 @@ class ClaudeState:
         self._sweeper: asyncio.Task[None] | None = None
         self.rate_limiter: RateLimiter | None = None
         self.draining: bool = False
+        #: entered around each tool call (the Flask front end: the app context); None: the
+        #: producer task's own context (Quart copies the request's into it)
+        self.tool_scope: ToolScope | None = None
 
     @property
     def openapi(self) -> dict[str, Any]:
@@ -239,7 +242,7 @@ class ClaudeState:
             from .ratelimit import RateLimiter
 
             self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
-        self.relay = Relay(client, config, self.telemetry, self.extension.tools)
+        self.relay = Relay(client, config, self.telemetry, self.extension.tools, self.tool_scope)
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())

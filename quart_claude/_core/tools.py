@@ -13,18 +13,20 @@ A parameter annotated :class:`ToolContext` is not part of the schema: it receive
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import logging
 import re
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, get_type_hints
 
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-__all__ = ["Show", "Tool", "ToolBox", "ToolContext", "ToolResult"]
+__all__ = ["Show", "Tool", "ToolBox", "ToolContext", "ToolResult", "ToolScope"]
 
 log = logging.getLogger("quart_claude")
 
@@ -35,6 +37,9 @@ TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 #: ``"hidden"`` (the name only), or a function of the output that returns what they see of
 #: it (a summary; the input is shown).
 Show = Literal["full", "hidden"] | Callable[[Any], Any]
+
+#: Entered around each call (the Flask front end passes ``app.app_context``).
+ToolScope = Callable[[], AbstractContextManager[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +162,7 @@ class ToolBox:
         identity: str | None,
         stream_id: str,
         default_timeout: float,
+        scope: ToolScope | None = None,
     ) -> ToolResult:
         """Run one call to its end: a result, never an exception (but cancellation)."""
         tool = self.tools.get(name)
@@ -175,9 +181,10 @@ class ToolBox:
         try:
             async with asyncio.timeout(timeout) as deadline:
                 if inspect.iscoroutinefunction(tool.function):
-                    value = await tool.function(**kwargs)
+                    with scope() if scope is not None else contextlib.nullcontext():
+                        value = await tool.function(**kwargs)
                 else:  # a thread: a sync tool that blocks must not stall every stream
-                    value = await asyncio.to_thread(tool.function, **kwargs)
+                    value = await asyncio.to_thread(_call, scope, tool.function, kwargs)
         except TimeoutError:
             if not deadline.expired():
                 return _error(call_id, name, "TimeoutError")
@@ -193,6 +200,14 @@ class ToolBox:
             log.warning("tool %s returned a value that is not JSON", name, exc_info=True)
             return _error(call_id, name, "the tool returned a value that is not JSON")
         return ToolResult(call_id, name, content, False, output)
+
+
+def _call(scope: ToolScope | None, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """A sync tool's call, in its thread, inside ``scope``."""
+    if scope is None:
+        return function(**kwargs)
+    with scope():
+        return function(**kwargs)
 
 
 def _error(call_id: str, name: str, message: str, outcome: str = "error") -> ToolResult:
