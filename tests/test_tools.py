@@ -8,7 +8,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import anthropic
 import httpx2
@@ -257,25 +257,27 @@ async def test_a_stop_during_a_tool_call_cancels_it(
     assert len(emulator.requests) == 1
 
 
+@pytest.mark.parametrize("on_continue", ["rest", "restart", "repeat_tail"])
 async def test_a_drop_mid_tool_input_recovers_without_running_the_tool_twice(
-    host: Callable[..., Host], emulator: Emulator, http: httpx2.AsyncClient
+    host: Callable[..., Host],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    on_continue: Literal["rest", "restart", "repeat_tail"],
 ) -> None:
+    """Asked to continue, the model writes the rest, or starts over, or repeats its last
+    words, then calls the tool again: the reader sees the text once and one call."""
     made = host()
-    calling = Reply("Checking the weather. ", tool_calls=[ToolUse("weather", {"city": "Paris"})])
+    text = "Checking the weather for you in the city you asked about. "
+    call = (ToolUse("weather", {"city": "Paris"}),)
     emulator.script(
-        Reply(
-            calling.text,
-            tool_calls=calling.tool_calls,
-            fault="drop",
-            fault_in_input=4,  # inside the input's JSON
-        ),
-        calling,  # the continuation: the text again (the guard drops it), then the call
+        Reply(text, tool_calls=call, fault="drop", fault_in_input=4),  # inside the input
+        Reply(text, tool_calls=call, on_continue=on_continue),
         Reply("It is sunny."),
     )
     async with serving(made.app) as url:
         result = await read_stream(http, url)
     assert result.types[-1] == "done"
-    assert result.text == "Checking the weather. It is sunny."
+    assert result.text == text + "It is sunny."
     assert made.calls == [("weather", {"city": "Paris", "days": 1})]
     assert result.types.count("tool_call") == 1 and result.types.count("tool_result") == 1
     assert len(emulator.requests) == 3
