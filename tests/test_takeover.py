@@ -249,11 +249,13 @@ async def test_a_sigkilled_producer_is_taken_over_exactly(
     assert logs.count("taken over") == streams, "one takeover line per stream"
 
 
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
 async def test_a_takeover_continues_a_tool_loop_without_rerunning_finished_tools(
-    servers: Servers, emulator: Emulator, tmp_path: Path
+    servers: Servers, emulator: Emulator, tmp_path: Path, signal_name: str
 ) -> None:
-    """The producer dies while one of a step's two tools runs: the other worker runs only
-    the unfinished one (the finished one's result is in Redis), then the next step."""
+    """The producer dies (or drains) while one of a step's two tools runs: the other worker
+    runs only the unfinished one (the finished one's result is in Redis), then the next
+    step."""
     tool_log = tmp_path / "tools.log"
     servers.env["HOST_APP_TOOL_LOG"] = str(tool_log)
     a, b = [await servers.start() for _ in range(2)]
@@ -273,16 +275,15 @@ async def test_a_takeover_continues_a_tool_loop_without_rerunning_finished_tools
             read(http, reading, [a.url, b.url], "", post={"message": "look both up"})
         )
         for _ in range(200):  # until the fast tool's result has been read
-            if any(
-                e.get("id") == "toolu_fast" for e in reading.events if e["type"] == "tool_result"
-            ):
+            results = [e for e in reading.events if e["type"] == "tool_result"]
+            if any(e.get("id") == "toolu_fast" for e in results):
                 break
             await asyncio.sleep(0.05)
         else:
             raise AssertionError(f"no fast result: {reading.events}")
         assert "slow-start k2" in tool_log.read_text()
-        a.process.kill()  # mid slow_lookup
-        await a.process.wait()
+        a.process.send_signal(getattr(signal, signal_name))  # mid slow_lookup
+        await asyncio.wait_for(a.process.wait(), SHUTDOWN_GRACE + 5)
         result = await asyncio.wait_for(post, 60)
     assert result.last.get("type") == "done", result.last
     assert result.ids == list(range(len(result.ids)))
@@ -296,6 +297,8 @@ async def test_a_takeover_continues_a_tool_loop_without_rerunning_finished_tools
     answered = emulator.requests[1].body["messages"][-1]["content"]
     assert [block["tool_use_id"] for block in answered] == ["toolu_fast", "toolu_slow"]
     assert answered[0]["content"] == "fast value of k1"
+    if signal_name == "SIGTERM":
+        assert "handed off 1 stream(s)" in a.output()
 
 
 async def test_takeover_sums_usage_over_every_request(servers: Servers, emulator: Emulator) -> None:
