@@ -167,12 +167,9 @@ class Relay:
             }
             stream.add_step(step)
             if calls:
-                tools = self.tools
                 for call in calls:
-                    tool = tools.tools.get(call["name"])
-                    shown = tool.view_input(call["input"]) if tool is not None else call["input"]
                     event = {"type": "tool_call", "id": call["id"], "name": call["name"]}
-                    stream.append({**event, "input": shown})
+                    stream.append({**event, "input": self.tools.shown_input(call)})
                 await self._run_tools(stream, step, calls, outcome)
             texts = []
             step_base = int(outcome.usage.get("output_tokens") or 0)
@@ -208,19 +205,17 @@ class Relay:
                 ended = result.outcome
             finally:
                 elapsed = time.monotonic() - started
-                outcome.tool_ended(span, _label(tools, name), ended, elapsed)
+                outcome.tool_ended(span, tools.label(name), ended, elapsed)
             log.info("stream %s tool %s: %s in %.3fs", stream.id, name, ended, elapsed)
             results[result.id] = result.block()
             stream.steps_changed()
-            tool = tools.tools.get(result.name)
-            output = tool.view_output(result) if tool is not None else result.output
             stream.append(
                 {
                     "type": "tool_result",
                     "id": result.id,
                     "name": result.name,
                     "is_error": result.is_error,
-                    "output": output,
+                    "output": tools.shown_output(result),
                 }
             )
 
@@ -681,11 +676,6 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes]:
         kind = body.get("type") if isinstance(body, dict) else None
         name = kind.encode() if isinstance(kind, str) else b""
     return name, joined
-
-
-def _label(tools: ToolBox, name: str) -> str:
-    """A tool's metric label: its name if it is registered (the model may make names up)."""
-    return name if name in tools.tools else "_unknown"
 
 
 def _partial(stream: Stream, texts: list[bytes]) -> bool:

@@ -19,7 +19,6 @@ import json
 import logging
 import re
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Literal, get_type_hints
 
@@ -39,7 +38,7 @@ TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 Show = Literal["full", "hidden"] | Callable[[Any], Any]
 
 #: Entered around each call (the Flask front end passes ``app.app_context``).
-ToolScope = Callable[[], AbstractContextManager[Any]]
+ToolScope = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +119,20 @@ class ToolBox:
         if self._definitions is None:
             self._definitions = [tool.definition() for tool in self.tools.values()]
         return self._definitions
+
+    def label(self, name: str) -> str:
+        """A tool's metric label: its name if it is registered (the model may make names up)."""
+        return name if name in self.tools else "_unknown"
+
+    def shown_input(self, call: Mapping[str, Any]) -> Any:
+        """What readers see of a call's input (all of it for a tool nobody registered)."""
+        tool = self.tools.get(call["name"])
+        return tool.view_input(call["input"]) if tool is not None else call["input"]
+
+    def shown_output(self, result: ToolResult) -> Any:
+        """What readers see of a result: the tool's choice (its message for an unknown one)."""
+        tool = self.tools.get(result.name)
+        return tool.view_output(result) if tool is not None else result.output
 
     def register(
         self,
