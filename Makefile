@@ -9,10 +9,12 @@ PYTAG := $(shell $(PYTHON) -c 'import sys; print("%d%d" % sys.version_info[:2])'
 LOCK ?= requirements/dev-py$(PYTAG).txt
 # The Pythons the locks are made for: the ones the project supports and CI runs.
 LOCK_PYTHONS := 3.11 3.12 3.13
+# pytest-xdist workers: the suite waits on real servers far more than it computes
+PYTEST_WORKERS ?= 4
 PIP_INSTALL := python -m pip install -q --disable-pip-version-check
 
-.PHONY: install run test test-fast lint typecheck pytest bench lock test-lowest test-latest \
-	dist check-wheel screenshot clean
+.PHONY: install deps run test test-fast test-quick lint typecheck docs pytest bench lock \
+	test-lowest test-latest dist check-wheel screenshot clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +30,11 @@ $(VENV)/.installed: $(wildcard $(LOCK)) pyproject.toml tests/ai_sdk/package-lock
 	  npm ci --prefix tools --no-audit --no-fund --loglevel=error; \
 	else echo "npm not found: the AI SDK tests will skip (CI fails on a skip)" >&2; fi
 	touch $@
+
+# The programs the system tier drives (redis-server, nginx, chromium, prometheus, ...):
+# installed with apt-get on Debian/Ubuntu; elsewhere it says what to install.
+deps:
+	bash scripts/system-deps.sh
 
 run: install
 	PORT=$(PORT) $(BIN)/python -m example_app
@@ -45,16 +52,23 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# The documentation site (docs/, mkdocs.yml) into site/: a broken link or anchor fails it.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet
+
 pytest: install
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
-# The inner loop: the core's tests that need no server, in seconds. `make test` runs all.
-FAST_TESTS := tests/test_config.py tests/test_retry_policy.py tests/test_sse.py \
-	tests/test_upstream_parsing.py tests/test_public_api.py tests/test_layout.py
+# The tiers (CONTRIBUTING.md): core (no sockets, seconds), server (in-process servers, the
+# bulk), system (subprocesses, signals, nginx, Chromium, Node, Prometheus, real defaults).
+# The inner loop is test-fast (core); test-quick adds the server tier; `make test` runs all.
 test-fast: install
-	$(BIN)/pytest -q $(FAST_TESTS)
+	$(BIN)/pytest -q -m core $(PYTEST_ARGS)
 
-test: lint typecheck pytest
+test-quick: install
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m "core or server" $(PYTEST_ARGS)
+
+test: lint typecheck docs pytest
 
 bench: install
 	$(BIN)/python -m bench.run
@@ -78,15 +92,17 @@ lock: $(if $(wildcard $(LOCK)),install)
 	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis --extra flask \
 	  --group test --group build -o requirements/lowest-py311.txt
 
-# The suite on the lowest versions pyproject.toml allows (Python 3.11): proves the lower bounds.
-# The Flask runs of the acceptance tests are left out here (test_flask.py stays: it proves
-# the Gunicorn and flask-cors lower bounds); the locked legs run them all.
+# What a change of a dependency's version can break: the core and server tiers, and the
+# system tests marked deps (Hypercorn's CLI and private hook, Gunicorn, prometheus-client's
+# multiprocess mode, Quart's default timeout). The 3.13, lowest and newest legs run this.
+VERSIONED := -m "core or server or deps"
+
+# The lowest versions pyproject.toml allows (Python 3.11): proves the lower bounds.
 test-lowest:
 	$(MAKE) pytest VENV=.venv-lowest LOCK=requirements/lowest-py311.txt \
-	  PYTEST_ARGS='-k "not flask or test_flask" $(PYTEST_ARGS)'
+	  PYTEST_ARGS='$(VERSIONED) $(PYTEST_ARGS)'
 
-
-# The suite on the newest release of everything, no lock: drift seen here before users see it.
+# The newest release of everything, no lock: drift seen here before users see it.
 # It does not gate CI (a new upstream release is not our regression); CI prints its outcome.
 test-latest:
 	$(PYTHON) -m venv --clear .venv-latest
@@ -95,7 +111,7 @@ test-latest:
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(anthropic|quart|hypercorn|httpx2|aiohttp|redis|pytest|mypy|ruff)=' | tr '\n' ' '; echo
 	.venv-latest/bin/ruff check .
 	.venv-latest/bin/mypy
-	.venv-latest/bin/pytest -k "not flask or test_flask" $(PYTEST_ARGS)
+	.venv-latest/bin/pytest -n $(PYTEST_WORKERS) $(VERSIONED) $(PYTEST_ARGS)
 
 # An sdist and a wheel in dist/, checked by twine.
 dist: install
@@ -114,6 +130,6 @@ clean:
 	rm -rf .venv .venv313 .venv-lowest .venv-latest .mypy_cache .pytest_cache .ruff_cache \
 	  *.egg-info dist build
 
-# The README's screenshot of the chat page mid-reply, taken by the browser e2e test.
+# The docs' screenshot of the chat page mid-reply, taken by the browser e2e test.
 screenshot: install
 	QUART_CLAUDE_SCREENSHOT=1 $(BIN)/pytest -q tests/test_browser.py -k progressively

@@ -127,6 +127,8 @@ class LoopThread:
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
+            if not self._thread.is_alive():
+                loop.close()  # its selector and self-pipe, not left to the collector
 
 
 _running: weakref.WeakSet[LoopThread] = weakref.WeakSet()

@@ -13,7 +13,8 @@ from quart import Quart
 from quart_claude import Claude
 from quart_claude.testing import Emulator
 
-from .helpers import gunicorn_serving, serving
+from . import binaries
+from .helpers import serving, wsgi_serving
 
 API_KEY = "sk-test-emulator-key-0123456789"
 # The suite runs against either upstream transport (CI runs both).
@@ -52,8 +53,8 @@ def make_app(emulator: Emulator) -> Callable[..., Quart]:
 
 @pytest.fixture(params=["quart", "flask"])
 def front_end(request: pytest.FixtureRequest) -> str:
-    """The acceptance tests run against both front ends: Quart under Hypercorn (in this
-    process) and Flask under Gunicorn's gthread worker (a real server process)."""
+    """The acceptance tests run against both front ends: Quart under Hypercorn and Flask on a
+    threaded WSGI server, both in this process (Gunicorn itself: test_flask.py)."""
     return str(request.param)
 
 
@@ -71,7 +72,7 @@ def serve(
         options.setdefault("retry_base_delay", 0.05)
         options.setdefault("retry_max_delay", 2.0)
         options.setdefault("http_client", HTTP_CLIENT)
-        return gunicorn_serving(options)
+        return wsgi_serving(options)
 
     return factory
 
@@ -86,6 +87,50 @@ async def server(make_app: Callable[..., Quart]) -> AsyncIterator[str]:
 async def http() -> AsyncIterator[httpx2.AsyncClient]:
     async with httpx2.AsyncClient(timeout=30) as client:
         yield client
+
+
+TIERS = ("core", "server", "system")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test has exactly one tier (CONTRIBUTING.md says which), so ``-m "core or
+    server"`` selects by tier. The system tier goes first: its long real-time tests start
+    while the workers still have the short ones to share out."""
+    rank = {}
+    for item in items:
+        tiers = {marker.name for marker in item.iter_markers() if marker.name in TIERS}
+        if len(tiers) != 1:
+            raise pytest.UsageError(
+                f"{item.nodeid} has tier marks {sorted(tiers)}: give it (or its module) exactly "
+                "one of core, server, system (CONTRIBUTING.md says which)"
+            )
+        rank[item.nodeid] = -TIERS.index(tiers.pop())
+    items.sort(key=lambda item: rank[item.nodeid])  # stable: a module's tests stay together
+
+
+def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
+    """Gather the groups that did not run; :func:`pytest_unconfigure` prints them last."""
+    reasons = [_skip_reason(report) for report in terminalreporter.stats.get("skipped", [])]
+    config.stash[_NOT_RUN] = binaries.summary(reasons)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """The run's last lines: what did not run, and what installs it."""
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    lines = config.stash.get(_NOT_RUN, [])
+    if reporter is not None and lines:
+        for line in lines:
+            reporter.write_line(line, yellow=True, bold=True)
+
+
+_NOT_RUN = pytest.StashKey[list[str]]()
+
+
+def _skip_reason(report: Any) -> str:
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
@@ -162,15 +207,7 @@ class RedisServer:
 
 
 def _redis_binary() -> str:
-    import shutil
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip(
-            "REDIS TESTS NOT RUN: redis-server is not installed (apt-get install "
-            "redis-server); CI installs it and fails on any skip"
-        )
-    return binary
+    return binaries.need("redis")
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -17,8 +18,10 @@ from typing import Any
 import httpx2
 from hypercorn.config import Config
 from quart import Quart
+from werkzeug.serving import WSGIRequestHandler, make_server
 
 from quart_claude import Claude, SSEParser
+from quart_claude.flask import Claude as FlaskClaude
 from quart_claude.serving import serve_app
 
 
@@ -50,8 +53,10 @@ async def stream_chat(
     stop_after_deltas: int | None = None,
     method: str = "POST",
     headers: dict[str, str] | None = None,
+    attached: asyncio.Event | None = None,
 ) -> SSEResult:
-    """POST ``payload`` and read the SSE answer (optionally leaving after N deltas)."""
+    """POST ``payload`` and read the SSE answer (optionally leaving after N deltas).
+    ``attached`` is set at the first event: the reader is following the stream."""
     kwargs: dict[str, Any] = {"headers": headers}
     if payload is not None:
         kwargs["json"] = payload
@@ -71,6 +76,8 @@ async def stream_chat(
                 result.events.append(event.json())
                 result.ids.append(event.id)
                 result.received_at.append(time.time())
+                if attached is not None:
+                    attached.set()
                 if result.events[-1]["type"] == "delta":
                     deltas += 1
             result.pings = parser.comments
@@ -164,6 +171,45 @@ class CuttingProxy:
 
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
         self._writers -= {writer, up_writer}
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        pass  # no access log line per request
+
+
+@contextlib.asynccontextmanager
+async def wsgi_serving(options: dict[str, Any]) -> AsyncIterator[str]:
+    """``tests.flask_host_app.create_app(**options)`` on Werkzeug's threaded WSGI server in
+    a thread of this process (one thread per request, as Gunicorn's gthread worker runs it);
+    yields its base URL. Ready in milliseconds: the server tier's Flask front end. What only
+    Gunicorn does (its worker, its hook, its signals) is tested under Gunicorn itself."""
+    from .flask_host_app import create_app
+
+    app = create_app(**options)
+    server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
+    thread = threading.Thread(target=server.serve_forever, name="wsgi-server", daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    try:
+        await wait_ready(url + str(options.get("url_prefix", "")) + "/ready")
+        yield url
+    finally:
+        await asyncio.to_thread(server.shutdown)
+        # the app's loop thread: drain its streams and stop, as the process's exit would
+        await asyncio.to_thread(FlaskClaude.loop_thread(app).stop)
+        server.server_close()
+        thread.join(5)
+
+
+async def wait_ready(url: str, attempts: int = 300) -> None:
+    async with httpx2.AsyncClient() as client:
+        for _ in range(attempts):
+            with contextlib.suppress(httpx2.TransportError):
+                if (await client.get(url)).status_code == 200:
+                    return
+            await asyncio.sleep(0.02)
+    raise RuntimeError(f"{url} did not become ready")
 
 
 ROOT = Path(__file__).resolve().parent.parent

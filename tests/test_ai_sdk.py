@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,21 +16,19 @@ from quart import Quart
 from quart_claude import Claude
 from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 
+from . import binaries
 from .helpers import serving
 
+pytestmark = pytest.mark.system
+
 HERE = Path(__file__).resolve().parent / "ai_sdk"
-NODE = shutil.which("node")
 ANSWER = " ".join(f"piece{i}" for i in range(30))
 
 
 async def node_check(url: str, scenario: str) -> Any:
-    if NODE is None or not (HERE / "node_modules" / "ai").is_dir():
-        pytest.skip(
-            "AI SDK TESTS NOT RUN: node or tests/ai_sdk/node_modules is missing "
-            "(npm ci --prefix tests/ai_sdk, which make install runs); CI fails on any skip"
-        )
+    node = binaries.node_modules(HERE)
     process = await asyncio.create_subprocess_exec(
-        NODE,
+        node,
         str(HERE / "check.mjs"),
         url,
         scenario,

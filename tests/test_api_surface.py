@@ -16,6 +16,8 @@ from quart_claude.testing import Emulator, ErrorReply, Reply
 from .conftest import RedisServer
 from .helpers import serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 SYSTEM = "You are a careful assistant. " * 40  # long enough to be worth caching
 
 

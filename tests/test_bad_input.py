@@ -16,6 +16,8 @@ from quart_claude.testing import Emulator
 from .conftest import API_KEY
 from .helpers import serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 JSON = {"content-type": "application/json"}
 
 CASES: list[tuple[str, bytes, dict[str, str], int, str, str]] = [

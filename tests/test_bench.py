@@ -6,6 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from . import binaries
+
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -37,6 +43,7 @@ def test_quick_benchmark_runs_without_failures() -> None:
 def test_takeover_benchmark_runs() -> None:
     """``python -m bench.takeover``: every stream continued exactly after the kill (the
     script asserts it), and a figure for each column."""
+    binaries.need("redis")  # the benchmark starts a redis-server of its own
     lines = bench("takeover", "--streams", "3", "--rounds", "1")
     (row,) = [line for line in lines if line.startswith("| takeover")]
     cells = [cell.strip() for cell in row.strip("|").split("|")]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -15,10 +14,12 @@ import pytest
 from example_app import create_app
 from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 
+from . import binaries
 from .conftest import API_KEY
 from .helpers import CuttingProxy, serving
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.system
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 ANSWER = " ".join(f"word{i}" for i in range(60)) + "."
 
@@ -30,14 +31,11 @@ except ImportError:  # pragma: no cover - the dev lock installs it
 
 @pytest.fixture
 async def page() -> AsyncIterator[Page]:
-    if CHROMIUM is None or async_playwright is None:
-        pytest.skip(
-            "BROWSER TESTS NOT RUN: chromium (apt-get install chromium) or playwright is "
-            "missing; CI installs both and fails on any skip"
-        )
+    chromium = binaries.need("chromium")
+    assert async_playwright is not None, "playwright is in the dev lock: make install"
     async with async_playwright() as playwright:
         browser = await playwright.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=chromium,
             args=[
                 "--no-sandbox",
                 "--disable-gpu",

@@ -12,6 +12,8 @@ from quart_claude.testing import Emulator, Reply
 
 from .helpers import CuttingProxy
 
+pytestmark = pytest.mark.server
+
 ANSWER = " ".join(f"token{i}" for i in range(60))
 
 

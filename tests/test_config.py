@@ -7,6 +7,8 @@ from quart import Quart
 
 from quart_claude import DEFAULT_MODEL, Claude, ConfigError
 
+pytestmark = pytest.mark.core
+
 KEY = "sk-test-key-for-config-0000000000"
 
 
@@ -160,3 +162,16 @@ def test_url_prefix_and_prefixed_endpoint_names() -> None:
     assert rules["/ai/chat/stream"] == "claude.chat_stream"
     assert rules["/ai/health"] == "claude.health"
     assert rules["/ai/ready"] == "claude.ready"
+
+
+def test_every_config_key_is_in_the_configuration_reference() -> None:
+    """docs/configuration.md lists every CLAUDE_* key the extension reads."""
+    import dataclasses
+    from pathlib import Path
+
+    from quart_claude import ClaudeConfig
+
+    reference = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    keys = [ClaudeConfig.key(f.name) for f in dataclasses.fields(ClaudeConfig)]
+    missing = [key for key in keys if f"`{key}`" not in reference]
+    assert not missing, f"not in docs/configuration.md: {missing}"

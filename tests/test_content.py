@@ -17,6 +17,8 @@ from quart_claude.testing import Emulator
 
 from .helpers import serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 
 def png(width: int = 2, height: int = 2) -> bytes:
     """A real (tiny, grey) PNG."""

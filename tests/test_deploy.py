@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -20,13 +19,15 @@ import pytest
 
 from quart_claude.testing import Emulator, Reply
 
+from . import binaries
 from .conftest import RedisServer
 from .helpers import free_port, stream_chat
 from .test_hypercorn_cli import start, stop, wait_ready
 
+pytestmark = pytest.mark.system
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
 ANSWER = " ".join(f"tok{i}" for i in range(40))
 
 
@@ -45,15 +46,11 @@ def nginx_config(upstream_port: int, listen_port: int, **replace: str) -> str:
 
 @contextlib.contextmanager
 def nginx(tmp_path: Path, config: str) -> Iterator[str]:
-    if NGINX is None:
-        pytest.skip(
-            "NGINX TESTS NOT RUN: nginx is not installed (apt-get install nginx-light); "
-            "CI installs it and fails on any skip"
-        )
+    nginx_binary = binaries.need("nginx")
     (tmp_path / "logs").mkdir(exist_ok=True)
     conf = tmp_path / "nginx.conf"
     conf.write_text(config)
-    args = [NGINX, "-p", f"{tmp_path}/", "-c", str(conf)]
+    args = [nginx_binary, "-p", f"{tmp_path}/", "-c", str(conf)]
     globals_ = f"daemon off; pid {tmp_path}/nginx.pid; error_log {tmp_path}/error.log;"
     checked = subprocess.run([*args, "-t", "-g", globals_], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr  # the shipped config is valid nginx

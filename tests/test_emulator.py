@@ -14,6 +14,8 @@ from quart_claude.testing import CONTINUE_MARKER, Emulator, ErrorReply, Hangup, 
 
 from .models import CURRENT_MODELS, DEPRECATED_MODEL, NO_PREFILL_MODEL, PREFILL_MODEL
 
+pytestmark = pytest.mark.server
+
 KEY = "sk-test-emulator"
 
 

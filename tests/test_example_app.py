@@ -10,6 +10,8 @@ import pytest
 from .helpers import free_port, stream_chat
 from .test_hypercorn_cli import start, stop, wait_ready
 
+pytestmark = pytest.mark.system
+
 
 @pytest.mark.parametrize("flag", [[], ["--flask"]], ids=["quart", "flask"])
 async def test_example_app_in_demo_mode(http: httpx2.AsyncClient, flag: list[str]) -> None:

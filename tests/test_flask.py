@@ -23,6 +23,8 @@ from .conftest import API_KEY
 from .helpers import GUNICORN, ROOT, free_port, gunicorn_serving, stream_chat
 from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
 
+pytestmark = [pytest.mark.system, pytest.mark.deps]
+
 ANSWER = " ".join(f"f{i}" for i in range(40))
 
 

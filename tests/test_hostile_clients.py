@@ -22,6 +22,8 @@ from quart_claude.testing import Emulator, ErrorReply, Reply
 
 from .helpers import CuttingProxy, serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 JSON = {"content-type": "application/json"}
 
 

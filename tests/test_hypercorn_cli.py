@@ -17,6 +17,8 @@ from quart_claude.testing import Emulator, Reply
 from .helpers import free_port, stream_chat
 from .models import DEPRECATED_MODEL
 
+pytestmark = [pytest.mark.system, pytest.mark.deps]
+
 ROOT = Path(__file__).resolve().parent.parent
 HYPERCORN = str(Path(sys.executable).with_name("hypercorn"))
 

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.core
+
 PACKAGE = Path(__file__).resolve().parent.parent / "quart_claude"
 CORE = PACKAGE / "_core"
 FRAMEWORKS = {"quart", "flask", "werkzeug", "hypercorn", "gunicorn", "flask_cors", "quart_cors"}

@@ -9,7 +9,6 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import AsyncIterator, Iterator
@@ -20,14 +19,16 @@ import pytest
 
 from quart_claude.testing import Emulator, ErrorReply, Reply
 
+from . import binaries
 from .helpers import free_port, stream_chat
 from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
 from .test_observability import samples, value
 
+pytestmark = [pytest.mark.system, pytest.mark.deps]
+
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "claude-sonnet-5-5"
 ANSWER = " ".join(f"w{i}" for i in range(30))
-PROMETHEUS = shutil.which("prometheus")
 
 
 def fresh_connection() -> httpx2.AsyncClient:
@@ -144,11 +145,7 @@ async def test_a_killed_worker_leaves_no_active_streams_behind(
 
 @contextlib.contextmanager
 def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
-    if PROMETHEUS is None:
-        pytest.skip(
-            "PROMETHEUS TESTS NOT RUN: prometheus is not installed (apt-get install "
-            "prometheus); CI installs it and fails on any skip"
-        )
+    prometheus_binary = binaries.need("prometheus")
     config = (ROOT / "deploy" / "prometheus.yml").read_text()
     for old, new in {
         'targets: ["app:8000"]': f'targets: ["{target}"]',
@@ -160,7 +157,7 @@ def prometheus(tmp_path: Path, target: str) -> Iterator[str]:
     port = free_port()
     process = subprocess.Popen(
         [
-            PROMETHEUS,
+            prometheus_binary,
             f"--config.file={tmp_path / 'prometheus.yml'}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{port}",

@@ -26,6 +26,8 @@ from quart_claude.testing import Emulator, ErrorReply, Reply
 from .helpers import serving, stream_chat
 from .models import PREFILL_MODEL
 
+pytestmark = pytest.mark.server
+
 ANSWER = " ".join(f"word{i}" for i in range(40)) + "."
 
 

@@ -22,6 +22,8 @@ from quart_claude.testing import Emulator, ErrorReply, Reply
 
 from .helpers import serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 MODEL = "claude-sonnet-5-5"
 ANSWER = " ".join(f"word{i}" for i in range(40))
 

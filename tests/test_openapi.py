@@ -9,11 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx2
+import pytest
 from quart import Quart
 
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving
+
+pytestmark = pytest.mark.server
 
 SCHEMATHESIS = str(Path(sys.executable).with_name("schemathesis"))
 

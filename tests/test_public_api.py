@@ -6,6 +6,8 @@ import importlib
 
 import pytest
 
+pytestmark = pytest.mark.core
+
 PUBLIC = {
     "quart_claude": {
         "DEFAULT_MODEL",

@@ -19,6 +19,8 @@ from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 ANSWER = " ".join(f"w{i}" for i in range(50))
 
 
@@ -96,8 +98,11 @@ async def test_remote_reader_keeps_the_generation_alive(
     async with serving(first) as a, serving(second) as b:
         async with http.stream("POST", a + "/chat/stream", json={"message": "hi"}) as response:
             path = "/chat/stream/" + response.headers["x-stream-id"]
-            follower = asyncio.create_task(stream_chat(http, b + path, method="GET"))
-            await asyncio.sleep(0.3)
+            following = asyncio.Event()
+            follower = asyncio.create_task(
+                stream_chat(http, b + path, method="GET", attached=following)
+            )
+            await asyncio.wait_for(following.wait(), 10)
         followed = await follower  # the POST reader left long before the end
     assert followed.text == ANSWER
     assert emulator.requests[0].outcome == "completed"
@@ -180,10 +185,16 @@ async def test_redis_lost_mid_read_ends_with_a_retryable_error(
     first = await stream_chat(http, a + "/chat/stream", {"message": "hi"}, stop_after_deltas=3)
     store = Claude.state(second).store
     assert isinstance(store, RedisStore)
+    following = asyncio.Event()
     reading = asyncio.create_task(
-        stream_chat(http, b + "/chat/stream/" + first.headers["x-stream-id"], method="GET")
+        stream_chat(
+            http,
+            b + "/chat/stream/" + first.headers["x-stream-id"],
+            method="GET",
+            attached=following,
+        )
     )
-    await asyncio.sleep(0.3)  # the reader on "b" is following the stream live
+    await asyncio.wait_for(following.wait(), 10)  # the reader on "b" is following it live
     real = store._blocking
     store._blocking = aioredis.from_url("redis://127.0.0.1:1/0")  # Redis is gone for "b"
     try:

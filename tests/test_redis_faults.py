@@ -25,6 +25,8 @@ from .conftest import RedisServer
 from .helpers import free_port, serving, stream_chat
 from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
 
+pytestmark = pytest.mark.server
+
 ANSWER = " ".join(f"w{i:03d}" for i in range(128))  # 640 characters, 128 tokens
 
 
@@ -45,10 +47,22 @@ async def hosts(
         yield a, b
 
 
-async def finish(emulator: Emulator) -> None:
-    """Wait until the emulator has sent the whole answer (the producer then writes the end)."""
+async def finish(emulator: Emulator, redis_url: str, stream_id: str) -> None:
+    """Wait until the emulator has sent the whole answer and Redis holds the stream's end
+    (after a restart, the lease round that notices the loss rewrites it)."""
     await asyncio.wait_for(emulator.requests[0].ended.wait(), 20)
-    await asyncio.sleep(0.7)  # a flush window, and a lease round that notices a loss
+    await mirrored(redis_url, stream_id)
+
+
+async def mirrored(redis_url: str, stream_id: str, within: float = 10) -> None:
+    """Until Redis holds the finished stream (its record says done)."""
+    client = aioredis.from_url(redis_url)
+    try:
+        async with asyncio.timeout(within):
+            while await client.hget(f"qc:{stream_id}:meta", "done") != b"1":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+    finally:
+        await client.aclose()
 
 
 async def read_all(http: httpx2.AsyncClient, url: str, **headers: str) -> Any:
@@ -69,7 +83,7 @@ async def test_after_a_redis_restart_another_user_cannot_read_or_stop_the_stream
     )
     path = "/chat/stream/" + first.headers["x-stream-id"]
     redis_server.restart()
-    await finish(emulator)
+    await finish(emulator, redis_server.url, first.headers["x-stream-id"])
     assert (await http.get(b + path, headers={"X-User": "mallory"})).status_code == 404
     assert (await http.get(b + path)).status_code == 404  # nor a guest
     assert (await http.delete(b + path, headers={"X-User": "mallory"})).status_code == 404
@@ -88,7 +102,7 @@ async def test_a_resume_from_the_start_after_a_redis_restart_is_exact(
     first = await stream_chat(http, a + "/chat/stream", {"message": "hi"}, stop_after_deltas=100)
     path = "/chat/stream/" + first.headers["x-stream-id"]
     redis_server.restart()
-    await finish(emulator)
+    await finish(emulator, redis_server.url, first.headers["x-stream-id"])
     everything = await read_all(http, b + path)
     assert everything.types[0] == "start"
     assert everything.text == ANSWER and everything.types[-1] == "done"
@@ -121,7 +135,7 @@ async def test_connection_blips_leave_no_holes(
     finally:
         await killer.aclose()
     assert first.text == ANSWER  # the producing host's own reader never depends on Redis
-    await asyncio.sleep(1.0)  # the flusher's retry after its last failure
+    await mirrored(redis_server.url, first.headers["x-stream-id"])  # the flusher's retry
     again = await read_all(http, b + "/chat/stream/" + first.headers["x-stream-id"])
     assert again.text == ANSWER and again.types[-1] == "done"
     assert again.ids == [str(i) for i in range(len(again.ids))]
@@ -189,8 +203,11 @@ async def test_a_draining_host_ends_its_readers_of_other_hosts_streams_with_shut
                 http, a + "/chat/stream", {"message": "hi"}, stop_after_deltas=3
             )
             path = "/chat/stream/" + first.headers["x-stream-id"]
-            reading = asyncio.create_task(read_all(http, b + path))
-            await asyncio.sleep(0.5)  # the reader on b follows the stream live
+            following = asyncio.Event()
+            reading = asyncio.create_task(
+                asyncio.wait_for(stream_chat(http, b + path, method="GET", attached=following), 20)
+            )
+            await asyncio.wait_for(following.wait(), 10)  # the reader on b follows it live
             os.kill(process.pid, signal.SIGTERM)
             result = await reading  # a clean end of the body: httpx2 raises on a cut one
     finally:

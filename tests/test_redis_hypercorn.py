@@ -14,6 +14,8 @@ from quart_claude.testing import Emulator, Reply
 from .helpers import free_port, stream_chat
 from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
 
+pytestmark = pytest.mark.system
+
 ANSWER = " ".join(f"part{i}" for i in range(80))
 WORKERS = 3
 

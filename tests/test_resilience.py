@@ -19,6 +19,8 @@ from .conftest import API_KEY
 from .helpers import free_port, serving, stream_chat
 from .models import DEPRECATED_MODEL, PREFILL_MODEL
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture
 async def server(serve: Callable[..., Any]) -> AsyncIterator[str]:

@@ -20,6 +20,8 @@ from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 
 @pytest.fixture
 async def server(serve: Callable[..., Any]) -> AsyncIterator[str]:

@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from quart_claude import RetryPolicy, UpstreamError
+
+pytestmark = pytest.mark.core
 
 delays = st.floats(min_value=0, max_value=100, allow_nan=False)
 

@@ -15,6 +15,8 @@ from quart_claude.testing import Emulator, ErrorReply, Reply
 from .conftest import API_KEY
 from .helpers import serving, stream_chat
 
+pytestmark = pytest.mark.server
+
 SHAPED = "sk-ant-api03-" + "Ab9_" * 20  # what a real key looks like, not the configured one
 
 

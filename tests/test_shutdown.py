@@ -21,6 +21,8 @@ from quart_claude._shutdown import ShutdownHooks, hypercorn_verified
 from .helpers import free_port
 from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
 
+pytestmark = [pytest.mark.system, pytest.mark.deps]
+
 GRACE = 5.0
 
 

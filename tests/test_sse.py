@@ -2,11 +2,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quart_claude import SSEEvent, SSEParser
 from quart_claude._core.sse import PING, data_line, frame
+
+pytestmark = pytest.mark.core
 
 
 def encode_event(payload: object, event_id: int, retry_ms: int | None = None) -> bytes:

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import getpass
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -28,13 +27,19 @@ import redis.asyncio as aioredis
 from quart_claude import SSEParser
 from quart_claude.testing import Emulator, RecordedRequest, Reply, ToolUse
 
+from . import binaries
 from .helpers import free_port
 from .test_hypercorn_cli import HYPERCORN, wait_ready
+
+pytestmark = pytest.mark.system
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = 120
 ANSWER = " ".join(f"w{i:03d}" for i in range(WORDS))
 SHUTDOWN_GRACE = 8.0
+#: CLAUDE_STREAM_LEASE of these servers: a lapsed producer is taken over this soon (the
+#: shipped 3 s is kept by the SIGKILL test)
+LEASE = 0.6
 
 
 @dataclass
@@ -60,6 +65,7 @@ class Servers:
             "CLAUDE_HEARTBEAT_INTERVAL": "1",
             "CLAUDE_SHUTDOWN_GRACE": str(SHUTDOWN_GRACE),
             "CLAUDE_RESUME_GRACE": "20",
+            "CLAUDE_STREAM_LEASE": str(LEASE),
             "HOST_APP_LOG": "INFO",
         }
         self.directory = directory
@@ -87,6 +93,10 @@ class Servers:
         self.all.append(server)
         await wait_ready(server.url + "/ready", process)
         return server
+
+    async def start_many(self, count: int) -> list[Server]:
+        """``count`` servers, started side by side."""
+        return list(await asyncio.gather(*(self.start() for _ in range(count))))
 
     async def stop_all(self) -> None:
         for server in self.all:
@@ -177,6 +187,19 @@ async def read(
     return reading
 
 
+async def follow(
+    http: httpx2.AsyncClient, url: str, stream_id: str, reading: Reading | None = None
+) -> asyncio.Task[Reading]:
+    """A reader of ``stream_id`` on ``url``, returned once it has its first event (so it is
+    attached, and a signal sent next finds it reading)."""
+    attached = asyncio.Event()
+    task = asyncio.create_task(
+        read(http, reading or Reading(), [url], stream_id, on_event=attached)
+    )
+    await asyncio.wait_for(attached.wait(), 20)
+    return task
+
+
 def continuations(emulator: Emulator, prompt: str) -> list[RecordedRequest]:
     """The requests after the first for the stream asked ``prompt``."""
     mine = [r for r in emulator.requests if r.body["messages"][0]["content"] == prompt]
@@ -217,18 +240,24 @@ async def open_mid_answer(
     ]
     await asyncio.wait_for(asyncio.gather(*(e.wait() for e in mid_answer)), 30)
     ids = [stream_id_of(r) for r in readings]
+    following = [asyncio.Event() for _ in range(streams)]
     followers = [
-        asyncio.create_task(read(http, Reading(), [followed_on[i % len(followed_on)].url], ids[i]))
+        asyncio.create_task(
+            read(http, Reading(), [followed_on[i % len(followed_on)].url], ids[i],
+                 on_event=following[i])
+        )
         for i in range(streams)
-    ]
-    await asyncio.sleep(0.5)
+    ]  # fmt: skip
+    await asyncio.wait_for(asyncio.gather(*(e.wait() for e in following)), 30)
     return posts, followers
 
 
 async def test_a_sigkilled_producer_is_taken_over_exactly(
     servers: Servers, emulator: Emulator
 ) -> None:
-    a, b, c = [await servers.start() for _ in range(3)]
+    """On the shipped lease (3 s): the one takeover test that waits for it."""
+    del servers.env["CLAUDE_STREAM_LEASE"]
+    a, b, c = await servers.start_many(3)
     emulator.default = Reply(ANSWER, token_delay=0.04)  # about 5 s an answer
     streams = 20
     async with httpx2.AsyncClient(timeout=60) as http:
@@ -258,7 +287,7 @@ async def test_a_takeover_continues_a_tool_loop_without_rerunning_finished_tools
     step."""
     tool_log = tmp_path / "tools.log"
     servers.env["HOST_APP_TOOL_LOG"] = str(tool_log)
-    a, b = [await servers.start() for _ in range(2)]
+    a, b = await servers.start_many(2)
     emulator.script(
         Reply(
             "Checking. ",
@@ -302,7 +331,7 @@ async def test_a_takeover_continues_a_tool_loop_without_rerunning_finished_tools
 
 
 async def test_takeover_sums_usage_over_every_request(servers: Servers, emulator: Emulator) -> None:
-    a, b = [await servers.start() for _ in range(2)]
+    a, b = await servers.start_many(2)
     emulator.default = Reply(ANSWER, token_delay=0.04, input_tokens=100)
     async with httpx2.AsyncClient(timeout=60) as http:
         reading, mid = Reading(), asyncio.Event()
@@ -329,7 +358,7 @@ async def test_takeover_sums_usage_over_every_request(servers: Servers, emulator
 async def test_a_paused_producer_appends_nothing_after_the_takeover(
     servers: Servers, emulator: Emulator, redis_url: str
 ) -> None:
-    a, b = [await servers.start() for _ in range(2)]
+    a, b = await servers.start_many(2)
     long_answer = " ".join(f"p{i:03d}" for i in range(400))
     emulator.default = Reply(long_answer, token_delay=0.03)  # 12 s
     async with httpx2.AsyncClient(timeout=60) as http:
@@ -347,8 +376,7 @@ async def test_a_paused_producer_appends_nothing_after_the_takeover(
         )
         await asyncio.wait_for(mid.wait(), 30)
         stream_id = stream_id_of(reading)
-        follower = asyncio.create_task(read(http, Reading(), [b.url], stream_id))
-        await asyncio.sleep(0.3)
+        follower = await follow(http, b.url, stream_id)
         a.process.send_signal(signal.SIGSTOP)  # a long GC, a stalled host
         await emulator.wait_for_requests(2, within=20)  # b took it over and continued
         await asyncio.sleep(1.0)
@@ -375,7 +403,7 @@ async def test_a_paused_producer_appends_nothing_after_the_takeover(
 async def test_sigterm_hands_every_stream_to_the_others(
     servers: Servers, emulator: Emulator
 ) -> None:
-    a, b, c = [await servers.start() for _ in range(3)]
+    a, b, c = await servers.start_many(3)
     emulator.default = Reply(ANSWER, token_delay=0.04)
     streams = 20
     async with httpx2.AsyncClient(timeout=60) as http:
@@ -399,8 +427,7 @@ async def test_two_crashes_are_survived_and_a_third_is_unavailable(
 ) -> None:
     long_answer = " ".join(f"q{i:03d}" for i in range(600))
     emulator.default = Reply(long_answer, token_delay=0.02)  # 12 s
-    a = await servers.start()
-    b = await servers.start()
+    a, b = await servers.start_many(2)
     async with httpx2.AsyncClient(timeout=60) as http:
         reading, mid = Reading(), asyncio.Event()
         post = asyncio.create_task(
@@ -423,23 +450,20 @@ async def test_two_crashes_are_survived_and_a_third_is_unavailable(
                 await asyncio.sleep(0.05)
 
         # crash 1: a dies, b's reader claims it
-        on_b = asyncio.create_task(read(http, survivor, [b.url], stream_id))
-        await asyncio.sleep(0.3)
+        on_b = await follow(http, b.url, stream_id, survivor)
         a.process.kill()
         await emulator.wait_for_requests(2, within=20)
         await asyncio.wait_for(progressed(survivor, len(survivor.events) + 5), 20)
         # crash 2: b dies, a reader on a restarted a claims it
         a2 = await servers.start(a.port)
         second = Reading()
-        on_a2 = asyncio.create_task(read(http, second, [a2.url], stream_id))
-        await asyncio.sleep(0.3)
+        on_a2 = await follow(http, a2.url, stream_id, second)
         b.process.kill()
         await emulator.wait_for_requests(3, within=20)
         await asyncio.wait_for(progressed(second, 5), 20)
         # crash 3: a2 dies; the reader on a restarted b may not claim it again
         b2 = await servers.start(b.port)
-        third = asyncio.create_task(read(http, Reading(), [b2.url], stream_id))
-        await asyncio.sleep(0.3)
+        third = await follow(http, b2.url, stream_id)
         a2.process.kill()
         ended = await asyncio.wait_for(third, 30)
         for task in (post, on_b, on_a2):
@@ -454,6 +478,7 @@ async def test_two_crashes_are_survived_and_a_third_is_unavailable(
 # -- the topology to recommend ---------------------------------------------------------
 
 
+@pytest.mark.deps  # Hypercorn's worker supervision: a release may change it
 async def test_hypercorn_workers_all_stop_when_one_is_killed(tmp_path: Path) -> None:
     """Why deploy/ runs one ``hypercorn -w 0`` per port under a process manager instead of
     ``hypercorn -w N``: Hypercorn 0.18 stops every worker when one dies (its parent treats a
@@ -508,9 +533,7 @@ def worker_pids(parent: int) -> list[int]:
 def test_the_shipped_systemd_unit_verifies(tmp_path: Path) -> None:
     """deploy/systemd/quart-claude@.service, with this machine's paths, passes
     ``systemd-analyze verify`` without a warning."""
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("SYSTEMD-ANALYZE IS MISSING: apt-get install systemd; CI installs it")
+    analyze = binaries.need("systemd")
     unit = (ROOT / "deploy" / "systemd" / "quart-claude@.service").read_text()
     unit = unit.replace("/srv/quart-claude/.venv/bin/hypercorn", HYPERCORN)
     unit = unit.replace("User=quart-claude", f"User={getpass.getuser()}")
@@ -534,7 +557,7 @@ async def test_identity_and_stop_hold_across_a_takeover(
     bob = {"Authorization": "Bearer token-bob"}
     long_answer = " ".join(f"s{i:03d}" for i in range(500))
     emulator.default = Reply(long_answer, token_delay=0.03)
-    a, b = [await servers.start() for _ in range(2)]
+    a, b = await servers.start_many(2)
     async with httpx2.AsyncClient(timeout=60, headers=alice) as http:
         reading, mid = Reading(), asyncio.Event()
         post = asyncio.create_task(
@@ -543,8 +566,7 @@ async def test_identity_and_stop_hold_across_a_takeover(
         )  # fmt: skip
         await asyncio.wait_for(mid.wait(), 30)
         stream_id = stream_id_of(reading)
-        follower = asyncio.create_task(read(http, Reading(), [b.url], stream_id))
-        await asyncio.sleep(0.3)
+        follower = await follow(http, b.url, stream_id)
         a.process.kill()
         await emulator.wait_for_requests(2, within=20)  # b continues it
         path = f"{b.url}/chat/stream/{stream_id}"
@@ -570,7 +592,7 @@ async def test_nobody_pays_for_a_stream_nobody_came_back_for(
     (plus the lease) is told ``unavailable``, and no continuation is requested."""
     servers.env["CLAUDE_RESUME_GRACE"] = "1"
     emulator.default = Reply(ANSWER, token_delay=0.05)
-    a, b = [await servers.start() for _ in range(2)]
+    a, b = await servers.start_many(2)
     async with httpx2.AsyncClient(timeout=60) as http:
         reading, mid = Reading(), asyncio.Event()
         post = asyncio.create_task(
@@ -579,7 +601,7 @@ async def test_nobody_pays_for_a_stream_nobody_came_back_for(
         )  # fmt: skip
         await asyncio.wait_for(mid.wait(), 30)
         a.process.kill()
-        await asyncio.sleep(3 + 1 + 1.5)  # the lease, the grace, and then some
+        await asyncio.sleep(LEASE + 1 + 1.5)  # the lease, the grace, and a second of slack
         late = await asyncio.wait_for(read(http, Reading(), [b.url], stream_id_of(reading)), 20)
         post.cancel()
         await asyncio.gather(post, return_exceptions=True)

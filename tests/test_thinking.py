@@ -6,11 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import httpx2
+import pytest
 from quart import Quart
 
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
+
+pytestmark = pytest.mark.server
 
 THOUGHT = "The user greets me. A short, friendly answer fits."
 ANSWER = "Hello there, how can I help?"

@@ -1,4 +1,5 @@
-"""The README's loop for httpx-sse, a client users reach for, against a real server."""
+"""The documented loop for httpx-sse (docs/deployment.md), a client users reach for, against
+a real server."""
 
 from __future__ import annotations
 
@@ -7,12 +8,15 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import pytest
 from httpx_sse import aconnect_sse
 from quart import Quart
 
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving
+
+pytestmark = pytest.mark.server
 
 ANSWER = "one two three four five"
 

@@ -24,7 +24,9 @@ from quart_claude.client import stream_chat as client_stream_chat
 from quart_claude.testing import Emulator, Reply, ToolUse
 from quart_claude.testing._emulator import input_pieces
 
-from .helpers import CuttingProxy, gunicorn_serving, serving, stream_chat
+from .helpers import CuttingProxy, serving, stream_chat, wsgi_serving
+
+pytestmark = pytest.mark.server
 
 API_KEY = "sk-ant-test-tools"
 ORDER = {"order_id": "A-17", "status": "shipped"}
@@ -569,13 +571,14 @@ async def test_demo_mode_calls_a_tool_the_prompt_names(
 
 
 async def test_flask_runs_the_same_tool_loop(emulator: Emulator, http: httpx2.AsyncClient) -> None:
-    """tests/flask_host_app.py registers a tool as a Flask app would; Gunicorn serves it."""
+    """tests/flask_host_app.py registers a tool as a Flask app would; a threaded WSGI server
+    serves it."""
     emulator.script(
         Reply("Checking. ", tool_calls=[ToolUse("stock_level", {"sku": "MUG-1"})]),
         Reply("Seven mugs."),
     )
     options = {"api_key": API_KEY, "base_url": emulator.url, "retry_base_delay": 0.05}
-    async with gunicorn_serving(options) as url:
+    async with wsgi_serving(options) as url:
         result = await read_stream(http, url)
     assert result.types[-1] == "done" and result.text == "Checking. Seven mugs."
     output = next(e for e in result.events if e["type"] == "tool_result")["output"]

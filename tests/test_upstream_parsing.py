@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from quart_claude._core.relay import _TEXT_DELTA, _joined, _parse_block
+
+pytestmark = pytest.mark.core
 
 
 def delta(text: str, **dumps: object) -> bytes:

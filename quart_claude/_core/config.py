@@ -226,6 +226,7 @@ _KEYS: dict[str, _Key] = {
     "shutdown_grace": _Key(_seconds, 5.0),
     "resume_grace": _Key(_seconds, 30.0),
     "max_takeovers": _Key(_non_negative_int, 2),
+    "stream_lease": _Key(_positive_seconds, 3.0),
     "stream_ttl": _Key(_seconds, 300.0),
     "stream_store": _Key(_store_url, "memory"),
     "max_finished_streams": _Key(_positive_int, 10_000),
@@ -277,6 +278,7 @@ class ClaudeConfig:
     shutdown_grace: float
     resume_grace: float
     max_takeovers: int
+    stream_lease: float  # Redis: how long a silent producer holds its streams
     stream_ttl: float
     stream_store: str
     max_finished_streams: int

@@ -21,7 +21,7 @@ are ``0-<index+1>``, so "every event after ``Last-Event-ID: N``" is exactly
 All of a stream's keys have the live TTL while it runs and the stream TTL once it is done.
 
 Writes are batched: one pipeline carries every event of every stream that arrived within
-``FLUSH_WINDOW`` (5 ms), in order. Each stream's part is one Lua script, so it is atomic and
+``flush_window`` (5 ms), in order. Each stream's part is one Lua script, so it is atomic and
 checked: it appends only if the fence is still this producer's (else the producer was
 superseded: it stops and writes nothing more) and Redis still holds exactly what this worker
 wrote before (else, after a Redis restart, a flushed database or a pipeline that failed
@@ -59,12 +59,7 @@ __all__ = ["RedisStore"]
 
 log = logging.getLogger("quart_claude")
 
-LEASE_SECONDS = 3
-LEASE_REFRESH = 0.5
-FLUSH_WINDOW = 0.005
 LIVE_TTL = 3600  # a live stream's keys outlive any answer; finished ones get the stream TTL
-#: How often a remote reader looks at the producer's lease while the stream is silent.
-LIVENESS_INTERVAL = 1.0
 
 
 def _error_frame(error_class: str, *, partial: bool, **extra: Any) -> bytes:
@@ -116,13 +111,13 @@ end
 return 1
 """
 
-# KEYS: meta, lease, cancel. ARGV: fence, lease seconds. Returns 1 (renewed), 2 (renewed; a
+# KEYS: meta, lease, cancel. ARGV: fence, lease milliseconds. Returns 1 (renewed), 2 (renewed; a
 # stop was asked), 0 (the record is gone: rewrite it) or -1 (superseded).
 _RENEW = """
 local fence = redis.call('HGET', KEYS[1], 'fence')
 if not fence then return 0 end
 if fence ~= ARGV[1] then return -1 end
-redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[2])
+redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
 redis.call('HSET', KEYS[1], 'seen', redis.call('TIME')[1])
 if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 return 1
@@ -137,7 +132,7 @@ redis.call('HSET', KEYS[1], 'handoff', 1, 'seen', redis.call('TIME')[1])
 return 1
 """
 
-# KEYS: meta, lease, request. ARGV: worker, max takeovers, grace seconds, lease seconds.
+# KEYS: meta, lease, request. ARGV: worker, max takeovers, grace seconds, lease milliseconds.
 # Returns {fence, previous producer, owner, request, usage, handoff, steps} to the one
 # claimant, {0} when there is nothing to claim (finished, unknown, or its producer is
 # alive), {-1} when the takeovers are used up and {-2} when nobody came back for it in time.
@@ -149,13 +144,13 @@ local request = redis.call('GET', KEYS[3])
 if not request then return {-1} end
 local now = tonumber(redis.call('TIME')[1])
 local seen = tonumber(m[4] or now)
-if now - seen > tonumber(ARGV[3]) + tonumber(ARGV[4]) then return {-2} end
+if now - seen > tonumber(ARGV[3]) + tonumber(ARGV[4]) / 1000 then return {-2} end
 local handoff = m[5] == '1'
 if not handoff and tonumber(m[3] or 0) >= tonumber(ARGV[2]) then return {-1} end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
 if not handoff then redis.call('HINCRBY', KEYS[1], 'takeovers', 1) end
 redis.call('HSET', KEYS[1], 'producer', ARGV[1], 'handoff', 0, 'seen', now)
-redis.call('SET', KEYS[2], fence, 'EX', ARGV[4])
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
 return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0, m[9] or '[]'}
 """
 
@@ -175,10 +170,20 @@ class RedisStore(MemoryStore):
         ttl: float,
         max_events: int = 100_000,
         max_takeovers: int = 2,
+        lease: float = 3.0,
+        flush_window: float = 0.005,
         **memory: Any,
     ) -> None:
         super().__init__(ttl=ttl, **memory)
         self.url = url
+        #: a producer renews its streams' lease every ``lease / 6`` s; a lease that lapses
+        #: (the producer died or froze) lets another worker take the stream over
+        self.lease_ms: int = max(1, int(lease * 1000))
+        self.lease_refresh: float = lease / 6
+        #: how often a remote reader looks at the producer's lease while the stream is silent
+        self.liveness_interval: float = min(1.0, lease / 3)
+        #: what arrives within this window goes to Redis in one pipeline
+        self.flush_window = flush_window
         self.redis_ttl: int = max(1, int(ttl))
         self.max_events = max_events
         self.max_takeovers = max_takeovers
@@ -245,7 +250,7 @@ class RedisStore(MemoryStore):
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 await self._write(pipe, stream, 0)
-                pipe.set(_key(stream.id, "lease"), b"1", ex=LEASE_SECONDS)
+                pipe.set(_key(stream.id, "lease"), b"1", px=self.lease_ms)
                 await pipe.execute()
         except Exception as exc:
             self._forget(stream.id)
@@ -334,7 +339,7 @@ class RedisStore(MemoryStore):
     async def _stop_unless_read_elsewhere(self, stream: Stream) -> None:
         if await self.has_remote_readers(stream.id):
             if not stream.readers and stream.id not in self._grace:  # look again later
-                self._arm_grace(stream, LEASE_REFRESH * 4)
+                self._arm_grace(stream, self.lease_refresh * 4)
         elif not stream.readers and stream.id not in self._grace:
             stream.cancel("disconnected")
 
@@ -342,7 +347,7 @@ class RedisStore(MemoryStore):
         while True:
             await self._flush_wanted.wait()
             # gather what arrives within a few ms into the same pipeline
-            await asyncio.sleep(FLUSH_WINDOW)
+            await asyncio.sleep(self.flush_window)
             self._flush_wanted.clear()
             try:
                 await self._flush()
@@ -434,7 +439,7 @@ class RedisStore(MemoryStore):
         """Renew the leases of local live streams; act on stop requests and on supersession."""
         assert self.redis is not None
         while True:
-            await asyncio.sleep(LEASE_REFRESH)
+            await asyncio.sleep(self.lease_refresh)
             ids = [sid for sid, stream in self._local.items() if not stream.finished]
             if not ids:
                 continue
@@ -447,7 +452,7 @@ class RedisStore(MemoryStore):
                                 _key(stream_id, "lease"),
                                 _key(stream_id, "cancel"),
                             ],
-                            args=[self._fences[stream_id], LEASE_SECONDS],
+                            args=[self._fences[stream_id], self.lease_ms],
                             client=pipe,
                         )
                     replies = await pipe.execute()
@@ -475,7 +480,7 @@ class RedisStore(MemoryStore):
             return None
         reply = await self._scripts["claim"](
             keys=[_key(stream_id, "meta"), _key(stream_id, "lease"), _key(stream_id, "req")],
-            args=[self.worker, self.max_takeovers, self.resume_grace, LEASE_SECONDS],
+            args=[self.worker, self.max_takeovers, self.resume_grace, self.lease_ms],
         )
         status = int(reply[0])
         if status == 0:
@@ -589,7 +594,7 @@ class RedisStore(MemoryStore):
         assert self._blocking is not None and self.redis is not None
         events_key = _key(stream_id, "ev")
         position = f"0-{after + 1}" if after >= 0 else "0-0"
-        block_ms = max(1, int(min(heartbeat, LIVENESS_INTERVAL) * 1000))
+        block_ms = max(1, int(min(heartbeat, self.liveness_interval) * 1000))
         presence = max(2, int(heartbeat * 2) + 1)
         loop = asyncio.get_running_loop()
         ping_at = loop.time() + heartbeat

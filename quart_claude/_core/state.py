@@ -299,7 +299,12 @@ def _create_store(config: ClaudeConfig) -> MemoryStore:
         return MemoryStore(**options)
     from .redis_store import RedisStore
 
-    return RedisStore(config.stream_store, max_takeovers=config.max_takeovers, **options)
+    return RedisStore(
+        config.stream_store,
+        max_takeovers=config.max_takeovers,
+        lease=config.stream_lease,
+        **options,
+    )
 
 
 def _chat_key(identity: str | None, chat_id: str) -> str:
