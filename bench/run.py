@@ -319,6 +319,9 @@ def main() -> None:
     parser.add_argument("--systems", nargs="*", help="systems to run (default: each scenario's)")
     parser.add_argument("--profile", type=Path, help="write py-spy profiles of the server here")
     parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench" / "results", help="where the JSON goes"
+    )
+    parser.add_argument(
         "--streams", type=int, help="concurrent streams instead of each scenario's (find a limit)"
     )
     args = parser.parse_args()
@@ -377,8 +380,8 @@ def main() -> None:
                 redis.wait(10)
 
     print(table(measurements))
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
+    out = args.results
+    out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"{stamp}.json").write_text(json.dumps([m.__dict__ for m in measurements], indent=2))
 

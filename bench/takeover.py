@@ -131,10 +131,9 @@ async def one_round(streams: int, redis_url: str, log: Path) -> list[dict[str, f
     return results
 
 
-async def main_async(streams: int, rounds: int) -> dict[str, Any]:
+async def main_async(streams: int, rounds: int, out: Path) -> dict[str, Any]:
     redis, redis_url = start_redis()
-    log = ROOT / "bench" / "results" / "takeover-servers.log"
-    log.parent.mkdir(exist_ok=True)
+    log = out / "takeover-servers.log"
     log.write_bytes(b"")
     try:
         results = []
@@ -158,10 +157,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--results", type=Path, default=ROOT / "bench" / "results", help="where the JSON goes"
+    )
     args = parser.parse_args()
-    summary = asyncio.run(main_async(args.streams, args.rounds))
+    args.results.mkdir(parents=True, exist_ok=True)
+    summary = asyncio.run(main_async(args.streams, args.rounds, args.results))
     print(json.dumps(summary, indent=2))
-    out = ROOT / "bench" / "results" / "takeover.json"
+    out = args.results / "takeover.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     print(
         "| scenario | streams | kill to first continued delta p50 | p99 | "

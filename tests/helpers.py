@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +121,24 @@ async def serving(app: Quart) -> AsyncIterator[str]:
         sock.detach()  # Hypercorn owns and has closed the descriptor
 
 
+async def eventually(check: Callable[[], Any], within: float = 5.0) -> None:
+    """Until ``check()`` (or the coroutine it returns) is true, polled every 20 ms: for what
+    a stream does after its last byte (its log line, its span, its gauges), instead of a
+    guessed sleep."""
+    async with asyncio.timeout(within):
+        while True:
+            outcome = check()
+            if asyncio.iscoroutine(outcome):
+                outcome = await outcome
+            if outcome:
+                return
+            await asyncio.sleep(0.02)
+
+
+def stream_ends(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
+    return [r for r in records if r.getMessage().startswith("stream_end")]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -188,7 +207,9 @@ async def wsgi_serving(options: dict[str, Any]) -> AsyncIterator[str]:
 
     app = create_app(**options)
     server = make_server("127.0.0.1", 0, app, threaded=True, request_handler=_QuietHandler)
-    thread = threading.Thread(target=server.serve_forever, name="wsgi-server", daemon=True)
+    thread = threading.Thread(
+        target=server.serve_forever, kwargs={"poll_interval": 0.02}, name="wsgi-server", daemon=True
+    )
     thread.start()
     url = f"http://127.0.0.1:{server.server_port}"
     try:

@@ -3,7 +3,6 @@ real server and the emulator."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,7 +19,7 @@ from quart import Quart
 from quart_claude import Claude, ConfigError
 from quart_claude.testing import Emulator, ErrorReply, Reply
 
-from .helpers import serving, stream_chat
+from .helpers import eventually, serving, stream_chat, stream_ends
 
 pytestmark = pytest.mark.server
 
@@ -125,7 +124,11 @@ async def test_metrics_count_every_outcome(
             assert value(during, "claude_streams_active", model=MODEL) == 1
             await http.delete(f"{url}/chat/stream/{stream_id}")
             await resumed.aread()
-        await asyncio.sleep(0.2)
+
+        async def settled() -> bool:
+            return bool(value(await scrape(http, url), "claude_streams_active", model=MODEL) == 0)
+
+        await eventually(settled)
         metrics = await scrape(http, url)
 
     assert retried.types[-1] == "done" and recovered.types[-1] == "done"
@@ -206,7 +209,7 @@ async def test_one_span_per_stream_with_the_genai_attributes(
             method="GET",
             headers={"Last-Event-ID": cut.ids[-1] or ""},
         )
-        await asyncio.sleep(0.1)
+        await eventually(lambda: len(stream_spans(exporter)) == 4)
     assert rest.types[-1] == "done"
     found = stream_spans(exporter)
     assert len(found) == 4
@@ -262,9 +265,9 @@ async def test_the_log_line_carries_the_span_fields_and_trace_id(
     emulator.script(Reply(ANSWER, cache_read_input_tokens=77))
     async with serving(make_app(tracer_provider=provider)) as url:
         await stream_chat(http, url + "/chat/stream", {"message": "hi"})
-        await asyncio.sleep(0.1)
+        await eventually(lambda: stream_spans(exporter) and stream_ends(caplog.records))
     (span,) = stream_spans(exporter)
-    (record,) = [r for r in caplog.records if r.getMessage().startswith("stream_end")]
+    (record,) = stream_ends(caplog.records)
     fields = record.__dict__["claude"]
     assert span.context is not None
     assert fields["trace_id"] == format(span.context.trace_id, "032x")
@@ -290,10 +293,8 @@ async def test_without_an_otel_sdk_the_log_still_joins_the_callers_trace(
         headers={"traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
     )
     await stream_chat(http, server + "/chat/stream", {"message": "no trace"})
-    await asyncio.sleep(0.1)
-    first, second = (
-        r.__dict__["claude"] for r in caplog.records if r.getMessage().startswith("stream_end")
-    )
+    await eventually(lambda: len(stream_ends(caplog.records)) == 2)
+    first, second = (r.__dict__["claude"] for r in stream_ends(caplog.records))
     assert first["trace_id"] == trace_id and first["span_id"] is None
     assert second["trace_id"] is None
 

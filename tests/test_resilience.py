@@ -16,7 +16,7 @@ from quart import Quart
 from quart_claude.testing import Emulator, ErrorReply, Hangup, Reply, Scripted
 
 from .conftest import API_KEY
-from .helpers import free_port, serving, stream_chat
+from .helpers import eventually, free_port, serving, stream_chat, stream_ends
 from .models import DEPRECATED_MODEL, PREFILL_MODEL
 
 pytestmark = pytest.mark.server
@@ -397,8 +397,8 @@ async def test_one_structured_log_line_per_stream_and_never_the_key(
     await stream_chat(http, server + "/chat/stream", {"message": "hi"})
     emulator.script(ErrorReply(401))
     await stream_chat(http, server + "/chat/stream", {"message": "hi"})
-    await asyncio.sleep(0.1)
-    ends = [r for r in caplog.records if r.getMessage().startswith("stream_end")]
+    await eventually(lambda: len(stream_ends(caplog.records)) == 2)
+    ends = stream_ends(caplog.records)
     assert len(ends) == 2
     ok, failed = (r.__dict__["claude"] for r in ends)
     assert ok["outcome"] == "done" and ok["attempts"] == 2
