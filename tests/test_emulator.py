@@ -130,21 +130,24 @@ async def test_reply_tokens_continue_a_prefill_from_inside_a_piece(emulator: Emu
 
 
 @pytest.mark.parametrize(
-    ("on_continue", "expected"),
+    ("on_continue", "partial", "expected"),
     [
-        ("rest", " c d"),
-        ("restart", "a b c d"),
-        ("repeat_tail", "a b c d"),
-        ("diverge", "a — on second thought, something else entirely."),
+        ("rest", "a b", " c d"),
+        ("restart", "a b", "a b c d"),
+        ("repeat_tail", "a b", "a b c d"),
+        ("diverge", "a b", "a — on second thought, something else entirely."),
+        ("rest", "a b ", "c d"),
+        ("repeat_whitespace", "a b ", " c d"),  # the partial's trailing space, again
+        ("repeat_whitespace", "a b", " c d"),  # nothing to repeat
     ],
 )
 async def test_continuations_answered_as_real_models_do(
-    emulator: Emulator, on_continue: Any, expected: str
+    emulator: Emulator, on_continue: Any, partial: str, expected: str
 ) -> None:
     messages = [
         {"role": "user", "content": "x"},
-        {"role": "assistant", "content": "a b"},
-        {"role": "user", "content": CONTINUE_MARKER + " and ended with: a b"},
+        {"role": "assistant", "content": partial},
+        {"role": "user", "content": CONTINUE_MARKER + " and ended with: " + partial},
     ]
     emulator.script(Reply("a b c d", on_continue=on_continue))
     async with client(emulator) as sdk:

@@ -32,7 +32,7 @@ ANSWER = " ".join(f"word{i}" for i in range(40)) + "."
 
 
 @pytest.mark.parametrize("model", [PREFILL_MODEL, DEFAULT_MODEL])
-@pytest.mark.parametrize("on_continue", ["rest", "restart", "repeat_tail"])
+@pytest.mark.parametrize("on_continue", ["rest", "restart", "repeat_tail", "repeat_whitespace"])
 async def test_a_continuation_that_repeats_the_answer_is_relayed_once(
     make_app: Callable[..., Quart],
     emulator: Emulator,
@@ -45,7 +45,26 @@ async def test_a_continuation_that_repeats_the_answer_is_relayed_once(
     )
     async with serving(make_app(model=model)) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
-    assert result.text == ANSWER  # exact, said once
+    assert "".join(e["text"] for e in result.events[:13] if e["type"] == "delta").endswith(" ")
+    assert result.text == ANSWER  # exact, said once (the partial ended in a space)
+    assert result.types[-1] == "done"
+    assert len(emulator.requests) == 2
+
+
+@pytest.mark.parametrize("model", [PREFILL_MODEL, DEFAULT_MODEL])
+async def test_a_repeated_newline_after_a_recovery_is_not_a_new_paragraph(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient, model: str
+) -> None:
+    """The partial ends in a line break and the model starts its continuation with it."""
+    text = "First line.\nSecond line,\nthird line.\n\nA paragraph."
+    tokens = ["First ", "line.\n", "Second ", "line,\n", "third ", "line.\n\n", "A ", "paragraph."]
+    emulator.script(
+        Reply(text, tokens=tokens, fault="drop", fault_after=4),
+        Reply(text, tokens=tokens, on_continue="repeat_whitespace"),
+    )
+    async with serving(make_app(model=model)) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+    assert result.text == text
     assert result.types[-1] == "done"
     assert len(emulator.requests) == 2
 

@@ -258,7 +258,8 @@ async def test_a_sigkilled_producer_is_taken_over_exactly(
     """On the shipped lease (3 s): the one takeover test that waits for it."""
     del servers.env["CLAUDE_STREAM_LEASE"]
     a, b, c = await servers.start_many(3)
-    emulator.default = Reply(ANSWER, token_delay=0.04)  # about 5 s an answer
+    # about 5 s an answer; each partial ends in a space, which the continuation says again
+    emulator.default = Reply(ANSWER, token_delay=0.04, on_continue="repeat_whitespace")
     streams = 20
     async with httpx2.AsyncClient(timeout=60) as http:
         # after the kill: the POST readers resume on b; followers read live on b and c
@@ -404,7 +405,7 @@ async def test_sigterm_hands_every_stream_to_the_others(
     servers: Servers, emulator: Emulator
 ) -> None:
     a, b, c = await servers.start_many(3)
-    emulator.default = Reply(ANSWER, token_delay=0.04)
+    emulator.default = Reply(ANSWER, token_delay=0.04, on_continue="repeat_whitespace")
     streams = 20
     async with httpx2.AsyncClient(timeout=60) as http:
         posts, followers = await open_mid_answer(http, a, [b, c], [c, b], streams)

@@ -259,12 +259,12 @@ async def test_a_stop_during_a_tool_call_cancels_it(
     assert len(emulator.requests) == 1
 
 
-@pytest.mark.parametrize("on_continue", ["rest", "restart", "repeat_tail"])
+@pytest.mark.parametrize("on_continue", ["rest", "restart", "repeat_tail", "repeat_whitespace"])
 async def test_a_drop_mid_tool_input_recovers_without_running_the_tool_twice(
     host: Callable[..., Host],
     emulator: Emulator,
     http: httpx2.AsyncClient,
-    on_continue: Literal["rest", "restart", "repeat_tail"],
+    on_continue: Literal["rest", "restart", "repeat_tail", "repeat_whitespace"],
 ) -> None:
     """Asked to continue, the model writes the rest, or starts over, or repeats its last
     words, then calls the tool again: the reader sees the text once and one call."""

@@ -55,11 +55,13 @@ def continuation_messages(
         kept = partial.rstrip()  # the API refuses a prefill ending in whitespace
         return [*messages, {"role": "assistant", "content": kept}], partial[len(kept) :]
     tail = partial[-200:]
+    # the model often starts again with the whitespace the partial ended in: the guard drops
+    # that repeat (a space said twice, or a paragraph break that was never written)
     return [
         *messages,
         {"role": "assistant", "content": partial},
         {"role": "user", "content": CONTINUE_PROMPT.format(tail=tail)},
-    ], ""
+    ], partial[len(partial.rstrip()) :]
 
 
 class Diverged(Exception):

@@ -126,8 +126,9 @@ class Reply:
     #: How a continuation request is answered, as real models do: ``"rest"`` the text after
     #: what the request already has; ``"restart"`` the whole text again from its start;
     #: ``"repeat_tail"`` the last few words already written, then the rest; ``"diverge"``
-    #: the start again, then different words.
-    on_continue: Literal["rest", "restart", "repeat_tail", "diverge"] = "rest"
+    #: the start again, then different words; ``"repeat_whitespace"`` the whitespace the
+    #: request's partial answer ended in, again, then the rest (4.6+ models do this).
+    on_continue: Literal["rest", "restart", "repeat_tail", "diverge", "repeat_whitespace"] = "rest"
     #: Line ends as proxies rewrite them (``"crlf"``, ``"cr"``), or ``"data_only"``: events
     #: without their ``event:`` line (the JSON ``type`` still names them).
     framing: Literal["lf", "crlf", "cr", "data_only"] = "lf"
@@ -472,6 +473,8 @@ class Emulator:
         rest = full[len(prior) :]
         if reply.on_continue == "repeat_tail":
             return "".join(_TOKEN.findall(prior)[-3:]) + rest
+        if reply.on_continue == "repeat_whitespace":
+            return prior[len(prior.rstrip()) :] + rest
         return rest
 
     def _message(self, reply: Reply, body: dict[str, Any], text: str) -> dict[str, Any]:
