@@ -287,6 +287,31 @@ async def test_a_drop_mid_tool_input_recovers_without_running_the_tool_twice(
     assert continuation[-2]["role"] == "assistant"  # it continued the text the reader has
 
 
+@pytest.mark.parametrize("fault", ["drop", "eof"])
+async def test_a_drop_after_the_stop_reason_runs_the_finished_tool_call_once(
+    host: Callable[..., Host], emulator: Emulator, http: httpx2.AsyncClient, fault: Any
+) -> None:
+    """The connection ends after ``message_delta`` (``stop_reason: tool_use``, every block
+    closed) but before ``message_stop``: the message is complete, and its tool call runs."""
+    made = host()
+    emulator.script(
+        Reply(
+            "Checking. ",
+            tool_calls=[ToolUse("weather", {"city": "Oslo"})],
+            fault=fault,
+            fault_before_stop=True,
+        ),
+        Reply("It is sunny."),
+    )
+    async with serving(made.app) as url:
+        result = await read_stream(http, url)
+    assert result.types[-1] == "done", result.events[-1]
+    assert result.text == "Checking. It is sunny."
+    assert made.calls == [("weather", {"city": "Oslo", "days": 1})]
+    assert len(emulator.requests) == 2  # the tool's follow-up; no continuation was needed
+    assert emulator.requests[0].outcome == ("dropped" if fault == "drop" else "completed")
+
+
 async def test_a_drop_after_the_tools_reissues_only_the_next_step(
     host: Callable[..., Host], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:

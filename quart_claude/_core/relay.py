@@ -376,20 +376,34 @@ class Relay:
                         turn.deltas += 1
                         texts.append(literal)
                         append_data(_DELTA_PREFIX + literal + b"}")
-            if not turn.completed:
+            if not turn.ended:
                 raise UpstreamError("network_error", detail="upstream ended without message_stop")
-            if guard is not None:  # the whole continuation was shorter than the hold
-                rest = guard.end()
-                if rest:
-                    literal = encode_json(rest)
-                    texts.append(literal)
-                    append_data(_DELTA_PREFIX + literal + b"}")
         except BaseException as exc:  # ours, SDK errors, transport errors, cancellation
-            turn.settle_interrupted()
-            if not isinstance(exc, Exception):
-                raise  # cancelled: the producer decides what to tell readers
-            raise _classified(exc) from (None if _ours(exc) else exc)
+            if not (isinstance(exc, Exception) and turn.ended and not _ours(exc)):
+                turn.settle_interrupted()
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the producer decides what to tell readers
+                raise _classified(exc) from (None if _ours(exc) else exc)
+            # the connection failed after the message had ended (its stop reason came, every
+            # block closed): the message is complete; a tool call in it runs
+            log.info("stream %s: the connection ended after the message (%r)", stream.id, exc)
+        if guard is not None:  # the whole continuation was shorter than the hold
+            self._release_held(guard, texts, turn, append_data)
         _add_usage(outcome.usage, turn.usage)
+
+    @staticmethod
+    def _release_held(
+        guard: ContinuationGuard, texts: list[bytes], turn: _Turn, append_data: Any
+    ) -> None:
+        try:
+            rest = guard.end()
+        except Diverged as exc:
+            turn.settle_interrupted()
+            raise UpstreamError("continuation_failed", detail=str(exc)) from None
+        if rest:
+            literal = encode_json(rest)
+            texts.append(literal)
+            append_data(_DELTA_PREFIX + literal + b"}")
 
 
 class _Turn:
@@ -404,6 +418,7 @@ class _Turn:
         "deltas",
         "expose_thinking",
         "inputs",
+        "open",
         "outcome",
         "request_id",
         "rethinking",
@@ -428,6 +443,7 @@ class _Turn:
         self.usage: dict[str, Any] = {}
         self.stop_reason: str | None = None
         self.completed = False  # saw message_stop: a body that ends without it is truncated
+        self.open: set[int] = set()  # blocks started and not yet stopped
         self.deltas = 0
         self.request_id: str | None = None
 
@@ -436,10 +452,13 @@ class _Turn:
         if name == b"content_block_start":
             body = json.loads(data)
             block = body.get("content_block") or {}
+            index = int(body.get("index", 0))
+            self.open.add(index)
             if block.get("type") != "text":
-                self._block_start(int(body.get("index", 0)), dict(block))
+                self._block_start(index, dict(block))
         elif name == b"content_block_stop":
             index = json.loads(data).get("index", 0)
+            self.open.discard(index)
             if index in self.inputs:
                 self._input_done(index)
         elif name == b"message_start":
@@ -462,6 +481,12 @@ class _Turn:
             self.completed = True
         elif name == b"error":
             raise _stream_error(data, self.request_id)
+
+    @property
+    def ended(self) -> bool:
+        """The message is complete: ``message_stop`` came, or its stop reason did with every
+        block closed (a connection may fail between those and ``message_stop``)."""
+        return self.completed or (self.stop_reason is not None and not self.open)
 
     def _block_start(self, index: int, block: dict[str, Any]) -> None:
         kind = block.get("type")

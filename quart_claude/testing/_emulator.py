@@ -138,6 +138,9 @@ class Reply:
     tool_calls: Sequence[ToolUse] = ()
     #: ``fault`` happens after this many input pieces of the first app tool call instead
     fault_in_input: int | None = None
+    #: ``fault`` happens after the ``message_delta`` (stop reason, usage), before
+    #: ``message_stop``, instead: every block has ended, the message is complete
+    fault_before_stop: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -611,6 +614,8 @@ class Emulator:
                 "usage": {"output_tokens": len(tokens) + pieces},
             },
         )
+        if reply.fault is not None and reply.fault_before_stop:
+            return await self._fault(record, writer, event, reply)
         await event("message_stop", {"type": "message_stop"})
         writer.write(b"0\r\n\r\n")
         await writer.drain()
@@ -643,7 +648,9 @@ class Emulator:
             await chunk(reply.raw)
         if reply.first_token_delay:
             await asyncio.sleep(reply.first_token_delay)
-        in_text = reply.fault is not None and reply.fault_in_input is None
+        in_text = (
+            reply.fault is not None and reply.fault_in_input is None and not reply.fault_before_stop
+        )
         fault_at = reply.fault_after if in_text else -1
         for sent in range(len(tokens) + 1):
             if sent == fault_at:
