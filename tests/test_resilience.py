@@ -106,6 +106,7 @@ MATRIX: list[tuple[str, Scripted, str, bool, int | None, int]] = [
         3,
     ),
     ("401", ErrorReply(401), "auth_error", False, None, 1),
+    ("402", ErrorReply(402, message="credit balance too low"), "billing_error", False, None, 1),
     ("403", ErrorReply(403), "permission_error", False, None, 1),
     ("404", ErrorReply(404), "not_found", False, None, 1),
     (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -121,6 +122,25 @@ async def test_max_tokens_stop_reason_is_passed_through(
     result = await stream_chat(http, server + "/chat/stream", {"message": "x", "max_tokens": 3})
     assert result.text == "a b c "
     assert result.events[-1]["stop_reason"] == "max_tokens"
+
+
+async def test_a_full_context_window_is_a_stop_reason_on_both_routes(
+    server: str, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """``model_context_window_exceeded`` passes through; the AI SDK route calls it length."""
+    emulator.script(*[Reply("so far", stop_reason="model_context_window_exceeded")] * 2)
+    result = await stream_chat(http, server + "/chat/stream", {"message": "x"})
+    assert result.events[-1]["type"] == "done"
+    assert result.events[-1]["stop_reason"] == "model_context_window_exceeded"
+    body = {
+        "id": "c1",
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "x"}]}],
+    }
+    response = await http.post(server + "/ai-sdk/chat", json=body)
+    chunks = [
+        json.loads(line[6:]) for line in response.text.split("\n\n") if line.startswith("data: {")
+    ]
+    assert chunks[-1]["type"] == "finish" and chunks[-1]["finishReason"] == "length"
 
 
 async def test_health_and_ready(server: str, http: httpx2.AsyncClient) -> None:

@@ -28,6 +28,7 @@ _FINISH_REASONS = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",
     "tool_use": "tool-calls",
     "refusal": "content-filter",
 }

@@ -29,6 +29,7 @@ MAX_RETRY_AFTER = 86_400.0
 
 _STATUS_CLASSES = {
     401: "auth_error",
+    402: "billing_error",
     403: "permission_error",
     404: "not_found",
     413: "request_too_large",
@@ -48,6 +49,7 @@ _TYPE_CLASSES = {
     "api_error": "server_error",
     "timeout_error": "server_error",
     "authentication_error": "auth_error",
+    "billing_error": "billing_error",
     "permission_error": "permission_error",
     "not_found_error": "not_found",
     "request_too_large": "request_too_large",

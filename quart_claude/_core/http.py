@@ -236,6 +236,7 @@ _CHAT_STATUS = {
     "network_error": 502,
     "timeout": 504,
     "auth_error": 502,
+    "billing_error": 502,
     "permission_error": 502,
     "not_found": 502,
     "token_limit": 400,

@@ -20,6 +20,7 @@ ERROR_CLASSES: dict[str, tuple[bool, str]] = {
     "network_error": (True, "The connection to Claude was interrupted; try again."),
     "timeout": (True, "Claude did not respond in time; try again."),
     "auth_error": (False, "The server's Claude API key was rejected."),
+    "billing_error": (False, "The server's Claude account cannot be billed right now."),
     "permission_error": (False, "The server's Claude API key may not use this resource."),
     "not_found": (False, "The requested Claude model or resource was not found."),
     "token_limit": (False, "The conversation is too long for the model's context window."),
