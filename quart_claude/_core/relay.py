@@ -10,6 +10,7 @@ Upstream event in -> our event out (the hot path) is ``_attempt``'s inner loop.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import re
@@ -51,6 +52,7 @@ _DELTA_PREFIX = b'data: {"type":"delta","text":'
 MAX_UPSTREAM_EVENT = 8 * 1024 * 1024
 
 _EPHEMERAL = {"type": "ephemeral"}  # prompt caching's cache_control
+_THINKING = ("thinking", "redacted_thinking")
 
 _USAGE_SUMMED = (
     "input_tokens",
@@ -161,7 +163,7 @@ class Relay:
                 stream.append(done_event("max_tool_steps", outcome.usage))
                 return "done"
             step: dict[str, Any] = {
-                "content": turn.content(_joined(texts) if texts else ""),
+                "content": turn.content(),
                 "results": {} if calls else None,  # None: paused, continued as is
                 "at": len(stream.events),  # the step's text is in the events before this
             }
@@ -247,7 +249,7 @@ class Relay:
             outcome.attempts += 1
             try:
                 # a continuation's thinking (about how to go on) is not shown mid-answer
-                turn = _Turn(stream, outcome, config.expose_thinking and not texts, thought)
+                turn = _Turn(stream, outcome, config.expose_thinking and not texts, thought, texts)
                 await self._attempt(stream, params, texts, outcome, guard, turn)
             except _WarningRaised as raised:
                 tolerated += 1
@@ -408,9 +410,10 @@ class Relay:
 
 class _Turn:
     """What one upstream request said besides text: its usage, stop reason, whether it
-    ended properly (``message_stop``), and its other content blocks (thinking with its
-    signature, tool calls, server tools' blocks), kept to send back to the API on the next
-    step. The first request's ``message_start`` starts the stream."""
+    ended properly (``message_stop``), and its content blocks in the API's order (text, by
+    its span of the step's ``texts``; thinking with its signature; tool calls; server tools'
+    blocks; blocks this module does not know, as they came), kept to send back to the API on
+    the next step. The first request's ``message_start`` starts the stream."""
 
     __slots__ = (
         "blocks",
@@ -422,22 +425,31 @@ class _Turn:
         "outcome",
         "request_id",
         "rethinking",
+        "spans",
         "stop_reason",
         "stream",
+        "texts",
         "thought",
         "usage",
     )
 
     def __init__(
-        self, stream: Stream, outcome: StreamOutcome, expose_thinking: bool, rethinking: bool
+        self,
+        stream: Stream,
+        outcome: StreamOutcome,
+        expose_thinking: bool,
+        rethinking: bool,
+        texts: list[bytes],
     ) -> None:
         self.stream = stream
         self.outcome = outcome
+        self.texts = texts  # the step's text literals; the hot path appends to it
+        self.spans: dict[int, int] = {}  # a text block's index -> where its text starts
         self.expose_thinking = expose_thinking
         self.rethinking = rethinking  # an earlier request of this step showed thinking
         self.thought = False  # this request streamed thinking
-        #: the message's blocks but text, by index (thinking keeps its signature here: for
-        #: the API, never for readers)
+        #: the message's blocks by index (thinking keeps its signature here: for the API,
+        #: never for readers; a text block's text is in ``texts``)
         self.blocks: dict[int, dict[str, Any]] = {}
         self.inputs: dict[int, list[str]] = {}  # tool inputs' JSON, as it streams
         self.usage: dict[str, Any] = {}
@@ -454,7 +466,10 @@ class _Turn:
             block = body.get("content_block") or {}
             index = int(body.get("index", 0))
             self.open.add(index)
-            if block.get("type") != "text":
+            if block.get("type") == "text":
+                self.blocks[index] = dict(block)
+                self.spans[index] = len(self.texts)
+            else:
                 self._block_start(index, dict(block))
         elif name == b"content_block_stop":
             index = json.loads(data).get("index", 0)
@@ -491,7 +506,7 @@ class _Turn:
     def _block_start(self, index: int, block: dict[str, Any]) -> None:
         kind = block.get("type")
         self.blocks[index] = block
-        if kind in ("tool_use", "server_tool_use"):
+        if "input" in block:  # tool_use, server_tool_use, mcp_tool_use, ...: input streams
             self.inputs[index] = []
         elif kind == "thinking":
             block["thinking"] = block.get("thinking") or ""
@@ -537,13 +552,31 @@ class _Turn:
             if block.get("type") == "tool_use" and "id" in block
         ]
 
-    def content(self, text: str) -> list[dict[str, Any]]:
-        """The message's content as the next step sends it back: thinking first (as the API
-        requires), the step's text (all of it, over any continuations), then the rest."""
-        ordered = [block for _, block in sorted(self.blocks.items())]
-        thinking = [b for b in ordered if b.get("type") in ("thinking", "redacted_thinking")]
-        others = [b for b in ordered if b.get("type") not in ("thinking", "redacted_thinking")]
-        return [*thinking, *([{"type": "text", "text": text}] if text else []), *others]
+    def content(self) -> list[dict[str, Any]]:
+        """The message's content as the next step sends it back: every block in the order
+        the API sent it, with its fields. A continuation's first text block also holds the
+        text the interrupted requests of this step sent (it continues it); an empty text
+        block is left out, as the API refuses one."""
+        texts = self.texts
+        text_at = sorted(self.spans)
+        ends = {index: self.spans[later] for index, later in itertools.pairwise(text_at)}
+        content: list[dict[str, Any]] = []
+        for index, block in sorted(self.blocks.items()):
+            if index not in self.spans:
+                content.append(block)
+                continue
+            start = 0 if index == text_at[0] else self.spans[index]
+            text = _joined(texts[start : ends.get(index, len(texts))])
+            if text:
+                content.append({**block, "text": text})
+        if texts and not text_at:  # continued straight into other blocks: the text first
+            thinking = [b for b in content if b.get("type") in _THINKING]
+            content = [
+                *thinking,
+                {"type": "text", "text": _joined(texts)},
+                *content[len(thinking) :],
+            ]
+        return content
 
     def slow_delta(
         self, data: bytes, guard: ContinuationGuard | None
@@ -580,7 +613,9 @@ class _Turn:
             block = self.blocks.get(index)
             if block is not None:
                 block["signature"] = delta.get("signature") or ""
-        return None, guard  # citations and the rest: not in this protocol
+        else:  # citations, and deltas of blocks this module does not know
+            _accumulate(self.blocks.get(index), delta)
+        return None, guard
 
     def _thinking(self, text: str) -> None:
         if not self.expose_thinking or not text:
@@ -606,6 +641,22 @@ class _Turn:
         if usage:
             usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), self.deltas)
         _add_usage(self.outcome.usage, usage)
+
+
+def _accumulate(block: dict[str, Any] | None, delta: dict[str, Any]) -> None:
+    """Build ``block`` from a delta the way the API's deltas compose: a citation is added to
+    the block's list; any other delta's string fields extend the block's field of that name
+    (``compaction_delta``'s ``content``, say), so an unknown block goes back as it came."""
+    if block is None:
+        return
+    if delta.get("type") == "citations_delta":
+        citation = delta.get("citation")
+        if citation is not None:
+            block.setdefault("citations", []).append(citation)
+        return
+    for name, value in delta.items():
+        if name != "type" and isinstance(value, str):
+            block[name] = (block.get(name) or "") + value
 
 
 def _ours(exc: Exception) -> bool:

@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import hmac
 import json
+import os
 import re
 import secrets
 import socket
@@ -162,7 +163,22 @@ class Hangup:
     delay: float = 0.0
 
 
-Scripted = Reply | ErrorReply | Hangup
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """A recorded response body sent back as it is (``text/event-stream``), in pieces of
+    ``chunk`` bytes: a real API stream, byte for byte, whatever the request asked."""
+
+    body: bytes
+    chunk: int = 1024
+    delay: float = 0.0  # between pieces
+
+    @classmethod
+    def file(cls, path: str | os.PathLike[str], **options: Any) -> Replay:
+        with open(path, "rb") as recording:
+            return cls(recording.read(), **options)
+
+
+Scripted = Reply | ErrorReply | Hangup | Replay
 
 
 @dataclass(slots=True)
@@ -372,6 +388,8 @@ class Emulator:
             record.outcome = "hung_up"
             writer.transport.abort()
             return False
+        if isinstance(scripted, Replay):
+            return await _replay(record, writer, scripted)
         if isinstance(scripted, ErrorReply):
             await asyncio.sleep(scripted.delay)
             error_type = scripted.error_type or _STATUS_TYPES.get(scripted.status, "api_error")
@@ -436,19 +454,9 @@ class Emulator:
         problem = _thinking_problem(body, model) or _conversation_problem(body)
         if problem is not None:
             return 400, "invalid_request_error", problem
-        if (
-            messages[-1]["role"] == "assistant"
-            and _NO_PREFILL.match(model)
-            and not _continues_server_tool(messages)
-        ):
-            return (
-                400,
-                "invalid_request_error",
-                (
-                    "This model does not support assistant message prefill. The conversation "
-                    "must end with a user message."
-                ),
-            )
+        last = _last_turn_problem(messages, model)
+        if last is not None:
+            return 400, "invalid_request_error", last
         return None
 
     def _answer_text(self, reply: Reply, body: dict[str, Any]) -> str:
@@ -686,6 +694,118 @@ class Emulator:
         writer.write(b"0\r\n\r\n")  # "eof" (and after "error"): no message_stop
         await writer.drain()
         return True
+
+
+#: Thinking the real API signed, from replayed recordings: signature -> thinking. A
+#: conversation may send those back, as it may the emulator's own.
+_REPLAYED_SIGNATURES: dict[str, str] = {}
+
+
+#: Paused messages of replayed recordings, by the ids of their server tool calls: their
+#: blocks' (type, text). The API continues a paused turn only if it comes back as it was.
+_PAUSED: dict[str, list[tuple[str, str]]] = {}
+
+
+def _learn(body: bytes) -> None:
+    """What a replayed recording tells the emulator to accept later: the thinking it signed,
+    and the paused message a continuation must send back unchanged."""
+    blocks: dict[int, list[str]] = {}  # index -> [type, text or thinking]
+    stop_reason = None
+    for event in _events(body):
+        kind, index = event.get("type"), event.get("index", 0)
+        if kind == "content_block_start":
+            block = event.get("content_block") or {}
+            blocks[index] = [str(block.get("type")), "", str(block.get("id", ""))]
+        elif kind == "content_block_delta" and index in blocks:
+            delta = event.get("delta") or {}
+            if delta.get("type") in ("thinking_delta", "text_delta"):
+                blocks[index][1] += str(delta.get("thinking", delta.get("text", "")))
+            elif delta.get("type") == "signature_delta":
+                _REPLAYED_SIGNATURES[str(delta.get("signature"))] = blocks[index][1]
+        elif kind == "message_delta":
+            stop_reason = (event.get("delta") or {}).get("stop_reason")
+    if stop_reason == "pause_turn":
+        summary = [(kind, text if kind == "text" else "") for kind, text, _ in blocks.values()]
+        for kind, _, block_id in blocks.values():
+            if kind == "server_tool_use":
+                _PAUSED[block_id] = summary
+
+
+def _events(body: bytes) -> list[dict[str, Any]]:
+    events = []
+    for block in body.decode(errors="replace").replace("\r\n", "\n").split("\n\n"):
+        data = [line[5:].strip() for line in block.split("\n") if line.startswith("data:")]
+        try:
+            event = json.loads("\n".join(data)) if data else None
+        except ValueError:
+            continue
+        if isinstance(event, dict):
+            events.append(event)
+    return events
+
+
+def _last_turn_problem(messages: Sequence[Mapping[str, Any]], model: str) -> str | None:
+    """A conversation that ends with an assistant turn: a paused one that must come back as
+    it was, or a prefill the model refuses."""
+    if messages[-1]["role"] != "assistant":
+        return None
+    if _continues_server_tool(messages):
+        return _paused_problem(messages)
+    if _NO_PREFILL.match(model):
+        return (
+            "This model does not support assistant message prefill. The conversation "
+            "must end with a user message."
+        )
+    return None
+
+
+def _paused_problem(messages: Sequence[Mapping[str, Any]]) -> str | None:
+    """A paused message of a replayed recording that does not come back as it was."""
+    content = messages[-1].get("content")
+    if not isinstance(content, list):
+        return None
+    ids = [
+        b.get("id") for b in content if isinstance(b, dict) and b.get("type") == "server_tool_use"
+    ]
+    known = next((_PAUSED[i] for i in ids if i in _PAUSED), None)
+    sent = [
+        (str(b.get("type")), str(b.get("text", "")) if b.get("type") == "text" else "")
+        for b in content
+        if isinstance(b, dict)
+    ]
+    if known is not None and sent != known:
+        return (
+            f"messages.{len(messages) - 1}: a paused turn must be sent back as it was "
+            "(every block, in its order)"
+        )
+    return None
+
+
+def _signed(block: Mapping[str, Any]) -> bool:
+    signature, text = block.get("signature"), block.get("thinking", "")
+    return signature == _sign(text) or (
+        isinstance(signature, str) and _REPLAYED_SIGNATURES.get(signature) == text
+    )
+
+
+async def _replay(record: RecordedRequest, writer: asyncio.StreamWriter, replay: Replay) -> bool:
+    _learn(replay.body)
+    writer.write(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
+        b"cache-control: no-cache\r\ntransfer-encoding: chunked\r\n"
+        b"request-id: req_emu_" + secrets.token_hex(8).encode() + b"\r\n\r\n"
+    )
+    body = replay.body
+    for start in range(0, len(body), replay.chunk):
+        piece = body[start : start + replay.chunk]
+        writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+        await writer.drain()
+        if replay.delay:
+            await asyncio.sleep(replay.delay)
+    writer.write(b"0\r\n\r\n")
+    await writer.drain()
+    record.outcome = "completed"
+    return True
 
 
 def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]] | None:
@@ -981,7 +1101,7 @@ def _tools_problem(tools: Any) -> str | None:
 def _pairing_problem(messages: list[Mapping[str, Any]]) -> str | None:
     for index, message in enumerate(messages):
         for block in _blocks_of(message, "thinking"):
-            if block.get("signature") != _sign(block.get("thinking", "")):
+            if not _signed(block):
                 return f"messages.{index}.content: Invalid `signature` in `thinking` block"
         calls = [block["id"] for block in _blocks_of(message, "tool_use")]
         following = messages[index + 1] if index + 1 < len(messages) else {}

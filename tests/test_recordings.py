@@ -1,0 +1,138 @@
+"""Real Messages API streams, recorded by other projects (``../shared/recorded-streams``,
+sources in its SOURCES.md), replayed byte for byte by the emulator through a real Hypercorn:
+what the relay passes on, and what it sends back to the API, is what the API sent."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from quart import Quart
+
+from quart_claude.testing import Emulator, Replay, Reply
+
+from .helpers import serving, stream_chat
+
+pytestmark = pytest.mark.server
+
+RECORDINGS = Path(
+    os.environ.get(
+        "QUART_CLAUDE_RECORDINGS",
+        Path(__file__).resolve().parent.parent.parent / "shared" / "recorded-streams",
+    )
+)
+ANSWERS = sorted(
+    path.name
+    for path in RECORDINGS.glob("*.sse")
+    if not path.name.startswith("spliced__") and not path.name.endswith(".2.sse")
+)
+
+
+@dataclass
+class Recorded:
+    """What one recording says, read with the plainest SSE rules."""
+
+    text: str = ""
+    thinking: str = ""
+    blocks: list[dict[str, Any]] = field(default_factory=list)  # content_block_start, in order
+    stop_reason: str | None = None
+    output_tokens: int | None = None
+
+
+def read_recording(name: str) -> Recorded:
+    recorded = Recorded()
+    for chunk in (RECORDINGS / name).read_bytes().decode().replace("\r\n", "\n").split("\n\n"):
+        data = [line[5:].strip() for line in chunk.split("\n") if line.startswith("data:")]
+        if not data:
+            continue
+        event = json.loads("\n".join(data))
+        kind = event.get("type")
+        if kind == "content_block_start":
+            recorded.blocks.append(event["content_block"])
+        elif kind == "content_block_delta":
+            delta = event["delta"]
+            if delta["type"] == "text_delta":
+                recorded.text += delta["text"]
+            elif delta["type"] == "thinking_delta":
+                recorded.thinking += delta["thinking"]
+        elif kind == "message_delta":
+            recorded.stop_reason = event["delta"].get("stop_reason")
+            recorded.output_tokens = (event.get("usage") or {}).get("output_tokens")
+    return recorded
+
+
+@pytest.fixture(autouse=True)
+def recordings_present() -> None:
+    assert RECORDINGS.is_dir(), (
+        f"the recorded streams are not at {RECORDINGS} (set QUART_CLAUDE_RECORDINGS)"
+    )
+
+
+def test_the_recordings_are_all_here() -> None:
+    assert len(ANSWERS) >= 15, ANSWERS
+
+
+@pytest.mark.parametrize("name", ANSWERS)
+async def test_a_recorded_answer_is_relayed_exactly(
+    name: str, make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    recorded = read_recording(name)
+    follow_up = recorded.stop_reason in ("tool_use", "pause_turn")
+    emulator.script(Replay.file(RECORDINGS / name, chunk=777), Reply("And that is all."))
+    async with serving(make_app()) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+    done = result.events[-1]
+    assert done["type"] == "done", done
+    expected = recorded.text + (" And that is all."[1:] if follow_up else "")
+    assert result.text == expected  # byte for byte, padding and all
+    thinking = "".join(e["text"] for e in result.events if e["type"] == "thinking")
+    assert thinking == recorded.thinking
+    server_calls = [b["id"] for b in recorded.blocks if b["type"] == "server_tool_use"]
+    shown = [e["id"] for e in result.events if e["type"] == "tool_call" and e.get("server")]
+    assert shown == server_calls  # in order
+    if not follow_up:
+        assert done["stop_reason"] == recorded.stop_reason
+        assert done["usage"]["output_tokens"] == recorded.output_tokens
+        assert len(emulator.requests) == 1
+    else:  # the next step's request carries the message back, block for block, in order
+        sent = emulator.requests[1].body["messages"][
+            -2 if recorded.stop_reason == "tool_use" else -1
+        ]
+        assert sent["role"] == "assistant"
+        types = [block["type"] for block in sent["content"]]
+        assert types == [b["type"] for b in recorded.blocks if _kept(b, recorded)]
+
+
+def _kept(block: dict[str, Any], recorded: Recorded) -> bool:
+    return block["type"] != "text" or bool(recorded.text)
+
+
+async def test_a_paused_turn_goes_back_block_for_block_and_the_api_continues_it(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """The model wrote text between its searches; the continuation request sends the paused
+    message back exactly: every block in its place, with its fields."""
+    first, second = (f"pydantic-ai__pause_turn_web_search.{n}.sse" for n in (1, 2))
+    paused, continued = read_recording(first), read_recording(second)
+    emulator.script(Replay.file(RECORDINGS / first), Replay.file(RECORDINGS / second))
+    async with serving(make_app()) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "search"})
+    assert result.events[-1]["type"] == "done"
+    assert result.events[-1]["stop_reason"] == continued.stop_reason == "end_turn"
+    assert result.text == paused.text + continued.text
+    (request, follow_up) = emulator.requests
+    back = follow_up.body["messages"][-1]
+    assert back["role"] == "assistant"
+    assert [b["type"] for b in back["content"]] == [b["type"] for b in paused.blocks]
+    texts = [b["text"] for b in back["content"] if b["type"] == "text"]
+    assert "".join(texts) == paused.text and len(texts) > 1
+    calls = [b for b in back["content"] if b["type"] == "server_tool_use"]
+    assert all(isinstance(call["input"], dict) and call["input"] for call in calls)
+    thinking = [b for b in back["content"] if b["type"] == "thinking"]
+    assert thinking and all(b["signature"] for b in thinking)
