@@ -15,7 +15,8 @@ import httpx2
 import pytest
 from quart import Quart
 
-from quart_claude.testing import Emulator, Replay, Reply
+from quart_claude import Claude
+from quart_claude.testing import Emulator, Replay, Reply, ToolUse
 
 from .helpers import serving, stream_chat
 
@@ -43,6 +44,8 @@ class Recorded:
     blocks: list[dict[str, Any]] = field(default_factory=list)  # content_block_start, in order
     stop_reason: str | None = None
     output_tokens: int | None = None
+    usage: dict[str, Any] = field(default_factory=dict)  # message_start's, then message_delta's
+    reported: dict[str, Any] = field(default_factory=dict)  # stop_details, container
 
 
 def read_recording(name: str) -> Recorded:
@@ -61,9 +64,15 @@ def read_recording(name: str) -> Recorded:
                 recorded.text += delta["text"]
             elif delta["type"] == "thinking_delta":
                 recorded.thinking += delta["thinking"]
+        elif kind == "message_start":
+            recorded.usage = dict(event["message"].get("usage") or {})
         elif kind == "message_delta":
             recorded.stop_reason = event["delta"].get("stop_reason")
             recorded.output_tokens = (event.get("usage") or {}).get("output_tokens")
+            recorded.usage.update(event.get("usage") or {})
+            for name in ("stop_details", "container"):
+                if event["delta"].get(name) is not None:
+                    recorded.reported[name] = event["delta"][name]
     return recorded
 
 
@@ -99,6 +108,9 @@ async def test_a_recorded_answer_is_relayed_exactly(
     if not follow_up:
         assert done["stop_reason"] == recorded.stop_reason
         assert done["usage"]["output_tokens"] == recorded.output_tokens
+        assert done["usage"] == recorded.usage  # every field, as the API last reported it
+        for name in ("stop_details", "container"):
+            assert done.get(name) == recorded.reported.get(name)
         assert len(emulator.requests) == 1
     else:  # the next step's request carries the message back, block for block, in order
         sent = emulator.requests[1].body["messages"][
@@ -111,6 +123,50 @@ async def test_a_recorded_answer_is_relayed_exactly(
 
 def _kept(block: dict[str, Any], recorded: Recorded) -> bool:
     return block["type"] != "text" or bool(recorded.text)
+
+
+async def test_a_refusal_says_why_on_both_routes(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    name = "vercel-ai__refusal_stop_details.sse"
+    details = read_recording(name).reported["stop_details"]
+    assert details["category"]
+    emulator.script(Replay.file(RECORDINGS / name), Replay.file(RECORDINGS / name))
+    async with serving(make_app()) as url:
+        streamed = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+        whole = (await http.post(url + "/chat", json={"message": "hi"})).json()
+    assert streamed.events[-1]["stop_reason"] == whole["stop_reason"] == "refusal"
+    assert streamed.events[-1]["stop_details"] == whole["stop_details"] == details
+
+
+async def test_the_container_is_passed_on_and_goes_back_on_the_next_request(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """Code execution's container reaches ``done``; the answer's next request (a tool step
+    here) names it, so the model keeps its files."""
+    name = "vercel-ai__code_execution_emoji_long_tool_input.sse"
+    container = read_recording(name).reported["container"]
+    app = make_app()
+    claude = Claude.state(app).extension
+    assert isinstance(claude, Claude)
+
+    @claude.tool
+    def today() -> str:
+        """Today's date."""
+        return "2026-12-01"
+
+    emulator.script(
+        Replay.file(RECORDINGS / name),
+        Reply("Checking. ", tool_calls=[ToolUse("today")], container=container),
+        Reply("It is December."),
+    )
+    async with serving(app) as url:
+        first = await stream_chat(http, url + "/chat/stream", {"message": "run it"})
+        second = await stream_chat(http, url + "/chat/stream", {"message": "what day?"})
+    assert first.events[-1]["container"] == container
+    assert second.events[-1]["container"] == container
+    assert "container" not in emulator.requests[1].body  # a new answer: nothing to go back
+    assert emulator.requests[2].body["container"] == container["id"]
 
 
 async def test_a_paused_turn_goes_back_block_for_block_and_the_api_continues_it(
@@ -126,7 +182,7 @@ async def test_a_paused_turn_goes_back_block_for_block_and_the_api_continues_it(
     assert result.events[-1]["type"] == "done"
     assert result.events[-1]["stop_reason"] == continued.stop_reason == "end_turn"
     assert result.text == paused.text + continued.text
-    (request, follow_up) = emulator.requests
+    (_, follow_up) = emulator.requests
     back = follow_up.body["messages"][-1]
     assert back["role"] == "assistant"
     assert [b["type"] for b in back["content"]] == [b["type"] for b in paused.blocks]

@@ -277,6 +277,9 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
         "stop_reason": final.get("stop_reason"),
         "usage": final.get("usage", {}),
     }
+    for reported in ("stop_details", "container"):
+        if reported in final:
+            reply[reported] = final[reported]
     calls: dict[str, dict[str, Any]] = {}  # tool calls with their results, as readers see them
     for event in events:
         if event["type"] == "tool_call":

@@ -89,6 +89,13 @@ def start_event(
     }
 
 
-def done_event(stop_reason: str | None, usage: dict[str, Any]) -> dict[str, Any]:
-    """The last event of a stream that ended without an error (a stop is ``cancelled``)."""
-    return {"type": "done", "stop_reason": stop_reason, "usage": usage}
+def done_event(
+    stop_reason: str | None, usage: dict[str, Any], reported: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The last event of a stream that ended without an error (a stop is ``cancelled``);
+    ``reported``: what the API said of the answer besides (``stop_details`` on a refusal,
+    code execution's ``container``), passed on as it came."""
+    event = {"type": "done", "stop_reason": stop_reason, "usage": usage}
+    if reported:
+        event.update(reported)
+    return event

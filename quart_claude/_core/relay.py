@@ -33,6 +33,7 @@ from .sse import encode_json
 from .stream import Stream
 from .telemetry import StreamOutcome, Telemetry
 from .tools import ToolBox, ToolScope
+from .usage import add_usage
 
 __all__ = ["MAX_UPSTREAM_EVENT", "Prior", "Relay"]
 
@@ -53,13 +54,6 @@ MAX_UPSTREAM_EVENT = 8 * 1024 * 1024
 
 _EPHEMERAL = {"type": "ephemeral"}  # prompt caching's cache_control
 _THINKING = ("thinking", "redacted_thinking")
-
-_USAGE_SUMMED = (
-    "input_tokens",
-    "output_tokens",
-    "cache_creation_input_tokens",
-    "cache_read_input_tokens",
-)
 
 
 class Relay:
@@ -135,9 +129,10 @@ class Relay:
         continuations); a message that stops to use tools, or that the API paused, is followed
         by the next one, up to ``CLAUDE_MAX_TOOL_STEPS``."""
         texts: list[bytes] = []  # this step's text the client has (JSON literals), to continue
+        reported: dict[str, Any] = {}  # stop_details, container: for done, and the next step
         step_base = 0  # output tokens before this step (a step has its own max_tokens)
         if prior is not None:  # taken over: the steps and usage so far, the text to continue
-            _add_usage(outcome.usage, prior.usage)
+            add_usage(outcome.usage, prior.usage)
             stream.usage = dict(outcome.usage)
             stream.steps = [dict(step) for step in prior.steps]
             if prior.text:
@@ -148,14 +143,17 @@ class Relay:
                 await self._run_tools(stream, stream.steps[-1], pending, outcome)
         while True:
             history = _history(request.messages, stream.steps)
-            turn = await self._step(stream, request, history, texts, outcome, step_base)
+            turn = await self._step(
+                stream, request, history, texts, outcome, step_base, reported.get("container")
+            )
             if isinstance(turn, str):
                 return turn  # ended with an error, or out of tokens
+            reported.update(turn.reported)
             stop_reason = turn.stop_reason
             calls = turn.calls() if stop_reason == "tool_use" else []
             if not calls and stop_reason != "pause_turn":
                 outcome.stop_reason = stop_reason
-                stream.append(done_event(stop_reason, outcome.usage))
+                stream.append(done_event(stop_reason, outcome.usage, reported))
                 return "done"
             if len(stream.steps) >= self.config.max_tool_steps:
                 log.info("stream %s: CLAUDE_MAX_TOOL_STEPS reached", stream.id)
@@ -231,17 +229,19 @@ class Relay:
         texts: list[bytes],
         outcome: StreamOutcome,
         step_base: int,
+        container: dict[str, Any] | None = None,
     ) -> _Turn | str:
         """One step's upstream message, retried before any of its text was sent and continued
-        after: its last request's :class:`_Turn`, or how the stream ended (a str)."""
+        after: its last request's :class:`_Turn`, or how the stream ended (a str).
+        ``container``: code execution's, from an earlier step (the model keeps its files)."""
         config = self.config
         policy = self.policy
-        params = self._params(request, history, request.max_tokens)
+        params = self._params(request, history, request.max_tokens, container)
         guard: ContinuationGuard | None = None  # set on continuation requests
         tolerated = 0  # library warnings turned from errors into log lines
         thought = False  # a request of this step showed thinking: a retry's says it restarts
         if texts:  # taken over mid-step: continue what the client has
-            following = self._continuation(request, history, texts, outcome, step_base)
+            following = self._continuation(request, history, texts, outcome, step_base, container)
             if following is None:
                 return self._out_of_tokens(stream, outcome)
             params, guard = following
@@ -291,16 +291,26 @@ class Relay:
                 outcome.upstream("ok")
                 return turn
             thought = thought or turn.thought
+            container = turn.reported.get("container", container)
             if texts:  # the next request continues what the client already has
-                following = self._continuation(request, history, texts, outcome, step_base)
+                following = self._continuation(
+                    request, history, texts, outcome, step_base, container
+                )
                 if following is None:
                     return self._out_of_tokens(stream, outcome)
                 params, guard = following
 
     def _params(
-        self, request: ChatRequest, messages: list[dict[str, Any]], max_tokens: int
+        self,
+        request: ChatRequest,
+        messages: list[dict[str, Any]],
+        max_tokens: int,
+        container: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         params = _params(request, messages, max_tokens, self.config)
+        if container is not None and container.get("id"):
+            # through extra_body: the SDK's typed parameter is newer than its lowest version
+            params["extra_body"] = {**params.get("extra_body", {}), "container": container["id"]}
         tools = self.tools
         if tools or self.config.server_tools:
             params["tools"] = [*tools.definitions(), *self.config.server_tools]
@@ -313,6 +323,7 @@ class Relay:
         texts: list[bytes],
         outcome: StreamOutcome,
         step_base: int,
+        container: dict[str, Any] | None = None,
     ) -> tuple[dict[str, Any], ContinuationGuard] | None:
         """The request that continues the step's text sent so far, and its guard; None when
         the step has used its ``max_tokens``."""
@@ -324,7 +335,8 @@ class Relay:
         messages, whitespace = continuation_messages(
             request.model, history, sent, prefill=self.config.thinking == "off"
         )
-        return self._params(request, messages, remaining), ContinuationGuard(sent, whitespace)
+        params = self._params(request, messages, remaining, container)
+        return params, ContinuationGuard(sent, whitespace)
 
     @staticmethod
     def _out_of_tokens(stream: Stream, outcome: StreamOutcome) -> str:
@@ -391,7 +403,7 @@ class Relay:
             log.info("stream %s: the connection ended after the message (%r)", stream.id, exc)
         if guard is not None:  # the whole continuation was shorter than the hold
             self._release_held(guard, texts, turn, append_data)
-        _add_usage(outcome.usage, turn.usage)
+        add_usage(outcome.usage, turn.usage)
 
     @staticmethod
     def _release_held(
@@ -423,6 +435,7 @@ class _Turn:
         "inputs",
         "open",
         "outcome",
+        "reported",
         "request_id",
         "rethinking",
         "spans",
@@ -456,6 +469,7 @@ class _Turn:
         self.stop_reason: str | None = None
         self.completed = False  # saw message_stop: a body that ends without it is truncated
         self.open: set[int] = set()  # blocks started and not yet stopped
+        self.reported: dict[str, Any] = {}  # message_delta's stop_details and container
         self.deltas = 0
         self.request_id: str | None = None
 
@@ -489,7 +503,11 @@ class _Turn:
                 )
         elif name == b"message_delta":
             body = json.loads(data)
-            self.stop_reason = body.get("delta", {}).get("stop_reason") or self.stop_reason
+            delta = body.get("delta") or {}
+            self.stop_reason = delta.get("stop_reason") or self.stop_reason
+            for field_name in ("stop_details", "container"):
+                if delta.get(field_name) is not None:
+                    self.reported[field_name] = delta[field_name]
             self.usage.update(body.get("usage") or {})
             self._note_usage()
         elif name == b"message_stop":
@@ -631,7 +649,7 @@ class _Turn:
     def _note_usage(self) -> None:
         """The stream's usage so far: every request before, and this one as reported."""
         usage = dict(self.outcome.usage)
-        _add_usage(usage, self.usage)
+        add_usage(usage, self.usage)
         self.stream.usage = usage
 
     def settle_interrupted(self) -> None:
@@ -640,7 +658,7 @@ class _Turn:
         usage = self.usage
         if usage:
             usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), self.deltas)
-        _add_usage(self.outcome.usage, usage)
+        add_usage(self.outcome.usage, usage)
 
 
 def _accumulate(block: dict[str, Any] | None, delta: dict[str, Any]) -> None:
@@ -843,13 +861,3 @@ def _params(
     if request.user_id is not None:
         params["metadata"] = {"user_id": request.user_id}
     return params
-
-
-def _add_usage(total: dict[str, Any], usage: dict[str, Any]) -> None:
-    if not total:
-        total.update(usage)
-        return
-    for key in _USAGE_SUMMED:
-        value = usage.get(key)
-        if isinstance(value, int):
-            total[key] = int(total.get(key) or 0) + value

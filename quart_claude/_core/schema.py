@@ -126,6 +126,10 @@ class DoneEvent(BaseModel):
     type: Literal["done"]
     stop_reason: str | None
     usage: Usage
+    #: on a refusal: the API's category, explanation and recommended model, as it sent them
+    stop_details: dict[str, Any] | None = None
+    #: when code execution ran: the API's container (``id``, ``expires_at``)
+    container: dict[str, Any] | None = None
 
 
 class ErrorEvent(BaseModel):
@@ -190,6 +194,8 @@ class ChatReply(BaseModel):
     stop_reason: str | None
     usage: Usage
     tool_calls: list[ToolCall] | None = None  # present when the model used tools
+    stop_details: dict[str, Any] | None = None  # as in the done event
+    container: dict[str, Any] | None = None  # as in the done event
 
 
 class ErrorBody(BaseModel):

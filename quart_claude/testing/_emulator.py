@@ -142,6 +142,10 @@ class Reply:
     #: ``fault`` happens after the ``message_delta`` (stop reason, usage), before
     #: ``message_stop``, instead: every block has ended, the message is complete
     fault_before_stop: bool = False
+    #: code execution's container, reported in ``message_delta`` (``{"id": ..., ...}``)
+    container: Mapping[str, Any] | None = None
+    #: a refusal's ``stop_details`` in ``message_delta`` (with ``stop_reason="refusal"``)
+    stop_details: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -618,7 +622,7 @@ class Emulator:
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": stop_reason, "stop_sequence": reply.stop_sequence},
+                "delta": _message_delta(reply, stop_reason),
                 "usage": {"output_tokens": len(tokens) + pieces},
             },
         )
@@ -786,6 +790,15 @@ def _signed(block: Mapping[str, Any]) -> bool:
     return signature == _sign(text) or (
         isinstance(signature, str) and _REPLAYED_SIGNATURES.get(signature) == text
     )
+
+
+def _message_delta(reply: Reply, stop_reason: str) -> dict[str, Any]:
+    delta: dict[str, Any] = {"stop_reason": stop_reason, "stop_sequence": reply.stop_sequence}
+    if reply.stop_details is not None:
+        delta["stop_details"] = dict(reply.stop_details)
+    if reply.container is not None:
+        delta["container"] = dict(reply.container)
+    return delta
 
 
 async def _replay(record: RecordedRequest, writer: asyncio.StreamWriter, replay: Replay) -> bool:
