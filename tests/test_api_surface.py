@@ -285,3 +285,35 @@ async def test_cors_is_off_by_default_and_scoped_to_the_blueprint(
         assert "access-control-allow-origin" not in stranger.headers
         host = await http.get(url + "/host-page", headers=origin)
         assert "access-control-allow-origin" not in host.headers  # the host app's own routes
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "rain": {"type": "boolean"}},
+    "required": ["city", "rain"],
+    "additionalProperties": False,
+}
+
+
+async def test_structured_outputs_through_the_operators_extra_params(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """CLAUDE_EXTRA_PARAMS reaches every upstream request; CLAUDE_BETAS is the beta header;
+    the browser can set neither."""
+    import json
+
+    extra = {"output_config": {"format": {"type": "json_schema", "schema": SCHEMA}}}
+    app = make_app(extra_params=json.dumps(extra), betas="structured-outputs-2025-11-13")
+    emulator.script(Reply(), Reply())
+    async with serving(app) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "weather?"})
+        forged = {"message": "hi", "output_config": {"format": {"type": "text"}}}
+        refused = await http.post(url + "/chat/stream", json=forged)
+        whole = (await http.post(url + "/chat", json={"message": "weather?"})).json()
+    assert json.loads(result.text) == {"city": "example", "rain": True}
+    assert json.loads(whole["text"]) == {"city": "example", "rain": True}
+    for request in emulator.requests:
+        assert request.body["output_config"] == extra["output_config"]
+        assert request.headers["anthropic-beta"] == "structured-outputs-2025-11-13"
+    assert refused.status_code == 400 and "output_config" in refused.text
+    assert len(emulator.requests) == 2  # the forged request never went upstream

@@ -175,3 +175,29 @@ def test_every_config_key_is_in_the_configuration_reference() -> None:
     keys = [ClaudeConfig.key(f.name) for f in dataclasses.fields(ClaudeConfig)]
     missing = [key for key in keys if f"`{key}`" not in reference]
     assert not missing, f"not in docs/configuration.md: {missing}"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('{"max_tokens": 5}', r"CLAUDE_EXTRA_PARAMS may not set 'max_tokens'"),
+        ('{"model": "x"}', r"CLAUDE_EXTRA_PARAMS may not set 'model'.*CLAUDE_MODEL"),
+        ('{"messages": []}', r"CLAUDE_EXTRA_PARAMS may not set 'messages'"),
+        ('{"stream": false}', r"CLAUDE_EXTRA_PARAMS may not set 'stream'"),
+        ('{"system": "x"}', r"CLAUDE_SYSTEM_PROMPT"),
+        ("[1]", r"CLAUDE_EXTRA_PARAMS must be an object"),
+        ("{oops", r"CLAUDE_EXTRA_PARAMS must be a JSON object"),
+    ],
+)
+def test_extra_params_may_not_take_what_the_relay_owns(
+    monkeypatch: pytest.MonkeyPatch, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make(monkeypatch, env={"CLAUDE_EXTRA_PARAMS": value}, api_key=KEY)
+
+
+def test_betas_are_names() -> None:
+    app = make(api_key=KEY, betas="a-2025-01-01, b-2026-02-02")
+    assert Claude.state(app).config.betas == ("a-2025-01-01", "b-2026-02-02")
+    with pytest.raises(ConfigError, match="CLAUDE_BETAS"):
+        make(api_key=KEY, betas="bad name\r\nX-Injected: 1")

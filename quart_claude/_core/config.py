@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -181,6 +182,44 @@ def _server_tools(key: str, value: Any) -> tuple[dict[str, Any], ...]:
     return tuple(dict(item) for item in value)
 
 
+#: Request parameters the relay itself sets: CLAUDE_EXTRA_PARAMS may not name them.
+_RELAY_OWNS = {
+    "messages": "the relay builds them from the conversation",
+    "stream": "the relay always streams",
+    "model": "use CLAUDE_MODEL and CLAUDE_ALLOWED_MODELS",
+    "max_tokens": "use CLAUDE_MAX_TOKENS and CLAUDE_MAX_TOKENS_LIMIT",
+    "system": "use CLAUDE_SYSTEM_PROMPT",
+    "tools": "use @claude.tool and CLAUDE_SERVER_TOOLS",
+    "thinking": "use CLAUDE_THINKING",
+}
+
+
+def _extra_params(key: str, value: Any) -> dict[str, Any]:
+    """Request parameters merged into every upstream request, as JSON or a dict: what the
+    API has and this project does not model (``output_config``, ``service_tier``, ...)."""
+    if isinstance(value, str):
+        if not value.strip():
+            return {}
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a JSON object of request parameters") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key} must be an object of request parameters, got {value!r}")
+    for name in value:
+        if name in _RELAY_OWNS:
+            raise ConfigError(f"{key} may not set {name!r}: {_RELAY_OWNS[name]}")
+    return dict(value)
+
+
+def _betas(key: str, value: Any) -> tuple[str, ...]:
+    names = _models(key, value)
+    for name in names:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            raise ConfigError(f"{key}: {name!r} is not a beta name")
+    return names
+
+
 def _store_url(key: str, value: Any) -> str:
     text = _str(key, value).strip()
     if text in ("", "memory"):
@@ -240,6 +279,8 @@ _KEYS: dict[str, _Key] = {
     "max_tool_steps": _Key(_positive_int, 8),
     "tool_timeout": _Key(_positive_seconds, 30.0),
     "server_tools": _Key(_server_tools, ()),
+    "extra_params": _Key(_extra_params, {}),
+    "betas": _Key(_betas, ()),
     "expose_thinking": _Key(_bool, True),
     "sse_retry": _Key(_non_negative_int, 1000),
     "metrics": _Key(_bool, True),
@@ -292,6 +333,8 @@ class ClaudeConfig:
     max_tool_steps: int
     tool_timeout: float
     server_tools: tuple[dict[str, Any], ...]
+    extra_params: dict[str, Any]  # merged into every upstream request (operator only)
+    betas: tuple[str, ...]  # the anthropic-beta header
     expose_thinking: bool
     sse_retry: int
     metrics: bool

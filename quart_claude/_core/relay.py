@@ -860,4 +860,8 @@ def _params(
         params["stop_sequences"] = list(request.stop_sequences)
     if request.user_id is not None:
         params["metadata"] = {"user_id": request.user_id}
+    if config.extra_params:  # the operator's, under what the request itself sets
+        params["extra_body"] = {**config.extra_params, **params.get("extra_body", {})}
+    if config.betas:
+        params["extra_headers"] = {"anthropic-beta": ",".join(config.betas)}
     return params

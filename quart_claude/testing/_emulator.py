@@ -407,8 +407,11 @@ class Emulator:
             return True
         body = record.body
         if scripted.text is None and scripted.tokens is None and not scripted.tool_calls:
+            structured = _structured_output(body)
             demo = _demo_tool_call(body)  # demo mode: a prompt that names a tool calls it
-            if demo is not None:
+            if structured is not None:  # output_config.format: a JSON document of the schema
+                scripted = replace(scripted, text=structured)
+            elif demo is not None:
                 scripted = replace(scripted, text="Let me look that up. ", tool_calls=(demo,))
         text = self._answer_text(scripted, body)
         stops = [s for s in body.get("stop_sequences") or () if isinstance(s, str) and s in text]
@@ -790,6 +793,32 @@ def _signed(block: Mapping[str, Any]) -> bool:
     return signature == _sign(text) or (
         isinstance(signature, str) and _REPLAYED_SIGNATURES.get(signature) == text
     )
+
+
+def _structured_output(body: Mapping[str, Any]) -> str | None:
+    """Structured outputs (``output_config.format``, ``json_schema``): the answer is JSON that
+    the schema accepts, as the API guarantees."""
+    config = body.get("output_config")
+    form = config.get("format") if isinstance(config, dict) else None
+    if not isinstance(form, dict) or form.get("type") != "json_schema":
+        return None
+    schema = form.get("schema")
+    return json.dumps(_instance(schema if isinstance(schema, dict) else {}), ensure_ascii=False)
+
+
+def _instance(schema: Mapping[str, Any]) -> Any:
+    """A value ``schema`` accepts: its first enum value, or a plain one of its type."""
+    if schema.get("enum"):
+        return schema["enum"][0]
+    kind = schema.get("type")
+    if kind == "object":
+        properties = schema.get("properties") or {}
+        return {name: _instance(sub) for name, sub in properties.items()}
+    if kind == "array":
+        items = schema.get("items")
+        return [_instance(items)] if isinstance(items, dict) else []
+    plain = {"string": "example", "integer": 1, "number": 1.5, "boolean": True, "null": None}
+    return plain.get(kind if isinstance(kind, str) else "", "example")
 
 
 def _message_delta(reply: Reply, stop_reason: str) -> dict[str, Any]:
