@@ -252,3 +252,25 @@ async def test_tool_calls_show_inline_between_the_texts(page: Page, emulator: Em
             )
             == "body tool body meta"
         )
+
+
+async def test_sources_show_under_the_answer(page: Page, site: str, emulator: Emulator) -> None:
+    """Citations (protocol v1.2) as a list under the reply: each page once, a link only for
+    http(s) URLs, titles as text."""
+    web = {
+        "type": "web_search_result_location",
+        "url": "https://example.com/ginza",
+        "title": "Apple Ginza <b>reopens</b>",
+        "cited_text": "Apple Ginza now returns",
+        "encrypted_index": "x",
+    }
+    hostile = {**web, "url": "javascript:window.pwned=1", "title": "click me"}
+    emulator.script(Reply("Apple Ginza reopened.", citations=[web, web, hostile]))
+    await ask(page, site)
+    await wait_until(page, "!document.querySelector('#send').disabled")
+    items = page.locator(".assistant .sources li")
+    assert await items.all_inner_texts() == ["Apple Ginza <b>reopens</b>", "click me"]
+    links = page.locator(".assistant .sources a")
+    assert await links.count() == 1
+    assert await links.first.get_attribute("href") == "https://example.com/ginza"
+    assert await page.locator(".assistant .sources b").count() == 0

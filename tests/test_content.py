@@ -13,7 +13,7 @@ import httpx2
 import pytest
 from quart import Quart
 
-from quart_claude.testing import Emulator
+from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
 
@@ -82,6 +82,29 @@ async def test_an_image_and_a_pdf_reach_the_api_intact(
     assert base64.b64decode(sent[2]["source"]["data"]) == PDF
 
 
+async def test_a_document_may_ask_to_be_cited_and_the_citation_comes_after_its_text(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    document = {**pdf_block(), "citations": {"enabled": True}}
+    citation = {
+        "type": "page_location",
+        "cited_text": "Refunds within 30 days.",
+        "document_index": 0,
+        "document_title": "terms.pdf",
+        "start_page_number": 2,
+        "end_page_number": 3,
+    }
+    emulator.script(Reply("Refunds take 30 days.", citations=[citation]))
+    content = [document, {"type": "text", "text": "How long for a refund?"}]
+    async with serving(make_app()) as url:
+        result = await stream_chat(
+            http, url + "/chat/stream", {"messages": [{"role": "user", "content": content}]}
+        )
+    assert emulator.requests[0].body["messages"][0]["content"][0]["citations"] == {"enabled": True}
+    assert result.types[-2:] == ["citation", "done"]  # after the text it supports
+    assert result.events[-2] == {"type": "citation", "citation": citation, "text": result.text}
+
+
 async def test_the_conversation_cache_breakpoint_goes_on_the_last_block(
     make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
@@ -112,6 +135,8 @@ BAD: list[tuple[str, Any, str]] = [
      "must be an https URL"),
     ("extra field", [{**pdf_block(), "cache": True}], "unknown field(s) 'cache'"),
     ("too many", [{"type": "text", "text": "x"}] * 101, "at most 100 blocks"),
+    ("citations", [{**pdf_block(), "citations": {"enabled": "yes"}}], "citations.enabled' must"),
+    ("citations keys", [{**pdf_block(), "citations": {"on": True}}], "citations' must be"),
     ("empty list", [], "must be a string or a non-empty list"),
 ]  # fmt: skip
 

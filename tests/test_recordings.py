@@ -46,6 +46,7 @@ class Recorded:
     output_tokens: int | None = None
     usage: dict[str, Any] = field(default_factory=dict)  # message_start's, then message_delta's
     reported: dict[str, Any] = field(default_factory=dict)  # stop_details, container
+    citations: list[dict[str, Any]] = field(default_factory=list)
 
 
 def read_recording(name: str) -> Recorded:
@@ -64,6 +65,8 @@ def read_recording(name: str) -> Recorded:
                 recorded.text += delta["text"]
             elif delta["type"] == "thinking_delta":
                 recorded.thinking += delta["thinking"]
+            elif delta["type"] == "citations_delta":
+                recorded.citations.append(delta["citation"])
         elif kind == "message_start":
             recorded.usage = dict(event["message"].get("usage") or {})
         elif kind == "message_delta":
@@ -105,6 +108,9 @@ async def test_a_recorded_answer_is_relayed_exactly(
     server_calls = [b["id"] for b in recorded.blocks if b["type"] == "server_tool_use"]
     shown = [e["id"] for e in result.events if e["type"] == "tool_call" and e.get("server")]
     assert shown == server_calls  # in order
+    cited = [e for e in result.events if e["type"] == "citation"]
+    assert [e["citation"] for e in cited] == recorded.citations  # each, as the API gave it
+    assert all(e["text"] and e["text"] in result.text for e in cited)
     if not follow_up:
         assert done["stop_reason"] == recorded.stop_reason
         assert done["usage"]["output_tokens"] == recorded.output_tokens
@@ -123,6 +129,29 @@ async def test_a_recorded_answer_is_relayed_exactly(
 
 def _kept(block: dict[str, Any], recorded: Recorded) -> bool:
     return block["type"] != "text" or bool(recorded.text)
+
+
+async def test_sources_reach_every_route(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """Web search citations: ``citation`` events, the AI SDK's ``source-url`` parts (each page
+    once), and ``citations`` in ``POST /chat``."""
+    name = "vercel-ai__web_search_citations.sse"
+    recorded = read_recording(name)
+    urls = list(dict.fromkeys(c["url"] for c in recorded.citations))
+    emulator.script(*[Replay.file(RECORDINGS / name)] * 2)
+    body = {
+        "id": "c1",
+        "messages": [{"id": "u1", "role": "user", "parts": [{"type": "text", "text": "x"}]}],
+    }
+    async with serving(make_app()) as url:
+        ui = (await http.post(url + "/ai-sdk/chat", json=body)).text
+        whole = (await http.post(url + "/chat", json={"message": "x"})).json()
+    chunks = [json.loads(line[6:]) for line in ui.split("\n\n") if line.startswith("data: {")]
+    sources = [c for c in chunks if c["type"] == "source-url"]
+    assert [c["url"] for c in sources] == urls and all(c["title"] for c in sources)
+    assert [c["citation"] for c in whole["citations"]] == recorded.citations
+    assert whole["text"] == recorded.text
 
 
 async def test_a_refusal_says_why_on_both_routes(

@@ -111,10 +111,11 @@ class _UIMessage:
     """The parts open in the UI message being written: reasoning, and the current text part
     (the text after a tool call is a new part, so it shows after the call)."""
 
-    __slots__ = ("reasoning", "text", "texts")
+    __slots__ = ("reasoning", "sources", "text", "texts")
 
     def __init__(self) -> None:
         self.reasoning = False
+        self.sources: set[str] = set()  # each source once per message
         self.text: str | None = None  # the open text part's id
         self.texts = 0
 
@@ -138,6 +139,12 @@ class _UIMessage:
                 self.texts += 1
                 out.append(_data({"type": "text-start", "id": self.text}))
             out.append(_data({"type": "text-delta", "id": self.text, "delta": event["text"]}))
+        elif kind == "citation":  # v1.2: source parts
+            chunk = _source_chunk(event["citation"], len(self.sources))
+            key = str(chunk.get("url") or chunk.get("title"))
+            if key not in self.sources:
+                self.sources.add(key)
+                out.append(_data(chunk))
         elif kind in ("tool_call", "tool_result"):  # v1.1: dynamic tool parts
             self._end_text(out)
             out.append(_data(_tool_chunk(event)))
@@ -158,6 +165,22 @@ class _UIMessage:
         if self.text is not None:
             out.append(_data({"type": "text-end", "id": self.text}))
             self.text = None
+
+
+def _source_chunk(citation: dict[str, Any], number: int) -> dict[str, Any]:
+    """A citation as the AI SDK's ``source-url`` (a web page) or ``source-document`` part."""
+    source_id = f"source-{number}"
+    url = citation.get("url")
+    if isinstance(url, str):
+        return {
+            "type": "source-url",
+            "sourceId": source_id,
+            "url": url,
+            "title": citation.get("title"),
+        }
+    media = "application/pdf" if citation.get("type") == "page_location" else "text/plain"
+    title = citation.get("document_title") or citation.get("title") or "document"
+    return {"type": "source-document", "sourceId": source_id, "mediaType": media, "title": title}
 
 
 def _tool_chunk(event: dict[str, Any]) -> dict[str, Any]:

@@ -27,7 +27,7 @@ MAX_BLOCKS = 100
 MAX_MEDIA = 100
 _TEXT_KEYS = {"type", "text"}
 _MEDIA_KEYS = {"type", "source"}
-_DOCUMENT_KEYS = {"type", "source", "title", "context"}
+_DOCUMENT_KEYS = {"type", "source", "title", "context", "citations"}
 
 
 class ContentError(ValueError):
@@ -64,11 +64,21 @@ def check_content(
         for optional in ("title", "context"):
             if optional in block and not isinstance(block[optional], str):
                 raise ContentError(f"'{at}.{optional}' must be a string")
+        if "citations" in block:
+            _citations(block["citations"], f"{at}.citations")
         _source(block.get("source"), f"{at}.source", kind, allow_urls)
         media_seen += 1
         if media_seen > MAX_MEDIA:
             raise ContentError(f"'{at}': at most {MAX_MEDIA} images and documents per request")
     return value, media_seen
+
+
+def _citations(value: Any, at: str) -> None:
+    """A document's ``citations``: ``{"enabled": true}`` asks the answer to cite it."""
+    if not isinstance(value, dict) or set(value) != {"enabled"}:
+        raise ContentError(f'\'{at}\' must be {{"enabled": true}} or {{"enabled": false}}')
+    if not isinstance(value["enabled"], bool):
+        raise ContentError(f"'{at}.enabled' must be true or false")
 
 
 def _keys(block: dict[str, Any], allowed: set[str], at: str) -> None:

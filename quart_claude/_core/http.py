@@ -288,6 +288,9 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
             calls[event["id"]].update(is_error=event["is_error"], output=event.get("output"))
     if calls:
         reply["tool_calls"] = list(calls.values())
+    citations = [event for event in events if event["type"] == "citation"]
+    if citations:
+        reply["citations"] = citations
     return json_reply(reply, headers=headers)
 
 

@@ -490,6 +490,8 @@ class _Turn:
             self.open.discard(index)
             if index in self.inputs:
                 self._input_done(index)
+            elif index in self.spans and self.blocks[index].get("citations"):
+                self._cited(index)
         elif name == b"message_start":
             message = json.loads(data)["message"]
             self.usage = dict(message.get("usage") or {})
@@ -561,6 +563,13 @@ class _Turn:
                     "server": True,
                 }
             )
+
+    def _cited(self, index: int) -> None:
+        """A text block with citations ended: one ``citation`` event for each, after the text
+        it supports (protocol v1.2), with that text and the citation as the API gave it."""
+        text = _joined(self.texts[self.spans[index] :])
+        for citation in self.blocks[index]["citations"]:
+            self.stream.append({"type": "citation", "citation": citation, "text": text})
 
     def calls(self) -> list[dict[str, Any]]:
         """The app's tool calls, complete, in the order the model made them."""

@@ -55,12 +55,18 @@ class ImageBlock(BaseModel):
     source: Annotated[ImageData | UrlSource, Field(discriminator="type")]
 
 
+class Citations(BaseModel):
+    model_config = _STRICT
+    enabled: bool
+
+
 class DocumentBlock(BaseModel):
     model_config = _STRICT
     type: Literal["document"]
     source: Annotated[PdfData | UrlSource, Field(discriminator="type")]
     title: str | None = None
     context: str | None = None
+    citations: Citations | None = None  # the answer cites the document's passages
 
 
 Block = Annotated[TextBlock | ImageBlock | DocumentBlock, Field(discriminator="type")]
@@ -153,6 +159,16 @@ class ThinkingEvent(BaseModel):
     restart: bool | None = None
 
 
+class CitationEvent(BaseModel):
+    """Protocol v1.2: a source of the text just sent: ``citation`` as the API gave it (a
+    ``web_search_result_location`` with ``url`` and ``title``, a document's ``char_location``
+    or ``page_location``, ...), ``text`` the passage of the answer it supports."""
+
+    type: Literal["citation"]
+    citation: dict[str, Any]
+    text: str
+
+
 class ToolCallEvent(BaseModel):
     """Protocol v1.1: the model called a tool (``@claude.tool``, run on this server once the
     model has finished asking; ``server``: one the API runs itself). ``input`` is null when
@@ -196,6 +212,7 @@ class ChatReply(BaseModel):
     tool_calls: list[ToolCall] | None = None  # present when the model used tools
     stop_details: dict[str, Any] | None = None  # as in the done event
     container: dict[str, Any] | None = None  # as in the done event
+    citations: list[CitationEvent] | None = None  # present when the answer cites sources
 
 
 class ErrorBody(BaseModel):
@@ -247,6 +264,7 @@ _MODELS: tuple[type[BaseModel], ...] = (
     DoneEvent,
     ErrorEvent,
     ThinkingEvent,
+    CitationEvent,
     ToolCallEvent,
     ToolResultEvent,
     ChatReply,
@@ -281,6 +299,7 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
     events = {"oneOf": [_ref(name) for name in ("StartEvent", "DeltaEvent", "DoneEvent")]}
     events["oneOf"] += [_ref(name) for name in ("ErrorEvent", "ThinkingEvent")]
     events["oneOf"] += [_ref(name) for name in ("ToolCallEvent", "ToolResultEvent")]
+    events["oneOf"] += [_ref("CitationEvent")]
     schemas["StreamEvent"] = events
     sse = {
         "description": (

@@ -144,6 +144,8 @@ class Reply:
     fault_before_stop: bool = False
     #: code execution's container, reported in ``message_delta`` (``{"id": ..., ...}``)
     container: Mapping[str, Any] | None = None
+    #: citations of the text block (``citations_delta``s before its text, as the API sends)
+    citations: Sequence[Mapping[str, Any]] = ()
     #: a refusal's ``stop_details`` in ``message_delta`` (with ``stop_reason="refusal"``)
     stop_details: Mapping[str, Any] | None = None
 
@@ -659,6 +661,8 @@ class Emulator:
             },
         )
         await event("ping", {"type": "ping"})
+        for citation in reply.citations:
+            await event(*_delta(index, "citations_delta", citation=dict(citation)))
         if reply.raw:
             await chunk(reply.raw)
         if reply.first_token_delay:
