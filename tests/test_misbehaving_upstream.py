@@ -107,7 +107,7 @@ async def test_max_retries_zero_keeps_mid_stream_recovery(
     assert len(emulator.requests) == 2
 
 
-@pytest.mark.parametrize("framing", ["crlf", "cr", "data_only"])
+@pytest.mark.parametrize("framing", ["crlf", "cr", "data_only", "padded"])
 async def test_proxy_line_ends_and_missing_event_lines_are_understood(
     make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient, framing: Any
 ) -> None:

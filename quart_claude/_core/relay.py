@@ -39,12 +39,13 @@ __all__ = ["MAX_UPSTREAM_EVENT", "Prior", "Relay"]
 
 log = logging.getLogger("quart_claude")
 
-# A text delta as the API frames it (compact, or with the docs' spaces). Its text stays a JSON
-# string literal and is spliced into our event as is: no decode, no re-encode.
+# A text delta as the API frames it (compact, or with the docs' spaces, or with the live API's
+# random padding before the last brace). Its text stays a JSON string literal and is spliced
+# into our event as is: no decode, no re-encode.
 _TEXT_DELTA = re.compile(
     rb'\{"type": ?"content_block_delta", ?"index": ?\d+, ?"delta": ?'
     rb'\{"type": ?"text_delta", ?"text": ?'
-    rb'("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")\}\}'  # JSON's escapes only
+    rb'("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")\} *\} *'  # JSON's escapes only
 )
 _DELTA_PREFIX = b'data: {"type":"delta","text":'
 

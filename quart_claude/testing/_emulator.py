@@ -130,9 +130,11 @@ class Reply:
     #: the start again, then different words; ``"repeat_whitespace"`` the whitespace the
     #: request's partial answer ended in, again, then the rest (4.6+ models do this).
     on_continue: Literal["rest", "restart", "repeat_tail", "diverge", "repeat_whitespace"] = "rest"
-    #: Line ends as proxies rewrite them (``"crlf"``, ``"cr"``), or ``"data_only"``: events
-    #: without their ``event:`` line (the JSON ``type`` still names them).
-    framing: Literal["lf", "crlf", "cr", "data_only"] = "lf"
+    #: Line ends as proxies rewrite them (``"crlf"``, ``"cr"``), ``"data_only"``: events
+    #: without their ``event:`` line (the JSON ``type`` still names them), or ``"padded"``:
+    #: as the live API sends them, random spaces before a delta's last brace and
+    #: ``{"type": "ping"}`` with a space.
+    framing: Literal["lf", "crlf", "cr", "data_only", "padded"] = "lf"
     raw: bytes = b""  # sent as is, before the first text delta (malformed input for tests)
     #: tool calls: the app's after the text (the stop reason becomes ``tool_use``), the
     #: server's before it
@@ -561,13 +563,7 @@ class Emulator:
         framing = reply.framing
 
         async def event(name: str, payload: dict[str, Any]) -> None:
-            if framing == "data_only":
-                data = b"data: " + _dumps(payload) + b"\n\n"
-            else:
-                data = b"event: " + name.encode() + b"\ndata: " + _dumps(payload) + b"\n\n"
-                if framing != "lf":  # JSON has no raw newlines: every LF here is a line end
-                    data = data.replace(b"\n", b"\r\n" if framing == "crlf" else b"\r")
-            await chunk(data)
+            await chunk(_framed(framing, name, payload))
 
         async def chunk(data: bytes) -> None:
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -823,6 +819,29 @@ def _instance(schema: Mapping[str, Any]) -> Any:
         return [_instance(items)] if isinstance(items, dict) else []
     plain = {"string": "example", "integer": 1, "number": 1.5, "boolean": True, "null": None}
     return plain.get(kind if isinstance(kind, str) else "", "example")
+
+
+def _framed(framing: str, name: str, payload: dict[str, Any]) -> bytes:
+    """One SSE event, framed as ``Reply.framing`` says."""
+    if framing == "padded":
+        return b"event: " + name.encode() + b"\ndata: " + _padded(payload) + b"\n\n"
+    if framing == "data_only":
+        return b"data: " + _dumps(payload) + b"\n\n"
+    data = b"event: " + name.encode() + b"\ndata: " + _dumps(payload) + b"\n\n"
+    if framing != "lf":  # JSON has no raw newlines: every LF here is a line end
+        data = data.replace(b"\n", b"\r\n" if framing == "crlf" else b"\r")
+    return data
+
+
+def _padded(payload: dict[str, Any]) -> bytes:
+    """JSON as the live API writes it (seen in recordings): ``ping`` with a space, and up to
+    16 spaces before the last brace of a delta."""
+    if payload.get("type") == "ping":
+        return b'{"type": "ping"}'
+    data = _dumps(payload)
+    if payload.get("type") == "content_block_delta":
+        data = data[:-1] + b" " * secrets.randbelow(17) + b"}"
+    return data
 
 
 def _message_delta(reply: Reply, stop_reason: str) -> dict[str, Any]:
