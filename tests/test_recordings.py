@@ -95,7 +95,9 @@ async def test_a_recorded_answer_is_relayed_exactly(
     name: str, make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
     recorded = read_recording(name)
-    follow_up = recorded.stop_reason in ("tool_use", "pause_turn")
+    # the model's own tool calls name tools this app does not have, and it has none: the
+    # answer ends there (a tool result without tools is a 400 upstream); a pause goes on
+    follow_up = recorded.stop_reason == "pause_turn"
     emulator.script(Replay.file(RECORDINGS / name, chunk=777), Reply("And that is all."))
     async with serving(make_app()) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
@@ -129,6 +131,51 @@ async def test_a_recorded_answer_is_relayed_exactly(
 
 def _kept(block: dict[str, Any], recorded: Recorded) -> bool:
     return block["type"] != "text" or bool(recorded.text)
+
+
+@pytest.mark.parametrize(
+    "name", ["anthropic-sdk-python__text_then_tool_use.sse", "vercel-ai__tool_use_no_args.sse"]
+)
+async def test_a_call_of_a_tool_the_app_lacks_gets_an_error_result_the_api_accepts(
+    name: str, make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """The recorded model calls a tool of another app: with tools of its own, this app
+    answers with an ``is_error`` result, the message goes back as it came, and the API (the
+    emulator, which refuses tool blocks without tools) accepts the follow-up."""
+    recorded = read_recording(name)
+    app = make_app()
+    claude = Claude.state(app).extension
+    assert isinstance(claude, Claude)
+
+    @claude.tool
+    def unrelated() -> str:
+        """A tool the model did not ask for."""
+        return "never"
+
+    emulator.script(Replay.file(RECORDINGS / name), Reply("Sorry, I cannot do that."))
+    async with serving(app) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+    assert result.events[-1]["type"] == "done", result.events[-1]
+    assert result.text == recorded.text + "Sorry, I cannot do that."
+    (failed,) = [e for e in result.events if e["type"] == "tool_result"]
+    assert failed["is_error"] is True
+    back, answer = emulator.requests[1].body["messages"][-2:]
+    assert [b["type"] for b in back["content"]] == [
+        b["type"] for b in recorded.blocks if _kept(b, recorded)
+    ]
+    assert answer["content"][0]["type"] == "tool_result" and answer["content"][0]["is_error"]
+
+
+async def test_without_tools_a_tool_call_ends_the_answer(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    name = "vercel-ai__tool_use_json_only.sse"
+    emulator.script(Replay.file(RECORDINGS / name), Reply("must not be asked"))
+    async with serving(make_app()) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+    assert result.events[-1]["type"] == "done"
+    assert result.events[-1]["stop_reason"] == "tool_use"
+    assert len(emulator.requests) == 1  # a tool result without tools would be a 400
 
 
 async def test_sources_reach_every_route(

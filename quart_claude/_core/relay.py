@@ -152,6 +152,10 @@ class Relay:
             reported.update(turn.reported)
             stop_reason = turn.stop_reason
             calls = turn.calls() if stop_reason == "tool_use" else []
+            if calls and not (self.tools or self.config.server_tools):
+                # no tools to answer with: the API refuses tool results without tools
+                log.warning("stream %s: the model called a tool, and this app has none", stream.id)
+                calls = []
             if not calls and stop_reason != "pause_turn":
                 outcome.stop_reason = stop_reason
                 stream.append(done_event(stop_reason, outcome.usage, reported))

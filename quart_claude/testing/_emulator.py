@@ -1138,9 +1138,20 @@ def _conversation_problem(body: Mapping[str, Any]) -> str | None:
     thinking_on = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
     return (
         _tools_problem(body.get("tools"))
+        or _undeclared_tools_problem(body)
         or _pairing_problem(messages)
         or (_loop_thinking_problem(messages) if thinking_on else None)
     )
+
+
+def _undeclared_tools_problem(body: Mapping[str, Any]) -> str | None:
+    """The API refuses ``tool_use`` and ``tool_result`` blocks in a request without tools."""
+    if body.get("tools"):
+        return None
+    for message in body["messages"]:
+        if _blocks_of(message, "tool_use") or _blocks_of(message, "tool_result"):
+            return "Requests which include `tool_use` or `tool_result` blocks must define tools."
+    return None
 
 
 def _tools_problem(tools: Any) -> str | None:
