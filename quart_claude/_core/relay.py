@@ -16,12 +16,14 @@ import logging
 import re
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import anthropic
 from opentelemetry.context import Context
 
+from .answer import Answer
 from .config import ClaudeConfig
 from .continuation import ContinuationGuard, Diverged, continuation_messages
 from .errors import UpstreamError, classify_exception, classify_status
@@ -88,9 +90,10 @@ class Relay:
         ``parent``: the trace the stream's span joins (None: the current context);
         ``prior``: what the stream already holds when this worker took it over."""
         outcome = self.telemetry.stream(stream.id, request, parent)
+        answer = Answer(stream, outcome)
         result = "unknown"
         try:
-            result = await self._run(stream, request, outcome, prior)
+            result = await self._run(answer, request, prior)
         except asyncio.CancelledError:
             reason = stream.cancel_reason
             if reason is None:
@@ -98,86 +101,80 @@ class Relay:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
+            result = reason
             if reason in ("handoff", "superseded"):  # it goes on elsewhere: no last event
                 stream.leave()
             elif reason == "shutdown":
-                partial = outcome.first_token_at is not None  # some text was sent
-                outcome.failed("shutdown")
-                outcome.error = "shutdown"
-                stream.append(UpstreamError("shutdown").event(partial=partial))
+                answer.fail(UpstreamError("shutdown"))
             else:
-                stream.append(done_event("cancelled", outcome.usage))
-            result = reason
+                stream.append(done_event("cancelled", answer.usage))
         except Exception as exc:  # a bug of ours: never leave readers hanging
             log.exception("stream %s failed", stream.id)
-            outcome.failed("unknown")
-            outcome.error = "unknown"
-            stream.append(UpstreamError("unknown", detail=repr(exc)).event(partial=False))
+            answer.fail(UpstreamError("unknown", detail=repr(exc)), partial=False)
         finally:
             stream.finish()
             if not stream.left:  # only a takeover needs them, and there is none after the end
                 stream.steps = []
             outcome.end(result)
 
-    async def _run(
-        self,
-        stream: Stream,
-        request: ChatRequest,
-        outcome: StreamOutcome,
-        prior: Prior | None,
-    ) -> str:
+    async def _run(self, answer: Answer, request: ChatRequest, prior: Prior | None) -> str:
         """The steps of one answer: each an upstream message (with its retries and
         continuations); a message that stops to use tools, or that the API paused, is followed
         by the next one, up to ``CLAUDE_MAX_TOOL_STEPS``."""
-        texts: list[bytes] = []  # this step's text the client has (JSON literals), to continue
-        reported: dict[str, Any] = {}  # stop_details, container: for done, and the next step
-        step_base = 0  # output tokens before this step (a step has its own max_tokens)
-        if prior is not None:  # taken over: the steps and usage so far, the text to continue
-            add_usage(outcome.usage, prior.usage)
-            stream.usage = dict(outcome.usage)
-            stream.steps = [dict(step) for step in prior.steps]
-            if prior.text:
-                texts.append(encode_json(prior.text))
-            step_base = int(outcome.usage.get("output_tokens") or 0) - prior.step_deltas
-            pending = prior.pending_calls()
-            if pending:  # the tools that had not finished; the finished ones never run again
-                await self._run_tools(stream, stream.steps[-1], pending, outcome)
+        stream = answer.stream
+        if prior is not None:
+            await self._resume(answer, prior)
         while True:
-            history = _history(request.messages, stream.steps)
-            turn = await self._step(
-                stream, request, history, texts, outcome, step_base, reported.get("container")
-            )
+            turn = await self._step(answer, request, _history(request.messages, stream.steps))
             if isinstance(turn, str):
                 return turn  # ended with an error, or out of tokens
-            reported.update(turn.reported)
-            stop_reason = turn.stop_reason
-            calls = turn.calls() if stop_reason == "tool_use" else []
-            if calls and not (self.tools or self.config.server_tools):
-                # no tools to answer with: the API refuses tool results without tools
-                log.warning("stream %s: the model called a tool, and this app has none", stream.id)
-                calls = []
-            if not calls and stop_reason != "pause_turn":
-                outcome.stop_reason = stop_reason
-                stream.append(done_event(stop_reason, outcome.usage, reported))
-                return "done"
+            answer.reported.update(turn.reported)
+            calls = self._calls(answer, turn)
+            if not calls and turn.stop_reason != "pause_turn":
+                return answer.finish(turn.stop_reason)
             if len(stream.steps) >= self.config.max_tool_steps:
                 log.info("stream %s: CLAUDE_MAX_TOOL_STEPS reached", stream.id)
-                outcome.stop_reason = "max_tool_steps"
-                stream.append(done_event("max_tool_steps", outcome.usage))
-                return "done"
-            step: dict[str, Any] = {
-                "content": turn.content(),
-                "results": {} if calls else None,  # None: paused, continued as is
-                "at": len(stream.events),  # the step's text is in the events before this
-            }
-            stream.add_step(step)
-            if calls:
-                for call in calls:
-                    event = {"type": "tool_call", "id": call["id"], "name": call["name"]}
-                    stream.append({**event, "input": self.tools.shown_input(call)})
-                await self._run_tools(stream, step, calls, outcome)
-            texts = []
-            step_base = int(outcome.usage.get("output_tokens") or 0)
+                return answer.finish("max_tool_steps", reported=False)
+            await self._take_step(answer, turn, calls)
+            answer.next_step()
+
+    async def _resume(self, answer: Answer, prior: Prior) -> None:
+        """Taken over: the steps and usage so far, the text to continue, and the tools that
+        had not finished (the finished ones never run again)."""
+        stream = answer.stream
+        add_usage(answer.usage, prior.usage)
+        stream.usage = dict(answer.usage)
+        stream.steps = [dict(step) for step in prior.steps]
+        if prior.text:
+            answer.texts.append(encode_json(prior.text))
+        answer.step_base = int(answer.usage.get("output_tokens") or 0) - prior.step_deltas
+        pending = prior.pending_calls()
+        if pending:
+            await self._run_tools(stream, stream.steps[-1], pending, answer.outcome)
+
+    def _calls(self, answer: Answer, turn: _Turn) -> list[dict[str, Any]]:
+        """The app's tool calls the step stopped for (none when the app has no tools: the
+        API refuses tool results in a request without tools)."""
+        calls = turn.calls() if turn.stop_reason == "tool_use" else []
+        if calls and not (self.tools or self.config.server_tools):
+            log.warning("stream %s: the model called a tool; this app has none", answer.stream.id)
+            return []
+        return calls
+
+    async def _take_step(self, answer: Answer, turn: _Turn, calls: list[dict[str, Any]]) -> None:
+        """Record the finished step (so no worker asks for it again), then run its tools."""
+        stream = answer.stream
+        step: dict[str, Any] = {
+            "content": turn.content(),
+            "results": {} if calls else None,  # None: paused, continued as is
+            "at": len(stream.events),  # the step's text is in the events before this
+        }
+        stream.add_step(step)
+        if calls:
+            for call in calls:
+                event = {"type": "tool_call", "id": call["id"], "name": call["name"]}
+                stream.append({**event, "input": self.tools.shown_input(call)})
+            await self._run_tools(stream, step, calls, answer.outcome)
 
     async def _run_tools(
         self,
@@ -227,83 +224,100 @@ class Relay:
         await asyncio.gather(*(run(call) for call in calls))
 
     async def _step(
-        self,
-        stream: Stream,
-        request: ChatRequest,
-        history: list[dict[str, Any]],
-        texts: list[bytes],
-        outcome: StreamOutcome,
-        step_base: int,
-        container: dict[str, Any] | None = None,
+        self, answer: Answer, request: ChatRequest, history: list[dict[str, Any]]
     ) -> _Turn | str:
         """One step's upstream message, retried before any of its text was sent and continued
-        after: its last request's :class:`_Turn`, or how the stream ended (a str).
-        ``container``: code execution's, from an earlier step (the model keeps its files)."""
-        config = self.config
-        policy = self.policy
-        params = self._params(request, history, request.max_tokens, container)
-        guard: ContinuationGuard | None = None  # set on continuation requests
-        tolerated = 0  # library warnings turned from errors into log lines
+        after: its last request's :class:`_Turn`, or how the stream ended (a str)."""
+        first = self._params(request, history, request.max_tokens, answer.container)
+        following = self._next_request(answer, request, history, (first, None))
         thought = False  # a request of this step showed thinking: a retry's says it restarts
-        if texts:  # taken over mid-step: continue what the client has
-            following = self._continuation(request, history, texts, outcome, step_base, container)
-            if following is None:
-                return self._out_of_tokens(stream, outcome)
+        while not isinstance(following, str):
             params, guard = following
-        while True:
-            outcome.attempts += 1
-            try:
-                # a continuation's thinking (about how to go on) is not shown mid-answer
-                turn = _Turn(stream, outcome, config.expose_thinking and not texts, thought, texts)
-                await self._attempt(stream, params, texts, outcome, guard, turn)
-            except _WarningRaised as raised:
-                tolerated += 1
-                if tolerated > 3:  # the filter did not take: never loop
-                    error = UpstreamError("unknown", detail=raised.detail)
-                    outcome.failed("unknown")
-                    outcome.error = "unknown"
-                    stream.append(error.event(partial=_partial(stream, texts)))
-                    return "unknown"
-            except UpstreamError as error:
-                error_class = error.error_class
-                outcome.upstream(error_class)
-                outcome.failed(error_class)
-                kind = "retry" if not texts else "recovery"
-                if not texts:  # nothing of this step sent yet: a retry, from the retry budget
-                    wait = policy.delay(error, outcome.retries + 1)
-                elif (  # text sent: a continuation, from the recovery budget
-                    config.recovery
-                    and error_class != "continuation_failed"
-                    and outcome.recoveries < config.max_recoveries
-                ):
-                    wait = policy.delay(error, outcome.recoveries + 1, limit=config.max_recoveries)
-                else:
-                    wait = None
-                if wait is None:
-                    log.warning(
-                        "stream %s upstream failure: %s %s", stream.id, error_class, error.detail
-                    )
-                    outcome.error = error_class
-                    stream.append(error.event(partial=_partial(stream, texts)))
-                    return error_class
-                log.info("stream %s retrying in %.2fs after %s", stream.id, wait, error_class)
-                outcome.retrying(error_class, kind, wait)
-                await asyncio.sleep(wait)
-            except asyncio.CancelledError:
-                outcome.upstream("cancelled")
-                raise
-            else:
-                outcome.upstream("ok")
+            # a continuation's thinking (about how to go on) is not shown mid-answer
+            turn = _Turn(answer, self.config.expose_thinking and not answer.texts, thought)
+            ended = await self._try(answer, params, guard, turn)
+            if ended is None:
                 return turn
+            if ended is not _AGAIN:
+                return ended
             thought = thought or turn.thought
-            container = turn.reported.get("container", container)
-            if texts:  # the next request continues what the client already has
-                following = self._continuation(
-                    request, history, texts, outcome, step_base, container
-                )
-                if following is None:
-                    return self._out_of_tokens(stream, outcome)
-                params, guard = following
+            following = self._next_request(answer, request, history, following)
+        return following
+
+    def _next_request(
+        self,
+        answer: Answer,
+        request: ChatRequest,
+        history: list[dict[str, Any]],
+        same: tuple[dict[str, Any], ContinuationGuard | None],
+    ) -> tuple[dict[str, Any], ContinuationGuard | None] | str:
+        """The step's next request: ``same`` while readers have none of its text, else one
+        that continues the text (with its guard), or the end when its tokens are used up."""
+        if not answer.texts:
+            return same
+        remaining = answer.remaining(request.max_tokens)
+        if remaining < 1:
+            return answer.finish("max_tokens", reported=False)
+        sent = _joined(answer.texts)
+        messages, whitespace = continuation_messages(
+            request.model, history, sent, prefill=self.config.thinking == "off"
+        )
+        params = self._params(request, messages, remaining, answer.container)
+        return params, ContinuationGuard(sent, whitespace)
+
+    async def _try(
+        self,
+        answer: Answer,
+        params: dict[str, Any],
+        guard: ContinuationGuard | None,
+        turn: _Turn,
+    ) -> str | None:
+        """One request: None when it answered, :data:`_AGAIN` to make the next one, or how the
+        stream ended."""
+        outcome = answer.outcome
+        outcome.attempts += 1
+        try:
+            await self._attempt(answer, params, guard, turn)
+        except _WarningRaised as raised:
+            answer.tolerated += 1
+            if answer.tolerated > 3:  # the filter did not take: never loop
+                return answer.fail(UpstreamError("unknown", detail=raised.detail))
+            return _AGAIN
+        except UpstreamError as error:
+            wait = self._wait(answer, error)
+            if wait is None:
+                return answer.fail(error, counted=False)
+            await asyncio.sleep(wait)
+            return _AGAIN
+        except asyncio.CancelledError:
+            outcome.upstream("cancelled")
+            raise
+        outcome.upstream("ok")
+        return None
+
+    def _wait(self, answer: Answer, error: UpstreamError) -> float | None:
+        """How long before the request is made again, or None: a retry while readers have
+        none of the step's text (the retry budget), a continuation after (the recovery
+        budget, when recovery is on and the model did not diverge)."""
+        config, outcome, error_class = self.config, answer.outcome, error.error_class
+        outcome.upstream(error_class)
+        outcome.failed(error_class)
+        wait: float | None = None
+        if not answer.texts:
+            kind, answer.retries = "retry", answer.retries + 1
+            wait = self.policy.delay(error, answer.retries)
+        else:
+            kind, answer.recoveries = "recovery", answer.recoveries + 1
+            if config.recovery and error_class != "continuation_failed":
+                wait = self.policy.delay(error, answer.recoveries, limit=config.max_recoveries)
+        if wait is None:
+            log.warning(
+                "stream %s upstream failure: %s %s", answer.stream.id, error_class, error.detail
+            )
+            return None
+        log.info("stream %s retrying in %.2fs after %s", answer.stream.id, wait, error_class)
+        outcome.retrying(error_class, kind, wait)
+        return wait
 
     def _params(
         self,
@@ -321,82 +335,17 @@ class Relay:
             params["tools"] = [*tools.definitions(), *self.config.server_tools]
         return params
 
-    def _continuation(
-        self,
-        request: ChatRequest,
-        history: list[dict[str, Any]],
-        texts: list[bytes],
-        outcome: StreamOutcome,
-        step_base: int,
-        container: dict[str, Any] | None = None,
-    ) -> tuple[dict[str, Any], ContinuationGuard] | None:
-        """The request that continues the step's text sent so far, and its guard; None when
-        the step has used its ``max_tokens``."""
-        used = int(outcome.usage.get("output_tokens", 0)) - step_base
-        remaining = request.max_tokens - used
-        if remaining < 1:
-            return None
-        sent = _joined(texts)
-        messages, whitespace = continuation_messages(
-            request.model, history, sent, prefill=self.config.thinking == "off"
-        )
-        params = self._params(request, messages, remaining, container)
-        return params, ContinuationGuard(sent, whitespace)
-
-    @staticmethod
-    def _out_of_tokens(stream: Stream, outcome: StreamOutcome) -> str:
-        outcome.stop_reason = "max_tokens"
-        stream.append(done_event("max_tokens", outcome.usage))
-        return "done"
-
     async def _attempt(
         self,
-        stream: Stream,
+        answer: Answer,
         params: dict[str, Any],
-        texts: list[bytes],
-        outcome: StreamOutcome,
         guard: ContinuationGuard | None,
         turn: _Turn,
     ) -> None:
         """One upstream request; ``turn`` keeps what it said besides text (its stop reason,
         its blocks). Raises :class:`UpstreamError`."""
-        append_data = stream.append_data
-        text_delta = _TEXT_DELTA.fullmatch
-        framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
         try:
-            async with self.client.messages.with_streaming_response.create(**params) as response:
-                turn.request_id = outcome.request_id = response.request_id
-                async for chunk in response.http_response.aiter_bytes():
-                    for block in framer.feed(chunk):
-                        # the API's framing, "event: <name>\ndata: <json>", else the general path
-                        cut = block.find(b"\ndata: ")
-                        if (
-                            cut > 7
-                            and block.startswith(b"event: ")
-                            and b"\n" not in block[cut + 7 :]
-                        ):
-                            name, data = block[7:cut], block[cut + 7 :]
-                        else:
-                            name, data = _parse_block(block)
-                        if name != b"content_block_delta":
-                            turn.control(name, data)
-                            continue
-                        match = None if guard is not None else text_delta(data)
-                        if match is not None:  # hot path: splice the JSON string as is
-                            literal = match.group(1)
-                            if literal == b'""':
-                                continue
-                        else:
-                            literal, guard = turn.slow_delta(data, guard)
-                            if literal is None:
-                                continue
-                        if not texts and outcome.first_token_at is None:
-                            outcome.first_token()
-                        turn.deltas += 1
-                        texts.append(literal)
-                        append_data(_DELTA_PREFIX + literal + b"}")
-            if not turn.ended:
-                raise UpstreamError("network_error", detail="upstream ended without message_stop")
+            await self._relay(answer, params, guard, turn)
         except BaseException as exc:  # ours, SDK errors, transport errors, cancellation
             if not (isinstance(exc, Exception) and turn.ended and not _ours(exc)):
                 turn.settle_interrupted()
@@ -405,24 +354,74 @@ class Relay:
                 raise _classified(exc) from (None if _ours(exc) else exc)
             # the connection failed after the message had ended (its stop reason came, every
             # block closed): the message is complete; a tool call in it runs
-            log.info("stream %s: the connection ended after the message (%r)", stream.id, exc)
+            log.info(
+                "stream %s: the connection ended after the message (%r)", answer.stream.id, exc
+            )
         if guard is not None:  # the whole continuation was shorter than the hold
-            self._release_held(guard, texts, turn, append_data)
-        add_usage(outcome.usage, turn.usage)
+            _release_held(answer, guard, turn)
+        add_usage(answer.usage, turn.usage)
 
-    @staticmethod
-    def _release_held(
-        guard: ContinuationGuard, texts: list[bytes], turn: _Turn, append_data: Any
+    async def _relay(
+        self,
+        answer: Answer,
+        params: dict[str, Any],
+        guard: ContinuationGuard | None,
+        turn: _Turn,
     ) -> None:
-        try:
-            rest = guard.end()
-        except Diverged as exc:
-            turn.settle_interrupted()
-            raise UpstreamError("continuation_failed", detail=str(exc)) from None
-        if rest:
-            literal = encode_json(rest)
-            texts.append(literal)
-            append_data(_DELTA_PREFIX + literal + b"}")
+        """The hot path: upstream events in, our events out. A text delta's JSON string is
+        spliced into our event as is; anything else goes to ``turn``."""
+        texts = answer.texts
+        append_data = answer.stream.append_data
+        text_delta = _TEXT_DELTA.fullmatch
+        framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
+        async with self.client.messages.with_streaming_response.create(**params) as response:
+            turn.request_id = answer.outcome.request_id = response.request_id
+            async for chunk in response.http_response.aiter_bytes():
+                for block in framer.feed(chunk):
+                    name, data = _named(block)
+                    if name != b"content_block_delta":
+                        turn.control(name, data)
+                        continue
+                    match = None if guard is not None else text_delta(data)
+                    if match is not None:  # hot path: splice the JSON string as is
+                        literal = match.group(1)
+                    else:
+                        literal, guard = turn.slow_delta(data, guard)
+                        if literal is None:
+                            continue
+                    if not texts:
+                        turn.first_text()
+                    turn.deltas += 1
+                    texts.append(literal)
+                    append_data(_DELTA_PREFIX + literal + b"}")
+        if not turn.ended:
+            raise UpstreamError("network_error", detail="upstream ended without message_stop")
+
+
+def _release_held(answer: Answer, guard: ContinuationGuard, turn: _Turn) -> None:
+    """A continuation ended while its guard still held its first text: decide on it."""
+    try:
+        rest = guard.end()
+    except Diverged as exc:
+        turn.settle_interrupted()
+        raise UpstreamError("continuation_failed", detail=str(exc)) from None
+    if rest:
+        literal = encode_json(rest)
+        answer.texts.append(literal)
+        answer.stream.append_data(_DELTA_PREFIX + literal + b"}")
+
+
+def _named(block: bytes) -> tuple[bytes, bytes]:
+    """``(event name, data)``: the API's framing, ``event: <name>\ndata: <json>``, at once;
+    anything else by the general rules."""
+    cut = block.find(b"\ndata: ")
+    if cut > 7 and block.startswith(b"event: ") and b"\n" not in block[cut + 7 :]:
+        return block[7:cut], block[cut + 7 :]
+    return _parse_block(block)
+
+
+#: :meth:`Relay._try`: make the next request
+_AGAIN = "again"
 
 
 class _Turn:
@@ -451,17 +450,10 @@ class _Turn:
         "usage",
     )
 
-    def __init__(
-        self,
-        stream: Stream,
-        outcome: StreamOutcome,
-        expose_thinking: bool,
-        rethinking: bool,
-        texts: list[bytes],
-    ) -> None:
-        self.stream = stream
-        self.outcome = outcome
-        self.texts = texts  # the step's text literals; the hot path appends to it
+    def __init__(self, answer: Answer, expose_thinking: bool, rethinking: bool) -> None:
+        self.stream = answer.stream
+        self.outcome = answer.outcome
+        self.texts = answer.texts  # the step's text literals; the hot path appends to it
         self.spans: dict[int, int] = {}  # a text block's index -> where its text starts
         self.expose_thinking = expose_thinking
         self.rethinking = rethinking  # an earlier request of this step showed thinking
@@ -479,48 +471,62 @@ class _Turn:
         self.request_id: str | None = None
 
     def control(self, name: bytes, data: bytes) -> None:
-        """Any event but a content delta (block starts and stops, pings: nothing to do)."""
-        if name == b"content_block_start":
-            body = json.loads(data)
-            block = body.get("content_block") or {}
-            index = int(body.get("index", 0))
-            self.open.add(index)
-            if block.get("type") == "text":
-                self.blocks[index] = dict(block)
-                self.spans[index] = len(self.texts)
-            else:
-                self._block_start(index, dict(block))
-        elif name == b"content_block_stop":
-            index = json.loads(data).get("index", 0)
-            self.open.discard(index)
-            if index in self.inputs:
-                self._input_done(index)
-            elif index in self.spans and self.blocks[index].get("citations"):
-                self._cited(index)
-        elif name == b"message_start":
-            message = json.loads(data)["message"]
-            self.usage = dict(message.get("usage") or {})
-            self._note_usage()
-            if not self.stream.events:
-                outcome = self.outcome
-                outcome.response_model = message.get("model")
-                outcome.message_id = message.get("id")
-                self.stream.append(
-                    start_event(self.stream.id, message.get("model"), message.get("id"), self.usage)
-                )
-        elif name == b"message_delta":
-            body = json.loads(data)
-            delta = body.get("delta") or {}
-            self.stop_reason = delta.get("stop_reason") or self.stop_reason
-            for field_name in ("stop_details", "container"):
-                if delta.get(field_name) is not None:
-                    self.reported[field_name] = delta[field_name]
-            self.usage.update(body.get("usage") or {})
-            self._note_usage()
-        elif name == b"message_stop":
-            self.completed = True
-        elif name == b"error":
-            raise _stream_error(data, self.request_id)
+        """Any event but a content delta (pings and unknown events: nothing to do)."""
+        handler = _CONTROL.get(name)
+        if handler is not None:
+            handler(self, data)
+
+    def _block_started(self, data: bytes) -> None:
+        body = json.loads(data)
+        block = body.get("content_block") or {}
+        index = int(body.get("index", 0))
+        self.open.add(index)
+        if block.get("type") == "text":
+            self.blocks[index] = dict(block)
+            self.spans[index] = len(self.texts)
+        else:
+            self._block_start(index, dict(block))
+
+    def _block_stopped(self, data: bytes) -> None:
+        index = json.loads(data).get("index", 0)
+        self.open.discard(index)
+        if index in self.inputs:
+            self._input_done(index)
+        elif index in self.spans and self.blocks[index].get("citations"):
+            self._cited(index)
+
+    def _message_started(self, data: bytes) -> None:
+        message = json.loads(data)["message"]
+        self.usage = dict(message.get("usage") or {})
+        self._note_usage()
+        if not self.stream.events:
+            outcome = self.outcome
+            outcome.response_model = message.get("model")
+            outcome.message_id = message.get("id")
+            self.stream.append(
+                start_event(self.stream.id, message.get("model"), message.get("id"), self.usage)
+            )
+
+    def _message_delta(self, data: bytes) -> None:
+        body = json.loads(data)
+        delta = body.get("delta") or {}
+        self.stop_reason = delta.get("stop_reason") or self.stop_reason
+        for name in ("stop_details", "container"):
+            if delta.get(name) is not None:
+                self.reported[name] = delta[name]
+        self.usage.update(body.get("usage") or {})
+        self._note_usage()
+
+    def _message_stopped(self, data: bytes) -> None:
+        self.completed = True
+
+    def _error(self, data: bytes) -> None:
+        raise _stream_error(data, self.request_id)
+
+    def first_text(self) -> None:
+        """The step's first text is going out: the stream's first token, if it is."""
+        if self.outcome.first_token_at is None:
+            self.outcome.first_token()
 
     @property
     def ended(self) -> bool:
@@ -614,40 +620,28 @@ class _Turn:
         self, data: bytes, guard: ContinuationGuard | None
     ) -> tuple[bytes | None, ContinuationGuard | None]:
         """A delta off the fast path: text decoded, passed through a continuation's guard
-        (None once it has decided) and re-encoded; thinking sent as its own event; a tool's
-        input kept. ``None`` when there is no text to send."""
+        (None once it has decided) and re-encoded; any other delta builds its block.
+        ``None`` when there is no text to send."""
         body = json.loads(data)
         delta = body["delta"]
+        if delta.get("type") == "text_delta":
+            return _guarded(delta.get("text"), guard)
+        self._block_delta(body.get("index", 0), delta)
+        return None, guard
+
+    def _block_delta(self, index: int, delta: dict[str, Any]) -> None:
+        """A delta of another block: a tool's input kept, thinking sent as its own event
+        and kept with its signature, the rest (citations, unknown blocks) accumulated."""
         kind = delta.get("type")
-        if kind == "text_delta":
-            text = delta.get("text")
-            if not text:
-                return None, guard
-            if guard is not None:
-                text = guard.feed(text)
-                if not guard.deciding:
-                    guard = None  # decided: the rest takes the fast path
-                if not text:
-                    return None, guard
-            return encode_json(text), guard
-        index = body.get("index", 0)
+        block = self.blocks.get(index)
         if kind == "input_json_delta":
             parts = self.inputs.get(index)
             if parts is not None:
                 parts.append(delta.get("partial_json") or "")
-        elif kind == "thinking_delta":
-            text = delta.get("thinking") or ""
-            block = self.blocks.get(index)
-            if block is not None:
-                block["thinking"] += text
-            self._thinking(text)
-        elif kind == "signature_delta":
-            block = self.blocks.get(index)
-            if block is not None:
-                block["signature"] = delta.get("signature") or ""
-        else:  # citations, and deltas of blocks this module does not know
-            _accumulate(self.blocks.get(index), delta)
-        return None, guard
+            return
+        if kind == "thinking_delta":
+            self._thinking(delta.get("thinking") or "")
+        _accumulate(block, delta)
 
     def _thinking(self, text: str) -> None:
         if not self.expose_thinking or not text:
@@ -673,6 +667,31 @@ class _Turn:
         if usage:
             usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), self.deltas)
         add_usage(self.outcome.usage, usage)
+
+
+def _guarded(
+    text: str | None, guard: ContinuationGuard | None
+) -> tuple[bytes | None, ContinuationGuard | None]:
+    """A text delta off the fast path, through a continuation's guard while it decides."""
+    if not text:
+        return None, guard
+    if guard is not None:
+        text = guard.feed(text)
+        if not guard.deciding:
+            guard = None  # decided: the rest takes the fast path
+        if not text:
+            return None, guard
+    return encode_json(text), guard
+
+
+_CONTROL: dict[bytes, Callable[[_Turn, bytes], None]] = {
+    b"content_block_start": _Turn._block_started,
+    b"content_block_stop": _Turn._block_stopped,
+    b"message_start": _Turn._message_started,
+    b"message_delta": _Turn._message_delta,
+    b"message_stop": _Turn._message_stopped,
+    b"error": _Turn._error,
+}
 
 
 def _accumulate(block: dict[str, Any] | None, delta: dict[str, Any]) -> None:
@@ -786,11 +805,6 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes]:
     return name, joined
 
 
-def _partial(stream: Stream, texts: list[bytes]) -> bool:
-    """Whether the reader already has some of the answer (this step's text, or a step)."""
-    return bool(texts) or bool(stream.steps)
-
-
 def _history(messages: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation a step continues: the request's, then each finished step's message
     and (for tool steps) a user turn with its results, in the order of the calls."""
@@ -836,6 +850,26 @@ def _stream_error(data: bytes, request_id: str | None) -> UpstreamError:
     )
 
 
+def _think(params: dict[str, Any], thinking: str | int, max_tokens: int) -> None:
+    if thinking == "adaptive":
+        params["thinking"] = {"type": "adaptive"}
+    elif isinstance(thinking, int):  # the budget comes on top of the answer's max_tokens
+        params["thinking"] = {"type": "enabled", "budget_tokens": thinking}
+        params["max_tokens"] = max_tokens + thinking
+
+
+def _cache_breakpoint(messages: list[dict[str, Any]], index: int) -> list[dict[str, Any]]:
+    """The conversation before the newest user turn, marked: the same on the next turn, so
+    cached. The breakpoint goes on its last block."""
+    marked = dict(messages[index])
+    content = marked["content"]
+    if isinstance(content, str):
+        marked["content"] = [{"type": "text", "text": content, "cache_control": _EPHEMERAL}]
+    else:
+        marked["content"] = [*content[:-1], {**content[-1], "cache_control": _EPHEMERAL}]
+    return [*messages[:index], marked, *messages[index + 1 :]]
+
+
 def _params(
     request: ChatRequest, messages: list[dict[str, Any]], max_tokens: int, config: ClaudeConfig
 ) -> dict[str, Any]:
@@ -845,12 +879,7 @@ def _params(
         "messages": messages,
         "stream": True,
     }
-    thinking = config.thinking
-    if thinking == "adaptive":
-        params["thinking"] = {"type": "adaptive"}
-    elif isinstance(thinking, int):  # the budget comes on top of the answer's max_tokens
-        params["thinking"] = {"type": "enabled", "budget_tokens": thinking}
-        params["max_tokens"] = max_tokens + thinking
+    _think(params, config.thinking, max_tokens)
     if request.system:
         params["system"] = (
             [{"type": "text", "text": request.system, "cache_control": _EPHEMERAL}]
@@ -858,15 +887,7 @@ def _params(
             else request.system
         )
     if config.cache_conversation and len(request.messages) >= 2:
-        # the conversation before the newest user turn: the same on the next turn, so cached
-        index = len(request.messages) - 2
-        marked = dict(messages[index])
-        content = marked["content"]
-        if isinstance(content, str):
-            marked["content"] = [{"type": "text", "text": content, "cache_control": _EPHEMERAL}]
-        else:  # blocks: the breakpoint goes on the last one
-            marked["content"] = [*content[:-1], {**content[-1], "cache_control": _EPHEMERAL}]
-        params["messages"] = [*messages[:index], marked, *messages[index + 1 :]]
+        params["messages"] = _cache_breakpoint(messages, len(request.messages) - 2)
     if request.temperature is not None:
         # not a typed parameter of SDK 2.x's create(): sent through its public extra_body
         params["extra_body"] = {"temperature": request.temperature}

@@ -1,0 +1,84 @@
+"""One answer's state, owned by the task that produces it (as redis-py's ``Lock`` owns its
+token and timings): what readers have of the current step, what the API reported, the retry
+and recovery budgets, the one usage record, and the one way to end with ``done`` or
+``error``. The relay reads and changes it; telemetry (:class:`~.telemetry.StreamOutcome`)
+observes what happened to it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .protocol import UpstreamError, done_event
+from .stream import Stream
+from .telemetry import StreamOutcome
+
+__all__ = ["Answer"]
+
+
+class Answer:
+    """The state of one answer across its steps, requests and continuations."""
+
+    __slots__ = (
+        "outcome",
+        "recoveries",
+        "reported",
+        "retries",
+        "step_base",
+        "stream",
+        "texts",
+        "tolerated",
+    )
+
+    def __init__(self, stream: Stream, outcome: StreamOutcome) -> None:
+        self.stream = stream
+        self.outcome = outcome
+        #: this step's text readers have, as the JSON string literals relayed (the hot path
+        #: appends to it; a continuation continues it)
+        self.texts: list[bytes] = []
+        #: what the API said of the answer besides text: ``stop_details``, ``container``
+        self.reported: dict[str, Any] = {}
+        self.step_base = 0  # output tokens before this step (a step has its own max_tokens)
+        self.retries = 0  # requests made again before any of the step's text was sent
+        self.recoveries = 0  # continuations after some of it was
+        self.tolerated = 0  # library warnings turned from errors into log lines
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        """Every request's usage so far, summed (telemetry reads the same record)."""
+        return self.outcome.usage
+
+    @property
+    def partial(self) -> bool:
+        """Whether readers already have some of the answer (this step's text, or a step)."""
+        return bool(self.texts) or bool(self.stream.steps)
+
+    @property
+    def container(self) -> dict[str, Any] | None:
+        container = self.reported.get("container")
+        return container if isinstance(container, dict) else None
+
+    def remaining(self, max_tokens: int) -> int:
+        """What is left of this step's ``max_tokens``."""
+        return max_tokens - (int(self.usage.get("output_tokens") or 0) - self.step_base)
+
+    def next_step(self) -> None:
+        self.texts = []
+        self.step_base = int(self.usage.get("output_tokens") or 0)
+
+    def fail(
+        self, error: UpstreamError, *, counted: bool = True, partial: bool | None = None
+    ) -> str:
+        """End with ``error`` (``counted``: not yet counted as a failure; ``partial``: say
+        whether readers have some of the answer, when not :attr:`partial`); its class."""
+        if counted:
+            self.outcome.failed(error.error_class)
+        self.outcome.error = error.error_class
+        self.stream.append(error.event(partial=self.partial if partial is None else partial))
+        return error.error_class
+
+    def finish(self, stop_reason: str | None, *, reported: bool = True) -> str:
+        """End with ``done``, carrying what the API reported when ``reported``."""
+        self.outcome.stop_reason = stop_reason
+        self.stream.append(done_event(stop_reason, self.usage, self.reported if reported else None))
+        return "done"
