@@ -110,6 +110,13 @@ async def test_a_recorded_answer_is_relayed_exactly(
     server_calls = [b["id"] for b in recorded.blocks if b["type"] == "server_tool_use"]
     shown = [e["id"] for e in result.events if e["type"] == "tool_call" and e.get("server")]
     assert shown == server_calls  # in order
+    server_results = [
+        b["tool_use_id"] for b in recorded.blocks if b["type"].endswith("_tool_result")
+    ]
+    results = [e["id"] for e in result.events if e["type"] == "tool_result" and e.get("server")]
+    assert results == server_results  # in order, each after its call
+    order = [e["id"] for e in result.events if e["type"] in ("tool_call", "tool_result")]
+    assert all(order.index(i) < len(order) - order[::-1].index(i) - 1 for i in server_results)
     cited = [e for e in result.events if e["type"] == "citation"]
     assert [e["citation"] for e in cited] == recorded.citations  # each, as the API gave it
     assert all(e["text"] and e["text"] in result.text for e in cited)
