@@ -42,6 +42,12 @@ GROUPS: dict[str, Group] = {
         Group("prometheus", "prometheus", "prometheus", "brew install prometheus"),
         Group("systemd", "systemd-analyze", "systemd", "(Linux with systemd only)"),
         Group("node", "node", "nodejs npm", "https://nodejs.org, then make install"),
+        Group(
+            "recordings",
+            "../shared/recorded-streams",
+            "(not a package)",
+            "QUART_CLAUDE_RECORDINGS=<folder of recorded streams>",
+        ),
     )
 }
 
@@ -84,6 +90,34 @@ def node_modules(package_dir: Path) -> str:
     return node
 
 
+#: Where the recorded API streams may be: ``QUART_CLAUDE_RECORDINGS``, the workspace's
+#: ``../shared/recorded-streams`` beside the checkout, or this workplace's own copy.
+_RECORDING_PLACES = (
+    os.environ.get("QUART_CLAUDE_RECORDINGS", ""),
+    str(ROOT.parent / "shared" / "recorded-streams"),
+    "/work/shared/recorded-streams",
+)
+
+
+def recordings() -> Path | None:
+    """The folder of recorded Messages API streams (read at run time, never copied here)."""
+    if "recordings" in _pretended_missing():
+        return None
+    return next((Path(p) for p in _RECORDING_PLACES if p and Path(p, "SOURCES.md").is_file()), None)
+
+
+def need_recordings() -> Path:
+    found = recordings()
+    if found is None:
+        skip(
+            "recordings",
+            "the recorded API streams are not at ../shared/recorded-streams "
+            "(set QUART_CLAUDE_RECORDINGS to their folder)",
+        )
+    assert found is not None
+    return found
+
+
 def summary(reasons: list[str]) -> list[str]:
     """The end-of-run lines for the skip ``reasons``: one per group that did not run."""
     counts: dict[str, int] = {}
@@ -99,12 +133,14 @@ def summary(reasons: list[str]) -> list[str]:
     lines = ["what did not run, and what runs it:"]
     for name, count in sorted(counts.items()):
         group = GROUPS[name]
-        lines.append(
-            f"  {name:<11} {count:>3} test(s): needs {group.program}: "
-            f"apt-get install {group.debian}  (elsewhere: {group.elsewhere})"
+        how = (
+            group.elsewhere
+            if group.debian.startswith("(")
+            else f"apt-get install {group.debian}  (elsewhere: {group.elsewhere})"
         )
-    if counts:
-        lines.append("  on Debian or Ubuntu, `make deps` installs them all")
+        lines.append(f"  {name:<11} {count:>3} test(s): needs {group.program}: {how}")
+    if any(not GROUPS[name].debian.startswith("(") for name in counts):
+        lines.append("  on Debian or Ubuntu, `make deps` installs the programs")
     if other:
         lines.append(f"  other      {other:>3} test(s) skipped for other reasons (see -ra above)")
     return lines

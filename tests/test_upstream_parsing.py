@@ -56,10 +56,10 @@ def test_general_block_parsing() -> None:
 
 def test_every_recorded_text_delta_takes_the_fast_path() -> None:
     """Real streams, padded ones included: each text delta is spliced, none decoded."""
-    from .test_recordings import RECORDINGS
+    from . import binaries
 
     seen = 0
-    for path in sorted(RECORDINGS.glob("*.sse")):
+    for path in sorted(binaries.need_recordings().glob("*.sse")):
         for line in path.read_bytes().split(b"\n"):
             data = line[6:].rstrip(b"\r") if line.startswith(b"data: ") else b""
             if b'"text_delta"' in data:
