@@ -91,6 +91,8 @@ async def test_hypercorn_cli_streams_incrementally_and_byte_exact(
     assert result.text == text
     assert result.types[0] == "start" and result.types[-1] == "done"
     (request,) = emulator.requests
+    # the relay may pass the end on before the emulator has recorded its own
+    await asyncio.wait_for(request.ended.wait(), 5)
     assert request.ended_at is not None
     assert result.received_at[1] < request.ended_at - 1.0  # incremental, not buffered
     assert (await http.get(cli_server + "/")).text == "the host app's own page"

@@ -100,6 +100,7 @@ async def test_first_delta_arrives_long_before_the_upstream_finishes(
     emulator.script(Reply("one two three four five six seven eight nine ten", token_delay=0.15))
     result = await stream_chat(http, server + "/chat/stream", {"message": "count"})
     (request,) = emulator.requests
+    await asyncio.wait_for(request.ended.wait(), 5)  # the emulator records its end after
     assert request.outcome == "completed" and request.ended_at is not None
     first_delta_at = result.received_at[result.types.index("delta")]
     # ten tokens 150 ms apart: the first must arrive more than a second before the last
