@@ -12,7 +12,9 @@ them: how to see what a fresh machine sees without uninstalling anything.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,20 +92,33 @@ def node_modules(package_dir: Path) -> str:
     return node
 
 
-#: Where the recorded API streams may be: ``QUART_CLAUDE_RECORDINGS``, the workspace's
-#: ``../shared/recorded-streams`` beside the checkout, or this workplace's own copy.
-_RECORDING_PLACES = (
-    os.environ.get("QUART_CLAUDE_RECORDINGS", ""),
-    str(ROOT.parent / "shared" / "recorded-streams"),
-    "/work/shared/recorded-streams",
-)
+def _recording_places() -> list[Path]:
+    """Where the recorded API streams may be: ``QUART_CLAUDE_RECORDINGS``, then
+    ``../shared/recorded-streams`` beside this checkout, then beside the checkout it was
+    cloned from (a CI run in a fresh clone elsewhere still finds the workspace's)."""
+    places = [Path(p) for p in (os.environ.get("QUART_CLAUDE_RECORDINGS"),) if p]
+    places.append(ROOT.parent / "shared" / "recorded-streams")
+    origin = _origin()
+    if origin is not None and origin.is_dir():  # a local clone: its origin is a folder
+        places.append(origin.resolve().parent / "shared" / "recorded-streams")
+    return places
 
 
+def _origin() -> Path | None:
+    """The ``origin`` remote's URL as a path, read from ``.git/config`` (no subprocess)."""
+    config = ROOT / ".git" / "config"
+    if not config.is_file():
+        return None
+    found = re.search(r'\[remote "origin"\][^\[]*?^\s*url\s*=\s*(\S+)', config.read_text(), re.M)
+    return Path(found.group(1)) if found else None
+
+
+@functools.cache
 def recordings() -> Path | None:
     """The folder of recorded Messages API streams (read at run time, never copied here)."""
     if "recordings" in _pretended_missing():
         return None
-    return next((Path(p) for p in _RECORDING_PLACES if p and Path(p, "SOURCES.md").is_file()), None)
+    return next((p for p in _recording_places() if (p / "SOURCES.md").is_file()), None)
 
 
 def need_recordings() -> Path:

@@ -14,7 +14,7 @@ import httpx2
 import pytest
 from quart import Quart
 
-from quart_claude import Claude
+from quart_claude import Claude, SSEParser
 from quart_claude.testing import Emulator, Replay, Reply, ToolUse
 
 from . import binaries
@@ -46,11 +46,8 @@ class Recorded:
 
 def read_recording(name: str) -> Recorded:
     recorded = Recorded()
-    for chunk in (RECORDINGS / name).read_bytes().decode().replace("\r\n", "\n").split("\n\n"):
-        data = [line[5:].strip() for line in chunk.split("\n") if line.startswith("data:")]
-        if not data:
-            continue
-        event = json.loads("\n".join(data))
+    for sse in SSEParser().feed((RECORDINGS / name).read_bytes()):
+        event = sse.json()
         kind = event.get("type")
         if kind == "content_block_start":
             recorded.blocks.append(event["content_block"])
@@ -129,6 +126,14 @@ async def test_a_recorded_answer_is_relayed_exactly(
         assert types == [b["type"] for b in recorded.blocks if _kept(b, recorded)]
 
 
+def with_tool(app: Quart, tool: Callable[[], str]) -> Quart:
+    """``app`` with ``tool`` registered, as ``@claude.tool`` would."""
+    claude = Claude.state(app).extension
+    assert isinstance(claude, Claude)
+    claude.tool(tool)
+    return app
+
+
 def _kept(block: dict[str, Any], recorded: Recorded) -> bool:
     return block["type"] != "text" or bool(recorded.text)
 
@@ -143,15 +148,12 @@ async def test_a_call_of_a_tool_the_app_lacks_gets_an_error_result_the_api_accep
     answers with an ``is_error`` result, the message goes back as it came, and the API (the
     emulator, which refuses tool blocks without tools) accepts the follow-up."""
     recorded = read_recording(name)
-    app = make_app()
-    claude = Claude.state(app).extension
-    assert isinstance(claude, Claude)
 
-    @claude.tool
     def unrelated() -> str:
         """A tool the model did not ask for."""
         return "never"
 
+    app = with_tool(make_app(), unrelated)
     emulator.script(Replay.file(RECORDINGS / name), Reply("Sorry, I cannot do that."))
     async with serving(app) as url:
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
@@ -222,15 +224,12 @@ async def test_the_container_is_passed_on_and_goes_back_on_the_next_request(
     here) names it, so the model keeps its files."""
     name = "vercel-ai__code_execution_emoji_long_tool_input.sse"
     container = read_recording(name).reported["container"]
-    app = make_app()
-    claude = Claude.state(app).extension
-    assert isinstance(claude, Claude)
 
-    @claude.tool
     def today() -> str:
         """Today's date."""
         return "2026-12-01"
 
+    app = with_tool(make_app(), today)
     emulator.script(
         Replay.file(RECORDINGS / name),
         Reply("Checking. ", tool_calls=[ToolUse("today")], container=container),

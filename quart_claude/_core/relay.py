@@ -4,7 +4,8 @@ The SDK builds and sends the request (auth, headers, HTTP status errors), with i
 retries off; the relay reads the raw SSE bytes itself, which costs a fraction of building SDK
 models per event, and owns the retry policy, mid-stream recovery and cancellation.
 
-Upstream event in -> our event out (the hot path) is ``_attempt``'s inner loop.
+Upstream event in -> our event out (the hot path) is :meth:`Relay._relay`; each answer's state
+is one :class:`~.answer.Answer`.
 """
 
 from __future__ import annotations
@@ -228,8 +229,7 @@ class Relay:
     ) -> _Turn | str:
         """One step's upstream message, retried before any of its text was sent and continued
         after: its last request's :class:`_Turn`, or how the stream ended (a str)."""
-        first = self._params(request, history, request.max_tokens, answer.container)
-        following = self._next_request(answer, request, history, (first, None))
+        following = self._next_request(answer, request, history)
         thought = False  # a request of this step showed thinking: a retry's says it restarts
         while not isinstance(following, str):
             params, guard = following
@@ -249,12 +249,15 @@ class Relay:
         answer: Answer,
         request: ChatRequest,
         history: list[dict[str, Any]],
-        same: tuple[dict[str, Any], ContinuationGuard | None],
+        same: tuple[dict[str, Any], ContinuationGuard | None] | None = None,
     ) -> tuple[dict[str, Any], ContinuationGuard | None] | str:
-        """The step's next request: ``same`` while readers have none of its text, else one
-        that continues the text (with its guard), or the end when its tokens are used up."""
+        """The step's next request: the step's own (``same`` again, on a retry) while readers
+        have none of its text, else one that continues the text (with its guard), or the end
+        when its tokens are used up."""
         if not answer.texts:
-            return same
+            if same is not None:
+                return same
+            return self._params(request, history, request.max_tokens, answer.container), None
         remaining = answer.remaining(request.max_tokens)
         if remaining < 1:
             return answer.finish("max_tokens", reported=False)
@@ -304,18 +307,22 @@ class Relay:
         outcome.failed(error_class)
         wait: float | None = None
         if not answer.texts:
-            kind, answer.retries = "retry", answer.retries + 1
-            wait = self.policy.delay(error, answer.retries)
+            kind = "retry"
+            wait = self.policy.delay(error, answer.retries + 1)
         else:
-            kind, answer.recoveries = "recovery", answer.recoveries + 1
+            kind = "recovery"
             if config.recovery and error_class != "continuation_failed":
-                wait = self.policy.delay(error, answer.recoveries, limit=config.max_recoveries)
+                wait = self.policy.delay(error, answer.recoveries + 1, limit=config.max_recoveries)
         if wait is None:
             log.warning(
                 "stream %s upstream failure: %s %s", answer.stream.id, error_class, error.detail
             )
             return None
         log.info("stream %s retrying in %.2fs after %s", answer.stream.id, wait, error_class)
+        if kind == "retry":  # the budget used: only a request made again counts
+            answer.retries += 1
+        else:
+            answer.recoveries += 1
         outcome.retrying(error_class, kind, wait)
         return wait
 

@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
+from .._core.sse import SSEParser
+
 __all__ = [
     "CONTINUE_MARKER",
     "Emulator",
@@ -739,15 +741,15 @@ def _learn(body: bytes) -> None:
 
 
 def _events(body: bytes) -> list[dict[str, Any]]:
+    """The JSON events of a recorded body, read with the project's SSE parser."""
     events = []
-    for block in body.decode(errors="replace").replace("\r\n", "\n").split("\n\n"):
-        data = [line[5:].strip() for line in block.split("\n") if line.startswith("data:")]
+    for event in SSEParser().feed(body + b"\n\n"):  # a last event without its blank line
         try:
-            event = json.loads("\n".join(data)) if data else None
+            payload = event.json()
         except ValueError:
             continue
-        if isinstance(event, dict):
-            events.append(event)
+        if isinstance(payload, dict):
+            events.append(payload)
     return events
 
 
