@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -20,7 +21,9 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -84,11 +87,35 @@ def scenarios(quick: bool) -> list[Scenario]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+def listener() -> socket.socket:
+    """A listening loopback socket on a free port, for a server process to inherit
+    (``fd://N``): the port is ours from the start, so a server started beside other runs can
+    never answer on a port another one took first."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    sock.set_inheritable(True)
+    return sock
+
+
+def port_of(sock: socket.socket) -> int:
+    port: int = sock.getsockname()[1]
+    return port
+
+
+def emulator_process(args: list[str]) -> tuple[subprocess.Popen[str], int]:
+    """Start ``python -m quart_claude.testing --port 0 ARGS``; the process and the port it
+    reports it is listening on."""
+    command = [sys.executable, "-m", "quart_claude.testing", "--port", "0", *args]
+    process = subprocess.Popen(
+        pinned(LOAD_CORE, command), cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()  # "quart-claude emulator listening on http://host:port"
+    if "listening on" not in line:
+        process.kill()
+        raise RuntimeError(f"the emulator did not start: {line!r}")
+    return process, int(line.rsplit(":", 1)[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -191,13 +218,14 @@ def measure(
     direct: float,
     profile: Path | None = None,
 ) -> Measurement:
-    port = free_port()
+    sock = listener()
+    port = port_of(sock)
     args = [
         sys.executable,
         "-m",
         "bench.servers",
         system,
-        str(port),
+        f"fd://{sock.fileno()}",
         f"http://127.0.0.1:{emulator_port}",
     ]
     if redis_url:
@@ -215,7 +243,7 @@ def measure(
             "--worker-connections",  # gthread's cap on open connections (default 1000)
             str(scenario.streams + 16),
             "-b",
-            f"127.0.0.1:{port}",
+            f"fd://{sock.fileno()}",
             "--backlog",
             "4096",
             "--timeout",
@@ -226,7 +254,8 @@ def measure(
             "/dev/null",
             app,
         ]
-    server = subprocess.Popen(pinned(SERVER_CORE, args), cwd=ROOT)
+    server = subprocess.Popen(pinned(SERVER_CORE, args), cwd=ROOT, pass_fds=(sock.fileno(),))
+    sock.close()  # the server holds its own copy
     spy = None
     if profile is not None:  # sample the server with py-spy until it exits
         profile.mkdir(parents=True, exist_ok=True)
@@ -286,30 +315,48 @@ def measure(
     return result
 
 
-def start_redis() -> tuple[subprocess.Popen[bytes], str]:
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server without persistence on a unix socket in a temporary folder (no port
+    to race other runs for); yields its URL and stops it."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
-    port = free_port()
-    process = subprocess.Popen(
-        pinned(
-            LOAD_CORE,
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ],
-        ),
-        stdout=subprocess.DEVNULL,
-    )
-    wait_port(port)
-    return process, f"redis://127.0.0.1:{port}/0"
+    with tempfile.TemporaryDirectory(prefix="qc-bench-redis-") as folder:
+        path = Path(folder) / "redis.sock"
+        command = [
+            binary,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(path),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        process = subprocess.Popen(pinned(LOAD_CORE, command), stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 20
+            while not _pong(path):
+                if time.monotonic() > deadline or process.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.05)
+            yield f"unix://{path}?db=0"
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+def _pong(path: Path) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(1)
+            sock.connect(str(path))
+            sock.sendall(b"PING\r\n")
+            return sock.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
 
 
 def main() -> None:
@@ -336,48 +383,34 @@ def main() -> None:
             continue
         if args.streams:
             scenario.streams = args.streams
-        emulator_port = free_port()
-        emulator_args = [
-            sys.executable,
-            "-m",
-            "quart_claude.testing",
-            "--port",
-            str(emulator_port),
-            "--tokens",
-            str(scenario.tokens),
-            "--token-delay",
-            str(scenario.token_delay),
-            "--first-token-delay",
-            str(scenario.first_token_delay),
-            "--stamp",
-        ]
-        emulator = subprocess.Popen(
-            pinned(LOAD_CORE, emulator_args), cwd=ROOT, stdout=subprocess.DEVNULL
+        emulator, emulator_port = emulator_process(
+            [
+                "--tokens",
+                str(scenario.tokens),
+                "--token-delay",
+                str(scenario.token_delay),
+                "--first-token-delay",
+                str(scenario.first_token_delay),
+                "--stamp",
+            ]
         )
-        redis = None
-        try:
-            wait_port(emulator_port)
+        with contextlib.ExitStack() as stack:
+            stack.callback(emulator.wait, 10)
+            stack.callback(emulator.terminate)
             direct = statistics.median(
                 asyncio.run(direct_ttft("127.0.0.1", emulator_port)) for _ in range(5)
             )
-            redis_url = None
-            if scenario.redis:
-                redis, redis_url = start_redis()
+            redis_url = stack.enter_context(redis_server()) if scenario.redis else None
             for system in args.systems or scenario.systems:
                 m = measure(scenario, system, emulator_port, redis_url, direct, args.profile)
                 measurements.append(m)
                 print(
                     f"{m.scenario:13} {m.system:13} events={m.events} failures={m.failures}"
                     f" cpu/event={_fmt(m.cpu_us_per_event)}us",
+                    *(f"\n  failed: {error}" for error in m.errors),
                     file=sys.stderr,
                     flush=True,
                 )
-        finally:
-            emulator.terminate()
-            emulator.wait(10)
-            if redis is not None:
-                redis.terminate()
-                redis.wait(10)
 
     print(table(measurements))
     out = args.results

@@ -1,6 +1,8 @@
 """The systems under test, each served by Hypercorn (uvloop) in a single process.
 
-    python -m bench.servers quart_claude|bare|common PORT UPSTREAM_URL [REDIS_URL]
+    python -m bench.servers quart_claude|bare|common BIND UPSTREAM_URL [REDIS_URL]
+
+(``BIND`` as Hypercorn takes it: ``127.0.0.1:8000``, or ``fd://N`` for an inherited socket.)
 
 - ``quart_claude``: this project, ``Claude(app)`` with its defaults.
 - ``bare``: the floor; a raw ASGI app (no framework) that forwards each upstream text delta
@@ -160,7 +162,7 @@ def bare_app(upstream: str) -> Any:
 
 
 def main() -> None:
-    name, port, upstream = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    name, bind, upstream = sys.argv[1], sys.argv[2], sys.argv[3]
     redis_url = sys.argv[4] if len(sys.argv) > 4 else None
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -172,7 +174,7 @@ def main() -> None:
     else:
         app = bare_app(upstream)
     config = Config()
-    config.bind = [f"127.0.0.1:{port}"]
+    config.bind = [bind]
     config.accesslog = None
     config.backlog = 4096
     config.keep_alive_timeout = 120

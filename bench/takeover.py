@@ -30,25 +30,28 @@ import httpx2
 from quart_claude import SSEParser
 from quart_claude.testing import Emulator, Reply
 
-from .run import ROOT, free_port, percentile, start_redis
+from .run import ROOT, listener, percentile, port_of, redis_server
 
 WORDS = 150
 ANSWER = " ".join(f"w{i:03d}" for i in range(WORDS))
 KILL_AFTER = 40  # deltas into each answer
 
 
-async def serve(env: dict[str, str], port: int, log: Path) -> asyncio.subprocess.Process:
+async def serve(env: dict[str, str], log: Path) -> tuple[asyncio.subprocess.Process, int]:
+    """A ``hypercorn -w 0`` server on a socket it inherits; the process and its port."""
     hypercorn = str(Path(sys.executable).with_name("hypercorn"))
-    with log.open("ab") as sink:
+    sock = listener()
+    port = port_of(sock)
+    with log.open("ab") as sink, sock:
         process = await asyncio.create_subprocess_exec(
-            hypercorn, "-w", "0", "-b", f"127.0.0.1:{port}", "tests.host_app:app",
-            cwd=ROOT, env=env, stdout=sink, stderr=sink,
+            hypercorn, "-w", "0", "-b", f"fd://{sock.fileno()}", "tests.host_app:app",
+            cwd=ROOT, env=env, stdout=sink, stderr=sink, pass_fds=(sock.fileno(),),
         )  # fmt: skip
     async with httpx2.AsyncClient() as http:
         for _ in range(400):
             try:
                 if (await http.get(f"http://127.0.0.1:{port}/ready")).status_code == 200:
-                    return process
+                    return process, port
             except httpx2.TransportError:
                 await asyncio.sleep(0.05)
     raise RuntimeError(f"hypercorn on {port} never became ready (see {log})")
@@ -77,8 +80,7 @@ async def one_round(streams: int, redis_url: str, log: Path) -> list[dict[str, f
             "CLAUDE_STREAM_STORE": redis_url,
             "CLAUDE_HEARTBEAT_INTERVAL": "1",
         }
-        port_a, port_b = free_port(), free_port()
-        a, b = await asyncio.gather(serve(env, port_a, log), serve(env, port_b, log))
+        (a, port_a), (b, port_b) = await asyncio.gather(serve(env, log), serve(env, log))
         try:
             async with httpx2.AsyncClient(timeout=60) as http:
                 ids = []
@@ -132,16 +134,12 @@ async def one_round(streams: int, redis_url: str, log: Path) -> list[dict[str, f
 
 
 async def main_async(streams: int, rounds: int, out: Path) -> dict[str, Any]:
-    redis, redis_url = start_redis()
     log = out / "takeover-servers.log"
     log.write_bytes(b"")
-    try:
+    with redis_server() as redis_url:
         results = []
         for _ in range(rounds):
             results += await one_round(streams, redis_url, log)
-    finally:
-        redis.terminate()
-        redis.wait()
     gaps = [r["gap_s"] for r in results]
     extra = [r["extra_tokens"] for r in results]
     return {

@@ -139,6 +139,16 @@ def stream_ends(records: list[logging.LogRecord]) -> list[logging.LogRecord]:
     return [r for r in records if r.getMessage().startswith("stream_end")]
 
 
+def listener() -> socket.socket:
+    """A listening loopback socket on a free port, for a server process to inherit as
+    ``fd://N``: unlike :func:`free_port`, nothing else can take the port in between."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -255,13 +265,14 @@ async def gunicorn_serving(
         if name in options:
             raise TypeError(f"{name} cannot be passed to a Gunicorn server through its environment")
     env = {**os.environ, **{"CLAUDE_" + k.upper(): _env_value(v) for k, v in options.items()}}
-    port = free_port()
+    sock = listener()  # inherited, so no other test's server can be on this port
+    port = sock.getsockname()[1]
     process = await asyncio.create_subprocess_exec(
         GUNICORN,
         "-c",
         str(ROOT / "deploy" / "gunicorn.conf.py"),
         "-b",
-        f"127.0.0.1:{port}",
+        f"fd://{sock.fileno()}",
         "-w",
         "1",
         "--threads",
@@ -276,7 +287,9 @@ async def gunicorn_serving(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         start_new_session=True,  # its own process group: the master and its worker
+        pass_fds=(sock.fileno(),),
     )
+    sock.close()  # Gunicorn holds its own copy
     url = f"http://127.0.0.1:{port}"
     ready = url + str(options.get("url_prefix", "")) + "/ready"
     try:

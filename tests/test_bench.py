@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def bench(module: str, *args: str) -> list[str]:
-    """Run ``python -m bench.<module> args``; its output lines (it must exit 0)."""
+    """Run ``python -m bench.<module> args``; its output lines, then its log (the reasons
+    for any failure) as the last one. It must exit 0."""
     result = subprocess.run(
         [sys.executable, "-m", f"bench.{module}", *args],
         cwd=ROOT,
@@ -25,7 +26,7 @@ def bench(module: str, *args: str) -> list[str]:
         timeout=300,
         check=True,
     )
-    return result.stdout.splitlines()
+    return [*result.stdout.splitlines(), result.stderr]
 
 
 @pytest.mark.parametrize(
