@@ -87,12 +87,12 @@ UV_COMPILE = UV_CUSTOM_COMPILE_COMMAND="make lock" $(UV) pip compile -q pyprojec
 lock: $(if $(wildcard $(LOCK)),install)
 	for v in $(LOCK_PYTHONS); do \
 	  t=$$(echo $$v | tr -d .); \
-	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --group dev \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --extra db --extra postgresql --group dev \
 	    -o requirements/dev-py$$t.txt || exit 1; \
-	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --extra db --extra postgresql \
 	    -o requirements/runtime-py$$t.txt || exit 1; \
 	done
-	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis --extra flask \
+	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis --extra flask --extra db --extra postgresql \
 	  --group test --group build -o requirements/lowest-py311.txt
 
 # What a change of a dependency's version can break: the core and server tiers, and the

@@ -13,6 +13,7 @@ from ._core.retry import RetryPolicy
 from ._core.sse import SSEEvent, SSEParser
 from ._core.state import ClaudeState
 from ._core.tools import ToolContext
+from ._core.turns import Turn
 from ._quart import Claude
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "SSEEvent",
     "SSEParser",
     "ToolContext",
+    "Turn",
     "UpstreamError",
 ]
 

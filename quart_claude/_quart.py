@@ -65,6 +65,10 @@ class Claude(ExtensionBase[Quart]):
                 max_age=CORS_MAX_AGE,
             )
         app.register_blueprint(blueprint, url_prefix=config.url_prefix or None)
+        if state.conversations_on:  # `flask claude db upgrade` / `quart claude db upgrade`
+            from .migrate import cli_group
+
+            app.cli.add_command(cli_group(lambda: config.database_url))
         hooks: list[ShutdownHooks] = []
 
         async def startup() -> None:
@@ -104,7 +108,7 @@ async def _read_body(limit: int) -> bytes:
 
 
 def _view(state: ClaudeState, route: Route) -> Callable[..., Awaitable[Response]]:
-    handler = route.handler
+    handler = route.answer
 
     async def authorize() -> str | None:
         identity = state.check_token(request.headers.get("Authorization"))
@@ -124,6 +128,8 @@ def _view(state: ClaudeState, route: Route) -> Callable[..., Awaitable[Response]
             read_body=_read_body,
             authorize=authorize,
             path_params=params,
+            cookies=request.cookies,
+            secure=request.scheme == "https",
         )
         return _response(await handler(state, req))
 

@@ -54,11 +54,12 @@ from ._core.http import (
 from ._core.request import RequestError
 from ._core.state import ClaudeState, ExtensionBase, Unauthorized, state_of
 from ._core.tools import ToolContext
+from ._core.turns import Turn
 
 if TYPE_CHECKING:
     pass
 
-__all__ = ["Claude", "ToolContext", "post_worker_init"]
+__all__ = ["Claude", "ToolContext", "Turn", "post_worker_init"]
 
 log: logging.Logger = logging.getLogger("quart_claude")
 
@@ -175,6 +176,10 @@ class Claude(ExtensionBase[Flask]):
                 max_age=CORS_MAX_AGE,
             )
         app.register_blueprint(blueprint, url_prefix=config.url_prefix or None)
+        if state.conversations_on:  # `flask claude db upgrade` / `quart claude db upgrade`
+            from .migrate import cli_group
+
+            app.cli.add_command(cli_group(lambda: config.database_url))
 
     @staticmethod
     def state(app: Flask | None = None) -> ClaudeState:
@@ -247,7 +252,7 @@ def _read_body(stream: Any, limit: int) -> bytes:
 
 
 def _view(state: ClaudeState, runner: LoopThread, route: Route) -> Callable[..., Response]:
-    handler = route.handler
+    handler = route.answer
 
     def view(**params: str) -> Response:
         _warn_if_unhooked()
@@ -282,6 +287,8 @@ def _view(state: ClaudeState, runner: LoopThread, route: Route) -> Callable[...,
             read_body=read_body,
             authorize=authorize,
             path_params=params,
+            cookies=request.cookies,
+            secure=request.scheme == "https",
         )
         reply: Reply = runner.call(handler(state, req))
         if isinstance(reply.body, bytes):

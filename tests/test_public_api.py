@@ -20,9 +20,10 @@ PUBLIC = {
         "SSEEvent",
         "SSEParser",
         "ToolContext",
+        "Turn",
         "UpstreamError",
     },
-    "quart_claude.flask": {"Claude", "ToolContext", "post_worker_init"},
+    "quart_claude.flask": {"Claude", "ToolContext", "Turn", "post_worker_init"},
 }
 
 

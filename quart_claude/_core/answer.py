@@ -7,19 +7,35 @@ observes what happened to it.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .protocol import UpstreamError, done_event
 from .stream import Stream
 from .telemetry import StreamOutcome
 
-__all__ = ["Answer"]
+__all__ = ["Answer", "Ended"]
+
+
+@dataclass(frozen=True, slots=True)
+class Ended:
+    """How an answer ended, for whoever keeps it (the conversation, the ``on_turn`` hook).
+    ``status`` is ``complete``, ``partial``, ``cancelled`` or ``error``; None when the
+    answer goes on in another worker (which will report it)."""
+
+    status: str | None
+    stop_reason: str | None
+    #: the API messages the answer produced, as the API sent them (a tool loop's assistant
+    #: messages with the user turns of their results); a partial one ends with its text
+    messages: list[dict[str, Any]]
+    usage: dict[str, Any]
 
 
 class Answer:
     """The state of one answer across its steps, requests and continuations."""
 
     __slots__ = (
+        "final",
         "outcome",
         "recoveries",
         "reported",
@@ -42,6 +58,8 @@ class Answer:
         self.retries = 0  # requests made again before any of the step's text was sent
         self.recoveries = 0  # continuations after some of it was
         self.tolerated = 0  # library warnings turned from errors into log lines
+        #: the last message's content, once it is complete (the steps before it are recorded)
+        self.final: list[dict[str, Any]] | None = None
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -76,6 +94,33 @@ class Answer:
         self.outcome.error = error.error_class
         self.stream.append(error.event(partial=self.partial if partial is None else partial))
         return error.error_class
+
+    def ended(self, steps: list[dict[str, Any]], partial_text: str) -> Ended:
+        """What is kept of this answer: ``steps`` (the recorded ones) and the last message,
+        complete, or what readers have of it (``partial_text``)."""
+        messages: list[dict[str, Any]] = []
+        for step in steps:
+            messages.append({"role": "assistant", "content": step["content"]})
+            results = step["results"]
+            if results:
+                calls = [b["id"] for b in step["content"] if b.get("type") == "tool_use"]
+                done = [results[call] for call in calls if call in results]
+                messages.append({"role": "user", "content": done})
+        last = self.final
+        if last is None and partial_text:
+            last = [{"type": "text", "text": partial_text}]
+        if last:
+            messages.append({"role": "assistant", "content": last})
+        outcome = self.outcome
+        if self.stream.left:
+            status = None
+        elif outcome.error is not None:
+            status = "partial" if messages else "error"
+        elif outcome.stop_reason is None or self.stream.cancel_reason is not None:
+            status = "cancelled"
+        else:
+            status = "complete"
+        return Ended(status, outcome.stop_reason, messages, dict(self.usage))
 
     def finish(self, stop_reason: str | None, *, reported: bool = True) -> str:
         """End with ``done``, carrying what the API reported when ``reported``."""

@@ -229,6 +229,29 @@ def _store_url(key: str, value: Any) -> str:
     raise ConfigError(f"{key} must be 'memory' or a redis:// URL, got {text!r}")
 
 
+def _database_url(key: str, value: Any) -> str | None:
+    text = _optional_str(key, value)
+    if text is None:
+        return None
+    if not text.startswith(("sqlite+aiosqlite:", "postgresql+asyncpg:", "postgresql+psycopg:")):
+        raise ConfigError(
+            f"{key} must be an async SQLAlchemy URL: sqlite+aiosqlite:///path.db, "
+            "postgresql+asyncpg://... or postgresql+psycopg://..."
+        )
+    return text
+
+
+def _context_strategy(key: str, value: Any) -> str:
+    text = _str(key, value).strip().lower()
+    if text not in ("none", "clear_tool_uses", "compact"):
+        raise ConfigError(f"{key} must be 'none', 'clear_tool_uses' or 'compact', got {value!r}")
+    return text
+
+
+def _days(key: str, value: Any) -> float:
+    return _seconds(key, value)  # the same rules: a non-negative finite number
+
+
 @dataclass(frozen=True, slots=True)
 class _Key:
     parse: Callable[[str, Any], Any]
@@ -285,6 +308,9 @@ _KEYS: dict[str, _Key] = {
     "sse_retry": _Key(_non_negative_int, 1000),
     "metrics": _Key(_bool, True),
     "metrics_auth": _Key(_bool, True),
+    "database_url": _Key(_database_url, None),
+    "conversation_ttl": _Key(_days, 0.0),
+    "context_strategy": _Key(_context_strategy, "none"),
 }
 
 
@@ -339,6 +365,9 @@ class ClaudeConfig:
     sse_retry: int
     metrics: bool
     metrics_auth: bool
+    database_url: str | None = field(repr=False)  # it may hold a password
+    conversation_ttl: float  # days; 0: kept until deleted
+    context_strategy: str  # "none", "clear_tool_uses" or "compact"
 
     @staticmethod
     def key(name: str) -> str:

@@ -13,6 +13,7 @@ import asyncio
 import json
 import logging
 import re
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 from .aisdk import HEADERS as AI_SDK_HEADERS
 from .aisdk import chat_id_of, to_chat_body, to_ui_message_stream
-from .request import RequestError, parse_chat_request
+from .request import ChatRequest, RequestError, SendOptions, parse_chat_request, split_send
 from .schema import ValidationError
 from .state import ClaudeState, Unauthorized
 from .store import Found
@@ -40,9 +41,10 @@ _JSON = "application/json"
 
 #: CORS for the blueprint's routes (``CLAUDE_CORS_ORIGINS``), the same on both front ends.
 CORS_ALLOW_HEADERS = ["Content-Type", "Last-Event-ID", "Authorization"]
-CORS_METHODS = ["GET", "POST", "DELETE"]
+CORS_METHODS = ["GET", "POST", "PATCH", "DELETE"]
 CORS_EXPOSE_HEADERS = [
     "X-Stream-Id",
+    "X-Conversation-Id",
     "Retry-After",
     "RateLimit-Limit",
     "RateLimit-Remaining",
@@ -70,6 +72,10 @@ class HttpRequest:
     #: the identity (``ClaudeState.check_token`` and the ``authorize`` hook), or Unauthorized
     authorize: Callable[[], Awaitable[str | None]]
     path_params: dict[str, str] = field(default_factory=dict)
+    cookies: Mapping[str, str] = field(default_factory=dict)
+    secure: bool = False  # served over HTTPS (the anonymous cookie is then Secure)
+    #: a ``Set-Cookie`` for the reply (the anonymous identity, minted by this request)
+    set_cookie: str | None = None
 
 
 @dataclass(slots=True)
@@ -91,23 +97,53 @@ def json_reply(payload: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 def json_error(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
+    status: int, code: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> Reply:
-    return json_reply({"error": code, "message": message}, status, headers)
+    return json_reply({"error": code, "message": message, **extra}, status, headers)
 
 
-def _sse(
+def sse_reply(
     body: AsyncIterator[bytes], stream_id: str, headers: dict[str, str] | None = None
 ) -> Reply:
     return Reply(200, {**SSE_HEADERS, **(headers or {}), "X-Stream-Id": stream_id}, body)
 
 
-def _unauthorized(state: ClaudeState, refused: Unauthorized) -> Reply:
+_ANONYMOUS_COOKIE = "claude_anon"
+_YEAR = 365 * 86400
+
+
+async def identity_of(state: ClaudeState, req: HttpRequest) -> str | None:
+    """Who is asking: the token's or the ``authorize`` hook's identity; with conversations
+    on and no auth, an anonymous one per browser, in a signed HttpOnly cookie (minted on the
+    first request without one). Raises :class:`Unauthorized`."""
+    owner = await req.authorize()
+    if owner is not None or not state.anonymous:
+        return owner
+    from itsdangerous import BadSignature, URLSafeSerializer
+
+    assert state.secret_key is not None  # init_app refuses anonymous conversations without
+    signer = URLSafeSerializer(state.secret_key, salt="quart-claude.anonymous")
+    raw = req.cookies.get(_ANONYMOUS_COOKIE)
+    if raw:
+        try:
+            return "anon:" + str(signer.loads(raw))
+        except BadSignature:
+            pass  # forged or from another key: a new identity
+    anonymous = secrets.token_urlsafe(18)
+    path = state.config.url_prefix or "/"
+    req.set_cookie = (
+        f"{_ANONYMOUS_COOKIE}={signer.dumps(anonymous)}; Path={path}; Max-Age={_YEAR}; "
+        "HttpOnly; SameSite=Lax" + ("; Secure" if req.secure else "")
+    )
+    return "anon:" + anonymous
+
+
+def unauthorized(state: ClaudeState, refused: Unauthorized) -> Reply:
     headers = {"WWW-Authenticate": "Bearer"} if state.config.api_tokens else None
     return json_error(401, "unauthorized", str(refused), headers)
 
 
-def _store_unavailable() -> Reply:
+def store_unavailable() -> Reply:
     return json_error(
         503,
         "store_unavailable",
@@ -120,7 +156,7 @@ def _not_found() -> Reply:
     return json_error(404, "not_found", "no such stream: unknown, expired, or not yours")
 
 
-async def _read_json(state: ClaudeState, req: HttpRequest) -> Any:
+async def read_json(state: ClaudeState, req: HttpRequest) -> Any:
     mimetype = req.mimetype
     if mimetype != _JSON and not mimetype.endswith("+json"):
         raise RequestError(
@@ -153,7 +189,11 @@ async def _read_json(state: ClaudeState, req: HttpRequest) -> Any:
 
 
 async def _open_stream(
-    state: ClaudeState, req: HttpRequest, convert: Callable[[Any], Any] | None = None
+    state: ClaudeState,
+    req: HttpRequest,
+    convert: Callable[[Any], Any] | None = None,
+    *,
+    whole: bool = False,
 ) -> tuple[Stream, dict[str, str]] | Reply:
     """Validate the request and start its producer: the stream and the headers its answer
     carries, or the error to answer. Both chat routes begin here, so they refuse alike."""
@@ -165,9 +205,9 @@ async def _open_stream(
             {"Retry-After": "1"},
         )
     try:
-        owner = await req.authorize()
+        owner = await identity_of(state, req)
     except Unauthorized as refused:
-        return _unauthorized(state, refused)
+        return unauthorized(state, refused)
     client = owner if owner is not None else f"addr:{req.remote_addr}"
     headers: dict[str, str] = {}
     if state.rate_limiter is not None:
@@ -175,7 +215,7 @@ async def _open_stream(
             allowed, headers = await state.rate_limiter.hit(client)
         except Exception:
             log.exception("the rate limit store is unavailable")
-            return _store_unavailable()
+            return store_unavailable()
         if not allowed:
             return json_error(
                 429,
@@ -183,18 +223,10 @@ async def _open_stream(
                 "too many requests from this client (CLAUDE_RATE_LIMIT)",
                 headers,
             )
-    try:
-        body = await _read_json(state, req)
-        if convert is not None:  # another protocol's request shape (the AI SDK's)
-            body = convert(body)
-        chat = parse_chat_request(body, state.config, owner)
-        state.body_model.model_validate(body)  # the model the OpenAPI document is made from
-    except RequestError as error:
-        return json_error(error.status, error.code, error.message)
-    except ValidationError as invalid:
-        first = invalid.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        return json_error(400, "invalid_request", f"'{where}': {first['msg']}")
+    parsed = await _parse(state, req, owner, convert)
+    if isinstance(parsed, Reply):
+        return parsed
+    chat, options = parsed
     if state.live_streams() >= state.config.max_concurrent_streams:
         return json_error(
             503,
@@ -210,13 +242,52 @@ async def _open_stream(
             f"at most {per_client} open streams per client (CLAUDE_MAX_STREAMS_PER_CLIENT)",
             {"Retry-After": "1"},
         )
+    if options is not None:  # a stored conversation's turn
+        from .conversation_routes import open_turn
+
+        opened = await open_turn(
+            state,
+            chat,
+            options,
+            stream_id=new_stream_id(),
+            owner=owner,
+            client=client,
+            headers=req.headers,
+            whole=whole,
+        )
+        if isinstance(opened, Reply):
+            return opened
+        return opened[0], {**headers, **opened[1]}
     try:
         stream = await state.open_stream(
             new_stream_id(), chat, owner=owner, client=client, headers=req.headers
         )
     except StoreUnavailable:
-        return _store_unavailable()
+        return store_unavailable()
     return stream, headers
+
+
+async def _parse(
+    state: ClaudeState, req: HttpRequest, owner: str | None, convert: Callable[[Any], Any] | None
+) -> tuple[ChatRequest, SendOptions | None] | Reply:
+    """The request, validated (with conversations on, its conversation fields apart)."""
+    try:
+        body = await read_json(state, req)
+        if convert is not None:  # another protocol's request shape (the AI SDK's)
+            body = convert(body)
+        options = None
+        fields = body
+        if state.conversations_on:
+            fields, options = split_send(body)
+        chat = parse_chat_request(fields, state.config, owner, conversation=options is not None)
+        state.body_model.model_validate(body)  # the model the OpenAPI document is made from
+    except RequestError as error:
+        return json_error(error.status, error.code, error.message)
+    except ValidationError as invalid:
+        first = invalid.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "body"
+        return json_error(400, "invalid_request", f"'{where}': {first['msg']}")
+    return chat, options
 
 
 async def chat_stream(state: ClaudeState, req: HttpRequest) -> Reply:
@@ -224,7 +295,7 @@ async def chat_stream(state: ClaudeState, req: HttpRequest) -> Reply:
     if isinstance(opened, Reply):
         return opened
     stream, headers = opened
-    return _sse(stream.read(-1, state.config.heartbeat_interval), stream.id, headers)
+    return sse_reply(stream.read(-1, state.config.heartbeat_interval), stream.id, headers)
 
 
 #: The HTTP status of a failed answer on ``POST /chat``, by error class: 429 and 4xx for
@@ -251,7 +322,7 @@ _CHAT_STATUS = {
 
 async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
     """The same request as ``/chat/stream``, answered as one JSON object when it is done."""
-    opened = await _open_stream(state, req)
+    opened = await _open_stream(state, req, whole=True)
     if isinstance(opened, Reply):
         return opened
     stream, headers = opened
@@ -277,6 +348,9 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
         "stop_reason": final.get("stop_reason"),
         "usage": final.get("usage", {}),
     }
+    for key in ("conversation_id", "user_message_id", "assistant_message_id"):
+        if key in start:
+            reply[key] = start[key]
     for reported in ("stop_details", "container"):
         if reported in final:
             reply[reported] = final[reported]
@@ -311,11 +385,11 @@ def _last_event_id(req: HttpRequest) -> int:
 async def _find(state: ClaudeState, req: HttpRequest, stream_id: str) -> Found | Reply:
     """The stream, or the reply that says why not (401, 404, 503)."""
     try:
-        found = await state.find(stream_id, await req.authorize())
+        found = await state.find(stream_id, await identity_of(state, req))
     except Unauthorized as refused:
-        return _unauthorized(state, refused)
+        return unauthorized(state, refused)
     except StoreUnavailable:
-        return _store_unavailable()
+        return store_unavailable()
     return _not_found() if found is None else found
 
 
@@ -334,7 +408,7 @@ async def resume_stream(state: ClaudeState, req: HttpRequest) -> Reply:
     if events is None:
         return Reply(204, {})  # nothing more, ever: EventSource stops reconnecting
     state.telemetry.resumed(stream.id, after)
-    return _sse(events, stream.id)
+    return sse_reply(events, stream.id)
 
 
 async def stop_stream(state: ClaudeState, req: HttpRequest) -> Reply:
@@ -345,7 +419,7 @@ async def stop_stream(state: ClaudeState, req: HttpRequest) -> Reply:
     try:
         stopped = await state.stop(stream)
     except StoreUnavailable:
-        return _store_unavailable()
+        return store_unavailable()
     return json_reply({"stream_id": stream.id, "status": "cancelled" if stopped else "finished"})
 
 
@@ -363,25 +437,25 @@ async def ai_sdk_chat(state: ClaudeState, req: HttpRequest) -> Reply:
     stream, headers = opened
     await state.remember_chat(stream.owner, chat_ids[0], stream.id)
     frames = stream.read(-1, state.config.heartbeat_interval)
-    return _sse(to_ui_message_stream(frames), stream.id, {**AI_SDK_HEADERS, **headers})
+    return sse_reply(to_ui_message_stream(frames), stream.id, {**AI_SDK_HEADERS, **headers})
 
 
 async def ai_sdk_resume(state: ClaudeState, req: HttpRequest) -> Reply:
     """``useChat({resume: true})``: the chat's stream in progress, replayed from its start
     (the client rebuilds the message from it), or 204 when there is none."""
     try:
-        identity = await req.authorize()
+        identity = await identity_of(state, req)
         stream_id = await state.active_chat(identity, req.path_params["chat_id"])
         stream = await state.find(stream_id, identity) if stream_id else None
     except Unauthorized as refused:
-        return _unauthorized(state, refused)
+        return unauthorized(state, refused)
     except StoreUnavailable:
-        return _store_unavailable()
+        return store_unavailable()
     frames = state.read(stream, -1, live_only=True) if stream is not None else None
     if stream is None or frames is None:
         return Reply(204, {})
     state.telemetry.resumed(stream.id, -1)
-    return _sse(to_ui_message_stream(frames), stream.id, AI_SDK_HEADERS)
+    return sse_reply(to_ui_message_stream(frames), stream.id, AI_SDK_HEADERS)
 
 
 async def metrics(state: ClaudeState, req: HttpRequest) -> Reply:
@@ -390,7 +464,7 @@ async def metrics(state: ClaudeState, req: HttpRequest) -> Reply:
         try:
             await req.authorize()
         except Unauthorized as refused:
-            return _unauthorized(state, refused)
+            return unauthorized(state, refused)
     assert state.telemetry.metrics is not None  # the route exists only with CLAUDE_METRICS
     exposition = state.telemetry.metrics.exposition
     body, content_type = await asyncio.to_thread(exposition, req.headers.get("Accept"))
@@ -435,6 +509,9 @@ async def ready(state: ClaudeState, req: HttpRequest) -> Reply:
     if state.ready:
         if not await state.store.ping():
             return json_reply({"status": "store_unavailable"}, 503)
+        conversations = state.conversations
+        if conversations is not None and not await conversations.ping():
+            return json_reply({"status": "database_unavailable"}, 503)
         return json_reply({"status": "ready", "streams": state.live_streams()})
     return json_reply({"status": "draining" if state.draining else "starting"}, 503)
 
@@ -475,6 +552,13 @@ class Route:
     handler: Handler
     asks_identity: bool = True
 
+    async def answer(self, state: ClaudeState, req: HttpRequest) -> Reply:
+        """The handler's reply, with the cookie the request minted, if it did."""
+        reply = await self.handler(state, req)
+        if req.set_cookie is not None:
+            reply.headers["Set-Cookie"] = req.set_cookie
+        return reply
+
 
 ROUTES = (
     Route("/chat", "chat", ("POST",), chat),
@@ -495,8 +579,14 @@ _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 def routes_for(state: ClaudeState) -> list[Route]:
-    """This app's routes (``/metrics`` only with ``CLAUDE_METRICS``)."""
-    return [r for r in ROUTES if r.path != "/metrics" or state.config.metrics]
+    """This app's routes (``/metrics`` only with ``CLAUDE_METRICS``, the conversations'
+    only with them on)."""
+    routes = [r for r in ROUTES if r.path != "/metrics" or state.config.metrics]
+    if state.conversations_on:
+        from .conversation_routes import CONVERSATION_ROUTES
+
+        routes += CONVERSATION_ROUTES
+    return routes
 
 
 def method_not_allowed(routes: list[Route]) -> list[tuple[str, tuple[str, ...], Reply]]:

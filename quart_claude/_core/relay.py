@@ -24,7 +24,7 @@ from typing import Any
 import anthropic
 from opentelemetry.context import Context
 
-from .answer import Answer
+from .answer import Answer, Ended
 from .config import ClaudeConfig
 from .continuation import ContinuationGuard, Diverged, continuation_messages
 from .errors import UpstreamError, classify_exception, classify_status
@@ -86,10 +86,10 @@ class Relay:
         request: ChatRequest,
         parent: Context | None = None,
         prior: Prior | None = None,
-    ) -> None:
-        """Fill ``stream`` with one answer: ``start``, ``delta``s, then ``done`` or ``error``.
-        ``parent``: the trace the stream's span joins (None: the current context);
-        ``prior``: what the stream already holds when this worker took it over."""
+    ) -> Ended:
+        """Fill ``stream`` with one answer: ``start``, ``delta``s, then ``done`` or ``error``;
+        how it ended. ``parent``: the trace the stream's span joins (None: the current
+        context); ``prior``: what the stream already holds when this worker took it over."""
         outcome = self.telemetry.stream(stream.id, request, parent)
         answer = Answer(stream, outcome)
         result = "unknown"
@@ -113,10 +113,12 @@ class Relay:
             log.exception("stream %s failed", stream.id)
             answer.fail(UpstreamError("unknown", detail=repr(exc)), partial=False)
         finally:
+            steps = stream.steps
             stream.finish()
             if not stream.left:  # only a takeover needs them, and there is none after the end
                 stream.steps = []
             outcome.end(result)
+        return answer.ended(steps, _joined(answer.texts) if answer.texts else "")
 
     async def _run(self, answer: Answer, request: ChatRequest, prior: Prior | None) -> str:
         """The steps of one answer: each an upstream message (with its retries and
@@ -132,12 +134,13 @@ class Relay:
             answer.reported.update(turn.reported)
             calls = self._calls(answer, turn)
             if not calls and turn.stop_reason != "pause_turn":
+                answer.final = turn.content()
                 return answer.finish(turn.stop_reason)
             if len(stream.steps) >= self.config.max_tool_steps:
                 log.info("stream %s: CLAUDE_MAX_TOOL_STEPS reached", stream.id)
+                answer.final = turn.content()  # its calls are closed as unanswered
                 return answer.finish("max_tool_steps", reported=False)
             await self._take_step(answer, turn, calls)
-            answer.next_step()
 
     async def _resume(self, answer: Answer, prior: Prior) -> None:
         """Taken over: the steps and usage so far, the text to continue, and the tools that
@@ -171,6 +174,7 @@ class Relay:
             "at": len(stream.events),  # the step's text is in the events before this
         }
         stream.add_step(step)
+        answer.next_step()  # the step's text is recorded with it
         if calls:
             for call in calls:
                 event = {"type": "tool_call", "id": call["id"], "name": call["name"]}
@@ -510,9 +514,8 @@ class _Turn:
             outcome = self.outcome
             outcome.response_model = message.get("model")
             outcome.message_id = message.get("id")
-            self.stream.append(
-                start_event(self.stream.id, message.get("model"), message.get("id"), self.usage)
-            )
+            start = start_event(self.stream.id, message.get("model"), message.get("id"), self.usage)
+            self.stream.append({**start, **self.stream.start_fields})
 
     def _message_delta(self, data: bytes) -> None:
         body = json.loads(data)
@@ -902,8 +905,21 @@ def _params(
         params["stop_sequences"] = list(request.stop_sequences)
     if request.user_id is not None:
         params["metadata"] = {"user_id": request.user_id}
-    if config.extra_params:  # the operator's, under what the request itself sets
-        params["extra_body"] = {**config.extra_params, **params.get("extra_body", {})}
-    if config.betas:
-        params["extra_headers"] = {"anthropic-beta": ",".join(config.betas)}
+    extra = {**config.extra_params, **params.get("extra_body", {})}
+    betas = list(config.betas)
+    edit = _CONTEXT_EDITS.get(config.context_strategy)
+    if edit is not None:  # the API's own context editing or compaction (CLAUDE_CONTEXT_STRATEGY)
+        extra.setdefault("context_management", {"edits": [{"type": edit[0]}]})
+        betas.append(edit[1])
+    if extra:  # the operator's, under what the request itself sets
+        params["extra_body"] = extra
+    if betas:
+        params["extra_headers"] = {"anthropic-beta": ",".join(dict.fromkeys(betas))}
     return params
+
+
+#: CLAUDE_CONTEXT_STRATEGY -> (the context_management edit, its beta)
+_CONTEXT_EDITS = {
+    "clear_tool_uses": ("clear_tool_uses_20250919", "context-management-2025-06-27"),
+    "compact": ("compact_20260112", "compact-2026-01-12"),
+}

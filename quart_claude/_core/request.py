@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 from .config import ClaudeConfig
 from .content import ContentError, check_content
 
-__all__ = ["ChatRequest", "RequestError", "parse_chat_request"]
+__all__ = ["ChatRequest", "RequestError", "SendOptions", "parse_chat_request", "split_send"]
 
 _ROLES = frozenset({"user", "assistant"})
 _MAX_MESSAGES = 1000
@@ -42,6 +43,58 @@ class ChatRequest:
     user_id: str | None = None  # metadata.user_id: the identity's when there is one
 
 
+@dataclass(frozen=True, slots=True)
+class SendOptions:
+    """A send's conversation fields (conversations on)."""
+
+    conversation_id: str | None = None
+    client_message_id: str | None = None
+    parent_id: str | None = None
+    parent_given: bool = False
+    regenerate: bool = False
+
+
+_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_CONVERSATION_FIELDS = ("conversation_id", "client_message_id", "parent_id", "regenerate")
+
+
+def split_send(body: Any) -> tuple[dict[str, Any], SendOptions]:
+    """The body without its conversation fields, and those fields checked. The history is
+    the server's: a body that also sends ``messages`` is refused."""
+    if not isinstance(body, dict):
+        raise _invalid("the body must be a JSON object")
+    if "messages" in body:
+        raise _invalid(
+            "conversations are kept by the server: send 'message' (the new user turn) and "
+            "'conversation_id', not 'messages'"
+        )
+    rest = {k: v for k, v in body.items() if k not in _CONVERSATION_FIELDS}
+    ids = {}
+    for name in ("conversation_id", "client_message_id", "parent_id"):
+        value = body.get(name)
+        if value is not None and (not isinstance(value, str) or not _ID.fullmatch(value)):
+            raise _invalid(f"'{name}' must be an id (letters, digits, '-' or '_', at most 64)")
+        ids[name] = value
+    regenerate = body.get("regenerate", False)
+    if not isinstance(regenerate, bool):
+        raise _invalid("'regenerate' must be true or false")
+    if regenerate and "message" in body:
+        raise _invalid("'regenerate' answers a stored message again: send no 'message'")
+    if regenerate and ids["conversation_id"] is None:
+        raise _invalid("'regenerate' needs the 'conversation_id'")
+    if not regenerate and "message" not in body:
+        raise _invalid("'message' (the new user turn) is required")
+    if ids["parent_id"] is not None and ids["conversation_id"] is None:
+        raise _invalid("'parent_id' needs the 'conversation_id'")
+    return rest, SendOptions(
+        ids["conversation_id"],
+        ids["client_message_id"],
+        ids["parent_id"],
+        "parent_id" in body,
+        regenerate,
+    )
+
+
 def _invalid(message: str) -> RequestError:
     return RequestError(400, "invalid_request", message)
 
@@ -54,15 +107,21 @@ def _text(value: Any, field: str) -> str:
     return value
 
 
-def parse_chat_request(body: Any, config: ClaudeConfig, identity: str | None = None) -> ChatRequest:
+def parse_chat_request(
+    body: Any, config: ClaudeConfig, identity: str | None = None, *, conversation: bool = False
+) -> ChatRequest:
     """Turn a decoded JSON body into a :class:`ChatRequest`, or raise :class:`RequestError`.
 
     ``identity`` (the identity loader's answer) becomes ``metadata.user_id``, whatever the
-    body says: a client cannot claim to be someone else.
+    body says: a client cannot claim to be someone else. ``conversation``: the body's
+    conversation fields are gone (:func:`split_send`); ``message`` may be content blocks,
+    and is absent for a regeneration (the messages are then the server's to add).
     """
     if not isinstance(body, dict):
         raise _invalid("the body must be a JSON object")
-    if "messages" in body:
+    if conversation:
+        messages = _new_turn(body.get("message"), config) if "message" in body else []
+    elif "messages" in body:
         if "message" in body:
             raise _invalid("send either 'message' or 'messages', not both")
         messages = _messages(body["messages"], config.allow_url_sources)
@@ -112,6 +171,18 @@ def parse_chat_request(body: Any, config: ClaudeConfig, identity: str | None = N
         stop_sequences=_stop_sequences(body.get("stop_sequences")),
         user_id=identity if identity is not None else _user_id(body.get("metadata")),
     )
+
+
+def _new_turn(value: Any, config: ClaudeConfig) -> list[dict[str, Any]]:
+    """A conversation's new user turn: text, or the user's content blocks (text, images,
+    documents: never tool blocks, as the history is the server's)."""
+    try:
+        content, _ = check_content(
+            value, "message", role="user", allow_urls=config.allow_url_sources, media_seen=0
+        )
+    except ContentError as error:
+        raise _invalid(str(error)) from None
+    return [{"role": "user", "content": content}]
 
 
 def _temperature(value: Any) -> float | None:

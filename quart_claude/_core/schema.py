@@ -84,7 +84,7 @@ class Metadata(BaseModel):
     user_id: str | None = Field(default=None, min_length=1, max_length=256)
 
 
-def chat_body_model(config: ClaudeConfig) -> type[BaseModel]:
+def chat_body_model(config: ClaudeConfig, conversations: bool = False) -> type[BaseModel]:
     """The request body this app accepts (``message`` or ``messages``, and the options)."""
     models: Any = (
         str if "*" in config.allowed_models else Literal[(config.model, *config.allowed_models)]
@@ -103,6 +103,17 @@ def chat_body_model(config: ClaudeConfig) -> type[BaseModel]:
     }
     if config.allow_client_system:
         fields["system"] = (str | None, Field(default=None))
+    if config.database_url is not None or conversations:  # the history is the server's
+        del fields["messages"]
+        ids = (str | None, Field(default=None, pattern=r"^[A-Za-z0-9_-]{1,64}$"))
+        fields["message"] = (
+            Annotated[str, _TEXT]
+            | Annotated[list[Block], Field(min_length=1, max_length=100)]
+            | None,
+            Field(default=None),
+        )
+        fields.update(conversation_id=ids, client_message_id=ids, parent_id=ids)
+        fields["regenerate"] = (bool | None, Field(default=None))
     return create_model("ChatRequest", __config__=_STRICT, **fields)
 
 

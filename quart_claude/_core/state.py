@@ -11,6 +11,7 @@ import hashlib
 import hmac
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
@@ -29,11 +30,14 @@ from .store import Claim, Found, MemoryStore
 from .stream import Stream
 from .telemetry import Telemetry, parent_context
 from .tools import Show, ToolBox, ToolScope
+from .turns import TurnHook, TurnKeeper, TurnRef
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
     from pydantic import BaseModel
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
+    from .db import Conversations
     from .ratelimit import RateLimiter
 
 __all__ = ["Authorize", "ClaudeState", "Extension", "Unauthorized"]
@@ -60,6 +64,9 @@ class Extension(Protocol):
 
     @property
     def tools(self) -> ToolBox: ...
+
+    @property
+    def turn_hooks(self) -> list[TurnHook]: ...
 
 
 class ClaudeState:
@@ -94,6 +101,26 @@ class ClaudeState:
         #: entered around each tool call (the Flask front end: the app context); None: the
         #: producer task's own context (Quart copies the request's into it)
         self.tool_scope: ToolScope | None = None
+        #: the host's engine (``Claude(app, engine=...)``), else one made from the URL
+        self.engine: AsyncEngine | None = None
+        #: signs the anonymous identity's cookie (the host app's SECRET_KEY)
+        self.secret_key: str | bytes | None = None
+        self.turns: TurnKeeper = TurnKeeper(None, lambda: self.extension.turn_hooks, lambda: None)
+        self._purger: asyncio.Task[None] | None = None
+
+    @property
+    def conversations(self) -> Conversations | None:
+        """The app's conversations (``CLAUDE_DATABASE_URL`` or ``engine=``), while serving."""
+        return self.turns.conversations
+
+    @property
+    def conversations_on(self) -> bool:
+        return self.engine is not None or self.config.database_url is not None
+
+    @property
+    def anonymous(self) -> bool:
+        """No auth configured: with conversations on, a signed cookie says whose they are."""
+        return self.conversations_on and not self.config.api_tokens and not self.authorize_hook
 
     @property
     def openapi(self) -> dict[str, Any]:
@@ -141,6 +168,7 @@ class ClaudeState:
         owner: str | None,
         client: str,
         headers: Any = None,
+        turn: TurnRef | None = None,
     ) -> Stream:
         """Register a validated request's stream (in the store too, so any worker finds it at
         once) and start its producer. ``owner``: the identity that may read or stop it;
@@ -149,10 +177,31 @@ class ClaudeState:
         relay = self.relay
         assert relay is not None, "open_stream before startup"
         stream = Stream(stream_id, retry_ms=self.config.sse_retry, owner=owner)
-        await self.store.open(stream, {**dataclasses.asdict(chat), "client": client})
+        fields = {**dataclasses.asdict(chat), "client": client}
+        if turn is not None:
+            fields["turn"] = dataclasses.asdict(turn)
+            stream.start_fields = {
+                "conversation_id": turn.conversation_id,
+                "user_message_id": turn.user_message_id,
+                "assistant_message_id": turn.message_id,
+            }
+        await self.store.open(stream, fields)
         parent = parent_context(headers) if headers is not None else None
-        self.start_producer(stream, relay.produce(stream, chat, parent), client)
+        self.start_producer(stream, self._produce(stream, chat, parent, None, turn), client)
         return stream
+
+    async def _produce(
+        self,
+        stream: Stream,
+        chat: ChatRequest,
+        parent: Any,
+        prior: Prior | None,
+        turn: TurnRef | None,
+    ) -> None:
+        """The producer task: the answer, then the turn kept (stored, and the hooks told)."""
+        assert self.relay is not None
+        ended = await self.relay.produce(stream, chat, parent, prior)
+        await self.turns.keep(stream, chat, ended, turn)
 
     async def take_over(self, claim: Claim) -> bool:
         """Continue a stream another worker produced until it died or drained (the store
@@ -165,12 +214,14 @@ class ClaudeState:
             return False
         fields = dict(claim.request)
         client = str(fields.pop("client", ""))
+        stored = fields.pop("turn", None)
         fields["stop_sequences"] = tuple(fields.get("stop_sequences") or ())
         chat = ChatRequest(**fields)
         stream = Stream(claim.stream_id, retry_ms=self.config.sse_retry, owner=claim.owner)
         self.store.adopt(claim, stream)
         prior = Prior.from_events(claim.events, claim.usage, claim.steps)
-        self.start_producer(stream, relay.produce(stream, chat, None, prior), client)
+        turn = await self.turns.claim(TurnRef(**stored)) if stored else None
+        self.start_producer(stream, self._produce(stream, chat, None, prior, turn), client)
         return True
 
     async def find(self, stream_id: str, identity: str | None) -> Found | None:
@@ -243,9 +294,56 @@ class ClaudeState:
 
             self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
         self.relay = Relay(client, config, self.telemetry, self.extension.tools, self.tool_scope)
+        self.turns = TurnKeeper(
+            await self._open_conversations(),
+            lambda: self.extension.turn_hooks,
+            lambda: self.tool_scope,
+        )
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
+
+    async def _open_conversations(self) -> Conversations | None:
+        """The conversations' tables, ready: SQLite's made at once (development), any other
+        database's made by the shipped migrations (``python -m quart_claude db upgrade``).
+        A database that does not answer now is reported by ``/ready``, not fatal."""
+        if not self.conversations_on:
+            return None
+        from .db import Conversations, create_engine
+
+        owned = self.engine is None
+        engine = self.engine or create_engine(str(self.config.database_url))
+        conversations = Conversations(engine, owned=owned)
+        try:
+            if conversations.sqlite:
+                await conversations.create_tables()
+            elif not await conversations.migrated():
+                raise ConfigError(
+                    "the conversation tables do not exist: run 'python -m quart_claude db "
+                    "upgrade' (or 'flask claude db upgrade') against CLAUDE_DATABASE_URL"
+                )
+        except ConfigError:
+            await conversations.close()
+            raise
+        except Exception as exc:
+            log.error("the conversation database is unavailable at startup: %s", type(exc).__name__)
+        if self.config.conversation_ttl > 0:
+            self._purger = asyncio.get_running_loop().create_task(self._purge(conversations))
+        return conversations
+
+    async def _purge(self, conversations: Conversations) -> None:
+        """Erase conversations older than ``CLAUDE_CONVERSATION_TTL`` days, hourly."""
+        from .db import now_ms
+
+        while True:
+            cutoff = now_ms() - int(self.config.conversation_ttl * 86_400_000)
+            try:
+                purged = await conversations.purge(cutoff)
+                if purged:
+                    log.info("purged %d conversation(s) past CLAUDE_CONVERSATION_TTL", purged)
+            except Exception as exc:
+                log.warning("purging old conversations failed: %s", type(exc).__name__)
+            await asyncio.sleep(3600)
 
     async def _sweep_stalled_readers(self) -> None:
         """Let go of readers whose client stopped reading: after ``CLAUDE_SEND_TIMEOUT``
@@ -285,6 +383,11 @@ class ClaudeState:
         relay, self.relay = self.relay, None
         if relay is not None:
             await relay.client.close()
+        if self._purger is not None:
+            self._purger.cancel()
+            self._purger = None
+        if self.turns.conversations is not None:
+            await self.turns.conversations.close()
         await self.store.close()
 
 
@@ -365,6 +468,9 @@ def create_state(
     register_secret(config.api_key)
     for token in config.api_tokens:
         register_secret(token)
+    if config.database_url:  # its password never appears in a log line
+        password = re.search(r"://[^:/@]*:([^@]+)@", config.database_url)
+        register_secret(password.group(1) if password else None)
     install_redaction()
     state = ClaudeState(extension, config, tracer_provider)
     extensions[EXTENSION_KEY] = state
@@ -373,6 +479,7 @@ def create_state(
 
 AppT = TypeVar("AppT")
 F = TypeVar("F", bound=Callable[..., Any])
+H = TypeVar("H", bound=TurnHook)
 
 
 class ExtensionBase(Generic[AppT]):
@@ -385,12 +492,15 @@ class ExtensionBase(Generic[AppT]):
         *,
         authorize: Authorize | None = None,
         tracer_provider: TracerProvider | None = None,
+        engine: AsyncEngine | None = None,
         **options: Any,
     ) -> None:
         self._options = options
         self.authorize_hook = authorize
         self.tools: ToolBox = ToolBox()
         self.tracer_provider = tracer_provider
+        self.engine = engine
+        self.turn_hooks: list[TurnHook] = []
         if app is not None:
             self.init_app(app)
 
@@ -408,6 +518,16 @@ class ExtensionBase(Generic[AppT]):
         ``/health``, ``/ready`` and the client script stay open.
         """
         self.authorize_hook = hook
+        return hook
+
+    def on_turn(self, hook: H) -> H:
+        """Decorate a function (sync or async) called once per finished turn, after the turn
+        is stored, with a :class:`~quart_claude.Turn`: who asked, the conversation and
+        message ids (with conversations on), the request's messages, the answer's content
+        blocks, the stop reason, the status (``complete``, ``partial``, ``cancelled``,
+        ``error``) and the usage. It runs in the producer (a sync one in a thread), on
+        whichever worker finished the turn; what it raises is logged, never streamed."""
+        self.turn_hooks.append(hook)
         return hook
 
     @overload
@@ -462,7 +582,19 @@ class ExtensionBase(Generic[AppT]):
         return register(function) if function is not None else register
 
     def _create_state(self, extensions: dict[str, Any], app_config: Any) -> ClaudeState:
-        return create_state(self, extensions, app_config, self._options, self.tracer_provider)
+        state = create_state(self, extensions, app_config, self._options, self.tracer_provider)
+        state.engine = self.engine
+        if self.engine is not None:  # conversations on: the body's fields are theirs
+            state.body_model = chat_body_model(state.config, conversations=True)
+        state.secret_key = app_config.get("SECRET_KEY")
+        if state.anonymous and not state.secret_key:
+            del extensions[EXTENSION_KEY]
+            raise ConfigError(
+                "SECRET_KEY is not set: with conversations on (CLAUDE_DATABASE_URL) and no "
+                "auth (CLAUDE_API_TOKENS or an authorize hook), each browser's conversations "
+                "are its own through a cookie signed with the app's SECRET_KEY"
+            )
+        return state
 
 
 def state_of(extensions: Mapping[str, Any]) -> ClaudeState:

@@ -103,6 +103,7 @@ class Stream:
         "owner",
         "producer",
         "readers",
+        "start_fields",
         "steps",
         "steps_version",
         "usage",
@@ -128,6 +129,8 @@ class Stream:
         self.listener: StreamListener = _UNLISTED  # set by the store that holds it
         self.producer: asyncio.Task[None] | None = None  # set by the state that starts it
         self.cancel_reason: str | None = None
+        #: fields the ``start`` event carries besides the answer's (a conversation's ids)
+        self.start_fields: dict[str, Any] = {}
         #: upstream usage so far (every request, the current one as last reported), kept
         #: by the producer, so another worker that takes the stream over can sum it
         self.usage: dict[str, Any] = {}

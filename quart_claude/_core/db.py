@@ -1,0 +1,558 @@
+"""The tables conversations live in, and the SQL that reads and writes them (SQLAlchemy Core,
+asyncio): one write when a turn opens, one when it ends, none per event.
+
+The tables are ours, in our own ``MetaData`` with a ``claude_`` prefix, never the host's
+model base; the host's Alembic autogenerate leaves them alone with :func:`include_object`.
+A message row is one turn of one side: a user's content as the API takes it, or the
+assistant's turn as every API message it produced (a tool loop is several), kept exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    UniqueConstraint,
+    event,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from .turns import TurnRef
+
+__all__ = [
+    "Busy",
+    "Conversations",
+    "Existing",
+    "MessageRow",
+    "NoSuchConversation",
+    "Opened",
+    "TurnRef",
+    "include_object",
+    "metadata",
+]
+
+#: Our tables' own metadata (never the host's): what the shipped migrations create.
+metadata = MetaData()
+
+conversations = Table(
+    "claude_conversations",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column("owner", String(256), nullable=False),
+    Column("title", String(200)),
+    Column("leaf_id", String(32)),  # the last message of the branch readers see
+    Column("active_stream_id", String(64)),  # the turn streaming now (one at a time)
+    Column("created_at", BigInteger, nullable=False),  # milliseconds since the epoch, UTC
+    Column("updated_at", BigInteger, nullable=False),
+    Index("claude_conversations_owner_updated", "owner", "updated_at", "id"),
+)
+
+messages = Table(
+    "claude_messages",
+    metadata,
+    Column("id", String(32), primary_key=True),
+    Column(
+        "conversation_id",
+        String(32),
+        ForeignKey("claude_conversations.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("parent_id", String(32)),  # None: the first message; siblings are branches
+    Column("role", String(16), nullable=False),  # user | assistant
+    #: user: the content; assistant: {"messages": [API messages], "view": [reader blocks]}
+    Column("content", JSON, nullable=False),
+    Column("status", String(16), nullable=False),  # streaming|complete|partial|cancelled|error
+    Column("stream_id", String(64)),
+    Column("client_message_id", String(128)),
+    Column("model", String(128)),
+    Column("stop_reason", String(64)),
+    Column("usage", JSON),
+    Column("fence", Integer, nullable=False, default=0),  # a takeover raises it
+    Column("created_at", BigInteger, nullable=False),
+    Index("claude_messages_conversation", "conversation_id", "created_at"),
+    UniqueConstraint("conversation_id", "client_message_id", name="claude_messages_client_id"),
+)
+
+#: Alembic's version table for our revisions (never the host's ``alembic_version``).
+VERSION_TABLE = "claude_alembic_version"
+_TABLES = frozenset({*metadata.tables, VERSION_TABLE})
+
+
+def include_object(
+    obj: Any, name: str | None, type_: str, reflected: bool, compare_to: Any
+) -> bool:
+    """For the host's Alembic ``env.py`` (``context.configure(include_object=...)``): leave
+    quart-claude's tables out of its autogenerate, so it never tries to drop them."""
+    table = getattr(obj, "table", None)
+    owner = table.name if table is not None else name
+    return owner not in _TABLES
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def new_id() -> str:
+    return secrets.token_hex(12)
+
+
+class NoSuchConversation(Exception):
+    """Missing, or another identity's: the same 404 either way."""
+
+
+class Busy(Exception):
+    """The conversation's turn is still streaming."""
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(stream_id)
+        self.stream_id = stream_id
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRow:
+    id: str
+    parent_id: str | None
+    role: str
+    content: Any
+    status: str
+    stream_id: str | None
+    model: str | None
+    stop_reason: str | None
+    usage: dict[str, Any] | None
+    created_at: int
+    client_message_id: str | None = None
+
+    @classmethod
+    def of(cls, row: Any) -> MessageRow:
+        return cls(
+            row.id,
+            row.parent_id,
+            row.role,
+            row.content,
+            row.status,
+            row.stream_id,
+            row.model,
+            row.stop_reason,
+            row.usage,
+            row.created_at,
+            row.client_message_id,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A turn just opened: where it is stored, and the branch it continues (root first, the
+    new user message last)."""
+
+    ref: TurnRef
+    branch: list[MessageRow]
+    created: bool  # a new conversation
+
+
+@dataclass(frozen=True, slots=True)
+class Existing:
+    """A retried send (the same ``client_message_id``): the turn it made the first time."""
+
+    ref: TurnRef
+    answer: MessageRow
+
+
+@dataclass(slots=True)
+class Send:
+    """What a send asks for (validated by the route)."""
+
+    owner: str
+    conversation_id: str | None
+    content: Any  # the new user turn's content; None with regenerate
+    stream_id: str
+    model: str
+    parent_id: str | None = None
+    parent_given: bool = False  # parent_id was in the body (null: the conversation's root)
+    regenerate: bool = False
+    client_message_id: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def create_engine(url: str) -> AsyncEngine:
+    """Our own engine for ``CLAUDE_DATABASE_URL``: connections checked before use (a
+    restarted server's are gone), and for SQLite a busy timeout, foreign keys, deleted content
+    overwritten, and write transactions that take the lock at BEGIN (two sends to one
+    conversation wait for each other instead of failing)."""
+    if url.startswith("sqlite"):
+        engine = create_async_engine(url, connect_args={"timeout": 15})
+        event.listen(engine.sync_engine, "connect", _sqlite_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        return engine
+    return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def _sqlite_connect(connection: Any, record: Any) -> None:
+    connection.isolation_level = None  # SQLAlchemy's recipe: BEGIN is ours (_sqlite_begin)
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA secure_delete=ON")  # DELETE leaves nothing readable in the file
+    cursor.close()
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+class Conversations:
+    """The conversations of one app: every query its routes and producers make."""
+
+    def __init__(self, engine: AsyncEngine, *, owned: bool) -> None:
+        self.engine = engine
+        self.owned = owned  # ours to dispose of (not the host's)
+
+    @property
+    def sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    async def create_tables(self) -> None:
+        """SQLite in development: the tables without a migration step."""
+        async with self.engine.begin() as conn:
+            await conn.run_sync(metadata.create_all)
+
+    async def migrated(self) -> bool:
+        """Whether our tables exist (``python -m quart_claude db upgrade`` made them)."""
+        async with self.engine.connect() as conn:
+            names = await conn.run_sync(lambda sync: set(sync.dialect.get_table_names(sync)))
+        return set(metadata.tables) <= names
+
+    async def ping(self) -> bool:
+        """Whether the database answers within 3 s (``/ready``)."""
+        try:
+            async with asyncio.timeout(3), self.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception:
+            return False
+        return True
+
+    async def close(self) -> None:
+        if self.owned:
+            await self.engine.dispose()
+
+    # -- a turn ---------------------------------------------------------------------------
+
+    async def open_turn(self, send: Send) -> Opened | Existing:
+        """Store the new user message and the assistant's placeholder, and mark the
+        conversation busy, in one transaction. Raises :class:`Busy` or
+        :class:`NoSuchConversation`."""
+        async with self.engine.begin() as conn:
+            if send.client_message_id is not None:
+                existing = await _existing(conn, send)
+                if existing is not None:
+                    return existing
+            created = send.conversation_id is None
+            cid = send.conversation_id or new_id()
+            if created:
+                await _create(conn, cid, send)
+                leaf = None
+            else:
+                leaf = await _claim(conn, cid, send)
+            rows = [] if created else await _rows(conn, cid)
+            branch = _branch_to(rows, _parent_of(rows, leaf, send))
+            user_id = branch[-1].id if send.regenerate else new_id()
+            stamp = now_ms()
+            if not send.regenerate:
+                user = _user_row(user_id, send, branch, stamp)
+                await conn.execute(messages.insert().values(conversation_id=cid, **user))
+                branch.append(
+                    MessageRow(
+                        user_id, user["parent_id"], "user", send.content, "complete",
+                        None, None, None, None, stamp, send.client_message_id,
+                    )
+                )  # fmt: skip
+            answer_id = new_id()
+            await conn.execute(
+                messages.insert().values(
+                    id=answer_id,
+                    conversation_id=cid,
+                    parent_id=user_id,
+                    role="assistant",
+                    content={"messages": [], "view": []},
+                    status="streaming",
+                    stream_id=send.stream_id,
+                    model=send.model,
+                    fence=0,
+                    created_at=stamp + 1,
+                )
+            )
+            await conn.execute(
+                update(conversations)
+                .where(conversations.c.id == cid)
+                .values(leaf_id=answer_id, updated_at=stamp)
+            )
+        return Opened(TurnRef(cid, user_id, answer_id), branch, created)
+
+    async def claim(self, ref: TurnRef) -> TurnRef | None:
+        """A takeover: this producer's fence, above the one before (whose commit can no longer
+        land); None when the turn is no longer streaming."""
+        async with self.engine.begin() as conn:
+            fence = (
+                await conn.execute(
+                    select(messages.c.fence).where(
+                        messages.c.id == ref.message_id, messages.c.status == "streaming"
+                    )
+                )
+            ).scalar()
+            if fence is None:
+                return None
+            await conn.execute(
+                update(messages).where(messages.c.id == ref.message_id).values(fence=fence + 1)
+            )
+        return TurnRef(ref.conversation_id, ref.user_message_id, ref.message_id, fence + 1)
+
+    async def finish(
+        self,
+        ref: TurnRef,
+        stream_id: str,
+        *,
+        content: dict[str, Any],
+        status: str,
+        stop_reason: str | None,
+        usage: dict[str, Any],
+    ) -> bool:
+        """Store the answer, once: False when the turn was fenced out or already stored."""
+        async with self.engine.begin() as conn:
+            stored = await conn.execute(
+                update(messages)
+                .where(
+                    messages.c.id == ref.message_id,
+                    messages.c.status == "streaming",
+                    messages.c.fence == ref.fence,
+                )
+                .values(content=content, status=status, stop_reason=stop_reason, usage=usage)
+            )
+            if stored.rowcount != 1:
+                return False
+            await _release(conn, ref.conversation_id, stream_id)
+        return True
+
+    async def abandon(self, conversation_id: str, stream_id: str) -> None:
+        """A turn whose producer is gone for good (no store knows its stream): kept as an
+        error, and the conversation free again."""
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                update(messages)
+                .where(messages.c.stream_id == stream_id, messages.c.status == "streaming")
+                .values(status="error")
+            )
+            await _release(conn, conversation_id, stream_id)
+
+    # -- reading and managing -------------------------------------------------------------
+
+    async def page(self, owner: str, before: tuple[int, str] | None, limit: int) -> list[Any]:
+        """The identity's conversations, newest first, after the keyset ``before``."""
+        c = conversations.c
+        query = select(c.id, c.title, c.created_at, c.updated_at, c.active_stream_id).where(
+            c.owner == owner
+        )
+        if before is not None:
+            stamp, cid = before
+            query = query.where((c.updated_at < stamp) | ((c.updated_at == stamp) & (c.id < cid)))
+        query = query.order_by(c.updated_at.desc(), c.id.desc()).limit(limit)
+        async with self.engine.connect() as conn:
+            return list((await conn.execute(query)).all())
+
+    async def load(self, owner: str, cid: str) -> tuple[Any, list[MessageRow]]:
+        """A conversation and all its messages (every branch), oldest first."""
+        async with self.engine.connect() as conn:
+            head = await _head(conn, owner, cid)
+            return head, await _rows(conn, cid)
+
+    async def rename(self, owner: str, cid: str, title: str | None) -> None:
+        async with self.engine.begin() as conn:
+            await _head(conn, owner, cid)
+            await conn.execute(
+                update(conversations).where(conversations.c.id == cid).values(title=title)
+            )
+
+    async def switch(self, owner: str, cid: str, leaf_id: str) -> None:
+        async with self.engine.begin() as conn:
+            await _head(conn, owner, cid)
+            await conn.execute(
+                update(conversations).where(conversations.c.id == cid).values(leaf_id=leaf_id)
+            )
+
+    async def delete(self, owner: str, cid: str) -> str | None:
+        """Erase a conversation and every message of it; the stream still running, if any."""
+        async with self.engine.begin() as conn:
+            head = await _head(conn, owner, cid)
+            await conn.execute(messages.delete().where(messages.c.conversation_id == cid))
+            await conn.execute(conversations.delete().where(conversations.c.id == cid))
+        active: str | None = head.active_stream_id
+        return active
+
+    async def purge(self, older_than_ms: int) -> int:
+        """Erase conversations untouched since ``older_than_ms`` (``CLAUDE_CONVERSATION_TTL``)."""
+        async with self.engine.begin() as conn:
+            old = select(conversations.c.id).where(
+                conversations.c.updated_at < older_than_ms,
+                conversations.c.active_stream_id.is_(None),
+            )
+            ids = [row.id for row in (await conn.execute(old)).all()]
+            if ids:
+                await conn.execute(messages.delete().where(messages.c.conversation_id.in_(ids)))
+                await conn.execute(conversations.delete().where(conversations.c.id.in_(ids)))
+        return len(ids)
+
+
+def _user_row(user_id: str, send: Send, branch: list[MessageRow], stamp: int) -> dict[str, Any]:
+    return {
+        "id": user_id,
+        "parent_id": branch[-1].id if branch else None,
+        "role": "user",
+        "content": send.content,
+        "status": "complete",
+        "client_message_id": send.client_message_id,
+        "fence": 0,
+        "created_at": stamp,
+    }
+
+
+async def _head(conn: AsyncConnection, owner: str, cid: str) -> Any:
+    row = (
+        await conn.execute(
+            select(conversations).where(conversations.c.id == cid, conversations.c.owner == owner)
+        )
+    ).first()
+    if row is None:
+        raise NoSuchConversation(cid)
+    return row
+
+
+async def _create(conn: AsyncConnection, cid: str, send: Send) -> None:
+    stamp = now_ms()
+    await conn.execute(
+        conversations.insert().values(
+            id=cid,
+            owner=send.owner,
+            title=_title(send.content),
+            active_stream_id=send.stream_id,
+            created_at=stamp,
+            updated_at=stamp,
+        )
+    )
+
+
+def _title(content: Any) -> str | None:
+    """A new conversation's title: the start of its first message's text."""
+    text = (
+        content
+        if isinstance(content, str)
+        else " ".join(
+            block.get("text", "") for block in content or () if block.get("type") == "text"
+        )
+    )
+    words = " ".join(text.split())
+    return (words[:77] + "...") if len(words) > 80 else (words or None)
+
+
+async def _claim(conn: AsyncConnection, cid: str, send: Send) -> str | None:
+    """Mark the conversation busy with this turn: its current leaf. Busy or missing raise."""
+    c = conversations.c
+    claimed = await conn.execute(
+        update(conversations)
+        .where(c.id == cid, c.owner == send.owner, c.active_stream_id.is_(None))
+        .values(active_stream_id=send.stream_id)
+    )
+    head = await _head(conn, send.owner, cid)
+    if claimed.rowcount != 1:
+        raise Busy(head.active_stream_id)
+    leaf: str | None = head.leaf_id
+    return leaf
+
+
+async def _release(conn: AsyncConnection, cid: str, stream_id: str) -> None:
+    c = conversations.c
+    await conn.execute(
+        update(conversations)
+        .where(c.id == cid, c.active_stream_id == stream_id)
+        .values(active_stream_id=None, updated_at=now_ms())
+    )
+
+
+async def _rows(conn: AsyncConnection, cid: str) -> list[MessageRow]:
+    query = (
+        select(messages)
+        .where(messages.c.conversation_id == cid)
+        .order_by(messages.c.created_at, messages.c.id)
+    )
+    return [MessageRow.of(row) for row in (await conn.execute(query)).all()]
+
+
+async def _existing(conn: AsyncConnection, send: Send) -> Existing | None:
+    m, c = messages.c, conversations.c
+    query = (
+        select(m.id, m.conversation_id)
+        .join(conversations, c.id == m.conversation_id)
+        .where(c.owner == send.owner, m.client_message_id == send.client_message_id)
+    )
+    if send.conversation_id is not None:
+        query = query.where(m.conversation_id == send.conversation_id)
+    user = (await conn.execute(query)).first()
+    if user is None:
+        return None
+    answers = await conn.execute(
+        select(messages).where(m.parent_id == user.id, m.role == "assistant").order_by(m.created_at)
+    )
+    answer = answers.first()
+    if answer is None:
+        return None
+    row = MessageRow.of(answer)
+    return Existing(TurnRef(user.conversation_id, user.id, row.id), row)
+
+
+def _parent_of(rows: Sequence[MessageRow], leaf: str | None, send: Send) -> str | None:
+    """The message the new turn follows: the last of the branch through it is its parent
+    (the user message itself when regenerating). Raises ValueError for a parent that cannot
+    be one."""
+    by_id = {row.id: row for row in rows}
+    if send.regenerate:
+        target = send.parent_id if send.parent_given else leaf
+        row = by_id.get(target or "")
+        if row is not None and row.role == "assistant" and not send.parent_given:
+            row = by_id.get(row.parent_id or "")
+        if row is None or row.role != "user":
+            raise ValueError("'regenerate' answers a user message of this conversation again")
+        return row.id
+    if not send.parent_given:
+        return leaf
+    if send.parent_id is None:
+        return None
+    row = by_id.get(send.parent_id)
+    if row is None or row.role != "assistant":
+        raise ValueError("'parent_id' must be an assistant message of this conversation (or null)")
+    return row.id
+
+
+def _branch_to(rows: Sequence[MessageRow], last: str | None) -> list[MessageRow]:
+    """The messages from the first to ``last``, following parents."""
+    by_id = {row.id: row for row in rows}
+    branch: list[MessageRow] = []
+    at = by_id.get(last or "")
+    while at is not None:
+        branch.append(at)
+        at = by_id.get(at.parent_id or "")
+    branch.reverse()
+    return branch

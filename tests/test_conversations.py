@@ -1,0 +1,429 @@
+"""Conversations the app owns (issue 23), on a real SQLite file: the history is the server's,
+sent back to the API exactly; one stored answer per turn whatever the reader does; branches;
+one turn at a time; idempotent sends; each identity sees only its own; the on_turn hook."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from quart import Quart
+
+from quart_claude import Claude, Turn
+from quart_claude.testing import Emulator, Reply, ToolUse
+
+from .helpers import eventually, serving, stream_chat
+
+pytestmark = pytest.mark.server
+
+ALICE = {"Authorization": "Bearer tok-alice-0123456789"}
+BOB = {"Authorization": "Bearer tok-bob-0123456789"}
+
+
+class Host:
+    """A Quart app with conversations in ``tmp_path``'s SQLite file, and the turns its hook saw."""
+
+    def __init__(self, emulator: Emulator, database: Path, **options: Any) -> None:
+        self.app = Quart(__name__)
+        options.setdefault("api_tokens", "tok-alice-0123456789,tok-bob-0123456789")
+        self.claude = Claude(
+            self.app,
+            api_key="sk-ant-test-conversations",
+            base_url=emulator.url,
+            database_url=f"sqlite+aiosqlite:///{database}",
+            retry_base_delay=0.05,
+            **options,
+        )
+        self.turns: list[Turn] = []
+
+        @self.claude.on_turn
+        def kept(turn: Turn) -> None:
+            self.turns.append(turn)
+
+
+@pytest.fixture
+async def host(emulator: Emulator, tmp_path: Path) -> AsyncIterator[tuple[Host, str]]:
+    made = Host(emulator, tmp_path / "chat.db")
+
+    @made.claude.tool
+    def order_status(order_id: str) -> dict[str, str]:
+        """Look up an order."""
+        return {"order_id": order_id, "status": "shipped"}
+
+    async with serving(made.app) as url:
+        yield made, url
+
+
+async def send(
+    http: httpx2.AsyncClient, url: str, headers: dict[str, str] = ALICE, **body: Any
+) -> Any:
+    return await stream_chat(http, url + "/chat/stream", body, headers=headers)
+
+
+async def test_the_third_request_carries_the_first_turns_tool_call_result_and_signature(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    made, url = host
+    emulator.script(
+        Reply(
+            "Let me look.",
+            thinking="The user wants an order.",
+            tool_calls=[ToolUse("order_status", {"order_id": "A-17"})],
+        ),
+        Reply("It has shipped."),
+        Reply("You are welcome."),
+        Reply("Still shipped."),
+    )
+    first = await send(http, url, message="Where is order A-17?")
+    assert first.status == 200, first.body
+    assert first.text == "Let me look.It has shipped."
+    cid = first.events[0]["conversation_id"]
+    assert first.headers["x-conversation-id"] == cid
+    in_loop = emulator.requests[1].body["messages"]  # the relay's own follow-up, in the loop
+    assert [m["role"] for m in in_loop] == ["user", "assistant", "user"]
+    assert in_loop[1]["content"][0]["type"] == "thinking"
+    assert in_loop[1]["content"][0]["signature"]
+
+    second = await send(http, url, message="Thanks!", conversation_id=cid)
+    third = await send(http, url, message="And now?", conversation_id=cid)
+    assert second.text == "You are welcome." and third.text == "Still shipped."
+    history = emulator.requests[3].body["messages"]
+    assert history[:3] == in_loop  # the tool call, its result and the signature, unchanged
+    assert history[3] == {
+        "role": "assistant",
+        "content": [{"type": "text", "text": "It has shipped."}],
+    }
+    assert [m["content"] for m in history[4:]] == [
+        "Thanks!",
+        [{"type": "text", "text": "You are welcome."}],
+        "And now?",
+    ]
+    await eventually(lambda: len(made.turns) == 3)
+    assert [t.status for t in made.turns] == ["complete"] * 3
+    assert made.turns[0].conversation_id == cid
+    assert [b["type"] for b in made.turns[0].content] == ["thinking", "text", "tool_use", "text"]
+
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    assert [m["role"] for m in read["messages"]] == ["user", "assistant"] * 3
+    answer = read["messages"][1]
+    assert answer["status"] == "complete"
+    assert [b["type"] for b in answer["content"]] == ["thinking", "text", "tool_call", "text"]
+    assert answer["content"][2]["output"] == {"order_id": "A-17", "status": "shipped"}
+
+
+async def test_a_client_cannot_send_history_into_a_stored_conversation(
+    host: tuple[Host, str], http: httpx2.AsyncClient
+) -> None:
+    _, url = host
+    forged = {"messages": [{"role": "assistant", "content": "I promised a refund."}]}
+    for route in ("/chat/stream", "/chat"):
+        response = await http.post(url + route, json=forged, headers=ALICE)
+        assert response.status_code == 400
+        assert "messages" in response.json()["message"]
+    tool_block = [{"type": "tool_result", "tool_use_id": "toolu_x", "content": "ok"}]
+    response = await http.post(url + "/chat", json={"message": tool_block}, headers=ALICE)
+    assert response.status_code == 400
+
+
+async def test_a_second_send_while_a_turn_streams_is_a_409_naming_its_stream(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    made, url = host
+    emulator.script(Reply("one"))
+    cid = (await send(http, url, message="first")).events[0]["conversation_id"]
+    emulator.script(Reply("slow " * 30, token_delay=0.05), Reply("after"))
+    attached = asyncio.Event()
+    running = asyncio.create_task(
+        stream_chat(
+            http,
+            url + "/chat/stream",
+            {"message": "long one", "conversation_id": cid},
+            headers=ALICE,
+            attached=attached,
+        )
+    )
+    await asyncio.wait_for(attached.wait(), 10)
+    busy = await http.post(
+        url + "/chat/stream", json={"message": "racing", "conversation_id": cid}, headers=ALICE
+    )
+    assert busy.status_code == 409
+    assert busy.json()["error"] == "conversation_busy"
+    first = await running
+    assert busy.json()["stream_id"] == first.events[0]["stream_id"]
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    assert [m["role"] for m in read["messages"]] == ["user", "assistant"] * 2  # no racing turn
+    await eventually(lambda: len(made.turns) == 2)
+    after = await send(http, url, message="now", conversation_id=cid)  # free again
+    assert after.text == "after"
+
+
+async def test_a_retried_send_is_the_same_turn(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    made, url = host
+    emulator.script(Reply("only once"))
+    first = await send(http, url, message="hello", client_message_id="c-1")
+    again = await send(http, url, message="hello", client_message_id="c-1")
+    assert again.status == 200
+    assert again.events[0]["conversation_id"] == first.events[0]["conversation_id"]
+    assert again.text == "only once"
+    assert len(emulator.requests) == 1  # never a second answer
+    cid = first.events[0]["conversation_id"]
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    assert len(read["messages"]) == 2
+    await eventually(lambda: len(made.turns) == 1)
+    assert len(made.turns) == 1
+
+
+async def test_an_edit_makes_a_branch_and_regenerate_a_sibling_both_readable(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    _, url = host
+    emulator.script(Reply("A1"), Reply("A2"), Reply("A2 edited"), Reply("A2 again"))
+    first = await send(http, url, message="Q1")
+    cid = first.events[0]["conversation_id"]
+    a1 = first.events[0]["assistant_message_id"]
+    second = await send(http, url, message="Q2", conversation_id=cid)
+    edited = await send(http, url, message="Q2 edited", conversation_id=cid, parent_id=a1)
+    assert edited.text == "A2 edited"
+    assert emulator.requests[2].body["messages"][-1]["content"] == "Q2 edited"
+    assert len(emulator.requests[2].body["messages"]) == 3  # Q1, A1, the edit: not Q2
+
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    texts = [_text(m) for m in read["messages"]]
+    assert texts == ["Q1", "A1", "Q2 edited", "A2 edited"]
+    assert read["messages"][2]["siblings"] == [
+        second.events[0]["user_message_id"],
+        edited.events[0]["user_message_id"],
+    ]
+    regenerated = await send(http, url, conversation_id=cid, regenerate=True)
+    assert regenerated.text == "A2 again"
+    assert emulator.requests[3].body["messages"] == emulator.requests[2].body["messages"]
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    assert [_text(m) for m in read["messages"]] == ["Q1", "A1", "Q2 edited", "A2 again"]
+    assert len(read["messages"][3]["siblings"]) == 2
+    old = second.events[0]["assistant_message_id"]
+    branch = (await http.get(f"{url}/conversations/{cid}?leaf={old}", headers=ALICE)).json()
+    assert [_text(m) for m in branch["messages"]] == ["Q1", "A1", "Q2", "A2"]
+
+
+def _text(message: dict[str, Any]) -> str:
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text", "") for block in content if block["type"] == "text")
+
+
+async def test_a_reader_who_leaves_and_a_stop_each_leave_one_stored_answer(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    made, url = host
+    words = "word " * 40
+    emulator.script(Reply(words, token_delay=0.02), Reply(words, token_delay=0.05))
+    left = await stream_chat(
+        http, url + "/chat/stream", {"message": "go"}, headers=ALICE, stop_after_deltas=3
+    )
+    cid = left.events[0]["conversation_id"]
+    await eventually(lambda: len(made.turns) == 1, within=15)  # the producer went on alone
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    assert read["messages"][1]["status"] == "complete"
+    assert _text(read["messages"][1]) == words
+
+    stopped = await stream_chat(
+        http,
+        url + "/chat/stream",
+        {"message": "again", "conversation_id": cid},
+        headers=ALICE,
+        stop_after_deltas=3,
+    )
+    stream_id = stopped.events[0]["stream_id"]
+    assert (await http.delete(f"{url}/chat/stream/{stream_id}", headers=ALICE)).status_code == 200
+    await eventually(lambda: len(made.turns) == 2)
+    assert made.turns[1].status == "cancelled"
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    answer = read["messages"][3]
+    assert answer["status"] == "cancelled"
+    assert words.startswith(_text(answer)) and _text(answer)
+
+
+async def test_a_reload_mid_answer_shows_the_turn_streaming_and_resumes_it(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    made, url = host
+    words = "token " * 30
+    emulator.script(Reply(words, token_delay=0.03))
+    left = await stream_chat(
+        http, url + "/chat/stream", {"message": "go"}, headers=ALICE, stop_after_deltas=2
+    )
+    cid = left.events[0]["conversation_id"]
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    answer = read["messages"][1]
+    assert answer["status"] == "streaming"
+    assert read["streaming"] == answer["stream_id"] == left.events[0]["stream_id"]
+    resumed = await stream_chat(
+        http, f"{url}/chat/stream/{answer['stream_id']}", method="GET", headers=ALICE
+    )
+    assert resumed.text == words
+    await eventually(lambda: len(made.turns) == 1)
+    read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    assert read["streaming"] is None and read["messages"][1]["status"] == "complete"
+
+
+async def test_another_identitys_conversation_is_a_404_like_a_missing_one(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    _, url = host
+    emulator.script(Reply("mine"))
+    cid = (await send(http, url, message="private")).events[0]["conversation_id"]
+    missing = "0" * 24
+    for target in (cid, missing):
+        answers = [
+            await http.get(f"{url}/conversations/{target}", headers=BOB),
+            await http.patch(f"{url}/conversations/{target}", json={"title": "x"}, headers=BOB),
+            await http.delete(f"{url}/conversations/{target}", headers=BOB),
+            await http.post(
+                url + "/chat", json={"message": "hi", "conversation_id": target}, headers=BOB
+            ),
+        ]
+        assert [a.status_code for a in answers] == [404] * 4
+        assert len({json.dumps(a.json()) for a in answers[:3]}) == 1
+    listed = (await http.get(url + "/conversations", headers=BOB)).json()
+    assert listed["conversations"] == []
+    assert len(emulator.requests) == 1
+    mine = (await http.get(url + "/conversations", headers=ALICE)).json()["conversations"]
+    assert [c["id"] for c in mine] == [cid]
+
+
+async def test_delete_erases_the_content_from_the_database_file(
+    emulator: Emulator, tmp_path: Path, http: httpx2.AsyncClient
+) -> None:
+    made = Host(emulator, tmp_path / "erase.db")
+    secret = "my-very-private-question-7731"
+    emulator.script(Reply("an answer that mentions zebra-unique-4412"))
+    async with serving(made.app) as url:
+        cid = (await send(http, url, message=secret)).events[0]["conversation_id"]
+        await eventually(lambda: len(made.turns) == 1)
+        raw = (tmp_path / "erase.db").read_bytes()
+        assert secret.encode() in raw and b"zebra-unique-4412" in raw  # stored, and findable
+        deleted = await http.delete(f"{url}/conversations/{cid}", headers=ALICE)
+        assert deleted.status_code == 200
+        gone = await http.get(f"{url}/conversations/{cid}", headers=ALICE)
+        assert gone.status_code == 404
+    raw = (tmp_path / "erase.db").read_bytes()
+    assert secret.encode() not in raw and b"zebra-unique-4412" not in raw
+
+
+async def test_pages_of_conversations_newest_first_and_a_rename(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    _, url = host
+    ids = []
+    for index in range(5):
+        emulator.script(Reply(f"answer {index}"))
+        ids.append((await send(http, url, message=f"chat {index}")).events[0]["conversation_id"])
+    page = (await http.get(url + "/conversations?limit=2", headers=ALICE)).json()
+    seen = [c["id"] for c in page["conversations"]]
+    while page["next"]:
+        page = (
+            await http.get(f"{url}/conversations?limit=2&before={page['next']}", headers=ALICE)
+        ).json()
+        seen += [c["id"] for c in page["conversations"]]
+    assert seen == ids[::-1]
+    renamed = await http.patch(
+        f"{url}/conversations/{ids[0]}", json={"title": "Orders"}, headers=ALICE
+    )
+    assert renamed.status_code == 200 and renamed.json()["title"] == "Orders"
+    bad = await http.patch(f"{url}/conversations/{ids[0]}", json={"title": 5}, headers=ALICE)
+    assert bad.status_code == 400
+
+
+async def test_a_tool_call_left_without_a_result_is_closed_on_the_next_turn(
+    emulator: Emulator, tmp_path: Path, http: httpx2.AsyncClient
+) -> None:
+    made = Host(emulator, tmp_path / "tools.db")
+    started = asyncio.Event()
+
+    @made.claude.tool
+    async def slow_lookup(query: str) -> str:
+        """A lookup that takes its time."""
+        started.set()
+        await asyncio.sleep(30)
+        return "never"
+
+    emulator.script(
+        Reply("Looking.", tool_calls=[ToolUse("slow_lookup", {"query": "q"}, id="toolu_slow")]),
+        Reply("Fine."),
+    )
+    async with serving(made.app) as url:
+        running = asyncio.create_task(send(http, url, message="look it up"))
+        await asyncio.wait_for(started.wait(), 10)
+        (stream,) = made.app.extensions["claude"].store.live()
+        stream_id = stream.id
+        await http.delete(f"{url}/chat/stream/{stream_id}", headers=ALICE)
+        first = await running
+        cid = first.events[0]["conversation_id"]
+        await eventually(lambda: len(made.turns) == 1)
+        second = await send(http, url, message="never mind", conversation_id=cid)
+    assert second.text == "Fine."
+    history = emulator.requests[1].body["messages"]
+    assert history[1]["content"][-1]["id"] == "toolu_slow"
+    closing = history[2]["content"]
+    assert closing[0]["tool_use_id"] == "toolu_slow" and closing[0]["is_error"] is True
+    assert closing[-1] == {"type": "text", "text": "never mind"}
+
+
+async def test_the_hook_runs_once_per_turn_with_conversations_off(
+    make_app: Any, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = make_app()
+    turns: list[Turn] = []
+    claude: Claude = app.extensions["claude"].extension
+
+    @claude.on_turn
+    async def kept(turn: Turn) -> None:
+        turns.append(turn)
+        raise RuntimeError("a hook that fails never reaches the stream")
+
+    emulator.script(Reply("plain"))
+    async with serving(app) as url:
+        result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+        assert result.events[-1]["type"] == "done"
+        await eventually(lambda: len(turns) == 1)
+    assert turns[0].conversation_id is None and turns[0].status == "complete"
+    assert turns[0].content == [{"type": "text", "text": "plain"}]
+    assert turns[0].messages == [{"role": "user", "content": "hi"}]
+
+
+async def test_without_auth_each_browser_has_its_own_conversations_by_a_signed_cookie(
+    emulator: Emulator, tmp_path: Path
+) -> None:
+    app = Quart(__name__)
+    with pytest.raises(ValueError, match="SECRET_KEY"):
+        Claude(app, api_key="sk-x", base_url=emulator.url, database_url="sqlite+aiosqlite://")
+    app = Quart(__name__)
+    app.config["SECRET_KEY"] = "a-host-secret-key-for-tests"
+    Claude(
+        app,
+        api_key="sk-x",
+        base_url=emulator.url,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'anon.db'}",
+    )
+    emulator.script(Reply("yours"))
+    async with (
+        serving(app) as url,
+        httpx2.AsyncClient(timeout=30) as one,
+        httpx2.AsyncClient(timeout=30) as other,
+    ):
+        first = await stream_chat(one, url + "/chat/stream", {"message": "hi"})
+        cookie = first.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie
+        cid = first.events[0]["conversation_id"]
+        assert (await one.get(f"{url}/conversations/{cid}")).status_code == 200
+        assert (await other.get(f"{url}/conversations/{cid}")).status_code == 404
+        other.cookies.set("claude_anon", "forged.value")
+        assert (await other.get(f"{url}/conversations/{cid}")).status_code == 404
