@@ -7,14 +7,16 @@
 #   prometheus      the shipped prometheus.yml and the Grafana dashboard's queries
 #   docker-compose  validates deploy/docker-compose.yml (no Docker engine needed)
 #   systemd         systemd-analyze verifies deploy/systemd/ (no systemd runs)
+#   postgresql      conversations in PostgreSQL (the tests initdb their own, in a temp dir)
 set -euo pipefail
-packages=(redis-server nginx-light chromium prometheus docker-compose systemd)
-programs=(redis-server nginx chromium prometheus docker-compose systemd-analyze)
+packages=(redis-server nginx-light chromium prometheus docker-compose systemd postgresql)
+programs=(redis-server nginx chromium prometheus docker-compose systemd-analyze pg_ctl)
 
 missing=()
 for i in "${!programs[@]}"; do
   program=${programs[$i]}
-  if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ]; then
+  if ! command -v "$program" >/dev/null 2>&1 && [ ! -x "/usr/sbin/$program" ] \
+    && ! compgen -G "/usr/lib/postgresql/*/bin/$program" >/dev/null; then
     missing+=("${packages[$i]}")
   fi
 done

@@ -45,6 +45,13 @@ GROUPS: dict[str, Group] = {
         Group("systemd", "systemd-analyze", "systemd", "(Linux with systemd only)"),
         Group("node", "node", "nodejs npm", "https://nodejs.org, then make install"),
         Group(
+            "postgresql",
+            "pg_ctl",
+            "postgresql",
+            "brew install postgresql",
+            tuple(sorted(map(str, Path("/usr/lib/postgresql").glob("*/bin/pg_ctl")))),
+        ),
+        Group(
             "recordings",
             "../shared/recorded-streams",
             "(not a package)",

@@ -155,6 +155,7 @@ async def test_a_second_send_while_a_turn_streams_is_a_409_naming_its_stream(
     assert busy.json()["error"] == "conversation_busy"
     first = await running
     assert busy.json()["stream_id"] == first.events[0]["stream_id"]
+    await eventually(lambda: len(made.turns) == 2)  # stored just after its last event
     read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
     assert [m["role"] for m in read["messages"]] == ["user", "assistant"] * 2  # no racing turn
     await eventually(lambda: len(made.turns) == 2)
@@ -174,16 +175,18 @@ async def test_a_retried_send_is_the_same_turn(
     assert again.text == "only once"
     assert len(emulator.requests) == 1  # never a second answer
     cid = first.events[0]["conversation_id"]
+    await eventually(lambda: len(made.turns) == 1)
     read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
     assert len(read["messages"]) == 2
-    await eventually(lambda: len(made.turns) == 1)
-    assert len(made.turns) == 1
+    again = await send(http, url, message="hello", client_message_id="c-1")  # once stored
+    assert again.text == "only once"
+    assert len(emulator.requests) == 1 and len(made.turns) == 1
 
 
 async def test_an_edit_makes_a_branch_and_regenerate_a_sibling_both_readable(
     host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
-    _, url = host
+    made, url = host
     emulator.script(Reply("A1"), Reply("A2"), Reply("A2 edited"), Reply("A2 again"))
     first = await send(http, url, message="Q1")
     cid = first.events[0]["conversation_id"]
@@ -193,7 +196,7 @@ async def test_an_edit_makes_a_branch_and_regenerate_a_sibling_both_readable(
     assert edited.text == "A2 edited"
     assert emulator.requests[2].body["messages"][-1]["content"] == "Q2 edited"
     assert len(emulator.requests[2].body["messages"]) == 3  # Q1, A1, the edit: not Q2
-
+    await eventually(lambda: len(made.turns) == 3)
     read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
     texts = [_text(m) for m in read["messages"]]
     assert texts == ["Q1", "A1", "Q2 edited", "A2 edited"]
@@ -204,6 +207,7 @@ async def test_an_edit_makes_a_branch_and_regenerate_a_sibling_both_readable(
     regenerated = await send(http, url, conversation_id=cid, regenerate=True)
     assert regenerated.text == "A2 again"
     assert emulator.requests[3].body["messages"] == emulator.requests[2].body["messages"]
+    await eventually(lambda: len(made.turns) == 4)
     read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
     assert [_text(m) for m in read["messages"]] == ["Q1", "A1", "Q2 edited", "A2 again"]
     assert len(read["messages"][3]["siblings"]) == 2
@@ -427,3 +431,31 @@ async def test_without_auth_each_browser_has_its_own_conversations_by_a_signed_c
         assert (await other.get(f"{url}/conversations/{cid}")).status_code == 404
         other.cookies.set("claude_anon", "forged.value")
         assert (await other.get(f"{url}/conversations/{cid}")).status_code == 404
+
+
+async def test_both_front_ends_keep_a_conversation(
+    serve: Any, emulator: Emulator, tmp_path: Path, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(Reply("first answer"), Reply("second answer"))
+    options = {
+        "database_url": f"sqlite+aiosqlite:///{tmp_path / 'front.db'}",
+        "api_tokens": "tok-alice-0123456789",
+    }
+    async with serve(**options) as url:
+        first = await send(http, url, message="one")
+        cid = first.events[0]["conversation_id"]
+        second = await send(http, url, message="two", conversation_id=cid)
+        assert second.text == "second answer"
+        whole = await http.post(
+            url + "/chat", json={"message": "three", "conversation_id": cid}, headers=ALICE
+        )
+        assert whole.status_code == 200, whole.text
+        assert whole.json()["conversation_id"] == cid
+        read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    assert [_text(m) for m in read["messages"][:4]] == [
+        "one",
+        "first answer",
+        "two",
+        "second answer",
+    ]
+    assert emulator.requests[1].body["messages"][0] == {"role": "user", "content": "one"}
