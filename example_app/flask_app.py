@@ -19,9 +19,9 @@ from flask import Flask, Response
 from quart_claude.flask import Claude
 from quart_claude.testing import Emulator
 
-from . import order_status, page
+from . import demo_storage, order_status, page
 
-__all__ = ["app", "create_app"]
+__all__ = ["create_app"]
 
 log = logging.getLogger("example_app")
 
@@ -52,9 +52,13 @@ def create_app(**claude_options: Any) -> Flask:
     if demo:
         url = _emulator_thread()
         log.warning("demo mode: no API key set, answering from the emulator at %s", url)
-        claude_options = {"api_key": "demo-key", "base_url": url}
+        storage = demo_storage(os.environ.get("EXAMPLE_INSTANCE_PATH") or app.instance_path)
+        if storage:
+            app.config["SECRET_KEY"] = storage.pop("secret_key")
+        claude_options = {"api_key": "demo-key", "base_url": url, **storage}
     Claude(app, **claude_options).tool(order_status)
-    html = page(demo, Claude.state(app).config.url_prefix)
+    state = Claude.state(app)
+    html = page(demo, state.config.url_prefix, state.conversations_on)
 
     @app.get("/")
     def index() -> Response:
@@ -63,4 +67,14 @@ def create_app(**claude_options: Any) -> Flask:
     return app
 
 
-app = create_app()
+_made: dict[str, Flask] = {}
+
+
+def __getattr__(name: str) -> Any:
+    """``app``, made on first use (``gunicorn example_app.flask_app:app``), so importing the module
+    for ``create_app`` starts nothing and writes nothing."""
+    if name != "app":
+        raise AttributeError(name)
+    if "app" not in _made:
+        _made["app"] = create_app()
+    return _made["app"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -15,6 +16,10 @@ from quart_claude.testing import Emulator
 
 from . import binaries
 from .helpers import serving, wsgi_serving
+
+# The example app's demo mode keeps its SQLite database and SECRET_KEY in an instance folder:
+# for the suite (and the servers it starts), a temporary one, never the checkout's.
+os.environ.setdefault("EXAMPLE_INSTANCE_PATH", tempfile.mkdtemp(prefix="qc-example-"))
 
 API_KEY = "sk-test-emulator-key-0123456789"
 # The suite runs against either upstream transport (CI runs both).

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from example_app import create_app
+from example_app import create_app as create_example_app
 from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 
 from . import binaries
@@ -274,3 +274,120 @@ async def test_sources_show_under_the_answer(page: Page, site: str, emulator: Em
     assert await links.count() == 1
     assert await links.first.get_attribute("href") == "https://example.com/ginza"
     assert await page.locator(".assistant .sources b").count() == 0
+
+
+# -- conversations the server keeps (issue 23) ----------------------------------------------
+
+
+@pytest.fixture
+async def chat_site(emulator: Emulator, tmp_path: Path) -> AsyncIterator[str]:
+    """The example page with conversations in SQLite and no auth: the anonymous cookie."""
+    app = create_app(
+        api_key=API_KEY,
+        base_url=emulator.url,
+        retry_base_delay=0.05,
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'page.db'}",
+    )
+    async with serving(app) as url:
+        yield url
+
+
+def create_app(**options: Any) -> Any:
+    """``example_app.create_app``, with a SECRET_KEY when conversations are on."""
+    from quart import Quart
+
+    from example_app import order_status, page
+    from quart_claude import Claude
+
+    if "database_url" not in options:
+        return create_example_app(**options)
+    app = Quart(__name__)
+    app.config["SECRET_KEY"] = "a-secret-key-for-the-page-tests"
+    claude = Claude(app, **options)
+    claude.tool(order_status)
+    html = page(False, "", True)
+
+    @app.get("/")
+    async def index() -> str:
+        return html
+
+    return app
+
+
+async def messages_shown(page: Page) -> list[str]:
+    return [text.strip() for text in await page.locator("#log .turn .body").all_inner_texts()]
+
+
+async def settled(page: Page) -> None:
+    """The reply ended and the page read the stored conversation back."""
+    await wait_until(page, "document.querySelector('#log').dataset.state === 'ready'")
+
+
+async def test_a_conversation_is_listed_renamed_reloaded_and_deleted(
+    page: Page, chat_site: str, emulator: Emulator
+) -> None:
+    emulator.script(Reply("First answer."), Reply("Second answer."))
+    await ask(page, chat_site, "my first question")
+    await settled(page)
+    await page.fill("#input", "a follow-up")
+    await page.press("#input", "Enter")
+    await settled(page)
+    assert "#c=" in page.url
+    assert await page.locator("#chat-list li").count() == 1
+    assert await page.locator("#chat-list li .open").inner_text() == "my first question"
+    await page.reload()  # from the server, not the browser
+    await settled(page)
+    assert await messages_shown(page) == [
+        "my first question",
+        "First answer.",
+        "a follow-up",
+        "Second answer.",
+    ]
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept("Renamed chat")))
+    await page.click("#chat-list li .rename")
+    await wait_until(
+        page, "document.querySelector('#chat-list li .open').innerText === 'Renamed chat'"
+    )
+    await page.click("#new-chat")
+    await wait_until(page, "document.querySelectorAll('#log .turn').length === 0")
+    assert "#c=" not in page.url
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept()))
+    await page.click("#chat-list li .delete")
+    await wait_until(page, "document.querySelectorAll('#chat-list li').length === 0")
+
+
+async def test_a_reload_mid_reply_resumes_the_streaming_turn(
+    page: Page, chat_site: str, emulator: Emulator
+) -> None:
+    emulator.script(Reply(ANSWER, token_delay=0.05))
+    await ask(page, chat_site, "tell me")
+    await wait_until(page, "location.hash.startsWith('#c=')")
+    await wait_until(page, "document.querySelector('.assistant .body')?.innerText.length > 20")
+    await page.reload()
+    await wait_until(page, f"document.querySelector('.assistant .body')?.innerText === {ANSWER!r}")
+    await settled(page)
+    assert await messages_shown(page) == ["tell me", ANSWER]
+    assert len(emulator.requests) == 1  # resumed, never asked again
+
+
+async def test_edit_regenerate_and_switching_branches(
+    page: Page, chat_site: str, emulator: Emulator
+) -> None:
+    emulator.script(Reply("Answer one."), Reply("Answer edited."), Reply("Answer regenerated."))
+    await ask(page, chat_site, "original question")
+    await settled(page)
+    page.once("dialog", lambda dialog: asyncio.ensure_future(dialog.accept("edited question")))
+    await page.click("#log .user .controls .edit")
+    await settled(page)
+    assert await messages_shown(page) == ["edited question", "Answer edited."]
+    assert await page.locator("#log .user .position").inner_text() == "2/2"
+    await page.click("#log .assistant .controls .regenerate")
+    await settled(page)
+    assert await messages_shown(page) == ["edited question", "Answer regenerated."]
+    assert await page.locator("#log .assistant .position").inner_text() == "2/2"
+    await page.click("#log .user .controls .previous")  # back to the first branch
+    await settled(page)
+    assert await messages_shown(page) == ["original question", "Answer one."]
+    await page.reload()  # the switch is the conversation's current branch now
+    await settled(page)
+    assert await messages_shown(page) == ["original question", "Answer one."]

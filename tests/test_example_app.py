@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import httpx2
 import pytest
@@ -14,11 +15,13 @@ pytestmark = pytest.mark.system
 
 
 @pytest.mark.parametrize("flag", [[], ["--flask"]], ids=["quart", "flask"])
-async def test_example_app_in_demo_mode(http: httpx2.AsyncClient, flag: list[str]) -> None:
+async def test_example_app_in_demo_mode(
+    http: httpx2.AsyncClient, flag: list[str], tmp_path: Path
+) -> None:
     port = free_port()
     process = await start(
         [sys.executable, "-m", "example_app", *flag],
-        {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005"},
+        {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005", "EXAMPLE_INSTANCE_PATH": str(tmp_path)},
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -29,6 +32,13 @@ async def test_example_app_in_demo_mode(http: httpx2.AsyncClient, flag: list[str
         result = await stream_chat(http, url + "/chat/stream", {"message": "hi there"})
         assert result.types[0] == "start" and result.types[-1] == "done"
         assert "emulator" in result.text and "hi there" in result.text
+        # conversations on, in SQLite in the instance folder, for an anonymous browser
+        assert "const CONVERSATIONS = true;" in page.text
+        cid = result.events[0]["conversation_id"]
+        assert "claude_anon=" in result.headers["set-cookie"]
+        read = await http.get(f"{url}/conversations/{cid}")
+        assert read.status_code == 200 and len(read.json()["messages"]) == 2
+        assert (tmp_path / "chat.db").exists()
     finally:
         output = await stop(process)
     assert b"demo mode" in output

@@ -3,6 +3,7 @@ table, and a host's autogenerate is told to leave them alone."""
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import subprocess
 import sys
@@ -25,14 +26,18 @@ def test_the_migrations_make_the_tables_the_code_uses(tmp_path: Path) -> None:
          f"sqlite+aiosqlite:///{database}"],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
-    tables = {row[0] for row in sqlite3.connect(database).execute(
-        "SELECT name FROM sqlite_master WHERE type = 'table'"
-    )}  # fmt: skip
+    with contextlib.closing(sqlite3.connect(database)) as connection:
+        rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        tables = {row[0] for row in rows}
     assert tables == {"claude_conversations", "claude_messages", VERSION_TABLE}
     engine = create_engine(f"sqlite:///{database}")
-    with engine.connect() as connection:
-        context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
-        differences = compare_metadata(context, metadata)
+    try:
+        with engine.connect() as connection:
+            options = {"version_table": VERSION_TABLE}
+            context = MigrationContext.configure(connection, opts=options)
+            differences = compare_metadata(context, metadata)
+    finally:
+        engine.dispose()
     assert differences == []
 
 

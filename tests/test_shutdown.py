@@ -67,12 +67,15 @@ async def open_stream_then_sigterm(
         pytest.param([sys.executable, "-m", "example_app"], id="python-m-example_app"),
     ],
 )
-async def test_sigterm_ends_open_streams_with_a_shutdown_event(command: list[str]) -> None:
+async def test_sigterm_ends_open_streams_with_a_shutdown_event(
+    command: list[str], tmp_path: Path
+) -> None:
     port = free_port()
     if command[0] == HYPERCORN:
         command = [command[0], "-b", f"127.0.0.1:{port}", *command[1:]]
     # demo mode: the emulator paces a ~60-token answer at 0.3 s a token (~18 s)
-    process = await start(command, {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.3"})
+    env = {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.3", "EXAMPLE_INSTANCE_PATH": str(tmp_path)}
+    process = await start(command, env)
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url + "/ready", process)
