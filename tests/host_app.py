@@ -12,6 +12,8 @@ if os.environ.get("HOST_APP_LOG"):  # the extension's INFO lines, for tests that
     logging.basicConfig(level=os.environ["HOST_APP_LOG"])
 
 app = Quart(__name__)
+if os.environ.get("HOST_APP_SECRET_KEY"):  # conversations without auth: the anonymous cookie
+    app.config["SECRET_KEY"] = os.environ["HOST_APP_SECRET_KEY"]
 claude = Claude(app)
 
 
@@ -37,6 +39,15 @@ async def slow_lookup(key: str) -> str:
     await asyncio.sleep(float(os.environ.get("HOST_APP_SLOW_TOOL", "3")))
     _note(f"slow-done {key}")
     return f"slow value of {key}"
+
+
+@claude.on_turn
+def kept(turn: object) -> None:
+    """Each finished turn, for tests that count them across processes (``HOST_APP_TURN_LOG``)."""
+    path = os.environ.get("HOST_APP_TURN_LOG")
+    if path:
+        with open(path, "a", encoding="utf-8") as log:
+            log.write(f"{getattr(turn, 'message_id', None)} {getattr(turn, 'status', None)}\n")
 
 
 @app.after_request

@@ -28,7 +28,7 @@ from quart_claude import SSEParser
 from quart_claude.testing import Emulator, RecordedRequest, Reply, ToolUse
 
 from . import binaries
-from .helpers import free_port
+from .helpers import eventually, free_port
 from .test_hypercorn_cli import HYPERCORN, wait_ready
 
 pytestmark = pytest.mark.system
@@ -329,6 +329,55 @@ async def test_a_takeover_continues_a_tool_loop_without_rerunning_finished_tools
     assert answered[0]["content"] == "fast value of k1"
     if signal_name == "SIGTERM":
         assert "handed off 1 stream(s)" in a.output()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])
+async def test_a_conversation_turn_taken_over_is_stored_once(
+    servers: Servers, emulator: Emulator, tmp_path: Path, signal_name: str
+) -> None:
+    """Conversations in one SQLite file for both workers, no auth (the anonymous cookie
+    follows the reader): the producer dies (or drains) mid-answer; the worker that finishes
+    the turn stores it, once, complete, and its hook runs once."""
+    turn_log = tmp_path / "turns.log"
+    servers.env.update(
+        CLAUDE_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+        HOST_APP_SECRET_KEY="a-secret-key-shared-by-the-workers",
+        HOST_APP_TURN_LOG=str(turn_log),
+    )
+    a, b = await servers.start_many(2)
+    emulator.default = Reply(ANSWER, token_delay=0.03)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        reading, mid = Reading(), asyncio.Event()
+        post = asyncio.create_task(
+            read(
+                http,
+                reading,
+                [a.url, b.url],
+                "",
+                post={"message": "a stored question"},
+                on_event=mid,
+                deltas_before_signal=10,
+            )
+        )
+        await asyncio.wait_for(mid.wait(), 30)
+        a.process.send_signal(getattr(signal, signal_name))
+        await asyncio.wait_for(a.process.wait(), SHUTDOWN_GRACE + 5)
+        result = await asyncio.wait_for(post, 60)
+        result.check_exact()
+        assert result.served_by == [a.url, b.url]  # finished by the other worker
+        cid = result.events[0]["conversation_id"]
+        message_id = result.events[0]["assistant_message_id"]
+
+        def stored() -> bool:
+            return f"{message_id} complete" in (turn_log.read_text() if turn_log.exists() else "")
+
+        await eventually(stored, within=15)
+        read_back = (await http.get(f"{b.url}/conversations/{cid}")).json()
+    answer = read_back["messages"][1]
+    assert [m["role"] for m in read_back["messages"]] == ["user", "assistant"]
+    assert answer["id"] == message_id and answer["status"] == "complete"
+    assert "".join(b["text"] for b in answer["content"] if b["type"] == "text") == ANSWER
+    assert turn_log.read_text().splitlines() == [f"{message_id} complete"]  # once, anywhere
 
 
 async def test_takeover_sums_usage_over_every_request(servers: Servers, emulator: Emulator) -> None:
