@@ -16,6 +16,7 @@ without an event loop.
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -24,7 +25,7 @@ import httpx2
 
 from ._core.sse import SSEParser
 
-__all__ = ["ChatError", "stream_chat", "stream_chat_sync"]
+__all__ = ["ChatError", "Conversation", "stream_chat", "stream_chat_sync"]
 
 _TIMEOUT = httpx2.Timeout(60.0, connect=10.0)  # reads: well above the 15 s heartbeat
 
@@ -112,7 +113,20 @@ async def stream_chat(
 
     ``fields`` go into the body as they are (``max_tokens``, ``system``, ``model``).
     """
-    session = _Session(url, _body(message, messages, fields), headers)
+    body = _body(message, messages, fields)
+    async for event in _events(url, body, http, headers, max_reconnects, reconnect_delay):
+        yield event
+
+
+async def _events(
+    url: str,
+    body: dict[str, Any],
+    http: httpx2.AsyncClient | None,
+    headers: dict[str, str] | None,
+    max_reconnects: int = 5,
+    reconnect_delay: float = 0.5,
+) -> AsyncIterator[dict[str, Any]]:
+    session = _Session(url, body, headers)
     client = http or httpx2.AsyncClient(timeout=_TIMEOUT)
     try:
         while not session.finished:
@@ -183,3 +197,79 @@ def _body(
     body: dict[str, Any] = {"message": message} if message is not None else {"messages": messages}
     body.update(fields)
     return body
+
+
+class Conversation:
+    """A conversation the server keeps (``CLAUDE_DATABASE_URL``): send its turns, read it
+    back, rename or delete it. ``base_url`` is where the blueprint is mounted
+    (``http://host:8000`` or ``http://host/ai``)::
+
+        chat = Conversation("http://127.0.0.1:8000", headers={"Authorization": "Bearer ..."})
+        async for event in chat.send("Hi"):
+            ...
+        async for event in chat.send("And then?"):   # the server adds the history
+            ...
+
+    Each send carries a fresh ``client_message_id``, so a retry after a dropped POST is the
+    same turn, never a second one. Without auth, pass an ``http`` client that keeps the
+    server's cookie (an ``httpx2.AsyncClient`` does).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        conversation_id: str | None = None,
+        *,
+        http: httpx2.AsyncClient | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.id = conversation_id
+        self.http = http
+        self.headers = headers
+
+    async def send(self, message: Any, **fields: Any) -> AsyncIterator[dict[str, Any]]:
+        """Stream the answer to ``message`` (text, or content blocks); ``fields`` such as
+        ``parent_id`` (an edit) go into the body."""
+        async for event in self._stream({"message": message, **fields}):
+            yield event
+
+    async def regenerate(self) -> AsyncIterator[dict[str, Any]]:
+        """Answer the last user message again (a sibling of the answer it had)."""
+        async for event in self._stream({"regenerate": True}):
+            yield event
+
+    async def _stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        if self.id is not None:
+            body["conversation_id"] = self.id
+        body.setdefault("client_message_id", secrets.token_hex(12))
+        async for event in _events(self.base_url + "/chat/stream", body, self.http, self.headers):
+            if event.get("type") == "start" and event.get("conversation_id"):
+                self.id = str(event["conversation_id"])
+            yield event
+
+    async def read(self) -> dict[str, Any]:
+        """The conversation as ``GET /conversations/<id>`` gives it (its current branch)."""
+        return await self._call("GET")
+
+    async def rename(self, title: str) -> dict[str, Any]:
+        return await self._call("PATCH", {"title": title})
+
+    async def delete(self) -> dict[str, Any]:
+        return await self._call("DELETE")
+
+    async def _call(self, method: str, body: Any = None) -> dict[str, Any]:
+        if self.id is None:
+            raise RuntimeError("the conversation starts with its first send")
+        client = self.http or httpx2.AsyncClient(timeout=_TIMEOUT)
+        try:
+            response = await client.request(
+                method, f"{self.base_url}/conversations/{self.id}", json=body, headers=self.headers
+            )
+        finally:
+            if self.http is None:
+                await client.aclose()
+        payload: dict[str, Any] = response.json()
+        if response.status_code >= 300:
+            raise ChatError(response.status_code, payload)
+        return payload

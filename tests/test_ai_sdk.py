@@ -143,3 +143,23 @@ async def test_the_wire_format(server: str, http: httpx2.AsyncClient) -> None:
     assert kinds[:2] == ["start", "text-start"]
     assert kinds[-2:] == ["text-end", "finish"]
     assert set(kinds[2:-2]) == {"text-delta"}
+
+
+async def test_use_chat_with_conversations_sends_only_the_new_message(
+    make_app: Callable[..., Quart], emulator: Emulator, tmp_path: Path
+) -> None:
+    """useChat's id is the conversation: the server prepends the stored history, so the
+    request that sends only the last message (``prepareSendMessagesRequest``) is enough."""
+    emulator.script(Reply("first reply"), Reply("second reply"))
+    app = make_app(
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'ai.db'}",
+        authorize=lambda request: "the-user",  # whose conversations (no cookie from node)
+    )
+    async with serving(app) as url:
+        result = await node_check(url, "conversation")
+    assert result["errors"] == []
+    assert [result["first"], result["second"]] == ["first reply", "second reply"]
+    history = emulator.requests[1].body["messages"]
+    assert [m["role"] for m in history] == ["user", "assistant", "user"]
+    assert history[0]["content"] == "hi" and history[2]["content"] == "and then?"
+    assert history[1]["content"] == [{"type": "text", "text": "first reply"}]

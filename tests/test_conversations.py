@@ -461,3 +461,26 @@ async def test_both_front_ends_keep_a_conversation(
         "second answer",
     ]
     assert emulator.requests[1].body["messages"][0] == {"role": "user", "content": "one"}
+
+
+async def test_the_python_client_keeps_a_conversation(
+    host: tuple[Host, str], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    from quart_claude.client import Conversation
+
+    made, url = host
+    emulator.script(Reply("Hello."), Reply("Again."), Reply("Once more."))
+    chat = Conversation(url, http=http, headers=ALICE)
+    first = [event async for event in chat.send("Hi")]
+    assert first[-1]["type"] == "done" and chat.id == first[0]["conversation_id"]
+    second = "".join([e["text"] async for e in chat.send("And?") if e["type"] == "delta"])
+    assert second == "Again."
+    assert emulator.requests[1].body["messages"][0] == {"role": "user", "content": "Hi"}
+    await eventually(lambda: len(made.turns) == 2)
+    regenerated = "".join([e["text"] async for e in chat.regenerate() if e["type"] == "delta"])
+    assert regenerated == "Once more."
+    await eventually(lambda: len(made.turns) == 3)
+    read = await chat.read()
+    assert [_text(m) for m in read["messages"]] == ["Hi", "Hello.", "And?", "Once more."]
+    assert (await chat.rename("Greetings"))["title"] == "Greetings"
+    assert (await chat.delete())["deleted"] is True

@@ -8,6 +8,7 @@ message metadata) and ``data: [DONE]``, errors as ``error`` chunks, heartbeats a
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -15,7 +16,14 @@ from typing import Any
 from .request import RequestError
 from .sse import SSEParser
 
-__all__ = ["HEADERS", "chat_id_of", "to_chat_body", "to_ui_message_stream"]
+__all__ = [
+    "HEADERS",
+    "chat_id_of",
+    "conversation_of",
+    "to_chat_body",
+    "to_conversation_body",
+    "to_ui_message_stream",
+]
 
 HEADERS = {
     "Content-Type": "text/event-stream; charset=utf-8",
@@ -59,16 +67,47 @@ def to_chat_body(body: Any) -> dict[str, Any]:
         role = message.get("role")
         if role not in ("user", "assistant"):
             raise _invalid(f"'messages[{index}].role' must be 'user' or 'assistant'")
-        text = "".join(
-            part["text"]
-            for part in message["parts"]
-            if isinstance(part, dict)
-            and part.get("type") == "text"
-            and isinstance(part.get("text"), str)
-        )
+        text = _text_of(message["parts"])
         if text.strip():
             messages.append({"role": role, "content": text})
     return {"messages": messages}
+
+
+def conversation_of(owner: str | None, chat_id: str) -> str:
+    """The stored conversation of ``useChat``'s chat id: the identity's own (another
+    identity's chat of the same id is another conversation)."""
+    return hashlib.sha256(f"{owner or ''}\x00{chat_id}".encode()).hexdigest()[:24]
+
+
+def to_conversation_body(body: Any, conversation_id: str) -> dict[str, Any]:
+    """``useChat``'s request for a stored conversation: only its new user message counts
+    (``{id, message}`` as ``prepareSendMessagesRequest`` sends it, or the last of
+    ``messages``); ``trigger: "regenerate-message"`` answers the last one again."""
+    if not isinstance(body, dict):
+        raise _invalid("the body must be a JSON object")
+    if body.get("trigger") == "regenerate-message":
+        return {"conversation_id": conversation_id, "regenerate": True}
+    message = body.get("message")
+    if message is None and isinstance(body.get("messages"), list) and body["messages"]:
+        message = body["messages"][-1]
+    if not isinstance(message, dict) or message.get("role") != "user":
+        raise _invalid("'message' (useChat's new user message) is required")
+    text = _text_of(message.get("parts"))
+    if not text.strip():
+        raise _invalid("the new message has no text")
+    return {"conversation_id": conversation_id, "message": text}
+
+
+def _text_of(parts: Any) -> str:
+    if not isinstance(parts, list):
+        return ""
+    return "".join(
+        part["text"]
+        for part in parts
+        if isinstance(part, dict)
+        and part.get("type") == "text"
+        and isinstance(part.get("text"), str)
+    )
 
 
 def _data(chunk: dict[str, Any]) -> bytes:

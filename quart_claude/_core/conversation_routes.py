@@ -81,6 +81,7 @@ async def open_turn(
         parent_given=options.parent_given,
         regenerate=options.regenerate,
         client_message_id=options.client_message_id,
+        create=options.create,
     )
     opened = await _opened(state, conversations, send, owner)
     if isinstance(opened, Reply):

@@ -188,6 +188,7 @@ class Send:
     parent_given: bool = False  # parent_id was in the body (null: the conversation's root)
     regenerate: bool = False
     client_message_id: str | None = None
+    create: bool = False  # a conversation_id that does not exist yet is created
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -264,11 +265,17 @@ class Conversations:
                     return existing
             created = send.conversation_id is None
             cid = send.conversation_id or new_id()
+            leaf = None
             if created:
                 await _create(conn, cid, send)
-                leaf = None
             else:
-                leaf = await _claim(conn, cid, send)
+                try:
+                    leaf = await _claim(conn, cid, send)
+                except NoSuchConversation:
+                    if not send.create or send.regenerate:
+                        raise
+                    await _create(conn, cid, send)
+                    created = True
             rows = [] if created else await _rows(conn, cid)
             branch = _branch_to(rows, _parent_of(rows, leaf, send))
             user_id = branch[-1].id if send.regenerate else new_id()

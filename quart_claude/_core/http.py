@@ -10,6 +10,7 @@ validation, status codes, headers and the event protocol cannot differ between t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import re
@@ -21,7 +22,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .aisdk import HEADERS as AI_SDK_HEADERS
-from .aisdk import chat_id_of, to_chat_body, to_ui_message_stream
+from .aisdk import (
+    chat_id_of,
+    conversation_of,
+    to_chat_body,
+    to_conversation_body,
+    to_ui_message_stream,
+)
 from .request import ChatRequest, RequestError, SendOptions, parse_chat_request, split_send
 from .schema import ValidationError
 from .state import ClaudeState, Unauthorized
@@ -191,7 +198,7 @@ async def read_json(state: ClaudeState, req: HttpRequest) -> Any:
 async def _open_stream(
     state: ClaudeState,
     req: HttpRequest,
-    convert: Callable[[Any], Any] | None = None,
+    convert: Callable[[Any, str | None], Any] | None = None,
     *,
     whole: bool = False,
 ) -> tuple[Stream, dict[str, str]] | Reply:
@@ -268,17 +275,22 @@ async def _open_stream(
 
 
 async def _parse(
-    state: ClaudeState, req: HttpRequest, owner: str | None, convert: Callable[[Any], Any] | None
+    state: ClaudeState,
+    req: HttpRequest,
+    owner: str | None,
+    convert: Callable[[Any, str | None], Any] | None,
 ) -> tuple[ChatRequest, SendOptions | None] | Reply:
     """The request, validated (with conversations on, its conversation fields apart)."""
     try:
         body = await read_json(state, req)
         if convert is not None:  # another protocol's request shape (the AI SDK's)
-            body = convert(body)
+            body = convert(body, owner)
         options = None
         fields = body
         if state.conversations_on:
             fields, options = split_send(body)
+            if convert is not None:  # useChat names its chats: a new id is a new conversation
+                options = dataclasses.replace(options, create=True)
         chat = parse_chat_request(fields, state.config, owner, conversation=options is not None)
         state.body_model.model_validate(body)  # the model the OpenAPI document is made from
     except RequestError as error:
@@ -427,8 +439,10 @@ async def ai_sdk_chat(state: ClaudeState, req: HttpRequest) -> Reply:
     """``useChat``'s POST: the same producer, answered in the UI message stream protocol."""
     chat_ids: list[str] = []
 
-    def convert(body: Any) -> Any:
+    def convert(body: Any, owner: str | None) -> Any:
         chat_ids.append(chat_id_of(body))
+        if state.conversations_on:  # the chat is a stored conversation: send only its new turn
+            return to_conversation_body(body, conversation_of(owner, chat_ids[0]))
         return to_chat_body(body)
 
     opened = await _open_stream(state, req, convert)

@@ -52,6 +52,7 @@ class SendOptions:
     parent_id: str | None = None
     parent_given: bool = False
     regenerate: bool = False
+    create: bool = False  # a missing conversation_id is created (useChat picks its chat id)
 
 
 _ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -1,6 +1,6 @@
 // Drives quart-claude's AI SDK routes with the `ai` package's own DefaultChatTransport and
 // readUIMessageStream (what useChat runs in a browser). Prints one JSON line of results.
-//   node check.mjs <base url of the blueprint> reply|error|tools|refused|resume
+//   node check.mjs <base url of the blueprint> reply|error|tools|refused|resume|conversation
 import { DefaultChatTransport, readUIMessageStream } from "ai";
 
 const [base, scenario] = process.argv.slice(2);
@@ -61,5 +61,22 @@ if (scenario === "reply" || scenario === "error") {
   const afterFinish = await transport.reconnectToStream({ chatId: "chat-resume" });
   const nothing = await transport.reconnectToStream({ chatId: "never-started" });
   result = { readBeforeAbort: chunks, text: textOf(last), errors, afterFinish, nothing };
+}
+if (scenario === "conversation") {
+  // the server keeps the history: send only the new message, as the AI SDK's docs show
+  const lastOnly = new DefaultChatTransport({
+    api: `${base}/ai-sdk/chat`,
+    prepareSendMessagesRequest: ({ id, messages }) => ({ body: { id, message: messages.at(-1) } }),
+  });
+  const turn = async (history) =>
+    read(await lastOnly.sendMessages({ chatId: "chat-kept", messages: history, trigger: "submit-message", messageId: undefined }));
+  const first = await turn(messages);
+  const history = [
+    ...messages,
+    { id: "a1", role: "assistant", parts: [{ type: "text", text: textOf(first.last) }] },
+    { id: "u2", role: "user", parts: [{ type: "text", text: "and then?" }] },
+  ];
+  const second = await turn(history);
+  result = { first: textOf(first.last), second: textOf(second.last), errors: [...first.errors, ...second.errors] };
 }
 console.log(JSON.stringify(result));
