@@ -75,7 +75,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             resume_every=10,
             ramp=1.0,
         ),
-        Scenario("setup", 500 // scale, 1, 0.0),
+        Scenario("setup", 500 // scale, 1, 0.0, systems=("quart_claude", "conversations")),
         Scenario(
             "paced-redis",
             100 // (scale // 5 or 1),
