@@ -484,3 +484,37 @@ async def test_the_python_client_keeps_a_conversation(
     assert [_text(m) for m in read["messages"]] == ["Hi", "Hello.", "And?", "Once more."]
     assert (await chat.rename("Greetings"))["title"] == "Greetings"
     assert (await chat.delete())["deleted"] is True
+
+
+async def test_the_openapi_document_lists_the_conversation_routes(
+    host: tuple[Host, str], http: httpx2.AsyncClient
+) -> None:
+    _, url = host
+    document = (await http.get(url + "/openapi.json")).json()
+    assert set(document["paths"]["/conversations/{conversation_id}"]) == {"get", "patch", "delete"}
+    assert "get" in document["paths"]["/conversations"]
+    body = document["components"]["schemas"]["ChatRequest"]["properties"]
+    assert {"conversation_id", "client_message_id", "parent_id", "regenerate"} <= set(body)
+    assert "messages" not in body  # the history is the server's
+
+
+async def test_a_retry_after_the_stream_expired_is_replayed_from_the_database(
+    emulator: Emulator, tmp_path: Path, http: httpx2.AsyncClient
+) -> None:
+    made = Host(emulator, tmp_path / "replay.db", stream_ttl=0.05)
+    emulator.script(Reply("kept in the database"))
+    async with serving(made.app) as url:
+        first = await send(http, url, message="hello", client_message_id="c-9")
+        await eventually(lambda: len(made.turns) == 1)
+        stream_id = first.events[0]["stream_id"]
+
+        async def expired() -> bool:
+            gone = await http.get(f"{url}/chat/stream/{stream_id}", headers=ALICE)
+            return gone.status_code == 404
+
+        await eventually(expired, within=10)
+        again = await send(http, url, message="hello", client_message_id="c-9")
+    assert again.events[0]["replayed"] is True
+    assert again.events[0]["conversation_id"] == first.events[0]["conversation_id"]
+    assert again.text == "kept in the database" and again.events[-1]["type"] == "done"
+    assert len(emulator.requests) == 1

@@ -299,7 +299,7 @@ def _errors(*statuses: int) -> dict[str, Any]:
     return {str(status): _json("ErrorBody", "an error, as JSON") for status in statuses}
 
 
-def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
+def openapi_document(config: ClaudeConfig, conversations: bool = False) -> dict[str, Any]:
     """OpenAPI 3.1 for this app's blueprint, from the models above."""
     schemas: dict[str, Any] = {}
     body = chat_body_model(config)
@@ -511,6 +511,9 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
             }
         },
     }
+    if config.database_url is not None or conversations:
+        paths.update(_conversation_paths(prefix, guarded))
+        schemas["Conversation"] = {"type": "object", "additionalProperties": True}
     return {
         "openapi": "3.1.0",
         "info": {"title": "quart-claude", "version": _version()},
@@ -518,6 +521,53 @@ def openapi_document(config: ClaudeConfig) -> dict[str, Any]:
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _conversation_paths(prefix: str, guarded: dict[str, Any]) -> dict[str, Any]:
+    """The routes of stored conversations (see docs/conversations.md)."""
+    path_id = {"name": "conversation_id", "in": "path", "required": True}
+    one = [{**path_id, "schema": {"type": "string"}}]
+    found = {"200": _json("Conversation", "the conversation"), **_errors(400, 401, 404, 503)}
+    return {
+        f"{prefix}/conversations": {
+            "get": {
+                "summary": "The identity's conversations, newest first (keyset pages)",
+                "operationId": "listConversations",
+                **guarded,
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "before", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json("Conversation", "a page"), **_errors(400, 401, 503)},
+            }
+        },
+        f"{prefix}/conversations/{{conversation_id}}": {
+            "get": {
+                "summary": "A conversation's current branch (or ?leaf=), as readers saw it",
+                "operationId": "readConversation",
+                **guarded,
+                "parameters": [
+                    *one,
+                    {"name": "leaf", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": found,
+            },
+            "patch": {
+                "summary": "Rename it, or make a branch current",
+                "operationId": "updateConversation",
+                **guarded,
+                "parameters": one,
+                "responses": found,
+            },
+            "delete": {
+                "summary": "Erase it, every branch",
+                "operationId": "deleteConversation",
+                **guarded,
+                "parameters": one,
+                "responses": found,
+            },
         },
     }
 

@@ -125,7 +125,7 @@ class ClaudeState:
     @property
     def openapi(self) -> dict[str, Any]:
         if self._openapi is None:
-            self._openapi = openapi_document(self.config)
+            self._openapi = openapi_document(self.config, self.conversations_on)
         return self._openapi
 
     @property
