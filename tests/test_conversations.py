@@ -312,14 +312,18 @@ async def test_delete_erases_the_content_from_the_database_file(
     async with serving(made.app) as url:
         cid = (await send(http, url, message=secret)).events[0]["conversation_id"]
         await eventually(lambda: len(made.turns) == 1)
-        raw = b"".join(path.read_bytes() for path in tmp_path.glob("erase.db*"))  # and its log
+        raw = await asyncio.to_thread(database_bytes, tmp_path)  # the file and its log
         assert secret.encode() in raw and b"zebra-unique-4412" in raw  # stored, and findable
         deleted = await http.delete(f"{url}/conversations/{cid}", headers=ALICE)
         assert deleted.status_code == 200
         gone = await http.get(f"{url}/conversations/{cid}", headers=ALICE)
         assert gone.status_code == 404
-        raw = b"".join(path.read_bytes() for path in tmp_path.glob("erase.db*"))  # still open
+        raw = await asyncio.to_thread(database_bytes, tmp_path)  # while it is still open
     assert secret.encode() not in raw and b"zebra-unique-4412" not in raw
+
+
+def database_bytes(folder: Path) -> bytes:
+    return b"".join(path.read_bytes() for path in sorted(folder.glob("erase.db*")))
 
 
 async def test_pages_of_conversations_newest_first_and_a_rename(
