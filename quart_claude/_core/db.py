@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -32,8 +33,9 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy import create_engine as sync_engine
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from .turns import TurnRef
 
@@ -48,6 +50,8 @@ __all__ = [
     "include_object",
     "metadata",
 ]
+
+T = TypeVar("T")
 
 #: Our tables' own metadata (never the host's): what the shipped migrations create.
 metadata = MetaData()
@@ -192,15 +196,19 @@ class Send:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def create_engine(url: str) -> AsyncEngine:
-    """Our own engine for ``CLAUDE_DATABASE_URL``: connections checked before use (a
-    restarted server's are gone), and for SQLite a busy timeout, foreign keys, deleted content
-    overwritten, and write transactions that take the lock at BEGIN (two sends to one
-    conversation wait for each other instead of failing)."""
+def create_engine(url: str) -> AsyncEngine | Engine:
+    """Our own engine for ``CLAUDE_DATABASE_URL``: for PostgreSQL an ``AsyncEngine`` whose
+    connections are checked before use (a restarted server's are gone); for SQLite a sync
+    engine (its transactions run in a thread, see :class:`_ThreadRunner`) with a busy
+    timeout, foreign keys, deleted content overwritten, and write transactions that take the
+    lock at BEGIN (two sends to one conversation wait for each other instead of failing)."""
     if url.startswith("sqlite"):
-        engine = create_async_engine(url, connect_args={"timeout": 15})
-        event.listen(engine.sync_engine, "connect", _sqlite_connect)
-        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+        engine = sync_engine(
+            url.replace("sqlite+aiosqlite:", "sqlite:", 1),
+            connect_args={"timeout": 15, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
         return engine
     return create_async_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
@@ -222,39 +230,37 @@ def _sqlite_begin(connection: Connection) -> None:
 
 
 class Conversations:
-    """The conversations of one app: every query its routes and producers make."""
+    """The conversations of one app: every query its routes and producers make, each a
+    transaction written once as plain (sync) SQLAlchemy Core and run by the engine's
+    :class:`_Runner`."""
 
-    def __init__(self, engine: AsyncEngine, *, owned: bool) -> None:
-        self.engine = engine
+    def __init__(self, engine: AsyncEngine | Engine, *, owned: bool) -> None:
+        self.runner: _Runner = (
+            _AsyncRunner(engine) if isinstance(engine, AsyncEngine) else _ThreadRunner(engine)
+        )
         self.owned = owned  # ours to dispose of (not the host's)
-
-    @property
-    def sqlite(self) -> bool:
-        return self.engine.dialect.name == "sqlite"
+        self.sqlite = engine.dialect.name == "sqlite"
 
     async def create_tables(self) -> None:
         """SQLite in development: the tables without a migration step."""
-        async with self.engine.begin() as conn:
-            await conn.run_sync(metadata.create_all)
+        await self.runner.write(lambda conn: metadata.create_all(conn))
 
     async def migrated(self) -> bool:
         """Whether our tables exist (``python -m quart_claude db upgrade`` made them)."""
-        async with self.engine.connect() as conn:
-            names = await conn.run_sync(lambda sync: set(sync.dialect.get_table_names(sync)))
+        names = await self.runner.read(lambda conn: set(conn.dialect.get_table_names(conn)))
         return set(metadata.tables) <= names
 
     async def ping(self) -> bool:
         """Whether the database answers within 3 s (``/ready``)."""
         try:
-            async with asyncio.timeout(3), self.engine.connect() as conn:
-                await conn.execute(text("SELECT 1"))
+            async with asyncio.timeout(3):
+                await self.runner.read(lambda conn: conn.execute(text("SELECT 1")).all())
         except Exception:
             return False
         return True
 
     async def close(self) -> None:
-        if self.owned:
-            await self.engine.dispose()
+        await self.runner.close(dispose=self.owned)
 
     # -- a turn ---------------------------------------------------------------------------
 
@@ -262,51 +268,12 @@ class Conversations:
         """Store the new user message and the assistant's placeholder, and mark the
         conversation busy, in one transaction. Raises :class:`Busy` or
         :class:`NoSuchConversation`."""
-        user_id, answer_id = new_id(), new_id()
-        async with self.engine.begin() as conn:
-            if send.client_message_id is not None:
-                existing = await _existing(conn, send)
-                if existing is not None:
-                    return existing
-            cid, leaf, created = await _conversation(conn, send, answer_id)
-            rows = [] if created else await _rows(conn, cid)
-            branch = _branch_to(rows, _parent_of(rows, leaf, send))
-            stamp = now_ms()
-            if send.regenerate:
-                user_id = branch[-1].id
-                new = [_answer_row(answer_id, user_id, send)]
-            else:
-                new = [_user_row(user_id, send, branch), _answer_row(answer_id, user_id, send)]
-            for offset, row in enumerate(new):
-                row.update(conversation_id=cid, created_at=stamp + offset)
-            if not send.regenerate:
-                branch.append(MessageRow.of(_Inserted(new[0])))
-            await conn.execute(messages.insert(), new)  # both rows: one statement
-            if not created:
-                await conn.execute(
-                    update(conversations)
-                    .where(conversations.c.id == cid)
-                    .values(leaf_id=answer_id, updated_at=stamp)
-                )
-        return Opened(TurnRef(cid, user_id, answer_id), branch, created)
+        return await self.runner.write(_open_turn, send)
 
     async def claim(self, ref: TurnRef) -> TurnRef | None:
         """A takeover: this producer's fence, above the one before (whose commit can no longer
         land); None when the turn is no longer streaming."""
-        async with self.engine.begin() as conn:
-            fence = (
-                await conn.execute(
-                    select(messages.c.fence).where(
-                        messages.c.id == ref.message_id, messages.c.status == "streaming"
-                    )
-                )
-            ).scalar()
-            if fence is None:
-                return None
-            await conn.execute(
-                update(messages).where(messages.c.id == ref.message_id).values(fence=fence + 1)
-            )
-        return TurnRef(ref.conversation_id, ref.user_message_id, ref.message_id, fence + 1)
+        return await self.runner.write(_claim_turn, ref)
 
     async def finish(
         self,
@@ -319,98 +286,222 @@ class Conversations:
         usage: dict[str, Any],
     ) -> bool:
         """Store the answer, once: False when the turn was fenced out or already stored."""
-        async with self.engine.begin() as conn:
-            stored = await conn.execute(
-                update(messages)
-                .where(
-                    messages.c.id == ref.message_id,
-                    messages.c.status == "streaming",
-                    messages.c.fence == ref.fence,
-                )
-                .values(content=content, status=status, stop_reason=stop_reason, usage=usage)
-            )
-            if stored.rowcount != 1:
-                return False
-            await _release(conn, ref.conversation_id, stream_id)
-        return True
+        values = {"content": content, "status": status, "stop_reason": stop_reason, "usage": usage}
+        return await self.runner.write(_finish, ref, stream_id, values)
 
     async def abandon(self, conversation_id: str, stream_id: str) -> None:
         """A turn whose producer is gone for good (no store knows its stream): kept as an
         error, and the conversation free again."""
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(messages)
-                .where(messages.c.stream_id == stream_id, messages.c.status == "streaming")
-                .values(status="error")
-            )
-            await _release(conn, conversation_id, stream_id)
+        await self.runner.write(_abandon, conversation_id, stream_id)
 
     # -- reading and managing -------------------------------------------------------------
 
     async def page(self, owner: str, before: tuple[int, str] | None, limit: int) -> list[Any]:
         """The identity's conversations, newest first, after the keyset ``before``."""
-        c = conversations.c
-        query = select(c.id, c.title, c.created_at, c.updated_at, c.active_stream_id).where(
-            c.owner == owner
-        )
-        if before is not None:
-            stamp, cid = before
-            query = query.where((c.updated_at < stamp) | ((c.updated_at == stamp) & (c.id < cid)))
-        query = query.order_by(c.updated_at.desc(), c.id.desc()).limit(limit)
-        async with self.engine.connect() as conn:
-            return list((await conn.execute(query)).all())
+        return await self.runner.read(_page, owner, before, limit)
 
     async def load(self, owner: str, cid: str) -> tuple[Any, list[MessageRow]]:
         """A conversation and all its messages (every branch), oldest first."""
-        async with self.engine.connect() as conn:
-            head = await _head(conn, owner, cid)
-            return head, await _rows(conn, cid)
+        return await self.runner.read(lambda conn: (_head(conn, owner, cid), _rows(conn, cid)))
 
     async def rename(self, owner: str, cid: str, title: str | None) -> None:
-        async with self.engine.begin() as conn:
-            await _head(conn, owner, cid)
-            await conn.execute(
-                update(conversations).where(conversations.c.id == cid).values(title=title)
-            )
+        await self.runner.write(_set, owner, cid, {"title": title})
 
     async def switch(self, owner: str, cid: str, leaf_id: str) -> None:
-        async with self.engine.begin() as conn:
-            await _head(conn, owner, cid)
-            await conn.execute(
-                update(conversations).where(conversations.c.id == cid).values(leaf_id=leaf_id)
-            )
+        await self.runner.write(_set, owner, cid, {"leaf_id": leaf_id})
 
     async def delete(self, owner: str, cid: str) -> str | None:
-        """Erase a conversation and every message of it; the stream still running, if any."""
-        async with self.engine.begin() as conn:
-            head = await _head(conn, owner, cid)
-            await conn.execute(messages.delete().where(messages.c.conversation_id == cid))
-            await conn.execute(conversations.delete().where(conversations.c.id == cid))
+        """Erase a conversation and every message of it; the stream still running, if any.
+        SQLite: then the write-ahead log is copied into the file (whose freed pages
+        secure_delete has zeroed) and emptied, so a deleted message is in neither."""
+        active = await self.runner.write(_delete, owner, cid)
         if self.sqlite:
-            await self._truncate_log()
-        active: str | None = head.active_stream_id
+            await self.runner.raw("PRAGMA wal_checkpoint(TRUNCATE)")
         return active
-
-    async def _truncate_log(self) -> None:
-        """SQLite: copy the write-ahead log into the file (whose freed pages secure_delete
-        has zeroed) and empty it, so a deleted message is in neither."""
-        async with self.engine.connect() as conn:
-            raw = await conn.get_raw_connection()
-            driver: Any = raw.driver_connection
-            await driver.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     async def purge(self, older_than_ms: int) -> int:
         """Erase conversations untouched since ``older_than_ms`` (``CLAUDE_CONVERSATION_TTL``)."""
+        return await self.runner.write(_purge, older_than_ms)
+
+
+class _Runner(Protocol):
+    """How a transaction (a function of a sync ``Connection``) runs for one engine."""
+
+    async def write(self, work: Callable[..., T], *args: Any) -> T: ...
+
+    async def read(self, work: Callable[..., T], *args: Any) -> T: ...
+
+    async def raw(self, sql: str) -> None: ...
+
+    async def close(self, *, dispose: bool) -> None: ...
+
+
+class _AsyncRunner:
+    """An ``AsyncEngine`` (PostgreSQL, or the host's own): the transaction in SQLAlchemy's
+    ``run_sync``, each statement awaited on the loop."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+
+    async def write(self, work: Callable[..., T], *args: Any) -> T:
         async with self.engine.begin() as conn:
-            old = select(conversations.c.id).where(
-                conversations.c.updated_at < older_than_ms,
-                conversations.c.active_stream_id.is_(None),
-            )
-            ids = [row.id for row in (await conn.execute(old)).all()]
-            if ids:
-                await conn.execute(messages.delete().where(messages.c.conversation_id.in_(ids)))
-                await conn.execute(conversations.delete().where(conversations.c.id.in_(ids)))
-        return len(ids)
+            return await conn.run_sync(work, *args)
+
+    async def read(self, work: Callable[..., T], *args: Any) -> T:
+        async with self.engine.connect() as conn:
+            return await conn.run_sync(work, *args)
+
+    async def raw(self, sql: str) -> None:
+        async with self.engine.connect() as conn:
+            raw = await conn.get_raw_connection()
+            driver: Any = raw.driver_connection
+            await driver.execute(sql)
+
+    async def close(self, *, dispose: bool) -> None:
+        if dispose:
+            await self.engine.dispose()
+
+
+class _ThreadRunner:
+    """Our own SQLite: a sync engine, each transaction run whole in a worker thread (one
+    hand-off per transaction; the async driver makes several per statement, six times the
+    CPU of a turn)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="quart-claude-db")
+
+    async def write(self, work: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._write, work, args)
+
+    async def read(self, work: Callable[..., T], *args: Any) -> T:
+        return await self._run(self._read, work, args)
+
+    async def raw(self, sql: str) -> None:
+        await self._run(self._raw, sql)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    def _write(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self.engine.begin() as conn:
+            return work(conn, *args)
+
+    def _read(self, work: Callable[..., T], args: tuple[Any, ...]) -> T:
+        with self.engine.connect() as conn:
+            return work(conn, *args)
+
+    def _raw(self, sql: str) -> None:
+        connection = self.engine.raw_connection()
+        try:
+            connection.driver_connection.execute(sql)  # type: ignore[union-attr]
+        finally:
+            connection.close()
+
+    async def close(self, *, dispose: bool) -> None:
+        await self._run(self.engine.dispose)
+        self.pool.shutdown(wait=False)
+
+
+# -- the transactions (plain SQLAlchemy Core on a sync Connection) ---------------------------
+
+
+def _open_turn(conn: Connection, send: Send) -> Opened | Existing:
+    user_id, answer_id = new_id(), new_id()
+    if send.client_message_id is not None:
+        existing = _existing(conn, send)
+        if existing is not None:
+            return existing
+    cid, leaf, created = _conversation(conn, send, answer_id)
+    rows = [] if created else _rows(conn, cid)
+    branch = _branch_to(rows, _parent_of(rows, leaf, send))
+    stamp = now_ms()
+    if send.regenerate:
+        user_id = branch[-1].id
+        new = [_answer_row(answer_id, user_id, send)]
+    else:
+        new = [_user_row(user_id, send, branch), _answer_row(answer_id, user_id, send)]
+    for offset, row in enumerate(new):
+        row.update(conversation_id=cid, created_at=stamp + offset)
+    if not send.regenerate:
+        branch.append(MessageRow.of(_Inserted(new[0])))
+    conn.execute(messages.insert(), new)  # both rows: one statement
+    if not created:
+        conn.execute(
+            update(conversations)
+            .where(conversations.c.id == cid)
+            .values(leaf_id=answer_id, updated_at=stamp)
+        )
+    return Opened(TurnRef(cid, user_id, answer_id), branch, created)
+
+
+def _claim_turn(conn: Connection, ref: TurnRef) -> TurnRef | None:
+    m = messages.c
+    query = select(m.fence).where(m.id == ref.message_id, m.status == "streaming")
+    fence = conn.execute(query).scalar()
+    if fence is None:
+        return None
+    conn.execute(update(messages).where(m.id == ref.message_id).values(fence=fence + 1))
+    return TurnRef(ref.conversation_id, ref.user_message_id, ref.message_id, fence + 1)
+
+
+def _finish(conn: Connection, ref: TurnRef, stream_id: str, values: dict[str, Any]) -> bool:
+    m = messages.c
+    stored = conn.execute(
+        update(messages)
+        .where(m.id == ref.message_id, m.status == "streaming", m.fence == ref.fence)
+        .values(**values)
+    )
+    if stored.rowcount != 1:
+        return False
+    _release(conn, ref.conversation_id, stream_id)
+    return True
+
+
+def _abandon(conn: Connection, cid: str, stream_id: str) -> None:
+    conn.execute(
+        update(messages)
+        .where(messages.c.stream_id == stream_id, messages.c.status == "streaming")
+        .values(status="error")
+    )
+    _release(conn, cid, stream_id)
+
+
+def _page(conn: Connection, owner: str, before: tuple[int, str] | None, limit: int) -> list[Any]:
+    c = conversations.c
+    query = select(c.id, c.title, c.created_at, c.updated_at, c.active_stream_id).where(
+        c.owner == owner
+    )
+    if before is not None:
+        stamp, cid = before
+        query = query.where((c.updated_at < stamp) | ((c.updated_at == stamp) & (c.id < cid)))
+    query = query.order_by(c.updated_at.desc(), c.id.desc()).limit(limit)
+    return list(conn.execute(query).all())
+
+
+def _set(conn: Connection, owner: str, cid: str, values: dict[str, Any]) -> None:
+    _head(conn, owner, cid)
+    conn.execute(update(conversations).where(conversations.c.id == cid).values(**values))
+
+
+def _delete(conn: Connection, owner: str, cid: str) -> str | None:
+    head = _head(conn, owner, cid)
+    conn.execute(messages.delete().where(messages.c.conversation_id == cid))
+    conn.execute(conversations.delete().where(conversations.c.id == cid))
+    active: str | None = head.active_stream_id
+    return active
+
+
+def _purge(conn: Connection, older_than_ms: int) -> int:
+    old = select(conversations.c.id).where(
+        conversations.c.updated_at < older_than_ms,
+        conversations.c.active_stream_id.is_(None),
+    )
+    ids = [row.id for row in conn.execute(old).all()]
+    if ids:
+        conn.execute(messages.delete().where(messages.c.conversation_id.in_(ids)))
+        conn.execute(conversations.delete().where(conversations.c.id.in_(ids)))
+    return len(ids)
 
 
 class _Inserted:
@@ -452,26 +543,24 @@ def _answer_row(answer_id: str, parent_id: str, send: Send) -> dict[str, Any]:
     }
 
 
-async def _conversation(
-    conn: AsyncConnection, send: Send, answer_id: str
-) -> tuple[str, str | None, bool]:
+def _conversation(conn: Connection, send: Send, answer_id: str) -> tuple[str, str | None, bool]:
     """The conversation the turn is in, claimed for it: its id, its leaf before the turn,
     and whether it was created now (with the new answer as its leaf already)."""
     cid = send.conversation_id
     if cid is not None:
         try:
-            return cid, await _claim(conn, cid, send), False
+            return cid, _claim(conn, cid, send), False
         except NoSuchConversation:
             if not send.create or send.regenerate:
                 raise
     cid = cid or new_id()
-    await _create(conn, cid, send, answer_id)
+    _create(conn, cid, send, answer_id)
     return cid, None, True
 
 
-async def _head(conn: AsyncConnection, owner: str, cid: str) -> Any:
+def _head(conn: Connection, owner: str, cid: str) -> Any:
     row = (
-        await conn.execute(
+        conn.execute(
             select(conversations).where(conversations.c.id == cid, conversations.c.owner == owner)
         )
     ).first()
@@ -480,9 +569,9 @@ async def _head(conn: AsyncConnection, owner: str, cid: str) -> Any:
     return row
 
 
-async def _create(conn: AsyncConnection, cid: str, send: Send, leaf: str) -> None:
+def _create(conn: Connection, cid: str, send: Send, leaf: str) -> None:
     stamp = now_ms()
-    await conn.execute(
+    conn.execute(
         conversations.insert().values(
             id=cid,
             owner=send.owner,
@@ -508,40 +597,40 @@ def _title(content: Any) -> str | None:
     return (words[:77] + "...") if len(words) > 80 else (words or None)
 
 
-async def _claim(conn: AsyncConnection, cid: str, send: Send) -> str | None:
+def _claim(conn: Connection, cid: str, send: Send) -> str | None:
     """Mark the conversation busy with this turn: its current leaf. Busy or missing raise."""
     c = conversations.c
-    claimed = await conn.execute(
+    claimed = conn.execute(
         update(conversations)
         .where(c.id == cid, c.owner == send.owner, c.active_stream_id.is_(None))
         .values(active_stream_id=send.stream_id)
     )
-    head = await _head(conn, send.owner, cid)
+    head = _head(conn, send.owner, cid)
     if claimed.rowcount != 1:
         raise Busy(head.active_stream_id)
     leaf: str | None = head.leaf_id
     return leaf
 
 
-async def _release(conn: AsyncConnection, cid: str, stream_id: str) -> None:
+def _release(conn: Connection, cid: str, stream_id: str) -> None:
     c = conversations.c
-    await conn.execute(
+    conn.execute(
         update(conversations)
         .where(c.id == cid, c.active_stream_id == stream_id)
         .values(active_stream_id=None, updated_at=now_ms())
     )
 
 
-async def _rows(conn: AsyncConnection, cid: str) -> list[MessageRow]:
+def _rows(conn: Connection, cid: str) -> list[MessageRow]:
     query = (
         select(messages)
         .where(messages.c.conversation_id == cid)
         .order_by(messages.c.created_at, messages.c.id)
     )
-    return [MessageRow.of(row) for row in (await conn.execute(query)).all()]
+    return [MessageRow.of(row) for row in conn.execute(query).all()]
 
 
-async def _existing(conn: AsyncConnection, send: Send) -> Existing | None:
+def _existing(conn: Connection, send: Send) -> Existing | None:
     m, c = messages.c, conversations.c
     query = (
         select(m.id, m.conversation_id)
@@ -550,10 +639,10 @@ async def _existing(conn: AsyncConnection, send: Send) -> Existing | None:
     )
     if send.conversation_id is not None:
         query = query.where(m.conversation_id == send.conversation_id)
-    user = (await conn.execute(query)).first()
+    user = conn.execute(query).first()
     if user is None:
         return None
-    answers = await conn.execute(
+    answers = conn.execute(
         select(messages).where(m.parent_id == user.id, m.role == "assistant").order_by(m.created_at)
     )
     answer = answers.first()
