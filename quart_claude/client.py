@@ -223,10 +223,10 @@ class Conversation:
         http: httpx2.AsyncClient | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
-        self.id = conversation_id
-        self.http = http
-        self.headers = headers
+        self.base_url: str = base_url.rstrip("/")
+        self.id: str | None = conversation_id
+        self.http: httpx2.AsyncClient | None = http
+        self.headers: dict[str, str] | None = headers
 
     async def send(self, message: Any, **fields: Any) -> AsyncIterator[dict[str, Any]]:
         """Stream the answer to ``message`` (text, or content blocks); ``fields`` such as

@@ -16,7 +16,7 @@ from typing import Any
 
 __all__ = ["cli_group", "upgrade"]
 
-_SCRIPTS = Path(__file__).parent / "migrations"
+_SCRIPTS = Path(__file__).parent / "_migrations"
 
 
 def upgrade(url: str, revision: str = "head") -> None:

@@ -54,7 +54,7 @@ __all__ = [
 T = TypeVar("T")
 
 #: Our tables' own metadata (never the host's): what the shipped migrations create.
-metadata = MetaData()
+metadata: MetaData = MetaData()
 
 conversations = Table(
     "claude_conversations",
@@ -96,7 +96,7 @@ messages = Table(
 )
 
 #: Alembic's version table for our revisions (never the host's ``alembic_version``).
-VERSION_TABLE = "claude_alembic_version"
+VERSION_TABLE: str = "claude_alembic_version"
 _TABLES = frozenset({*metadata.tables, VERSION_TABLE})
 
 
@@ -238,8 +238,8 @@ class Conversations:
         self.runner: _Runner = (
             _AsyncRunner(engine) if isinstance(engine, AsyncEngine) else _ThreadRunner(engine)
         )
-        self.owned = owned  # ours to dispose of (not the host's)
-        self.sqlite = engine.dialect.name == "sqlite"
+        self.owned: bool = owned  # ours to dispose of (not the host's)
+        self.sqlite: bool = engine.dialect.name == "sqlite"
 
     async def create_tables(self) -> None:
         """SQLite in development: the tables without a migration step."""
@@ -341,7 +341,7 @@ class _AsyncRunner:
     ``run_sync``, each statement awaited on the loop."""
 
     def __init__(self, engine: AsyncEngine) -> None:
-        self.engine = engine
+        self.engine: AsyncEngine = engine
 
     async def write(self, work: Callable[..., T], *args: Any) -> T:
         async with self.engine.begin() as conn:
@@ -368,8 +368,10 @@ class _ThreadRunner:
     CPU of a turn)."""
 
     def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="quart-claude-db")
+        self.engine: Engine = engine
+        self.pool: ThreadPoolExecutor = ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="quart-claude-db"
+        )
 
     async def write(self, work: Callable[..., T], *args: Any) -> T:
         return await self._run(self._write, work, args)
