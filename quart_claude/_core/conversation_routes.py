@@ -14,7 +14,16 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
-from .db import Busy, Conversations, Existing, MessageRow, NoSuchConversation, Opened, Send
+from .db import (
+    Busy,
+    Conversations,
+    Existing,
+    MessageRow,
+    NoSuchConversation,
+    Opened,
+    Send,
+    branch_to,
+)
 from .history import api_messages
 from .http import (
     HttpRequest,
@@ -23,6 +32,8 @@ from .http import (
     identity_of,
     json_error,
     json_reply,
+    read_json,
+    sse_reply,
     store_unavailable,
     unauthorized,
 )
@@ -171,8 +182,6 @@ async def _retried(state: ClaudeState, existing: Existing, owner: str | None, wh
             found = await state.find(answer.stream_id, owner)
         except StoreUnavailable:
             return store_unavailable()
-    from .http import sse_reply
-
     if found is not None:
         events = state.read(found, -1)
         if events is not None:
@@ -308,13 +317,7 @@ def _branch_view(rows: list[MessageRow], leaf: str | None) -> list[dict[str, Any
     children: dict[str | None, list[MessageRow]] = {}
     for row in rows:
         children.setdefault(row.parent_id, []).append(row)
-    by_id = {row.id: row for row in rows}
-    path: list[MessageRow] = []
-    at = by_id.get(leaf or "")
-    while at is not None:
-        path.append(at)
-        at = by_id.get(at.parent_id or "")
-    path.reverse()
+    path = branch_to(rows, leaf)
     while path and children.get(path[-1].id):
         path.append(children[path[-1].id][-1])
     return [_message_view(row, children.get(row.parent_id, [row])) for row in path]
@@ -348,8 +351,6 @@ async def update_conversation(state: ClaudeState, req: HttpRequest) -> Reply:
     owner = await _owner(state, req)
     if isinstance(owner, Reply):
         return owner
-    from .http import read_json
-
     try:
         body = await read_json(state, req)
         title, leaf = _patch_fields(body)

@@ -46,6 +46,7 @@ __all__ = [
     "MessageRow",
     "NoSuchConversation",
     "Opened",
+    "branch_to",
     "TurnRef",
     "include_object",
     "metadata",
@@ -416,7 +417,7 @@ def _open_turn(conn: Connection, send: Send) -> Opened | Existing:
             return existing
     cid, leaf, created = _conversation(conn, send, answer_id)
     rows = [] if created else _rows(conn, cid)
-    branch = _branch_to(rows, _parent_of(rows, leaf, send))
+    branch = branch_to(rows, _parent_of(rows, leaf, send))
     stamp = now_ms()
     if send.regenerate:
         user_id = branch[-1].id
@@ -677,7 +678,7 @@ def _parent_of(rows: Sequence[MessageRow], leaf: str | None, send: Send) -> str 
     return row.id
 
 
-def _branch_to(rows: Sequence[MessageRow], last: str | None) -> list[MessageRow]:
+def branch_to(rows: Sequence[MessageRow], last: str | None) -> list[MessageRow]:
     """The messages from the first to ``last``, following parents."""
     by_id = {row.id: row for row in rows}
     branch: list[MessageRow] = []
