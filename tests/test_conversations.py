@@ -522,3 +522,66 @@ async def test_a_retry_after_the_stream_expired_is_replayed_from_the_database(
     assert again.events[0]["conversation_id"] == first.events[0]["conversation_id"]
     assert again.text == "kept in the database" and again.events[-1]["type"] == "done"
     assert len(emulator.requests) == 1
+
+
+async def test_a_compaction_is_stored_and_later_turns_start_from_it(
+    emulator: Emulator, tmp_path: Path, http: httpx2.AsyncClient
+) -> None:
+    made = Host(emulator, tmp_path / "chat.db", context_strategy="compact")
+    emulator.script(
+        Reply("First answer."),
+        Reply("Second answer.", input_tokens=160_000),  # past the default trigger: compacts
+        Reply("Third answer."),
+    )
+    async with serving(made.app) as url:
+        first = await send(http, url, message="Tell me about lighthouses.")
+        cid = first.events[0]["conversation_id"]
+        second = await send(http, url, message="And about ships?", conversation_id=cid)
+        assert second.status == 200, second.body
+        assert second.text == "Second answer."  # the summary is the API's, not the reader's
+        third = await send(http, url, message="Which is older?", conversation_id=cid)
+        assert third.text == "Third answer.", third.body
+        read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+    request = emulator.requests[1]
+    assert request.headers["anthropic-beta"] == "compact-2026-01-12"
+    assert request.body["context_management"] == {"edits": [{"type": "compact_20260112"}]}
+    sent_back = emulator.requests[2].body["messages"][3]
+    assert sent_back["role"] == "assistant"
+    compaction, text = sent_back["content"]
+    assert compaction["type"] == "compaction"
+    assert compaction["content"].startswith("## Summary of Conversation")
+    assert compaction["encrypted_content"]  # verbatim, or the emulator would have refused it
+    assert text == {"type": "text", "text": "Second answer."}
+    # the API reads from the compaction on: the third request's input is the summary and after
+    assert third.events[-1]["usage"]["input_tokens"] < 100
+    await eventually(lambda: len(made.turns) == 3)
+    assert [b["type"] for b in made.turns[1].content] == ["compaction", "text"]
+    assert made.turns[1].usage["iterations"][0]["type"] == "compaction"
+    assert [b["type"] for b in read["messages"][3]["content"]] == ["text"]
+
+
+async def test_clearing_old_tool_uses_is_asked_for_and_reported(
+    emulator: Emulator, tmp_path: Path, http: httpx2.AsyncClient
+) -> None:
+    made = Host(emulator, tmp_path / "chat.db", context_strategy="clear_tool_uses")
+
+    @made.claude.tool
+    def order_status(order_id: str) -> dict[str, str]:
+        """Look up an order."""
+        return {"order_id": order_id, "status": "shipped " * 40}
+
+    calls = [
+        Reply("Looking.", tool_calls=[ToolUse("order_status", {"order_id": f"A-{n}"})])
+        for n in range(4)
+    ]
+    emulator.script(*calls, Reply("All shipped.", input_tokens=120_000))
+    async with serving(made.app) as url:
+        answer = await send(http, url, message="Where are my four orders?")
+    assert answer.status == 200, answer.body
+    last = emulator.requests[-1]
+    assert last.headers["anthropic-beta"] == "context-management-2025-06-27"
+    assert last.body["context_management"] == {"edits": [{"type": "clear_tool_uses_20250919"}]}
+    # four results, the default keeps three: the API cleared one, from fewer input tokens
+    assert answer.events[-1]["usage"]["input_tokens"] < 120_000
+    await eventually(lambda: len(made.turns) == 1)
+    assert made.turns[0].stop_reason == "end_turn"

@@ -256,3 +256,48 @@ async def test_a_bad_content_length_is_a_400(emulator: Emulator, length: str) ->
     writer.close()
     assert status.startswith(b"HTTP/1.1 400")
     assert emulator.requests == []
+
+
+async def test_compaction_round_trips_only_verbatim_and_with_its_beta(emulator: Emulator) -> None:
+    emulator.script(
+        Reply("Answered.", input_tokens=200_000), Reply("Again."), Reply("x"), Reply("x")
+    )
+    edits: Any = {"edits": [{"type": "compact_20260112"}]}
+    first = [{"role": "user", "content": "A long talk about tides."}]
+    async with client(emulator) as sdk:
+        async with sdk.beta.messages.stream(
+            model="claude-opus-4-6",
+            max_tokens=100,
+            messages=first,  # type: ignore[arg-type]
+            betas=["compact-2026-01-12"],
+            context_management=edits,
+        ) as stream:
+            message = await stream.get_final_message()
+        assert [block.type for block in message.content] == ["compaction", "text"]
+        assert message.usage.iterations is not None
+        assert [i.type for i in message.usage.iterations] == ["compaction", "message"]
+        compaction = message.content[0].model_dump(exclude_none=True)
+        history: Any = [
+            *first,
+            {"role": "assistant", "content": [compaction]},
+            {"role": "user", "content": "More?"},
+        ]
+        again = await sdk.beta.messages.create(
+            model="claude-opus-4-6", max_tokens=50, messages=history, betas=["compact-2026-01-12"]
+        )
+        assert again.content[0].type == "text"
+        history[1]["content"][0] = {**compaction, "content": compaction["content"] + " (edited)"}
+        with pytest.raises(anthropic.BadRequestError, match="encrypted_content"):
+            await sdk.beta.messages.create(
+                model="claude-opus-4-6",
+                max_tokens=50,
+                messages=history,
+                betas=["compact-2026-01-12"],
+            )
+        with pytest.raises(anthropic.BadRequestError, match="compact-2026-01-12"):
+            await sdk.messages.create(
+                model="claude-opus-4-6",
+                max_tokens=50,
+                messages=first,  # type: ignore[arg-type]
+                extra_body={"context_management": edits},
+            )

@@ -267,3 +267,50 @@ async def test_a_paused_turn_goes_back_block_for_block_and_the_api_continues_it(
     assert all(isinstance(call["input"], dict) and call["input"] for call in calls)
     thinking = [b for b in back["content"] if b["type"] == "thinking"]
     assert thinking and all(b["signature"] for b in thinking)
+
+
+def _shape(events: list[dict[str, Any]]) -> list[str]:
+    """The order of events and block types, text deltas folded into one."""
+    shape: list[str] = []
+    for event in events:
+        kind = event["type"]
+        if kind == "content_block_start":
+            kind += ":" + event["content_block"]["type"]
+        elif kind == "content_block_delta":
+            kind += ":" + event["delta"]["type"]
+        if kind != "ping" and (not shape or shape[-1] != kind):
+            shape.append(kind)
+    return shape
+
+
+async def test_the_emulators_compaction_is_shaped_like_the_recorded_one(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    name = "vercel-ai__long_multibyte_text_compaction_block.sse"
+    recorded = [sse.json() for sse in SSEParser().feed((RECORDINGS / name).read_bytes())]
+    emulator.script(Reply("Here is the summary you asked for.", input_tokens=160_000))
+    response = await http.post(
+        emulator.url + "/v1/messages",
+        headers={"x-api-key": "sk-test", "anthropic-beta": "compact-2026-01-12"},
+        json={
+            "model": "claude-opus-4-6",
+            "max_tokens": 100,
+            "stream": True,
+            "context_management": {"edits": [{"type": "compact_20260112"}]},
+            "messages": [{"role": "user", "content": "Summarize our long talk."}],
+        },
+    )
+    emulated = [sse.json() for sse in SSEParser().feed(response.content)]
+    recorded_shape, emulated_shape = _shape(recorded), _shape(emulated)
+    assert emulated_shape == recorded_shape
+    for got, want in zip(emulated, recorded, strict=False):
+        if want["type"] == "content_block_start" and want["content_block"]["type"] == "compaction":
+            assert got["content_block"] == want["content_block"]  # content: null at the start
+    delta = next(e for e in emulated if e["type"] == "message_delta")
+    recorded_delta = next(e for e in recorded if e["type"] == "message_delta")
+    assert set(recorded_delta["usage"]) >= set(delta["usage"]) >= {"input_tokens", "iterations"}
+    assert [i["type"] for i in delta["usage"]["iterations"]] == [
+        i["type"] for i in recorded_delta["usage"]["iterations"]
+    ]
+    start = next(e for e in emulated if e["type"] == "message_start")
+    assert start["message"]["usage"]["input_tokens"] > delta["usage"]["input_tokens"]

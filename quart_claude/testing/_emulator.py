@@ -25,6 +25,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from .._core.sse import SSEParser
+from ._context import (
+    ContextPlan,
+    compaction_problem,
+    context_problem,
+    from_last_compaction,
+    plan,
+    sealed_block,
+)
 
 __all__ = [
     "CONTINUE_MARKER",
@@ -456,12 +464,16 @@ class Emulator:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             return 400, "invalid_request_error", "messages: Field required"
+        beta = headers.get("anthropic-beta", "")
         for index, message in enumerate(messages):
             if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
                 return 400, "invalid_request_error", f"messages.{index}.role: invalid"
-            problem = _content_problem(message, f"messages.{index}.content")
+            problem = _content_problem(message, f"messages.{index}.content", beta)
             if problem is not None:
                 return 400, "invalid_request_error", problem
+        problem = context_problem(body, beta)
+        if problem is not None:
+            return 400, "invalid_request_error", problem
         if not model.startswith("claude-"):
             return 404, "not_found_error", f"model: {model}"
         problem = _thinking_problem(body, model) or _conversation_problem(body)
@@ -551,6 +563,9 @@ class Emulator:
             stop_reason = "max_tokens"
         delay = reply.token_delay if reply.token_delay is not None else self.token_delay
         usage = self._usage(reply, body)
+        context = plan(body, usage["input_tokens"] + usage["cache_read_input_tokens"])
+        if context is not None and context.compaction is None:  # cleared before it is read
+            usage = {**usage, "input_tokens": context.input_tokens}
         head = (
             "HTTP/1.1 200 OK\r\n"
             "content-type: text/event-stream; charset=utf-8\r\n"
@@ -587,25 +602,20 @@ class Emulator:
                 },
             },
         )
-        thinking = body.get("thinking")
-        if (
-            reply.thinking is None
-            and isinstance(thinking, dict)
-            and thinking.get("type")
-            in (
-                "enabled",
-                "adaptive",
-            )
-        ):  # asked to think, a model thinks
-            reply = replace(reply, thinking=_demo_thought(body["messages"]))
-        index = await _thinking_blocks(event, reply, delay or 0.0)
+        reply = _thinking_reply(reply, body)
+        index = 0
+        if context is not None and context.compaction is not None:
+            index = await _compaction_block(event, context.compaction)
+            if context.pause:
+                tokens, stop_reason, reply = [], "compaction", replace(reply, tool_calls=())
+        index = await _thinking_blocks(event, reply, delay or 0.0, index)
         calls = [replace(c, id=c.id or _tool_id(c.server)) for c in reply.tool_calls]
         for call in calls:
             if call.server:  # the API runs its tools before it writes the answer
                 await _tool_block(event, index, call)
                 index += 2
         pieces = 0
-        if tokens or not calls or reply.fault is not None:
+        if (tokens or not calls or reply.fault is not None) and stop_reason != "compaction":
             faulted = await self._text_block(
                 record, writer, event, chunk, reply, tokens, index, delay or 0.0
             )
@@ -622,12 +632,7 @@ class Emulator:
         if any(not call.server for call in calls) and stop_reason == "end_turn":
             stop_reason = "tool_use"
         await event(
-            "message_delta",
-            {
-                "type": "message_delta",
-                "delta": _message_delta(reply, stop_reason),
-                "usage": {"output_tokens": len(tokens) + pieces},
-            },
+            "message_delta", _message_delta(reply, stop_reason, len(tokens) + pieces, context)
         )
         if reply.fault is not None and reply.fault_before_stop:
             return await self._fault(record, writer, event, reply)
@@ -846,13 +851,67 @@ def _padded(payload: dict[str, Any]) -> bytes:
     return data
 
 
-def _message_delta(reply: Reply, stop_reason: str) -> dict[str, Any]:
+def _message_delta(
+    reply: Reply, stop_reason: str, output_tokens: int, context: ContextPlan | None = None
+) -> dict[str, Any]:
+    """The ``message_delta`` event: the stop reason and its details, the final usage, and
+    what context management did (a compaction's revised input and its iterations)."""
     delta: dict[str, Any] = {"stop_reason": stop_reason, "stop_sequence": reply.stop_sequence}
     if reply.stop_details is not None:
         delta["stop_details"] = dict(reply.stop_details)
     if reply.container is not None:
         delta["container"] = dict(reply.container)
-    return delta
+    event: dict[str, Any] = {
+        "type": "message_delta",
+        "delta": delta,
+        "usage": {"output_tokens": output_tokens},
+    }
+    if context is not None:
+        if context.iterations is not None:
+            message = {"type": "message", "input_tokens": context.input_tokens}
+            event["usage"] = {
+                "input_tokens": context.input_tokens,
+                "output_tokens": output_tokens,
+                "iterations": [
+                    *context.iterations,
+                    {
+                        **message,
+                        "output_tokens": output_tokens,
+                        "cache_read_input_tokens": 0,
+                        "cache_creation_input_tokens": 0,
+                    },
+                ],
+            }
+        if context.applied_edits:
+            event["context_management"] = {"applied_edits": context.applied_edits}
+    return event
+
+
+def _thinking_reply(reply: Reply, body: Mapping[str, Any]) -> Reply:
+    """Asked to think, a model thinks: the reply with a demo thought when it has none."""
+    thinking = body.get("thinking")
+    asked = isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+    if reply.thinking is None and asked:
+        return replace(reply, thinking=_demo_thought(body["messages"]))
+    return reply
+
+
+async def _compaction_block(
+    event: Callable[[str, dict[str, Any]], Awaitable[None]], summary: str
+) -> int:
+    """The compaction block, first, as the API streams it: ``content: null``, then one delta
+    with the summary and its opaque ``encrypted_content``. The next block's index."""
+    start = {"type": "compaction", "content": None}
+    await event(
+        "content_block_start", {"type": "content_block_start", "index": 0, "content_block": start}
+    )
+    await event("ping", {"type": "ping"})
+    await event(
+        "content_block_delta",
+        {"type": "content_block_delta", "index": 0, "delta": sealed_block(summary)},
+    )
+    await event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    return 1
 
 
 async def _replay(record: RecordedRequest, writer: asyncio.StreamWriter, replay: Replay) -> bool:
@@ -921,11 +980,10 @@ _MEDIA_TYPES = {
 
 
 async def _thinking_blocks(
-    event: Callable[[str, dict[str, Any]], Awaitable[None]], reply: Reply, delay: float
+    event: Callable[[str, dict[str, Any]], Awaitable[None]], reply: Reply, delay: float, index: int
 ) -> int:
-    """A reply's redacted and thinking blocks (word by word, then a signature); the index of
-    the next block."""
-    index = 0
+    """A reply's redacted and thinking blocks (word by word, then a signature) from block
+    ``index``; the index of the next block."""
     if reply.redacted_thinking:
         block = {"type": "redacted_thinking", "data": "RW5jcnlwdGVk" + secrets.token_hex(8)}
         await event(
@@ -1053,8 +1111,9 @@ def _thinking_problem(body: Mapping[str, Any], model: str) -> str | None:
     return None
 
 
-def _content_problem(message: Mapping[str, Any], where: str) -> str | None:
-    """What the API would say of a message's content (None: it is well-formed)."""
+def _content_problem(message: Mapping[str, Any], where: str, beta: str = "") -> str | None:
+    """What the API would say of a message's content (None: it is well-formed); ``beta``:
+    the request's ``anthropic-beta`` header."""
     content = message.get("content")
     if isinstance(content, str):
         return None
@@ -1066,6 +1125,11 @@ def _content_problem(message: Mapping[str, Any], where: str) -> str | None:
         if kind == "text":
             if not isinstance(block.get("text"), str):
                 return f"{at}.text: Field required"
+            continue
+        if kind == "compaction":
+            problem = compaction_problem(block, at, message.get("role"), beta)
+            if problem is not None:
+                return problem
             continue
         problem = _turn_block_problem(block, kind, message.get("role"), at)
         if problem != "":
@@ -1256,9 +1320,10 @@ def _full_text(reply: Reply, messages: Iterable[Mapping[str, Any]]) -> str:
 
 
 def _blocks(body: Mapping[str, Any]) -> list[tuple[str, bool]]:
-    """The prompt in order (system, then each message) as (text, ends a cached prefix)."""
+    """The prompt in order (system, then each message from the last compaction on) as
+    (text, ends a cached prefix)."""
     blocks: list[tuple[str, bool]] = []
-    for part in (body.get("system"), *(m.get("content") for m in body.get("messages", ()))):
+    for part in (body.get("system"), *from_last_compaction(body.get("messages", ()))):
         if isinstance(part, str):
             blocks.append((part, False))
         elif isinstance(part, list):
