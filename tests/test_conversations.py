@@ -585,3 +585,28 @@ async def test_clearing_old_tool_uses_is_asked_for_and_reported(
     assert answer.events[-1]["usage"]["input_tokens"] < 120_000
     await eventually(lambda: len(made.turns) == 1)
     assert made.turns[0].stop_reason == "end_turn"
+
+
+async def test_a_send_while_another_process_holds_the_write_lock_waits_off_the_loop(
+    emulator: Emulator, tmp_path: Path, http: httpx2.AsyncClient
+) -> None:
+    import sqlite3
+
+    made = Host(emulator, tmp_path / "chat.db")
+    emulator.script(Reply("Warm."), Reply("Stored after the lock."))
+    async with serving(made.app) as url:
+        assert (await send(http, url, message="warm up")).status == 200  # the tables exist
+        other = sqlite3.connect(tmp_path / "chat.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # as another worker's write would
+        sending = asyncio.ensure_future(send(http, url, message="Hello?"))
+        await asyncio.sleep(0.5)
+        assert not sending.done()  # it waits for the lock...
+        health = await http.get(url + "/health")
+        assert health.status_code == 200  # ...in a thread: the loop serves meanwhile
+        other.execute("COMMIT")
+        other.close()
+        answer = await asyncio.wait_for(sending, 10)
+    assert answer.status == 200, answer.body
+    assert answer.text == "Stored after the lock."
+    await eventually(lambda: len(made.turns) == 2)
+    assert made.turns[1].status == "complete"

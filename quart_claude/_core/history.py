@@ -14,6 +14,8 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from .sse import DELTA_PREFIX
+
 if TYPE_CHECKING:
     from .db import MessageRow
 
@@ -89,11 +91,28 @@ def _closed(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def reader_view(events: Iterable[bytes]) -> list[dict[str, Any]]:
-    """A turn's blocks as its readers saw them, from its encoded events."""
+    """A turn's blocks as its readers saw them, from its encoded events (a run of text
+    deltas decoded in one go: most of a turn's events are those)."""
     view: list[dict[str, Any]] = []
     calls: dict[str, dict[str, Any]] = {}
+    texts: list[bytes] = []  # the JSON string literals of the text deltas in a row
     for event in events:
-        payload = json.loads(event[6 : event.index(b"\n")])
+        end = event.index(b"\n")
+        if event.startswith(DELTA_PREFIX) and event[end - 1] == 0x7D:  # ...,"text":"<literal>"}
+            texts.append(event[len(DELTA_PREFIX) : end - 1])
+            continue
+        if texts:
+            _extend(view, "text", "".join(json.loads(b"[" + b",".join(texts) + b"]")))
+            texts.clear()
+        _one(view, calls, json.loads(event[6:end]))
+    if texts:
+        _extend(view, "text", "".join(json.loads(b"[" + b",".join(texts) + b"]")))
+    return view
+
+
+def _one(view: list[dict[str, Any]], calls: dict[str, dict[str, Any]], payload: Any) -> None:
+    """Add one event other than a plain text delta to the view."""
+    if isinstance(payload, dict):
         kind = payload.get("type")
         if kind == "delta":
             _extend(view, "text", payload["text"])
@@ -107,7 +126,6 @@ def reader_view(events: Iterable[bytes]) -> list[dict[str, Any]]:
             _result(view, calls, payload)
         elif kind == "citation" and view and view[-1]["type"] == "text":
             view[-1].setdefault("citations", []).append(payload["citation"])
-    return view
 
 
 def _extend(view: list[dict[str, Any]], kind: str, text: str) -> None:

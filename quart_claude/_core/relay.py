@@ -32,7 +32,7 @@ from .framing import EventTooLarge, UpstreamFramer
 from .protocol import done_event, start_event
 from .request import ChatRequest
 from .retry import RetryPolicy
-from .sse import encode_json
+from .sse import DELTA_PREFIX, encode_json
 from .stream import Stream
 from .telemetry import StreamOutcome, Telemetry
 from .tools import ToolBox, ToolScope
@@ -50,7 +50,6 @@ _TEXT_DELTA = re.compile(
     rb'\{"type": ?"text_delta", ?"text": ?'
     rb'("(?:[^"\\\x00-\x1f]|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*")\} *\} *'  # JSON's escapes only
 )
-_DELTA_PREFIX = b'data: {"type":"delta","text":'
 
 #: The largest single upstream event accepted (bytes); past it the stream fails, instead of
 #: one never-ending event filling memory.
@@ -404,7 +403,7 @@ class Relay:
                         turn.first_text()
                     turn.deltas += 1
                     texts.append(literal)
-                    append_data(_DELTA_PREFIX + literal + b"}")
+                    append_data(DELTA_PREFIX + literal + b"}")
         if not turn.ended:
             raise UpstreamError("network_error", detail="upstream ended without message_stop")
 
@@ -419,7 +418,7 @@ def _release_held(answer: Answer, guard: ContinuationGuard, turn: _Turn) -> None
     if rest:
         literal = encode_json(rest)
         answer.texts.append(literal)
-        answer.stream.append_data(_DELTA_PREFIX + literal + b"}")
+        answer.stream.append_data(DELTA_PREFIX + literal + b"}")
 
 
 def _named(block: bytes) -> tuple[bytes, bytes]:

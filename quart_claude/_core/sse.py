@@ -16,10 +16,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PING", "SSEEvent", "SSEParser", "data_line", "encode_json", "frame"]
+__all__ = ["DELTA_PREFIX", "PING", "SSEEvent", "SSEParser", "data_line", "encode_json", "frame"]
 
 #: A comment line; keeps proxies and clients from timing out an idle connection.
 PING = b": ping\n\n"
+
+#: The start of a text delta event as the relay writes it: the JSON string literal of the
+#: text follows, then ``}``.
+DELTA_PREFIX = b'data: {"type":"delta","text":'
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
 _dumps_ascii = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"), allow_nan=False).encode
