@@ -110,7 +110,7 @@ test-lowest:
 test-latest:
 	$(PYTHON) -m venv --clear .venv-latest
 	.venv-latest/bin/$(PIP_INSTALL) --upgrade pip
-	.venv-latest/bin/$(PIP_INSTALL) --upgrade -e '.[uvloop,redis,flask]' --group dev
+	.venv-latest/bin/$(PIP_INSTALL) --upgrade -e '.[uvloop,redis,flask,db,postgresql,psycopg]' --group dev
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(anthropic|quart|hypercorn|httpx2|aiohttp|redis|pytest|mypy|ruff)=' | tr '\n' ' '; echo
 	.venv-latest/bin/ruff check .
 	.venv-latest/bin/mypy
