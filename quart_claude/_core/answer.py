@@ -8,11 +8,14 @@ observes what happened to it.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .protocol import UpstreamError, done_event
 from .stream import Stream
 from .telemetry import StreamOutcome
+
+if TYPE_CHECKING:
+    from .budget import Spend
 
 __all__ = ["Answer", "Ended"]
 
@@ -29,6 +32,8 @@ class Ended:
     #: messages with the user turns of their results); a partial one ends with its text
     messages: list[dict[str, Any]]
     usage: dict[str, Any]
+    #: what it cost at the price table, in micro-dollars (None: the model has no price)
+    cost_micro_usd: int | None = None
 
 
 class Answer:
@@ -40,6 +45,7 @@ class Answer:
         "recoveries",
         "reported",
         "retries",
+        "spend",
         "step_base",
         "stream",
         "texts",
@@ -60,6 +66,8 @@ class Answer:
         self.tolerated = 0  # library warnings turned from errors into log lines
         #: the last message's content, once it is complete (the steps before it are recorded)
         self.final: list[dict[str, Any]] | None = None
+        #: the answer's budget (None: unlimited): reserves, meters and settles each request
+        self.spend: Spend | None = None
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -118,6 +126,8 @@ class Answer:
             status = "partial" if messages else "error"
         elif outcome.stop_reason is None or self.stream.cancel_reason is not None:
             status = "cancelled"
+        elif outcome.stop_reason == "budget_exhausted":
+            status = "partial" if messages else "error"
         else:
             status = "complete"
         return Ended(status, outcome.stop_reason, messages, dict(self.usage))

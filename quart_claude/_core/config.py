@@ -15,6 +15,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .prices import PRICES
+
 __all__ = ["ClaudeConfig", "ConfigError", "DEFAULT_MODEL", "load_config"]
 
 #: A current model id (the SDK does not warn that it is deprecated; a test checks).
@@ -241,6 +243,28 @@ def _database_url(key: str, value: Any) -> str | None:
     return text
 
 
+def _budget(key: str, value: Any) -> tuple[Any, ...]:
+    from .budget import parse_budget
+
+    if value in (None, "", ()):
+        return ()
+    try:
+        return parse_budget(key, value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _prices(key: str, value: Any) -> dict[str, Any]:
+    from .prices import parse_prices
+
+    if value in (None, ""):
+        return dict(PRICES)
+    try:
+        return parse_prices(key, value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _context_strategy(key: str, value: Any) -> str:
     text = _str(key, value).strip().lower()
     if text not in ("none", "clear_tool_uses", "compact"):
@@ -311,6 +335,8 @@ _KEYS: dict[str, _Key] = {
     "database_url": _Key(_database_url, None),
     "conversation_ttl": _Key(_days, 0.0),
     "context_strategy": _Key(_context_strategy, "none"),
+    "budget": _Key(_budget, ()),
+    "prices": _Key(_prices, PRICES),
 }
 
 
@@ -368,6 +394,8 @@ class ClaudeConfig:
     database_url: str | None = field(repr=False)  # it may hold a password
     conversation_ttl: float  # days; 0: kept until deleted
     context_strategy: str  # "none", "clear_tool_uses" or "compact"
+    budget: tuple[Any, ...]  # budget.Limit: the default per identity (none: unlimited)
+    prices: dict[str, Any]  # prices.Price by model: the shipped table and CLAUDE_PRICES
 
     @staticmethod
     def key(name: str) -> str:

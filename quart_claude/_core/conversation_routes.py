@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from typing import TYPE_CHECKING, Any
 
+from .budget import BudgetRefused
 from .db import (
     Busy,
     Conversations,
@@ -29,6 +30,7 @@ from .http import (
     HttpRequest,
     Reply,
     Route,
+    budget_exceeded,
     identity_of,
     json_error,
     json_reply,
@@ -108,6 +110,9 @@ async def open_turn(
     except StoreUnavailable:
         await _abandon(conversations, ref.conversation_id, stream_id)
         return store_unavailable()
+    except BudgetRefused as refused:
+        await _abandon(conversations, ref.conversation_id, stream_id)
+        return budget_exceeded(refused.refusal)
     return stream, {"X-Conversation-Id": ref.conversation_id}
 
 

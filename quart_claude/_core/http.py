@@ -29,6 +29,7 @@ from .aisdk import (
     to_conversation_body,
     to_ui_message_stream,
 )
+from .budget import BudgetRefused, Refusal, usage_view
 from .request import ChatRequest, RequestError, SendOptions, parse_chat_request, split_send
 from .schema import ValidationError
 from .state import ClaudeState, Unauthorized
@@ -271,7 +272,45 @@ async def _open_stream(
         )
     except StoreUnavailable:
         return store_unavailable()
+    except BudgetRefused as refused:
+        return budget_exceeded(refused.refusal)
     return stream, headers
+
+
+def budget_exceeded(refusal: Refusal) -> Reply:
+    """The 429 of a request its budget cannot take (or a money budget and an unpriced model)."""
+    now = time.time()
+    body = refusal.body(now)
+    if refusal.reason == "no_price":
+        message = "this model has no price (CLAUDE_PRICES), so a money budget cannot admit it"
+        return json_error(429, "budget_exceeded", message, reason="no_price", **body)
+    message = f"the budget of {refusal.limit.text()} is used up until it resets"
+    return json_error(
+        429, "budget_exceeded", message, {"Retry-After": str(body["retry_after"])}, **body
+    )
+
+
+async def usage(state: ClaudeState, req: HttpRequest) -> Reply:
+    """The caller's own usage: each limit in its current period, and the last 7 days."""
+    try:
+        owner = await identity_of(state, req)
+    except Unauthorized as refused:
+        return unauthorized(state, refused)
+    identity = owner if owner is not None else f"addr:{req.remote_addr}"
+    ledger = state.ledger
+    if ledger is None:
+        return json_reply({"limits": [], "days": [], "unlimited": True})
+    now = time.time()
+    try:
+        limits = await state.limits_for(identity)
+        used = await ledger.used(identity, limits, now)
+        days = await ledger.days(identity, 7, now)
+    except Exception:
+        log.exception("the usage ledger is unavailable")
+        return store_unavailable()
+    return json_reply(
+        {"limits": usage_view(limits, used, now), "days": days, "unlimited": not limits}
+    )
 
 
 async def _parse(
@@ -587,6 +626,7 @@ ROUTES = (
     Route("/ai-sdk/chat/<chat_id>/stream", "ai_sdk_resume", ("GET",), ai_sdk_resume),
     Route("/docs", "docs", ("GET",), docs, asks_identity=False),
     Route("/metrics", "metrics", ("GET",), metrics),
+    Route("/usage", "usage", ("GET",), usage),
 )
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")

@@ -121,6 +121,23 @@ class Metrics:
             "Readers that came back to a stream with GET /chat/stream/<id> (or the AI SDK's).",
             registry=registry,
         )
+        self.budget_rejections: Counter = Counter(
+            "claude_budget_rejections",
+            "Requests refused with a 429 budget_exceeded before any stream started.",
+            registry=registry,
+        )
+        self.budget_cutoffs: Counter = Counter(
+            "claude_budget_cutoffs",
+            "Answers ended with stop_reason budget_exhausted (cut mid-answer, or refused a "
+            "tool step or continuation).",
+            registry=registry,
+        )
+        self.spend: Counter = Counter(
+            "claude_spend_usd",
+            "What upstream requests cost at the price table (CLAUDE_PRICES), by model.",
+            ["model"],
+            registry=registry,
+        )
 
     def prepare(self, models: Iterable[str], error_classes: Iterable[str]) -> None:
         """Create every series at 0 (the label values are all known and few), so that the

@@ -11,6 +11,7 @@ is one :class:`~.answer.Answer`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import logging
@@ -19,7 +20,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anthropic
 from opentelemetry.context import Context
@@ -29,6 +30,7 @@ from .config import ClaudeConfig
 from .continuation import ContinuationGuard, Diverged, continuation_messages
 from .errors import UpstreamError, classify_exception, classify_status
 from .framing import EventTooLarge, UpstreamFramer
+from .prices import cost_of, price_of
 from .protocol import done_event, start_event
 from .request import ChatRequest
 from .retry import RetryPolicy
@@ -36,6 +38,9 @@ from .sse import DELTA_PREFIX, encode_json
 from .stream import Stream
 from .telemetry import StreamOutcome, Telemetry
 from .tools import ToolBox, ToolScope
+
+if TYPE_CHECKING:
+    from .budget import Spend
 from .usage import add_usage
 
 __all__ = ["MAX_UPSTREAM_EVENT", "Prior", "Relay"]
@@ -85,12 +90,14 @@ class Relay:
         request: ChatRequest,
         parent: Context | None = None,
         prior: Prior | None = None,
+        spend: Spend | None = None,
     ) -> Ended:
         """Fill ``stream`` with one answer: ``start``, ``delta``s, then ``done`` or ``error``;
         how it ended. ``parent``: the trace the stream's span joins (None: the current
         context); ``prior``: what the stream already holds when this worker took it over."""
         outcome = self.telemetry.stream(stream.id, request, parent)
         answer = Answer(stream, outcome)
+        answer.spend = spend
         result = "unknown"
         try:
             result = await self._run(answer, request, prior)
@@ -117,7 +124,12 @@ class Relay:
             if not stream.left:  # only a takeover needs them, and there is none after the end
                 stream.steps = []
             outcome.end(result)
-        return answer.ended(steps, _joined(answer.texts) if answer.texts else "")
+        ended = answer.ended(steps, _joined(answer.texts) if answer.texts else "")
+        if spend is not None:  # each request priced and settled on its own
+            return dataclasses.replace(ended, cost_micro_usd=spend.spent.micro_usd)
+        price = price_of(request.model, self.config.prices)
+        cost = cost_of(ended.usage, price) if price is not None else None
+        return dataclasses.replace(ended, cost_micro_usd=cost)
 
     async def _run(self, answer: Answer, request: ChatRequest, prior: Prior | None) -> str:
         """The steps of one answer: each an upstream message (with its retries and
@@ -284,6 +296,9 @@ class Relay:
         outcome.attempts += 1
         try:
             await self._attempt(answer, params, guard, turn)
+        except OutOfBudget:
+            self.telemetry.budget_cut()
+            return answer.finish("budget_exhausted", reported=False)
         except _WarningRaised as raised:
             answer.tolerated += 1
             if answer.tolerated > 3:  # the filter did not take: never loop
@@ -329,6 +344,11 @@ class Relay:
         outcome.retrying(error_class, kind, wait)
         return wait
 
+    def first_params(self, request: ChatRequest) -> dict[str, Any]:
+        """The answer's first request, as :meth:`_run` will make it (a budget reserves it
+        before the stream opens)."""
+        return self._params(request, _history(request.messages, []), request.max_tokens)
+
     def _params(
         self,
         request: ChatRequest,
@@ -353,7 +373,26 @@ class Relay:
         turn: _Turn,
     ) -> None:
         """One upstream request; ``turn`` keeps what it said besides text (its stop reason,
-        its blocks). Raises :class:`UpstreamError`."""
+        its blocks). Raises :class:`UpstreamError`, or :class:`OutOfBudget` when a budget
+        refuses it or cuts it (it is reserved before it is made, settled after)."""
+        spend = answer.spend
+        if spend is None:
+            return await self._request(answer, params, guard, turn)
+        if spend.hold is None and await spend.reserve(params) is not None:
+            raise OutOfBudget
+        try:
+            await self._request(answer, params, guard, turn)
+        finally:
+            spent = await spend.settle(turn.usage, ended=turn.ended)
+            self.telemetry.spent(spend.model, spent.micro_usd)
+
+    async def _request(
+        self,
+        answer: Answer,
+        params: dict[str, Any],
+        guard: ContinuationGuard | None,
+        turn: _Turn,
+    ) -> None:
         try:
             await self._relay(answer, params, guard, turn)
         except BaseException as exc:  # ours, SDK errors, transport errors, cancellation
@@ -383,6 +422,8 @@ class Relay:
         texts = answer.texts
         append_data = answer.stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
+        spend = answer.spend
+        meter = spend.metered if spend is not None else None
         framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
         async with self.client.messages.with_streaming_response.create(**params) as response:
             turn.request_id = answer.outcome.request_id = response.request_id
@@ -391,6 +432,9 @@ class Relay:
                     name, data = _named(block)
                     if name != b"content_block_delta":
                         turn.control(name, data)
+                        if spend is not None and name == b"message_start":
+                            if spend.started(turn.usage):
+                                raise OutOfBudget
                         continue
                     match = None if guard is not None else text_delta(data)
                     if match is not None:  # hot path: splice the JSON string as is
@@ -404,6 +448,8 @@ class Relay:
                     turn.deltas += 1
                     texts.append(literal)
                     append_data(DELTA_PREFIX + literal + b"}")
+                    if meter is not None and meter(len(literal), turn.usage):
+                        raise OutOfBudget  # leaving the block closes the upstream request
         if not turn.ended:
             raise UpstreamError("network_error", detail="upstream ended without message_stop")
 
@@ -719,13 +765,19 @@ def _accumulate(block: dict[str, Any] | None, delta: dict[str, Any]) -> None:
             block[name] = (block.get(name) or "") + value
 
 
+class OutOfBudget(Exception):
+    """The answer's budget refused the next request, or cut the one streaming."""
+
+
 def _ours(exc: Exception) -> bool:
     """Raised by this module (its cause says nothing more)."""
-    return isinstance(exc, UpstreamError | Diverged | EventTooLarge | Warning)
+    return isinstance(exc, UpstreamError | Diverged | EventTooLarge | Warning | OutOfBudget)
 
 
 def _classified(exc: Exception) -> Exception:
     """What an attempt's failure becomes for :meth:`Relay._run`."""
+    if isinstance(exc, OutOfBudget):
+        return exc
     if isinstance(exc, Warning):
         return _tolerate(exc)
     if isinstance(exc, Diverged):

@@ -9,6 +9,7 @@ import asyncio
 import dataclasses
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import re
@@ -18,8 +19,11 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 import anthropic
 import httpx2
 
+from .budget import BudgetRefused, Limit, Spend, parse_budget
 from .config import ClaudeConfig, ConfigError, load_config
+from .ledger import LedgerStore
 from .metrics import MULTIPROC_ENV, Metrics, metrics_for
+from .prices import price_of
 from .protocol import ERROR_CLASSES
 from .redact import install as install_redaction
 from .redact import register_secret
@@ -27,7 +31,7 @@ from .relay import Prior, Relay
 from .request import ChatRequest
 from .schema import chat_body_model, openapi_document
 from .store import Claim, Found, MemoryStore
-from .stream import Stream
+from .stream import StoreUnavailable, Stream
 from .telemetry import Telemetry, parent_context
 from .tools import Show, ToolBox, ToolScope
 from .turns import TurnHook, TurnKeeper, TurnRef
@@ -68,6 +72,9 @@ class Extension(Protocol):
     @property
     def turn_hooks(self) -> list[TurnHook]: ...
 
+    @property
+    def budget_hook(self) -> BudgetHook | None: ...
+
 
 class ClaudeState:
     """Everything one app needs at run time, whatever the web framework; it lives in
@@ -107,6 +114,8 @@ class ClaudeState:
         self.secret_key: str | bytes | None = None
         self.turns: TurnKeeper = TurnKeeper(None, lambda: self.extension.turn_hooks, lambda: None)
         self._purger: asyncio.Task[None] | None = None
+        #: budgets' counts and the usage ledger (with a budget configured), while serving
+        self.ledger: LedgerStore | None = None
 
     @property
     def conversations(self) -> Conversations | None:
@@ -185,10 +194,57 @@ class ClaudeState:
                 "user_message_id": turn.user_message_id,
                 "assistant_message_id": turn.message_id,
             }
-        await self.store.open(stream, fields)
+        try:
+            spend = await self.spend_for(owner or client, chat, stream_id, turn)
+            # the first request's reservation, before any stream starts
+            refusal = await spend.reserve(relay.first_params(chat)) if spend else None
+        except Exception as exc:  # the budget hook raised, or the ledger's store is down
+            log.exception("stream %s: its budget could not be checked", stream_id)
+            raise StoreUnavailable(str(type(exc).__name__)) from None
+        if spend is not None:
+            if refusal is not None:
+                self.telemetry.budget_rejected()
+                raise BudgetRefused(refusal)
+        try:
+            await self.store.open(stream, fields)
+        except BaseException:
+            if spend is not None:
+                await spend.release()
+            raise
         parent = parent_context(headers) if headers is not None else None
-        self.start_producer(stream, self._produce(stream, chat, parent, None, turn), client)
+        producer = self._produce(stream, chat, parent, None, turn, spend)
+        self.start_producer(stream, producer, client)
         return stream
+
+    async def limits_for(self, identity: str) -> tuple[Limit, ...]:
+        """The identity's budget: the ``@claude.budget`` hook's, else ``CLAUDE_BUDGET``."""
+        hook = self.extension.budget_hook
+        if hook is None:
+            return self.config.budget
+        chosen = hook(identity)
+        if inspect.isawaitable(chosen):
+            chosen = await chosen
+        return _limits(chosen)
+
+    async def spend_for(
+        self, identity: str, chat: ChatRequest, stream_id: str, turn: TurnRef | None
+    ) -> Spend | None:
+        """The answer's budget: the ``@claude.budget`` hook's limits for the identity, else
+        ``CLAUDE_BUDGET``'s; None when it has none (unlimited)."""
+        if self.ledger is None:
+            return None
+        limits = await self.limits_for(identity)
+        if not limits:
+            return None
+        return Spend(
+            self.ledger,
+            identity,
+            limits,
+            price_of(chat.model, self.config.prices),
+            chat.model,
+            stream_id,
+            turn.conversation_id if turn is not None else None,
+        )
 
     async def _produce(
         self,
@@ -197,10 +253,11 @@ class ClaudeState:
         parent: Any,
         prior: Prior | None,
         turn: TurnRef | None,
+        spend: Spend | None = None,
     ) -> None:
         """The producer task: the answer, then the turn kept (stored, and the hooks told)."""
         assert self.relay is not None
-        ended = await self.relay.produce(stream, chat, parent, prior)
+        ended = await self.relay.produce(stream, chat, parent, prior, spend)
         await self.turns.keep(stream, chat, ended, turn)
 
     async def take_over(self, claim: Claim) -> bool:
@@ -294,6 +351,11 @@ class ClaudeState:
 
             self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
         self.relay = Relay(client, config, self.telemetry, self.extension.tools, self.tool_scope)
+        if config.budget or self.extension.budget_hook is not None:
+            from .ledger import MemoryLedger, RedisLedger
+
+            redis = getattr(self.store, "redis", None)
+            self.ledger = RedisLedger(redis) if redis is not None else MemoryLedger()
         self.turns = TurnKeeper(
             await self._open_conversations(),
             lambda: self.extension.turn_hooks,
@@ -480,6 +542,18 @@ def create_state(
 AppT = TypeVar("AppT")
 F = TypeVar("F", bound=Callable[..., Any])
 H = TypeVar("H", bound=TurnHook)
+#: ``@claude.budget``: an identity's budget (a CLAUDE_BUDGET string, several, or None)
+BudgetHook = Callable[[str], Any]
+B = TypeVar("B", bound=BudgetHook)
+
+
+def _limits(chosen: Any) -> tuple[Limit, ...]:
+    """What a budget hook returned, as limits (None or empty: unlimited)."""
+    if not chosen:
+        return ()
+    if isinstance(chosen, str | Limit):
+        return parse_budget("the budget hook's value", chosen)
+    return tuple(limit for item in chosen for limit in _limits(item))
 
 
 class ExtensionBase(Generic[AppT]):
@@ -501,6 +575,7 @@ class ExtensionBase(Generic[AppT]):
         self.tracer_provider = tracer_provider
         self.engine = engine
         self.turn_hooks: list[TurnHook] = []
+        self.budget_hook: BudgetHook | None = None
         if app is not None:
             self.init_app(app)
 
@@ -528,6 +603,13 @@ class ExtensionBase(Generic[AppT]):
         ``error``) and the usage. It runs in the producer (a sync one in a thread), on
         whichever worker finished the turn; what it raises is logged, never streamed."""
         self.turn_hooks.append(hook)
+        return hook
+
+    def budget(self, hook: B) -> B:
+        """Decorate the function (sync or async) that, given an identity, returns its budget:
+        a ``CLAUDE_BUDGET`` string (``"50000 tokens/day"``), a sequence of them, or None for
+        unlimited. It decides over ``CLAUDE_BUDGET``, on every request."""
+        self.budget_hook = hook
         return hook
 
     @overload

@@ -79,6 +79,18 @@ class Telemetry:
         self._live[stream_id] = outcome
         return outcome
 
+    def budget_rejected(self) -> None:
+        if self.metrics is not None:
+            self.metrics.budget_rejections.inc()
+
+    def budget_cut(self) -> None:
+        if self.metrics is not None:
+            self.metrics.budget_cutoffs.inc()
+
+    def spent(self, model: str, micro_usd: int) -> None:
+        if self.metrics is not None and micro_usd:
+            self.metrics.spend.labels(model).inc(micro_usd / 1_000_000)
+
     def resumed(self, stream_id: str, after: int) -> None:
         """A reader came back (``after``: its ``Last-Event-ID``)."""
         if self.metrics is not None:

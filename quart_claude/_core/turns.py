@@ -53,6 +53,9 @@ class Turn:
     conversation_id: str | None = None
     user_message_id: str | None = None
     message_id: str | None = None
+    #: what the turn cost at the price table (``CLAUDE_PRICES``), in micro-dollars: each
+    #: upstream request's, summed (None: the model has no price)
+    cost_micro_usd: int | None = None
 
 
 TurnHook = Callable[[Turn], Any]
@@ -119,6 +122,7 @@ class TurnKeeper:
             conversation_id=ref.conversation_id if ref else None,
             user_message_id=ref.user_message_id if ref else None,
             message_id=ref.message_id if ref else None,
+            cost_micro_usd=ended.cost_micro_usd,
         )
         for hook in self._hooks():
             await self._call(hook, turn)

@@ -1,0 +1,302 @@
+"""Budgets per identity: limits, what each upstream request may spend, and the meter.
+
+A budget is one or more limits, each tokens or money per calendar period in UTC
+(``CLAUDE_BUDGET="200000 tokens/day; 5 usd/month"``). Before every upstream request (the
+first, each tool step, each continuation) a :class:`Spend` reserves what the request may use,
+atomically across workers (:mod:`.ledger`): its worst case (an input estimate plus
+``max_tokens``) when that fits, else what remains, as long as the input and
+:data:`MIN_OUTPUT` tokens fit. While the answer streams, the meter counts output as it
+arrives (one token per :data:`BYTES_PER_TOKEN` bytes of each delta's JSON text, at least one
+per delta) and cuts the request when it would pass its reservation. The request then settles
+at its exact usage (``message_delta``), or, cut or cancelled, at what the meter saw.
+"""
+
+from __future__ import annotations
+
+import calendar
+import json
+import math
+import re
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .prices import Price, cost_of
+
+if TYPE_CHECKING:
+    from .ledger import LedgerStore
+
+__all__ = [
+    "BYTES_PER_TOKEN",
+    "MIN_OUTPUT",
+    "Amount",
+    "BudgetRefused",
+    "Limit",
+    "Period",
+    "Refusal",
+    "Spend",
+    "parse_budget",
+]
+
+#: the meter's estimate of a delta's tokens (the exact count comes with ``message_delta``)
+BYTES_PER_TOKEN = 4
+#: a request is admitted when its input and this much output fit in what remains
+MIN_OUTPUT = 16
+#: how long a reservation outlives a worker that died holding it (seconds)
+HOLD_TTL = 600.0
+
+_UNITS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400}
+_LIMIT = re.compile(
+    r"^\s*(?P<amount>\d+(?:\.\d+)?)\s*(?P<unit>tokens?|usd|\$)\s*/\s*"
+    r"(?:(?P<count>\d+)\s*)?(?P<period>second|minute|hour|day|week|month)s?\s*$",
+    re.IGNORECASE,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Period:
+    """A calendar period in UTC: ``seconds`` long (aligned to the epoch, so days start at
+    midnight UTC), or a calendar month (``seconds`` None)."""
+
+    seconds: int | None
+    name: str
+
+    def window(self, now: float) -> tuple[int, int]:
+        """The current period's start and end (epoch seconds)."""
+        if self.seconds is not None:
+            start = int(now) // self.seconds * self.seconds
+            return start, start + self.seconds
+        moment = time.gmtime(now)
+        start = calendar.timegm((moment.tm_year, moment.tm_mon, 1, 0, 0, 0))
+        days = calendar.monthrange(moment.tm_year, moment.tm_mon)[1]
+        return start, start + days * 86400
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit: tokens or micro-dollars per period."""
+
+    tokens: int | None
+    micro_usd: int | None
+    period: Period
+
+    def text(self) -> str:
+        amount = (
+            f"{self.tokens} tokens" if self.tokens is not None else f"{_usd(self.micro_usd)} usd"
+        )
+        return f"{amount}/{self.period.name}"
+
+
+def _usd(micro: int | None) -> str:
+    return f"{(micro or 0) / 1_000_000:g}"
+
+
+def parse_budget(key: str, value: Any) -> tuple[Limit, ...]:
+    """``"200000 tokens/day; 5 usd/month"`` (``;`` or ``,`` between limits; periods
+    ``second``, ``minute``, ``hour``, ``day``, ``week``, ``month``, with a count: ``10
+    seconds``). Raises ValueError naming ``key``."""
+    if isinstance(value, Limit):
+        return (value,)
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{key} must look like '200000 tokens/day' or '5 usd/month'")
+    limits = []
+    for part in re.split(r"[;,]", value):
+        match = _LIMIT.match(part)
+        if match is None:
+            raise ValueError(f"{key}: {part.strip()!r} must look like '200000 tokens/day'")
+        count = int(match["count"] or 1)
+        period_name = match["period"].lower()
+        period = Period(
+            None if period_name == "month" else count * _UNITS[period_name],
+            f"{count} {period_name}s" if count != 1 else period_name,
+        )
+        if period_name == "month" and count != 1:
+            raise ValueError(f"{key}: a month is one calendar month")
+        amount = match["amount"]
+        if match["unit"].lower().startswith("token"):
+            if "." in amount or int(amount) < 1:
+                raise ValueError(f"{key}: a token limit is a positive whole number")
+            limits.append(Limit(int(amount), None, period))
+        else:
+            limits.append(Limit(None, round(float(amount) * 1_000_000), period))
+    return tuple(limits)
+
+
+@dataclass(frozen=True, slots=True)
+class Amount:
+    tokens: int = 0
+    micro_usd: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request that does not fit: the tightest limit, what was used, when it resets."""
+
+    limit: Limit
+    used: Amount
+    reset_at: int  # epoch seconds
+    reason: str = "budget_exceeded"  # or "no_price": a money limit and a model without one
+
+    def retry_after(self, now: float) -> int:
+        return max(1, math.ceil(self.reset_at - now))
+
+    def body(self, now: float) -> dict[str, Any]:
+        limit = self.limit
+        return {
+            "limit": limit.text(),
+            "limit_tokens": limit.tokens,
+            "limit_usd": None if limit.micro_usd is None else limit.micro_usd / 1_000_000,
+            "used_tokens": self.used.tokens,
+            "used_usd": self.used.micro_usd / 1_000_000,
+            "period": limit.period.name,
+            "retry_after": self.retry_after(now),
+        }
+
+
+class BudgetRefused(Exception):
+    """Raised where a stream would open when its first request does not fit."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.limit.text())
+        self.refusal = refusal
+
+
+@dataclass(slots=True)
+class Spend:
+    """The budget of one answer: reserves before each upstream request, meters it, settles
+    it. A unit of work owning its own state (like redis-py's ``Lock``)."""
+
+    store: LedgerStore
+    identity: str
+    limits: tuple[Limit, ...]
+    price: Price | None
+    model: str
+    stream_id: str
+    conversation_id: str | None = None
+    step: int = 0
+    hold: str | None = None  # the reservation of the request in flight
+    granted: Amount = field(default_factory=Amount)
+    input_tokens: int = 0  # exact from message_start, else the estimate
+    output_estimate: int = 0
+    spent: Amount = field(default_factory=Amount)  # the answer's, settled so far
+    cut: bool = False
+
+    async def reserve(self, params: dict[str, Any]) -> Refusal | None:
+        """Reserve the next request's share; a refusal when even its input does not fit."""
+        estimate = estimate_input(params)
+        worst = estimate + int(params.get("max_tokens") or 0)
+        if self.money and self.price is None:
+            limit = next(limit for limit in self.limits if limit.micro_usd is not None)
+            return Refusal(limit, Amount(), int(time.time()), reason="no_price")
+        hold = secrets.token_hex(8)
+        granted = await self.store.reserve(
+            self.identity,
+            self.limits,
+            hold,
+            ask=self._amount(estimate, worst - estimate),
+            floor=self._amount(estimate, MIN_OUTPUT),
+            ttl=HOLD_TTL,
+            now=time.time(),
+        )
+        if isinstance(granted, Refusal):
+            return granted
+        self.hold, self.granted = hold, granted
+        self.input_tokens, self.output_estimate = estimate, 0
+        return None
+
+    async def release(self) -> None:
+        """Give the reservation back unused (the stream never started)."""
+        if self.hold is not None:
+            hold, self.hold = self.hold, None
+            await self.store.settle(self.identity, self.limits, hold, Amount(), time.time())
+
+    def _amount(self, input_tokens: int, output_tokens: int) -> Amount:
+        usage = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+        cost = cost_of(usage, self.price) if self.price is not None else 0
+        return Amount(input_tokens + output_tokens, cost)
+
+    @property
+    def money(self) -> bool:
+        return any(limit.micro_usd is not None for limit in self.limits)
+
+    def started(self, usage: dict[str, Any]) -> bool:
+        """``message_start``'s usage: the exact input. True when it alone passes the grant."""
+        self.input_tokens = _input(usage)
+        return self.input_tokens > self.granted.tokens
+
+    def metered(self, nbytes: int, usage: dict[str, Any]) -> bool:
+        """One text delta of ``nbytes``: True when the request must stop here."""
+        self.output_estimate += max(1, nbytes // BYTES_PER_TOKEN)
+        return self._over(usage)
+
+    def _over(self, usage: dict[str, Any]) -> bool:
+        # at the grant, not past it: the delta that reaches it is the last (so what is spent
+        # passes the grant only by the estimate's error on that one delta)
+        tokens = self.input_tokens + self.output_estimate
+        if tokens >= self.granted.tokens:
+            return True
+        if self.price is None or not self.money:
+            return False
+        seen = {**usage, "output_tokens": self.output_estimate}
+        return cost_of(seen, self.price) >= self.granted.micro_usd
+
+    async def settle(self, usage: dict[str, Any] | None, *, ended: bool) -> Amount:
+        """The request in flight is over: settle it at its exact usage (``ended``: the API
+        reported it whole), else at what the meter saw. What it cost."""
+        if self.hold is None:
+            return Amount()
+        final = dict(usage or {})
+        if not ended:
+            final["output_tokens"] = max(int(final.get("output_tokens") or 0), self.output_estimate)
+            final.setdefault("input_tokens", self.input_tokens)
+        spent = Amount(
+            _input(final) + int(final.get("output_tokens") or 0),
+            cost_of(final, self.price) if self.price is not None else 0,
+        )
+        hold, self.hold = self.hold, None
+        await self.store.settle(self.identity, self.limits, hold, spent, time.time())
+        await self.store.record(self, final, spent)
+        self.step += 1
+        self.spent = Amount(
+            self.spent.tokens + spent.tokens, self.spent.micro_usd + spent.micro_usd
+        )
+        return spent
+
+
+def _input(usage: dict[str, Any]) -> int:
+    return sum(
+        int(usage.get(name) or 0)
+        for name in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+    )
+
+
+def estimate_input(params: dict[str, Any]) -> int:
+    """A request's input tokens, over-estimated: one per four bytes of its JSON (messages,
+    system, tools), plus a little for the framing the API adds."""
+    size = len(json.dumps(params.get("messages") or [], ensure_ascii=False).encode())
+    for name in ("system", "tools"):
+        if params.get(name):
+            size += len(json.dumps(params[name], ensure_ascii=False).encode())
+    return size // 4 + 8
+
+
+def usage_view(limits: Sequence[Limit], used: Sequence[Amount], now: float) -> list[dict[str, Any]]:
+    """``GET /usage``'s limits: each with what was used and when it resets."""
+    out = []
+    for limit, amount in zip(limits, used, strict=True):
+        start, end = limit.period.window(now)
+        out.append(
+            {
+                "limit": limit.text(),
+                "period": limit.period.name,
+                "period_start": start,
+                "resets_at": end,
+                "limit_tokens": limit.tokens,
+                "limit_usd": None if limit.micro_usd is None else limit.micro_usd / 1_000_000,
+                "used_tokens": amount.tokens,
+                "used_usd": amount.micro_usd / 1_000_000,
+            }
+        )
+    return out

@@ -1,0 +1,253 @@
+"""Budgets (issue 24): a 429 before any stream, a cut mid-answer and between tool steps with
+the text kept, concurrent requests held to the limit, a period reset, a hook's tiers, and
+``GET /usage`` per caller; in memory and on a real redis-server."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx2
+import pytest
+from quart import Quart
+
+from quart_claude import Claude
+from quart_claude._core.budget import Amount, parse_budget
+from quart_claude._core.ledger import MemoryLedger, RedisLedger
+from quart_claude.testing import Emulator, Reply, ToolUse
+
+from .helpers import eventually, serving, stream_chat
+
+pytestmark = pytest.mark.server
+
+ALICE = {"Authorization": "Bearer tok-alice-0123456789"}
+BOB = {"Authorization": "Bearer tok-bob-0123456789"}
+TOKENS = "tok-alice-0123456789,tok-bob-0123456789"
+
+
+def ident(headers: dict[str, str]) -> str:
+    """The identity a bearer token is known by."""
+    return "token:" + hashlib.sha256(headers["Authorization"][7:].encode()).hexdigest()[:16]
+
+
+def app_with(make_app: Callable[..., Quart], **options: Any) -> Quart:
+    options.setdefault("api_tokens", TOKENS)
+    options.setdefault("max_streams_per_client", 0)
+    return make_app(**options)
+
+
+def ledger_of(app: Quart) -> Any:
+    return app.extensions["claude"].ledger
+
+
+async def chat(http: httpx2.AsyncClient, url: str, text: str = "hi", **kw: Any) -> Any:
+    return await stream_chat(
+        http, url + "/chat/stream", {"message": text}, headers=kw.pop("headers", ALICE), **kw
+    )
+
+
+async def test_a_spent_budget_is_a_429_before_any_stream_starts(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = app_with(make_app, budget="60 tokens/day")
+    emulator.default = Reply("one two three four five", input_tokens=20)
+    async with serving(app) as url:
+        first = await chat(http, url)
+        assert first.status == 200 and first.events[-1]["stop_reason"] == "end_turn"
+        answers = [first]
+        while answers[-1].status == 200:
+            answers.append(await chat(http, url))
+            assert len(answers) < 10
+        refused = answers[-1]
+        used = (await http.get(url + "/usage", headers=ALICE)).json()
+        other = (await http.get(url + "/usage", headers=BOB)).json()
+    assert refused.status == 429
+    body = refused.body
+    assert body["error"] == "budget_exceeded" and body["limit"] == "60 tokens/day"
+    assert body["used_tokens"] == 25 * (len(answers) - 1)  # input 20 + five words, each time
+    assert 0 < body["retry_after"] <= 86400
+    assert refused.headers["retry-after"] == str(body["retry_after"])
+    assert len(emulator.requests) == len(answers) - 1  # the refused one never went upstream
+    assert used["limits"][0]["used_tokens"] == body["used_tokens"]
+    assert used["days"][-1]["requests"] == len(answers) - 1
+    assert other["limits"][0]["used_tokens"] == 0 and other["days"][-1]["requests"] == 0
+
+
+async def test_a_budget_that_runs_out_mid_answer_cuts_it_and_keeps_the_text(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = app_with(make_app, budget="200 tokens/day")
+    words = [f"w{n} " for n in range(400)]
+    emulator.script(Reply(tokens=words, input_tokens=20, token_delay=0.002))
+    async with serving(app) as url:
+        answer = await chat(http, url)
+        cut_at = time.time()
+        entries = await ledger_of(app).entries(ident(ALICE))
+    done = answer.events[-1]
+    assert done["type"] == "done" and done["stop_reason"] == "budget_exhausted"
+    assert answer.text and "".join(words).startswith(answer.text)  # intact, in order
+    assert len(answer.text.split()) < 200
+    (request,) = await emulator.wait_for_requests(1)
+    await asyncio.wait_for(request.ended.wait(), 1.0)  # the upstream request closed at once
+    assert request.disconnected and request.ended_at is not None
+    assert request.ended_at - cut_at < 1.0
+    assert sum(e.input_tokens + e.output_tokens for e in entries) <= 200
+
+
+async def test_a_budget_that_runs_out_between_tool_steps_ends_before_the_next_request(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = Quart(__name__)
+    claude = Claude(
+        app, api_key="sk-test", base_url=emulator.url, api_tokens=TOKENS, budget="400 tokens/day"
+    )
+
+    @claude.tool
+    def order_status(order_id: str) -> dict[str, str]:
+        """Look up an order."""
+        return {"order_id": order_id, "status": "shipped"}
+
+    emulator.script(
+        Reply(
+            "Looking.", tool_calls=[ToolUse("order_status", {"order_id": "A-1"})], input_tokens=380
+        ),
+        Reply("must never be asked"),
+    )
+    async with serving(app) as url:
+        answer = await chat(http, url)
+    assert answer.events[-1]["stop_reason"] == "budget_exhausted"
+    assert answer.text == "Looking."
+    assert [e["type"] for e in answer.events if e["type"].startswith("tool")] == [
+        "tool_call",
+        "tool_result",
+    ]
+    assert len(emulator.requests) == 1  # the second step was refused before it was sent
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_concurrent_requests_never_spend_past_the_limit(
+    store: str,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    request: pytest.FixtureRequest,
+) -> None:
+    options: dict[str, Any] = {"budget": "2000 tokens/day", "max_tokens": 64}
+    if store == "redis":
+        options["stream_store"] = (
+            request.getfixturevalue("redis_url") + f"/{int(time.time() * 1000) % 15 + 1}"
+        )
+    app = app_with(make_app, **options)
+    emulator.default = Reply(
+        tokens=[f"w{n} " for n in range(30)], input_tokens=20, token_delay=0.001
+    )
+    async with serving(app) as url:
+        answers = await asyncio.gather(*(chat(http, url) for _ in range(60)))
+        entries = await ledger_of(app).entries(ident(ALICE))
+    spent = sum(e.input_tokens + e.output_tokens for e in entries)
+    # worst cases are reserved (input estimate + max_tokens 64), so fewer fit than could;
+    # the emulator never reports more tokens than the meter estimated
+    assert 500 < spent <= 2000
+    statuses = {a.status for a in answers}
+    assert statuses == {200, 429}
+    ended = [a.events[-1]["stop_reason"] for a in answers if a.status == 200]
+    assert "end_turn" in ended
+    assert len(entries) == len(emulator.requests)  # every upstream request is in the ledger
+
+
+async def test_a_period_reset_readmits_the_identity(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = app_with(make_app, budget="50 tokens/2 seconds")
+    emulator.default = Reply("one two three", input_tokens=30)
+    async with serving(app) as url:
+        while (await chat(http, url)).status == 200:
+            pass
+        refused = await chat(http, url)
+        assert refused.status == 429
+        await asyncio.sleep(refused.body["retry_after"] + 0.1)
+        again = await chat(http, url)
+    assert again.status == 200, again.body
+
+
+async def test_a_budget_hook_holds_two_tiers(emulator: Emulator, http: httpx2.AsyncClient) -> None:
+    app = Quart(__name__)
+    claude = Claude(
+        app, api_key="sk-test", base_url=emulator.url, api_tokens=TOKENS, max_streams_per_client=0
+    )
+    plans = {ident(ALICE): "60 tokens/day", ident(BOB): "600 tokens/day"}
+
+    @claude.budget
+    async def plan(identity: str) -> str:
+        return plans[identity]
+
+    emulator.default = Reply("one two three four five", input_tokens=20)
+    async with serving(app) as url:
+        alice = [await chat(http, url) for _ in range(4)]
+        bob = [await chat(http, url, headers=BOB) for _ in range(4)]
+        usage = (await http.get(url + "/usage", headers=BOB)).json()
+    assert alice[0].status == 200 and [a.status for a in alice[2:]] == [429, 429]
+    assert [b.status for b in bob] == [200] * 4
+    assert usage["limits"][0]["limit"] == "600 tokens/day"
+    assert usage["limits"][0]["used_tokens"] == 100
+
+
+async def test_a_money_budget_refuses_a_model_without_a_price(
+    make_app: Callable[..., Quart], http: httpx2.AsyncClient
+) -> None:
+    app = app_with(make_app, budget="1 usd/day", model="claude-unpriced-1")
+    async with serving(app) as url:
+        answer = await chat(http, url)
+    assert answer.status == 429
+    assert answer.body["reason"] == "no_price"
+
+
+@pytest.mark.parametrize("store", ["memory", "redis"])
+async def test_a_reservation_left_by_a_dead_worker_expires(
+    store: str, request: pytest.FixtureRequest
+) -> None:
+    limits = parse_budget("CLAUDE_BUDGET", "100 tokens/day")
+    if store == "redis":
+        import redis.asyncio as aioredis
+
+        client = aioredis.from_url(request.getfixturevalue("redis_url") + "/14")
+        ledger: Any = RedisLedger(client, prefix=f"qcb-test-{time.time_ns()}")
+    else:
+        ledger = MemoryLedger()
+    ask, floor = Amount(80, 0), Amount(30, 0)
+    now = time.time()
+    held = await ledger.reserve("ann", limits, "dead", ask=ask, floor=floor, ttl=0.3, now=now)
+    assert held == Amount(80, 0)
+    refused = await ledger.reserve(
+        "ann", limits, "next", ask=ask, floor=floor, ttl=60, now=time.time()
+    )
+    assert not isinstance(refused, Amount)  # 20 left: less than the floor
+    await asyncio.sleep(0.4)  # the dead worker's hold expires, and is swept
+    granted = await ledger.reserve(
+        "ann", limits, "next", ask=ask, floor=floor, ttl=60, now=time.time()
+    )
+    assert granted == Amount(80, 0)
+    await ledger.settle("ann", limits, "next", Amount(25, 0), time.time())
+    assert await ledger.used("ann", limits, time.time()) == [Amount(25, 0)]
+    if store == "redis":
+        await client.aclose()
+
+
+async def test_on_turn_gets_the_turns_cost(emulator: Emulator, http: httpx2.AsyncClient) -> None:
+    app = Quart(__name__)
+    claude = Claude(app, api_key="sk-test", base_url=emulator.url, model="claude-sonnet-4-5")
+    costs: list[int | None] = []
+
+    @claude.on_turn
+    def kept(turn: Any) -> None:
+        costs.append(turn.cost_micro_usd)
+
+    emulator.script(Reply("one two three", input_tokens=1000, cache_read_input_tokens=1000))
+    async with serving(app) as url:
+        answer = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+        assert answer.status == 200
+        await eventually(lambda: len(costs) == 1)
+    assert costs == [3000 + 300 + 3 * 15]  # $3/MTok in, $0.30 cache reads, $15 out
