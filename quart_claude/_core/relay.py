@@ -422,8 +422,7 @@ class Relay:
         texts = answer.texts
         append_data = answer.stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
-        spend = answer.spend
-        meter = spend.metered if spend is not None else None
+        meter = answer.spend.metered if answer.spend is not None else None
         framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
         async with self.client.messages.with_streaming_response.create(**params) as response:
             turn.request_id = answer.outcome.request_id = response.request_id
@@ -431,10 +430,7 @@ class Relay:
                 for block in framer.feed(chunk):
                     name, data = _named(block)
                     if name != b"content_block_delta":
-                        turn.control(name, data)
-                        if spend is not None and name == b"message_start":
-                            if spend.started(turn.usage):
-                                raise OutOfBudget
+                        turn.control(name, data)  # a budget may cut it at message_start
                         continue
                     match = None if guard is not None else text_delta(data)
                     if match is not None:  # hot path: splice the JSON string as is
@@ -499,6 +495,7 @@ class _Turn:
         "request_id",
         "rethinking",
         "spans",
+        "spend",
         "stop_reason",
         "stream",
         "texts",
@@ -508,6 +505,7 @@ class _Turn:
 
     def __init__(self, answer: Answer, expose_thinking: bool, rethinking: bool) -> None:
         self.stream = answer.stream
+        self.spend = answer.spend
         self.outcome = answer.outcome
         self.texts = answer.texts  # the step's text literals; the hot path appends to it
         self.spans: dict[int, int] = {}  # a text block's index -> where its text starts
@@ -561,6 +559,8 @@ class _Turn:
             outcome.message_id = message.get("id")
             start = start_event(self.stream.id, message.get("model"), message.get("id"), self.usage)
             self.stream.append({**start, **self.stream.start_fields})
+        if self.spend is not None and self.spend.started(self.usage):
+            raise OutOfBudget  # its input alone passes what the budget granted
 
     def _message_delta(self, data: bytes) -> None:
         body = json.loads(data)
