@@ -63,8 +63,9 @@ def by_hand(usage: dict[str, Any], rates: tuple[str, ...]) -> int:
     for it in usage.get("iterations") or ():
         if it.get("type") == "compaction":
             usd += it["input_tokens"] * inp + it["output_tokens"] * out
-    micro = (usd / Decimal(1_000_000) * Decimal(1_000_000)).quantize(Decimal(1), ROUND_HALF_UP)
-    searches = (usage.get("server_tool_use") or {}).get("web_search_requests", 0)
+    # tokens times USD per million tokens is micro-dollars
+    micro = usd.quantize(Decimal(1), ROUND_HALF_UP)
+    searches = int((usage.get("server_tool_use") or {}).get("web_search_requests", 0))
     return int(micro) + searches * 10_000  # $10 per 1,000 searches
 
 
