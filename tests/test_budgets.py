@@ -238,7 +238,7 @@ async def test_a_reservation_left_by_a_dead_worker_expires(
 
 async def test_on_turn_gets_the_turns_cost(emulator: Emulator, http: httpx2.AsyncClient) -> None:
     app = Quart(__name__)
-    claude = Claude(app, api_key="sk-test", base_url=emulator.url, model="claude-sonnet-4-5")
+    claude = Claude(app, api_key="sk-test", base_url=emulator.url, model="claude-sonnet-4-6")
     costs: list[int | None] = []
 
     @claude.on_turn
