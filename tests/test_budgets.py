@@ -251,3 +251,17 @@ async def test_on_turn_gets_the_turns_cost(emulator: Emulator, http: httpx2.Asyn
         assert answer.status == 200
         await eventually(lambda: len(costs) == 1)
     assert costs == [3000 + 300 + 3 * 15]  # $3/MTok in, $0.30 cache reads, $15 out
+
+
+async def test_a_soft_threshold_warns_in_start_and_done(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = app_with(make_app, budget="100 tokens/day", budget_warn_at=50)
+    emulator.default = Reply("one two three four five", input_tokens=20)
+    async with serving(app) as url:
+        first, second, third = [await chat(http, url) for _ in range(3)]
+    assert "budget_warning" not in first.events[0] and "budget_warning" not in first.events[-1]
+    assert "budget_warning" not in second.events[0]
+    assert second.events[-1]["budget_warning"] == {"limit": "100 tokens/day", "used_percent": 50}
+    assert third.events[0]["budget_warning"]["used_percent"] == 50
+    assert third.events[-1]["budget_warning"]["used_percent"] == 75

@@ -135,5 +135,8 @@ class Answer:
     def finish(self, stop_reason: str | None, *, reported: bool = True) -> str:
         """End with ``done``, carrying what the API reported when ``reported``."""
         self.outcome.stop_reason = stop_reason
-        self.stream.append(done_event(stop_reason, self.usage, self.reported if reported else None))
+        event = done_event(stop_reason, self.usage, self.reported if reported else None)
+        if self.spend is not None and self.spend.warning is not None:
+            event["budget_warning"] = self.spend.warning
+        self.stream.append(event)
         return "done"

@@ -181,7 +181,8 @@ class Spend:
     input_tokens: int = 0  # exact from message_start, else the estimate
     output_estimate: int = 0
     spent: Amount = field(default_factory=Amount)  # the answer's, settled so far
-    cut: bool = False
+    warn_at: int = 0  # percent of a limit past which start and done carry a warning (0: off)
+    warning: dict[str, Any] | None = None  # the last one seen
 
     async def reserve(self, params: dict[str, Any]) -> Refusal | None:
         """Reserve the next request's share; a refusal when even its input does not fit."""
@@ -205,6 +206,25 @@ class Spend:
         self.hold, self.granted = hold, granted
         self.input_tokens, self.output_estimate = estimate, 0
         return None
+
+    async def check(self) -> dict[str, Any] | None:
+        """The soft threshold: a warning when a limit is ``warn_at`` percent used or more
+        (the tightest one), for the ``start`` and ``done`` events."""
+        if not self.warn_at:
+            return None
+        used = await self.store.used(self.identity, self.limits, time.time())
+        worst: dict[str, Any] | None = None
+        for limit, amount in zip(self.limits, used, strict=True):
+            cap, have = (
+                (limit.tokens, amount.tokens)
+                if limit.tokens is not None
+                else (limit.micro_usd or 0, amount.micro_usd)
+            )
+            percent = 100 if cap <= 0 else min(100, have * 100 // cap)
+            if percent >= self.warn_at and (worst is None or percent > worst["used_percent"]):
+                worst = {"limit": limit.text(), "used_percent": percent}
+        self.warning = worst
+        return worst
 
     async def release(self) -> None:
         """Give the reservation back unused (the stream never started)."""

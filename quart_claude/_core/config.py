@@ -243,6 +243,13 @@ def _database_url(key: str, value: Any) -> str | None:
     return text
 
 
+def _percent(key: str, value: Any) -> int:
+    number = _non_negative_int(key, value)
+    if number > 100:
+        raise ConfigError(f"{key} must be a percentage from 0 to 100, got {value!r}")
+    return number
+
+
 def _budget(key: str, value: Any) -> tuple[Any, ...]:
     from .budget import parse_budget
 
@@ -336,6 +343,7 @@ _KEYS: dict[str, _Key] = {
     "conversation_ttl": _Key(_days, 0.0),
     "context_strategy": _Key(_context_strategy, "none"),
     "budget": _Key(_budget, ()),
+    "budget_warn_at": _Key(_percent, 80),
     "prices": _Key(_prices, PRICES),
 }
 
@@ -395,6 +403,7 @@ class ClaudeConfig:
     conversation_ttl: float  # days; 0: kept until deleted
     context_strategy: str  # "none", "clear_tool_uses" or "compact"
     budget: tuple[Any, ...]  # budget.Limit: the default per identity (none: unlimited)
+    budget_warn_at: int  # percent of a limit used past which start and done warn (0: off)
     prices: dict[str, Any]  # prices.Price by model: the shipped table and CLAUDE_PRICES
 
     @staticmethod

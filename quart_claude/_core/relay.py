@@ -385,6 +385,8 @@ class Relay:
         finally:
             spent = await spend.settle(turn.usage, ended=turn.ended)
             self.telemetry.spent(spend.model, spent.micro_usd)
+            if turn.ended and turn.stop_reason != "tool_use":  # the answer's last: done's warning
+                await spend.check()
 
     async def _request(
         self,

@@ -205,6 +205,9 @@ class ClaudeState:
             if refusal is not None:
                 self.telemetry.budget_rejected()
                 raise BudgetRefused(refusal)
+            warning = await spend.check()
+            if warning is not None:
+                stream.start_fields = {**stream.start_fields, "budget_warning": warning}
         try:
             await self.store.open(stream, fields)
         except BaseException:
@@ -244,6 +247,7 @@ class ClaudeState:
             chat.model,
             stream_id,
             turn.conversation_id if turn is not None else None,
+            warn_at=self.config.budget_warn_at,
         )
 
     async def _produce(
@@ -278,7 +282,15 @@ class ClaudeState:
         self.store.adopt(claim, stream)
         prior = Prior.from_events(claim.events, claim.usage, claim.steps)
         turn = await self.turns.claim(TurnRef(**stored)) if stored else None
-        self.start_producer(stream, self._produce(stream, chat, None, prior, turn), client)
+        try:  # its next requests are reserved, metered and settled here
+            spend = await self.spend_for(claim.owner or client, chat, claim.stream_id, turn)
+        except Exception:
+            log.exception(
+                "stream %s: its budget could not be read; taken over unmetered", claim.stream_id
+            )
+            spend = None
+        producer = self._produce(stream, chat, None, prior, turn, spend)
+        self.start_producer(stream, producer, client)
         return True
 
     async def find(self, stream_id: str, identity: str | None) -> Found | None:
