@@ -8,6 +8,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -16,7 +17,9 @@ from quart import Quart
 
 from quart_claude import Claude
 from quart_claude._core.budget import Amount, parse_budget
+from quart_claude._core.db import Conversations, create_engine
 from quart_claude._core.ledger import MemoryLedger, RedisLedger
+from quart_claude._core.ledger_sql import SqlLedger
 from quart_claude.testing import Emulator, Reply, ToolUse
 
 from .helpers import eventually, serving, stream_chat
@@ -127,8 +130,9 @@ async def test_a_budget_that_runs_out_between_tool_steps_ends_before_the_next_re
     assert len(emulator.requests) == 1  # the second step was refused before it was sent
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("store", ["memory", "redis", "sqlite"])
 async def test_concurrent_requests_never_spend_past_the_limit(
+    tmp_path: Path,
     store: str,
     make_app: Callable[..., Quart],
     emulator: Emulator,
@@ -140,6 +144,8 @@ async def test_concurrent_requests_never_spend_past_the_limit(
         options["stream_store"] = (
             request.getfixturevalue("redis_url") + f"/{int(time.time() * 1000) % 15 + 1}"
         )
+    elif store == "sqlite":  # with conversations on, the database keeps the counts
+        options["database_url"] = f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"
     app = app_with(make_app, **options)
     emulator.default = Reply(
         tokens=[f"w{n} " for n in range(30)], input_tokens=20, token_delay=0.001
@@ -147,6 +153,8 @@ async def test_concurrent_requests_never_spend_past_the_limit(
     async with serving(app) as url:
         answers = await asyncio.gather(*(chat(http, url) for _ in range(60)))
         entries = await ledger_of(app).entries(ident(ALICE))
+        kind = type(ledger_of(app)).__name__
+    assert kind == {"memory": "MemoryLedger", "redis": "RedisLedger", "sqlite": "SqlLedger"}[store]
     spent = sum(e.input_tokens + e.output_tokens for e in entries)
     # worst cases are reserved (input estimate + max_tokens 64), so fewer fit than could;
     # the emulator never reports more tokens than the meter estimated
@@ -205,16 +213,23 @@ async def test_a_money_budget_refuses_a_model_without_a_price(
     assert answer.body["reason"] == "no_price"
 
 
-@pytest.mark.parametrize("store", ["memory", "redis"])
+@pytest.mark.parametrize("store", ["memory", "redis", "sqlite"])
 async def test_a_reservation_left_by_a_dead_worker_expires(
-    store: str, request: pytest.FixtureRequest
+    store: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     limits = parse_budget("CLAUDE_BUDGET", "100 tokens/day")
-    if store == "redis":
+    conversations = None
+    if store == "sqlite":
+        conversations = Conversations(
+            create_engine(f"sqlite+aiosqlite:///{tmp_path / 'b.db'}"), owned=True
+        )
+        await conversations.create_tables()
+        ledger: Any = SqlLedger(conversations.runner)
+    elif store == "redis":
         import redis.asyncio as aioredis
 
         client = aioredis.from_url(request.getfixturevalue("redis_url") + "/14")
-        ledger: Any = RedisLedger(client, prefix=f"qcb-test-{time.time_ns()}")
+        ledger = RedisLedger(client, prefix=f"qcb-test-{time.time_ns()}")
     else:
         ledger = MemoryLedger()
     ask, floor = Amount(80, 0), Amount(30, 0)
@@ -234,6 +249,8 @@ async def test_a_reservation_left_by_a_dead_worker_expires(
     assert await ledger.used("ann", limits, time.time()) == [Amount(25, 0)]
     if store == "redis":
         await client.aclose()
+    if conversations is not None:
+        await conversations.close()
 
 
 async def test_on_turn_gets_the_turns_cost(emulator: Emulator, http: httpx2.AsyncClient) -> None:

@@ -6,6 +6,7 @@ database password in no response and no log line."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import subprocess
 import sys
@@ -147,3 +148,44 @@ async def test_a_database_restart_mid_turn_loses_nothing(
     assert any("storing its turn failed" in r.getMessage() for r in caplog.records)
     seen = "\n".join([*bodies, *(r.getMessage() for r in caplog.records), caplog.text])
     assert PASSWORD not in seen
+
+
+async def test_budgets_on_postgresql_hold_across_two_apps_at_once(
+    postgres: PostgresServer, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """Two apps (each its own engine and pool, as two workers) reserve against one budget in
+    the database at once: the ledger's sum never passes the limit (issue 24)."""
+    migrate(postgres.url)
+
+    def budgeted() -> Quart:
+        app = Quart(__name__)
+        Claude(
+            app,
+            api_key="sk-ant-test-postgres",
+            base_url=emulator.url,
+            database_url=postgres.url,
+            api_tokens="tok-pg-0123456789",
+            budget="1500 tokens/day",
+            max_tokens=64,
+            max_streams_per_client=0,
+        )
+        return app
+
+    emulator.default = Reply(tokens=[f"w{n} " for n in range(30)], input_tokens=20)
+    first, second = budgeted(), budgeted()
+    async with serving(first) as one, serving(second) as two:
+        answers = await asyncio.gather(
+            *(
+                stream_chat(http, url + "/chat/stream", {"message": "hi"}, headers=TOKEN)
+                for url in [one, two] * 30
+            )
+        )
+        identity = "token:" + hashlib.sha256(b"tok-pg-0123456789").hexdigest()[:16]
+        entries = await first.extensions["claude"].ledger.entries(identity)
+        usage = (await http.get(two + "/usage", headers=TOKEN)).json()
+    assert {a.status for a in answers} == {200, 429}
+    spent = sum(e.input_tokens + e.output_tokens for e in entries)
+    assert 0 < spent <= 1500
+    assert len(entries) == len(emulator.requests)
+    assert usage["limits"][0]["used_tokens"] == spent  # the other app sees the same counts
+    assert PASSWORD not in str(usage)

@@ -29,7 +29,8 @@ def test_the_migrations_make_the_tables_the_code_uses(tmp_path: Path) -> None:
     with contextlib.closing(sqlite3.connect(database)) as connection:
         rows = connection.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
         tables = {row[0] for row in rows}
-    assert tables == {"claude_conversations", "claude_messages", VERSION_TABLE}
+    assert tables == {*metadata.tables, VERSION_TABLE}
+    assert {"claude_conversations", "claude_budget_holds", "claude_usage_ledger"} <= tables
     engine = create_engine(f"sqlite:///{database}")
     try:
         with engine.connect() as connection:

@@ -19,16 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 from sqlalchemy import (
-    JSON,
-    BigInteger,
-    Column,
-    ForeignKey,
-    Index,
-    Integer,
-    MetaData,
-    String,
-    Table,
-    UniqueConstraint,
     bindparam,
     event,
     select,
@@ -41,6 +31,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import StaticPool
 
+from .tables import VERSION_TABLE, conversations, messages, metadata
 from .turns import TurnRef
 
 __all__ = [
@@ -52,56 +43,14 @@ __all__ = [
     "Opened",
     "branch_to",
     "TurnRef",
+    "VERSION_TABLE",
     "include_object",
     "metadata",
 ]
 
 T = TypeVar("T")
 
-#: Our tables' own metadata (never the host's): what the shipped migrations create.
-metadata: MetaData = MetaData()
 
-conversations = Table(
-    "claude_conversations",
-    metadata,
-    Column("id", String(32), primary_key=True),
-    Column("owner", String(256), nullable=False),
-    Column("title", String(200)),
-    Column("leaf_id", String(32)),  # the last message of the branch readers see
-    Column("active_stream_id", String(64)),  # the turn streaming now (one at a time)
-    Column("created_at", BigInteger, nullable=False),  # milliseconds since the epoch, UTC
-    Column("updated_at", BigInteger, nullable=False),
-    Index("claude_conversations_owner_updated", "owner", "updated_at", "id"),
-)
-
-messages = Table(
-    "claude_messages",
-    metadata,
-    Column("id", String(32), primary_key=True),
-    Column(
-        "conversation_id",
-        String(32),
-        ForeignKey("claude_conversations.id", ondelete="CASCADE"),
-        nullable=False,
-    ),
-    Column("parent_id", String(32)),  # None: the first message; siblings are branches
-    Column("role", String(16), nullable=False),  # user | assistant
-    #: user: the content; assistant: {"messages": [API messages], "view": [reader blocks]}
-    Column("content", JSON, nullable=False),
-    Column("status", String(16), nullable=False),  # streaming|complete|partial|cancelled|error
-    Column("stream_id", String(64)),
-    Column("client_message_id", String(128)),
-    Column("model", String(128)),
-    Column("stop_reason", String(64)),
-    Column("usage", JSON),
-    Column("fence", Integer, nullable=False, default=0),  # a takeover raises it
-    Column("created_at", BigInteger, nullable=False),
-    Index("claude_messages_conversation", "conversation_id", "created_at"),
-    UniqueConstraint("conversation_id", "client_message_id", name="claude_messages_client_id"),
-)
-
-#: Alembic's version table for our revisions (never the host's ``alembic_version``).
-VERSION_TABLE: str = "claude_alembic_version"
 _TABLES = frozenset({*metadata.tables, VERSION_TABLE})
 
 

@@ -22,11 +22,20 @@ from .budget import Amount, Limit, Refusal
 if TYPE_CHECKING:
     from .budget import Spend
 
-__all__ = ["LedgerEntry", "LedgerStore", "MemoryLedger", "RedisLedger"]
+__all__ = [
+    "DAY_SECONDS",
+    "LedgerEntry",
+    "LedgerStore",
+    "MemoryLedger",
+    "RedisLedger",
+    "Window",
+    "day_view",
+    "windows",
+]
 
 #: ledger entries kept: per worker in memory, per identity in Redis
 KEEP_ENTRIES = 10_000
-_DAY = 86400
+DAY_SECONDS = 86400
 
 
 @dataclass(frozen=True, slots=True)
@@ -198,7 +207,7 @@ class MemoryLedger:
     async def record(self, spend: Spend, usage: dict[str, Any], spent: Amount) -> None:
         entry = LedgerEntry.of(spend, usage, spent)
         self._entries.append(entry)
-        day = self._days.setdefault((spend.identity, int(entry.at) // _DAY), [0, 0, 0])
+        day = self._days.setdefault((spend.identity, int(entry.at) // DAY_SECONDS), [0, 0, 0])
         day[0] += spent.tokens
         day[1] += spent.micro_usd
         day[2] += 1
@@ -208,20 +217,20 @@ class MemoryLedger:
         return [by_name[f"{limit.period.name}:{limit.period.window(now)[0]}"] for limit in limits]
 
     async def days(self, identity: str, count: int, now: float) -> list[dict[str, Any]]:
-        today = int(now) // _DAY
+        today = int(now) // DAY_SECONDS
         out = []
         for day in range(today - count + 1, today + 1):
             tokens, micro, requests = self._days.get((identity, day), (0, 0, 0))
-            out.append(_day(day, tokens, micro, requests))
+            out.append(day_view(day, tokens, micro, requests))
         return out
 
     async def entries(self, identity: str) -> list[LedgerEntry]:
         return [entry for entry in self._entries if entry.identity == identity]
 
 
-def _day(day: int, tokens: int, micro: int, requests: int) -> dict[str, Any]:
+def day_view(day: int, tokens: int, micro: int, requests: int) -> dict[str, Any]:
     return {
-        "date": time.strftime("%Y-%m-%d", time.gmtime(day * _DAY)),
+        "date": time.strftime("%Y-%m-%d", time.gmtime(day * DAY_SECONDS)),
         "tokens": tokens,
         "usd": micro / 1_000_000,
         "requests": requests,
@@ -313,7 +322,7 @@ class RedisLedger:
         args: list[Any] = [int(now * 1000), hold, ask.tokens, ask.micro_usd]
         args += [floor.tokens, floor.micro_usd, int(ttl * 1000)]
         for window in open_windows:
-            args += [window.tokens, window.micro_usd, (window.end + _DAY) * 1000]
+            args += [window.tokens, window.micro_usd, (window.end + DAY_SECONDS) * 1000]
         result = await self._reserve(keys=self._keys(identity, open_windows), args=args)
         if int(result[0]) == 1:
             return Amount(int(result[1]), int(result[2]))
@@ -326,11 +335,11 @@ class RedisLedger:
         open_windows = windows(limits, now)
         keys = [*self._keys(identity, open_windows), self._day_key(identity, now)]
         args: list[Any] = [hold, spent.tokens, spent.micro_usd]
-        args += [(window.end + _DAY) * 1000 for window in open_windows]
+        args += [(window.end + DAY_SECONDS) * 1000 for window in open_windows]
         await self._settle(keys=keys, args=args)
 
     def _day_key(self, identity: str, now: float) -> str:
-        return f"{self._tag(identity)}:d:{int(now) // _DAY}"
+        return f"{self._tag(identity)}:d:{int(now) // DAY_SECONDS}"
 
     async def record(self, spend: Spend, usage: dict[str, Any], spent: Amount) -> None:
         entry = LedgerEntry.of(spend, usage, spent)
@@ -348,12 +357,12 @@ class RedisLedger:
         return out
 
     async def days(self, identity: str, count: int, now: float) -> list[dict[str, Any]]:
-        today = int(now) // _DAY
+        today = int(now) // DAY_SECONDS
         out = []
         for day in range(today - count + 1, today + 1):
             key = f"{self._tag(identity)}:d:{day}"
             tokens, micro, requests = await self.redis.hmget(key, "used_t", "used_m", "requests")
-            out.append(_day(day, int(tokens or 0), int(micro or 0), int(requests or 0)))
+            out.append(day_view(day, int(tokens or 0), int(micro or 0), int(requests or 0)))
         return out
 
     async def entries(self, identity: str) -> list[LedgerEntry]:

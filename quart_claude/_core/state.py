@@ -363,19 +363,28 @@ class ClaudeState:
 
             self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
         self.relay = Relay(client, config, self.telemetry, self.extension.tools, self.tool_scope)
-        if config.budget or self.extension.budget_hook is not None:
-            from .ledger import MemoryLedger, RedisLedger
-
-            redis = getattr(self.store, "redis", None)
-            self.ledger = RedisLedger(redis) if redis is not None else MemoryLedger()
         self.turns = TurnKeeper(
             await self._open_conversations(),
             lambda: self.extension.turn_hooks,
             lambda: self.tool_scope,
         )
+        if config.budget or self.extension.budget_hook is not None:
+            self.ledger = self._ledger()
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
+
+    def _ledger(self) -> LedgerStore:
+        """Where budgets count: the database with conversations on, else Redis when it is
+        the stream store, else this worker's memory."""
+        from .ledger import MemoryLedger, RedisLedger
+
+        if self.conversations is not None:
+            from .ledger_sql import SqlLedger
+
+            return SqlLedger(self.conversations.runner)
+        redis = getattr(self.store, "redis", None)
+        return RedisLedger(redis) if redis is not None else MemoryLedger()
 
     async def _open_conversations(self) -> Conversations | None:
         """The conversations' tables, ready: SQLite's made at once (development), any other

@@ -9,7 +9,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from quart_claude._core.db import VERSION_TABLE, metadata
+from quart_claude._core.tables import VERSION_TABLE, metadata
 
 
 def _migrate(connection: Any) -> None:
