@@ -182,6 +182,7 @@ class Spend:
     output_estimate: int = 0
     spent: Amount = field(default_factory=Amount)  # the answer's, settled so far
     warn_at: int = 0  # percent of a limit past which start and done carry a warning (0: off)
+    hold_ttl: float = HOLD_TTL  # how long a reservation outlives a worker that died holding it
     warning: dict[str, Any] | None = None  # the last one seen
 
     async def reserve(self, params: dict[str, Any]) -> Refusal | None:
@@ -198,7 +199,7 @@ class Spend:
             hold,
             ask=self._amount(estimate, worst - estimate),
             floor=self._amount(estimate, MIN_OUTPUT),
-            ttl=HOLD_TTL,
+            ttl=self.hold_ttl,
             now=time.time(),
         )
         if isinstance(granted, Refusal):

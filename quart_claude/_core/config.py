@@ -344,6 +344,7 @@ _KEYS: dict[str, _Key] = {
     "context_strategy": _Key(_context_strategy, "none"),
     "budget": _Key(_budget, ()),
     "budget_warn_at": _Key(_percent, 80),
+    "budget_hold_ttl": _Key(_positive_seconds, 600.0),
     "prices": _Key(_prices, PRICES),
 }
 
@@ -404,6 +405,7 @@ class ClaudeConfig:
     context_strategy: str  # "none", "clear_tool_uses" or "compact"
     budget: tuple[Any, ...]  # budget.Limit: the default per identity (none: unlimited)
     budget_warn_at: int  # percent of a limit used past which start and done warn (0: off)
+    budget_hold_ttl: float  # seconds a reservation outlives a worker killed while holding it
     prices: dict[str, Any]  # prices.Price by model: the shipped table and CLAUDE_PRICES
 
     @staticmethod

@@ -4,7 +4,7 @@
 :class:`RedisLedger` is shared by every worker and host on the stream store's Redis, each
 reservation one Lua script, so concurrent requests can never reserve past a limit together.
 A reservation (a *hold*) carries its expiry: a worker killed mid-request leaves one that the
-next reservation sweeps away after :data:`budget.HOLD_TTL`. All of one identity's keys share a
+next reservation sweeps away after ``CLAUDE_BUDGET_HOLD_TTL``. All of one identity's keys share a
 hash tag, so each script runs in one slot of a Redis Cluster.
 """
 

@@ -248,6 +248,7 @@ class ClaudeState:
             stream_id,
             turn.conversation_id if turn is not None else None,
             warn_at=self.config.budget_warn_at,
+            hold_ttl=self.config.budget_hold_ttl,
         )
 
     async def _produce(
