@@ -56,7 +56,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             100 // (scale // 5 or 1),
             100 // scale if quick else 200,
             0.1,
-            systems=("bare", "common", "quart_claude", "flask"),
+            systems=("bare", "common", "quart_claude", "budget", "flask"),
             ramp=1.0,
         ),
         Scenario(
@@ -75,7 +75,9 @@ def scenarios(quick: bool) -> list[Scenario]:
             resume_every=10,
             ramp=1.0,
         ),
-        Scenario("setup", 500 // scale, 1, 0.0, systems=("quart_claude", "conversations")),
+        Scenario(
+            "setup", 500 // scale, 1, 0.0, systems=("quart_claude", "conversations", "budget")
+        ),
         Scenario(
             "paced-redis",
             100 // (scale // 5 or 1),

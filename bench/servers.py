@@ -1,12 +1,14 @@
 """The systems under test, each served by Hypercorn (uvloop) in a single process.
 
-    python -m bench.servers quart_claude|conversations|bare|common BIND UPSTREAM_URL [REDIS_URL]
+    python -m bench.servers quart_claude|conversations|budget|bare|common BIND UPSTREAM_URL [REDIS_URL]
 
 (``BIND`` as Hypercorn takes it: ``127.0.0.1:8000``, or ``fd://N`` for an inherited socket.)
 
 - ``quart_claude``: this project, ``Claude(app)`` with its defaults.
 - ``conversations``: the same with conversations in SQLite (``CLAUDE_DATABASE_URL``): each
   stream is a turn (one write when it opens, one when it ends).
+- ``budget``: ``quart_claude`` with a budget no stream reaches (``CLAUDE_BUDGET``, counted in
+  the worker's memory): every request reserved, metered per delta and settled.
 - ``bare``: the floor; a raw ASGI app (no framework) that forwards each upstream text delta
   as one SSE event, through httpx2 line iteration.
 - ``common``: the usual design; a Quart view iterating ``client.messages.stream().text_stream``.
@@ -39,7 +41,9 @@ def _dumps(payload: Any) -> str:
     return json.dumps(payload, separators=(",", ":"), ensure_ascii=False)
 
 
-def quart_claude_app(upstream: str, redis_url: str | None, database: str | None = None) -> Quart:
+def quart_claude_app(
+    upstream: str, redis_url: str | None, database: str | None = None, budget: str | None = None
+) -> Quart:
     app = Quart(__name__)
     options: dict[str, Any] = {
         "api_key": "sk-bench",
@@ -50,6 +54,8 @@ def quart_claude_app(upstream: str, redis_url: str | None, database: str | None 
     }
     if redis_url:
         options["stream_store"] = redis_url
+    if budget:
+        options["budget"] = budget
     if database:  # conversations on: each stream is a turn of a new conversation
         options["database_url"] = f"sqlite+aiosqlite:///{database}"
         app.config["SECRET_KEY"] = "bench-secret-key"
@@ -175,6 +181,8 @@ def main() -> None:
     app: Any
     if name == "quart_claude":
         app = quart_claude_app(upstream, redis_url)
+    elif name == "budget":
+        app = quart_claude_app(upstream, redis_url, budget="1000000000000 tokens/day")
     elif name == "conversations":
         database = tempfile.mkdtemp(prefix="qc-bench-db-") + "/chat.db"
         app = quart_claude_app(upstream, redis_url, database)

@@ -282,3 +282,19 @@ async def test_a_soft_threshold_warns_in_start_and_done(
     assert second.events[-1]["budget_warning"] == {"limit": "100 tokens/day", "used_percent": 50}
     assert third.events[0]["budget_warning"]["used_percent"] == 50
     assert third.events[-1]["budget_warning"]["used_percent"] == 75
+
+
+async def test_a_money_budget_cuts_mid_answer_at_its_cost(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    # $3 in, $15 out per MTok: 20 input tokens cost 60 µ$, leaving 940 µ$: 62 output tokens
+    app = app_with(make_app, budget="0.001 usd/day", model="claude-sonnet-4-6", max_tokens=1000)
+    words = [f"w{n} " for n in range(400)]
+    emulator.script(Reply(tokens=words, input_tokens=20))
+    async with serving(app) as url:
+        answer = await chat(http, url)
+        entries = await ledger_of(app).entries(ident(ALICE))
+    assert answer.events[-1]["stop_reason"] == "budget_exhausted"
+    assert "".join(words).startswith(answer.text)
+    assert 40 < len(answer.text.split()) <= 62
+    assert 0 < sum(e.cost_micro_usd for e in entries) <= 1000

@@ -183,6 +183,7 @@ class Spend:
     spent: Amount = field(default_factory=Amount)  # the answer's, settled so far
     warn_at: int = 0  # percent of a limit past which start and done carry a warning (0: off)
     hold_ttl: float = HOLD_TTL  # how long a reservation outlives a worker that died holding it
+    _cap: int = 0  # the output tokens the request in flight may still stream
     warning: dict[str, Any] | None = None  # the last one seen
 
     async def reserve(self, params: dict[str, Any]) -> Refusal | None:
@@ -206,6 +207,7 @@ class Spend:
             return granted
         self.hold, self.granted = hold, granted
         self.input_tokens, self.output_estimate = estimate, 0
+        self._cap = self._output_cap({"input_tokens": estimate})
         return None
 
     async def check(self) -> dict[str, Any] | None:
@@ -245,23 +247,24 @@ class Spend:
     def started(self, usage: dict[str, Any]) -> bool:
         """``message_start``'s usage: the exact input. True when it alone passes the grant."""
         self.input_tokens = _input(usage)
-        return self.input_tokens > self.granted.tokens
+        self._cap = self._output_cap(usage)
+        return self.input_tokens > self.granted.tokens or self._cap <= 0
 
     def metered(self, nbytes: int, usage: dict[str, Any]) -> bool:
-        """One text delta of ``nbytes``: True when the request must stop here."""
-        self.output_estimate += max(1, nbytes // BYTES_PER_TOKEN)
-        return self._over(usage)
+        """One text delta of ``nbytes``: True when the request must stop here, at its grant
+        (not past it: what is spent passes the grant only by the estimate's error on the
+        delta that reached it). One addition and one comparison per delta."""
+        self.output_estimate += (nbytes >> 2) or 1  # BYTES_PER_TOKEN
+        return self.output_estimate >= self._cap
 
-    def _over(self, usage: dict[str, Any]) -> bool:
-        # at the grant, not past it: the delta that reaches it is the last (so what is spent
-        # passes the grant only by the estimate's error on that one delta)
-        tokens = self.input_tokens + self.output_estimate
-        if tokens >= self.granted.tokens:
-            return True
-        if self.price is None or not self.money:
-            return False
-        seen = {**usage, "output_tokens": self.output_estimate}
-        return cost_of(seen, self.price) >= self.granted.micro_usd
+    def _output_cap(self, usage: dict[str, Any]) -> int:
+        """The output tokens the grant leaves after the input: by tokens, and by money at the
+        output rate once the input's cost (cache reads and writes priced) is known."""
+        cap = self.granted.tokens - self.input_tokens
+        if self.price is not None and self.money and self.price.output > 0:
+            left = self.granted.micro_usd * 1_000_000 - cost_of(usage, self.price) * 1_000_000
+            cap = min(cap, left // self.price.output)
+        return cap
 
     async def settle(self, usage: dict[str, Any] | None, *, ended: bool) -> Amount:
         """The request in flight is over: settle it at its exact usage (``ended``: the API
