@@ -22,6 +22,8 @@ from quart_claude.testing import Emulator
 __all__ = ["app", "create_app", "demo_storage", "order_status", "page"]
 
 log = logging.getLogger("example_app")
+#: demo mode's budget per visitor (CLAUDE_BUDGET overrides it)
+DEMO_BUDGET = "200000 tokens/day"
 _PAGE = (Path(__file__).parent / "static" / "index.html").read_text(encoding="utf-8")
 
 
@@ -91,6 +93,8 @@ def create_app(**claude_options: Any) -> Quart:
         storage = demo_storage(os.environ.get("EXAMPLE_INSTANCE_PATH") or app.instance_path)
         if storage:
             app.config["SECRET_KEY"] = storage.pop("secret_key")
+        if not os.environ.get("CLAUDE_BUDGET"):  # the page shows what is left of it
+            storage["budget"] = DEMO_BUDGET
         claude = Claude(app, api_key="demo-key", base_url=f"http://127.0.0.1:{port}", **storage)
     else:
         claude = Claude(app, **claude_options)

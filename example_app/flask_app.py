@@ -19,7 +19,7 @@ from flask import Flask, Response
 from quart_claude.flask import Claude
 from quart_claude.testing import Emulator
 
-from . import demo_storage, order_status, page
+from . import DEMO_BUDGET, demo_storage, order_status, page
 
 __all__ = ["create_app"]
 
@@ -55,6 +55,8 @@ def create_app(**claude_options: Any) -> Flask:
         storage = demo_storage(os.environ.get("EXAMPLE_INSTANCE_PATH") or app.instance_path)
         if storage:
             app.config["SECRET_KEY"] = storage.pop("secret_key")
+        if not os.environ.get("CLAUDE_BUDGET"):  # the page shows what is left of it
+            storage["budget"] = DEMO_BUDGET
         claude_options = {"api_key": "demo-key", "base_url": url, **storage}
     Claude(app, **claude_options).tool(order_status)
     state = Claude.state(app)

@@ -391,3 +391,25 @@ async def test_edit_regenerate_and_switching_branches(
     await page.reload()  # the switch is the conversation's current branch now
     await settled(page)
     assert await messages_shown(page) == ["original question", "Answer one."]
+
+
+async def test_the_page_shows_the_budget_left_and_a_cut_answer(
+    page: Page, emulator: Emulator
+) -> None:
+    app = create_example_app(api_key=API_KEY, base_url=emulator.url, budget="300 tokens/day")
+    emulator.script(
+        Reply("one two three four five", input_tokens=20),
+        Reply(tokens=[f"w{n} " for n in range(400)], input_tokens=20),
+    )
+    async with serving(app) as url:
+        await page.goto(url + "/")
+        await wait_until(page, "!document.querySelector('#budget').hidden")
+        assert await page.inner_text("#budget") == "Budget: 300 tokens left of 300 tokens/day"
+        await page.fill("#input", "hi")
+        await page.press("#input", "Enter")
+        await wait_until(page, "document.querySelector('#budget').dataset.left === '275'")
+        await page.fill("#input", "more")
+        await page.press("#input", "Enter")
+        await wait_until(page, "document.querySelector('#budget').dataset.left !== '275'")
+        meta = await page.locator(".assistant .meta").last.inner_text()
+    assert "your budget ran out" in meta
