@@ -298,3 +298,24 @@ async def test_a_money_budget_cuts_mid_answer_at_its_cost(
     assert "".join(words).startswith(answer.text)
     assert 40 < len(answer.text.split()) <= 62
     assert 0 < sum(e.cost_micro_usd for e in entries) <= 1000
+
+
+async def test_a_refused_turn_leaves_no_trace_in_the_conversation(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    database = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+    app = app_with(make_app, budget="120 tokens/day", database_url=database)
+    emulator.default = Reply(tokens=[f"w{n} " for n in range(60)], input_tokens=20)
+    async with serving(app) as url:
+        first = await chat(http, url)
+        cid = first.events[0]["conversation_id"]
+        body = {"message": "and then?", "conversation_id": cid}
+        refused = await stream_chat(http, url + "/chat/stream", body, headers=ALICE)
+        again = await stream_chat(http, url + "/chat/stream", body, headers=ALICE)
+        fresh = await chat(http, url, "a new chat")
+        read = (await http.get(f"{url}/conversations/{cid}", headers=ALICE)).json()
+        listed = (await http.get(f"{url}/conversations", headers=ALICE)).json()
+    assert first.status == 200 and refused.status == 429 and fresh.status == 429
+    assert [m["role"] for m in read["messages"]] == ["user", "assistant"]  # as before
+    assert again.body["error"] == "budget_exceeded"  # not conversation_busy: it was freed
+    assert [c["id"] for c in listed["conversations"]] == [cid]  # none made for the refusal

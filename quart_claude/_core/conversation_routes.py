@@ -110,8 +110,11 @@ async def open_turn(
     except StoreUnavailable:
         await _abandon(conversations, ref.conversation_id, stream_id)
         return store_unavailable()
-    except BudgetRefused as refused:
-        await _abandon(conversations, ref.conversation_id, stream_id)
+    except BudgetRefused as refused:  # the turn never started: it leaves no trace
+        try:
+            await conversations.retract(opened, stream_id)
+        except Exception:
+            log.warning("stream %s: its refused turn could not be taken back", stream_id)
         return budget_exceeded(refused.refusal)
     return stream, {"X-Conversation-Id": ref.conversation_id}
 

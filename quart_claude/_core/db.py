@@ -123,6 +123,8 @@ class Opened:
     ref: TurnRef
     branch: list[MessageRow]
     created: bool  # a new conversation
+    previous_leaf: str | None = None  # the conversation's leaf before the turn
+    regenerate: bool = False  # the user message was there before
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,6 +266,11 @@ class Conversations:
         """Store the answer, once: False when the turn was fenced out or already stored."""
         values = {"content": content, "status": status, "stop_reason": stop_reason, "usage": usage}
         return await self.runner.write(_finish, ref, stream_id, values)
+
+    async def retract(self, opened: Opened, stream_id: str) -> None:
+        """Take back a turn that never started (its budget refused it): its rows go, the
+        conversation's leaf is what it was, and a conversation made for it goes too."""
+        await self.runner.write(_retract, opened, stream_id)
 
     async def abandon(self, conversation_id: str, stream_id: str) -> None:
         """A turn whose producer is gone for good (no store knows its stream): kept as an
@@ -475,7 +482,7 @@ def _open_turn(conn: Connection, send: Send) -> Opened | Existing:
     conn.execute(_INSERT_MESSAGES, new)  # both rows: one statement
     if not created:
         conn.execute(_NEW_LEAF, {"b_cid": cid, "b_leaf": answer_id, "b_stamp": stamp})
-    return Opened(TurnRef(cid, user_id, answer_id), branch, created)
+    return Opened(TurnRef(cid, user_id, answer_id), branch, created, leaf, send.regenerate)
 
 
 def _claim_turn(conn: Connection, ref: TurnRef) -> TurnRef | None:
@@ -494,6 +501,20 @@ def _finish(conn: Connection, ref: TurnRef, stream_id: str, values: dict[str, An
         return False
     _release(conn, ref.conversation_id, stream_id)
     return True
+
+
+def _retract(conn: Connection, opened: Opened, stream_id: str) -> None:
+    ref = opened.ref
+    ids = [ref.message_id] if opened.regenerate else [ref.message_id, ref.user_message_id]
+    conn.execute(messages.delete().where(messages.c.id.in_(ids)))
+    if opened.created:
+        conn.execute(conversations.delete().where(conversations.c.id == ref.conversation_id))
+        return
+    conn.execute(
+        update(conversations)
+        .where(_c.id == ref.conversation_id, _c.active_stream_id == stream_id)
+        .values(active_stream_id=None, leaf_id=opened.previous_leaf)
+    )
 
 
 def _abandon(conn: Connection, cid: str, stream_id: str) -> None:
