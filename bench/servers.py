@@ -1,6 +1,8 @@
 """The systems under test, each served by Hypercorn (uvloop) in a single process.
 
-    python -m bench.servers quart_claude|conversations|budget|bare|common BIND UPSTREAM_URL [REDIS_URL]
+    python -m bench.servers SYSTEM BIND UPSTREAM_URL [REDIS_URL]
+
+(``SYSTEM``: ``quart_claude``, ``conversations``, ``budget``, ``bare`` or ``common``.)
 
 (``BIND`` as Hypercorn takes it: ``127.0.0.1:8000``, or ``fd://N`` for an inherited socket.)
 
