@@ -35,8 +35,8 @@ def bench(module: str, *args: str) -> list[str]:
         ("flat-out", 3),  # bare, common, quart_claude
         # the same and flask: more streams than one client may hold by default, so a cap the
         # bench forgot shows up as failures
-        ("paced", 4),
-        ("setup", 2),  # quart_claude, and with conversations in SQLite
+        ("paced", 5),  # and with a budget
+        ("setup", 3),  # quart_claude, with conversations in SQLite, and with a budget
     ],
 )
 def test_quick_benchmark_runs_without_failures(scenario: str, systems: int, tmp_path: Path) -> None:
