@@ -184,6 +184,9 @@ class _UIMessage:
             if key not in self.sources:
                 self.sources.add(key)
                 out.append(_data(chunk))
+        elif kind == "fallback":  # v1.3: a data part the page may show (not kept in history)
+            data = {key: event.get(key) for key in ("from", "to", "reason", "phase")}
+            out.append(_data({"type": "data-fallback", "data": data, "transient": True}))
         elif kind in ("tool_call", "tool_result"):  # v1.1: dynamic tool parts
             self._end_text(out)
             out.append(_data(_tool_chunk(event)))

@@ -16,6 +16,7 @@ from .telemetry import StreamOutcome
 
 if TYPE_CHECKING:
     from .budget import Spend
+    from .fallback import Chain
 
 __all__ = ["Answer", "Ended"]
 
@@ -40,11 +41,15 @@ class Answer:
     """The state of one answer across its steps, requests and continuations."""
 
     __slots__ = (
+        "after_start",
+        "chain",
         "final",
+        "moved",
         "outcome",
         "recoveries",
         "reported",
         "retries",
+        "served_by",
         "spend",
         "step_base",
         "stream",
@@ -68,6 +73,11 @@ class Answer:
         self.final: list[dict[str, Any]] | None = None
         #: the answer's budget (None: unlimited): reserves, meters and settles each request
         self.spend: Spend | None = None
+        #: the answer's walk along CLAUDE_FALLBACKS (None: no fallbacks configured)
+        self.chain: Chain | None = None
+        self.moved = False  # the chain moved since the last request was built
+        self.after_start: list[dict[str, Any]] = []  # events readers get right after start
+        self.served_by: str | None = None  # the model of the last message_start
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -100,7 +110,10 @@ class Answer:
         if counted:
             self.outcome.failed(error.error_class)
         self.outcome.error = error.error_class
-        self.stream.append(error.event(partial=self.partial if partial is None else partial))
+        event = error.event(partial=self.partial if partial is None else partial)
+        if self.chain is not None and len(self.chain.tried) > 1:
+            event["hops"] = list(self.chain.tried)  # every hop tried, in order
+        self.stream.append(event)
         return error.error_class
 
     def ended(self, steps: list[dict[str, Any]], partial_text: str) -> Ended:
@@ -138,5 +151,7 @@ class Answer:
         event = done_event(stop_reason, self.usage, self.reported if reported else None)
         if self.spend is not None and self.spend.warning is not None:
             event["budget_warning"] = self.spend.warning
+        if self.chain is not None:  # which hop finished it
+            event["model"] = self.served_by
         self.stream.append(event)
         return "done"

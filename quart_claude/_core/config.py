@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .fallback import DEFAULT_ON
 from .prices import PRICES
 
 __all__ = ["ClaudeConfig", "ConfigError", "DEFAULT_MODEL", "load_config"]
@@ -243,6 +244,26 @@ def _database_url(key: str, value: Any) -> str | None:
     return text
 
 
+def _fallbacks(key: str, value: Any) -> tuple[Any, ...]:
+    from .fallback import parse_fallbacks
+
+    if value in (None, "", ()):
+        return ()
+    try:
+        return parse_fallbacks(key, value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _fallback_on(key: str, value: Any) -> frozenset[str]:
+    from .fallback import parse_fallback_on
+
+    try:
+        return parse_fallback_on(key, value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _percent(key: str, value: Any) -> int:
     number = _non_negative_int(key, value)
     if number > 100:
@@ -342,6 +363,10 @@ _KEYS: dict[str, _Key] = {
     "database_url": _Key(_database_url, None),
     "conversation_ttl": _Key(_days, 0.0),
     "context_strategy": _Key(_context_strategy, "none"),
+    "fallbacks": _Key(_fallbacks, ()),
+    "fallback_on": _Key(_fallback_on, DEFAULT_ON),
+    "max_fallbacks": _Key(_non_negative_int, 2),
+    "fallback_cooldown": _Key(_seconds, 30.0),
     "budget": _Key(_budget, ()),
     "budget_warn_at": _Key(_percent, 80),
     "budget_hold_ttl": _Key(_positive_seconds, 600.0),
@@ -403,6 +428,10 @@ class ClaudeConfig:
     database_url: str | None = field(repr=False)  # it may hold a password
     conversation_ttl: float  # days; 0: kept until deleted
     context_strategy: str  # "none", "clear_tool_uses" or "compact"
+    fallbacks: tuple[Any, ...]  # fallback.Hop: the models after the requested one
+    fallback_on: frozenset[str]  # the error classes that move to the next hop
+    max_fallbacks: int  # hops an answer may move, at most
+    fallback_cooldown: float  # seconds a hop that failed is skipped
     budget: tuple[Any, ...]  # budget.Limit: the default per identity (none: unlimited)
     budget_warn_at: int  # percent of a limit used past which start and done warn (0: off)
     budget_hold_ttl: float  # seconds a reservation outlives a worker killed while holding it

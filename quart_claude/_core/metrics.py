@@ -121,6 +121,13 @@ class Metrics:
             "Readers that came back to a stream with GET /chat/stream/<id> (or the AI SDK's).",
             registry=registry,
         )
+        self.fallbacks: Counter = Counter(
+            "claude_fallbacks",
+            "Answers moved to the next hop of CLAUDE_FALLBACKS, by hop, reason and phase "
+            "(before_text or mid_answer).",
+            ["from_model", "to_model", "reason", "phase"],
+            registry=registry,
+        )
         self.budget_rejections: Counter = Counter(
             "claude_budget_rejections",
             "Requests refused with a 429 budget_exceeded before any stream started.",

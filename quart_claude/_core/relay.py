@@ -29,6 +29,7 @@ from .answer import Answer, Ended
 from .config import ClaudeConfig
 from .continuation import ContinuationGuard, Diverged, continuation_messages
 from .errors import UpstreamError, classify_exception, classify_status
+from .fallback import Chain, Cooldowns, Hop, MemoryCooldowns, on_hop, without_thinking
 from .framing import EventTooLarge, UpstreamFramer
 from .prices import cost_of, price_of
 from .protocol import done_event, start_event
@@ -83,6 +84,8 @@ class Relay:
         self.policy: RetryPolicy = RetryPolicy(
             config.max_retries, config.retry_base_delay, config.retry_max_delay
         )
+        #: the hops cooling down (CLAUDE_FALLBACKS): this worker's, or Redis's (set by the state)
+        self.cooldowns: Cooldowns = MemoryCooldowns()
 
     async def produce(
         self,
@@ -99,6 +102,8 @@ class Relay:
         answer = Answer(stream, outcome)
         answer.spend = spend
         result = "unknown"
+        if self.config.fallbacks:
+            answer.chain = await self._chain(request)
         try:
             result = await self._run(answer, request, prior)
         except asyncio.CancelledError:
@@ -131,6 +136,23 @@ class Relay:
         cost = cost_of(ended.usage, price) if price is not None else None
         return dataclasses.replace(ended, cost_micro_usd=cost)
 
+    async def _chain(self, request: ChatRequest) -> Chain:
+        """The answer's walk along ``CLAUDE_FALLBACKS``, from the first hop not cooling down."""
+        config = self.config
+        chain = Chain(
+            (Hop(request.model), *config.fallbacks),
+            config.fallback_on,
+            config.max_fallbacks,
+            config.fallback_cooldown,
+            config.retry_max_delay,
+        )
+        try:
+            await chain.start(self.cooldowns)
+        except Exception:  # the shared cooldowns are unreachable: start at the first hop
+            log.warning("the fallback cooldowns are unavailable", exc_info=True)
+            chain.tried = [request.model]
+        return chain
+
     async def _run(self, answer: Answer, request: ChatRequest, prior: Prior | None) -> str:
         """The steps of one answer: each an upstream message (with its retries and
         continuations); a message that stops to use tools, or that the API paused, is followed
@@ -139,7 +161,7 @@ class Relay:
         if prior is not None:
             await self._resume(answer, prior)
         while True:
-            turn = await self._step(answer, request, _history(request.messages, stream.steps))
+            turn = await self._step(answer, request)
             if isinstance(turn, str):
                 return turn  # ended with an error, or out of tokens
             answer.reported.update(turn.reported)
@@ -180,6 +202,8 @@ class Relay:
         """Record the finished step (so no worker asks for it again), then run its tools."""
         stream = answer.stream
         step: dict[str, Any] = {
+            # the hop asked (not the snapshot id that answered): a later hop drops its thinking
+            "model": answer.chain.hop.model if answer.chain is not None else None,
             "content": turn.content(),
             "results": {} if calls else None,  # None: paused, continued as is
             "at": len(stream.events),  # the step's text is in the events before this
@@ -239,12 +263,11 @@ class Relay:
 
         await asyncio.gather(*(run(call) for call in calls))
 
-    async def _step(
-        self, answer: Answer, request: ChatRequest, history: list[dict[str, Any]]
-    ) -> _Turn | str:
+    async def _step(self, answer: Answer, request: ChatRequest) -> _Turn | str:
         """One step's upstream message, retried before any of its text was sent and continued
-        after: its last request's :class:`_Turn`, or how the stream ended (a str)."""
-        following = self._next_request(answer, request, history)
+        after (on the next hop of a fallback chain, when the current one's retries are spent):
+        its last request's :class:`_Turn`, or how the stream ended (a str)."""
+        following = self._next_request(answer, request)
         thought = False  # a request of this step showed thinking: a retry's says it restarts
         while not isinstance(following, str):
             params, guard = following
@@ -256,23 +279,26 @@ class Relay:
             if ended is not _AGAIN:
                 return ended
             thought = thought or turn.thought
-            following = self._next_request(answer, request, history, following)
+            following = self._next_request(answer, request, following)
         return following
 
     def _next_request(
         self,
         answer: Answer,
         request: ChatRequest,
-        history: list[dict[str, Any]],
         same: tuple[dict[str, Any], ContinuationGuard | None] | None = None,
     ) -> tuple[dict[str, Any], ContinuationGuard | None] | str:
-        """The step's next request: the step's own (``same`` again, on a retry) while readers
-        have none of its text, else one that continues the text (with its guard), or the end
-        when its tokens are used up."""
+        """The step's next request, to the current hop: the step's own (``same`` again, on a
+        retry) while readers have none of its text, else one that continues the text (with
+        its guard), or the end when its tokens are used up."""
+        if same is not None and not answer.texts and not answer.moved:
+            return same
+        answer.moved = False
+        request = on_hop(request, answer.chain)
+        history = _history(request.messages, answer.stream.steps, request.model)
         if not answer.texts:
-            if same is not None:
-                return same
-            return self._params(request, history, request.max_tokens, answer.container), None
+            params = self._params(request, history, request.max_tokens, answer.container)
+            return _own_thinking(params, answer.stream.steps, request.model), None
         remaining = answer.remaining(request.max_tokens)
         if remaining < 1:
             return answer.finish("max_tokens", reported=False)
@@ -307,6 +333,8 @@ class Relay:
         except UpstreamError as error:
             wait = self._wait(answer, error)
             if wait is None:
+                if await self._fall_back(answer, error):
+                    return _AGAIN
                 return answer.fail(error, counted=False)
             await asyncio.sleep(wait)
             return _AGAIN
@@ -315,6 +343,40 @@ class Relay:
             raise
         outcome.upstream("ok")
         return None
+
+    async def _fall_back(self, answer: Answer, error: UpstreamError) -> bool:
+        """The current hop's retries are spent: move the answer to the next hop, if the chain
+        has one that may take it (announced by a ``fallback`` event, after ``start``)."""
+        chain = answer.chain
+        if chain is None:
+            return False
+        failed = chain.hop.model
+        try:
+            hop = await chain.next_hop(error, self.cooldowns)
+        except Exception:
+            log.warning("the fallback cooldowns are unavailable", exc_info=True)
+            return False
+        if hop is None:
+            return False
+        phase = "mid_answer" if answer.texts else "before_text"
+        event = {"type": "fallback", "from": failed, "to": hop.model}
+        event.update(reason=error.error_class, phase=phase)
+        log.warning(
+            "stream %s: %s -> %s after %s (%s)",
+            answer.stream.id,
+            failed,
+            hop.model,
+            error.error_class,
+            phase,
+        )
+        self.telemetry.fell_back(failed, hop.model, error.error_class, phase)
+        if answer.stream.events:
+            answer.stream.append(event)
+        else:  # readers see start first: it follows the next hop's message_start
+            answer.after_start.append(event)
+        answer.retries = answer.recoveries = 0  # each hop has its own budgets
+        answer.moved = True
+        return True
 
     def _wait(self, answer: Answer, error: UpstreamError) -> float | None:
         """How long before the request is made again, or None: a retry while readers have
@@ -486,6 +548,7 @@ class _Turn:
     the next step. The first request's ``message_start`` starts the stream."""
 
     __slots__ = (
+        "answer",
         "blocks",
         "completed",
         "deltas",
@@ -507,6 +570,7 @@ class _Turn:
 
     def __init__(self, answer: Answer, expose_thinking: bool, rethinking: bool) -> None:
         self.stream = answer.stream
+        self.answer = answer
         self.spend = answer.spend
         self.outcome = answer.outcome
         self.texts = answer.texts  # the step's text literals; the hot path appends to it
@@ -561,6 +625,9 @@ class _Turn:
             outcome.message_id = message.get("id")
             start = start_event(self.stream.id, message.get("model"), message.get("id"), self.usage)
             self.stream.append({**start, **self.stream.start_fields})
+        self.answer.served_by = message.get("model")
+        while self.answer.after_start:  # a fallback before the first event, after start
+            self.stream.append(self.answer.after_start.pop(0))
         if self.spend is not None and self.spend.started(self.usage):
             raise OutOfBudget  # its input alone passes what the budget granted
 
@@ -868,12 +935,18 @@ def _parse_block(block: bytes) -> tuple[bytes, bytes]:
     return name, joined
 
 
-def _history(messages: list[dict[str, Any]], steps: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _history(
+    messages: list[dict[str, Any]], steps: list[dict[str, Any]], model: str | None = None
+) -> list[dict[str, Any]]:
     """The conversation a step continues: the request's, then each finished step's message
-    and (for tool steps) a user turn with its results, in the order of the calls."""
+    and (for tool steps) a user turn with its results, in the order of the calls. A step
+    another model wrote loses its thinking (a signature is bound to its model)."""
     history = list(messages)
     for step in steps:
-        history.append({"role": "assistant", "content": step["content"]})
+        content = step["content"]
+        if model is not None and step.get("model") not in (None, model):
+            content = without_thinking(content)
+        history.append({"role": "assistant", "content": content})
         results = step["results"]
         if results is not None:
             history.append(
@@ -887,6 +960,20 @@ def _history(messages: list[dict[str, Any]], steps: list[dict[str, Any]]) -> lis
                 }
             )
     return history
+
+
+def _own_thinking(
+    params: dict[str, Any], steps: list[dict[str, Any]], model: str
+) -> dict[str, Any]:
+    """A tool loop that another hop began goes on without thinking: with thinking on, the
+    API wants the loop's assistant turn to start with its thinking, and the thinking there
+    is bound to the model that wrote it (this hop may not replay it)."""
+    if not steps or steps[-1].get("model") in (None, model) or "thinking" not in params:
+        return params
+    thinking = params.pop("thinking")
+    if thinking.get("type") == "enabled":
+        params["max_tokens"] -= int(thinking.get("budget_tokens") or 0)
+    return params
 
 
 def _joined(texts: list[bytes]) -> str:

@@ -364,6 +364,11 @@ class ClaudeState:
 
             self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
         self.relay = Relay(client, config, self.telemetry, self.extension.tools, self.tool_scope)
+        redis = getattr(self.store, "redis", None)
+        if config.fallbacks and redis is not None:  # a hop that failed is skipped by all
+            from .fallback import RedisCooldowns
+
+            self.relay.cooldowns = RedisCooldowns(redis)
         self.turns = TurnKeeper(
             await self._open_conversations(),
             lambda: self.extension.turn_hooks,

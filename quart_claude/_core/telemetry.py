@@ -79,6 +79,10 @@ class Telemetry:
         self._live[stream_id] = outcome
         return outcome
 
+    def fell_back(self, from_model: str, to_model: str, reason: str, phase: str) -> None:
+        if self.metrics is not None:
+            self.metrics.fallbacks.labels(from_model, to_model, reason, phase).inc()
+
     def budget_rejected(self) -> None:
         if self.metrics is not None:
             self.metrics.budget_rejections.inc()

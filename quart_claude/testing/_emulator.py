@@ -608,7 +608,7 @@ class Emulator:
             index = await _compaction_block(event, context.compaction)
             if context.pause:
                 tokens, stop_reason, reply = [], "compaction", replace(reply, tool_calls=())
-        index = await _thinking_blocks(event, reply, delay or 0.0, index)
+        index = await _thinking_blocks(event, reply, delay or 0.0, index, body["model"])
         calls = [replace(c, id=c.id or _tool_id(c.server)) for c in reply.tool_calls]
         for call in calls:
             if call.server:  # the API runs its tools before it writes the answer
@@ -795,9 +795,11 @@ def _paused_problem(messages: Sequence[Mapping[str, Any]]) -> str | None:
     return None
 
 
-def _signed(block: Mapping[str, Any]) -> bool:
+def _signed(block: Mapping[str, Any], model: str) -> bool:
+    """A thinking block signed by ``model`` (a signature is bound to the model that wrote it:
+    another model's is a 400, as the API answers), or replayed from a recording."""
     signature, text = block.get("signature"), block.get("thinking", "")
-    return signature == _sign(text) or (
+    return signature == _sign(text, model) or (
         isinstance(signature, str) and _REPLAYED_SIGNATURES.get(signature) == text
     )
 
@@ -980,7 +982,11 @@ _MEDIA_TYPES = {
 
 
 async def _thinking_blocks(
-    event: Callable[[str, dict[str, Any]], Awaitable[None]], reply: Reply, delay: float, index: int
+    event: Callable[[str, dict[str, Any]], Awaitable[None]],
+    reply: Reply,
+    delay: float,
+    index: int,
+    model: str,
 ) -> int:
     """A reply's redacted and thinking blocks (word by word, then a signature) from block
     ``index``; the index of the next block."""
@@ -1005,7 +1011,7 @@ async def _thinking_blocks(
             if delay:
                 await asyncio.sleep(delay)
             await event(*_delta(index, "thinking_delta", thinking=piece))
-        signature = _sign(reply.thinking)
+        signature = _sign(reply.thinking, model)
         await event(*_delta(index, "signature_delta", signature=signature))
         await event("content_block_stop", {"type": "content_block_stop", "index": index})
         index += 1
@@ -1016,8 +1022,8 @@ async def _thinking_blocks(
 _SIGNING_KEY = secrets.token_bytes(32)
 
 
-def _sign(thinking: str) -> str:
-    digest = hmac.new(_SIGNING_KEY, thinking.encode(), hashlib.sha256).digest()
+def _sign(thinking: str, model: str) -> str:
+    digest = hmac.new(_SIGNING_KEY, f"{model}\n{thinking}".encode(), hashlib.sha256).digest()
     return base64.b64encode(digest).decode()
 
 
@@ -1205,7 +1211,7 @@ def _conversation_problem(body: Mapping[str, Any]) -> str | None:
     return (
         _tools_problem(body.get("tools"))
         or _undeclared_tools_problem(body)
-        or _pairing_problem(messages)
+        or _pairing_problem(messages, str(body.get("model")))
         or (_loop_thinking_problem(messages) if thinking_on else None)
     )
 
@@ -1240,10 +1246,10 @@ def _tools_problem(tools: Any) -> str | None:
     return None
 
 
-def _pairing_problem(messages: list[Mapping[str, Any]]) -> str | None:
+def _pairing_problem(messages: list[Mapping[str, Any]], model: str) -> str | None:
     for index, message in enumerate(messages):
         for block in _blocks_of(message, "thinking"):
-            if not _signed(block):
+            if not _signed(block, model):
                 return f"messages.{index}.content: Invalid `signature` in `thinking` block"
         calls = [block["id"] for block in _blocks_of(message, "tool_use")]
         following = messages[index + 1] if index + 1 < len(messages) else {}

@@ -1,0 +1,207 @@
+"""Fallback chains: when a model's retries are spent, the answer goes on with the next hop.
+
+``CLAUDE_FALLBACKS`` lists the hops after the requested model; ``CLAUDE_FALLBACK_ON`` the
+classes that move (``rate_limit`` only when its ``retry-after`` is longer than
+``CLAUDE_RETRY_MAX_DELAY``); ``token_limit`` moves only to a hop marked ``larger_context``;
+``invalid_request`` never moves; authentication and permission errors move only to another
+provider. A hop that failed cools down for ``CLAUDE_FALLBACK_COOLDOWN`` seconds (or its
+``retry-after``, if longer), in this worker or, with Redis, for every worker: a storm costs one
+failed request per hop, not one per stream. A :class:`Chain` is one answer's walk along the
+hops, owned by the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from .protocol import ERROR_CLASSES, UpstreamError
+
+if TYPE_CHECKING:
+    from .request import ChatRequest
+
+__all__ = [
+    "DEFAULT_ON",
+    "Chain",
+    "Cooldowns",
+    "Hop",
+    "MemoryCooldowns",
+    "RedisCooldowns",
+    "on_hop",
+    "parse_fallback_on",
+    "parse_fallbacks",
+    "without_thinking",
+]
+
+log = logging.getLogger("quart_claude")
+
+DEFAULT_ON = frozenset({"overloaded", "server_error", "timeout", "network_error", "rate_limit"})
+_PROVIDERS = ("anthropic",)  # the cloud providers' clients are not wired in yet
+_AUTH = frozenset({"auth_error", "permission_error"})
+
+
+@dataclass(frozen=True, slots=True)
+class Hop:
+    """One model of the chain (the first is the request's own)."""
+
+    model: str
+    provider: str = "anthropic"
+    max_tokens: int | None = None  # None: the request's
+    larger_context: bool = False  # token_limit may move here
+
+
+def parse_fallbacks(key: str, value: Any) -> tuple[Hop, ...]:
+    """``[{"model": "claude-haiku-4-5", "max_tokens": 2048, "larger_context": false}]``."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{key} must be a JSON list of hops") from None
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"{key} must be a list of hops, got {value!r}")
+    hops = []
+    for item in value:
+        if isinstance(item, Hop):
+            hops.append(item)
+            continue
+        if not isinstance(item, dict) or not isinstance(item.get("model"), str):
+            raise ValueError(f"{key}: each hop needs a 'model', got {item!r}")
+        unknown = set(item) - {"model", "provider", "max_tokens", "larger_context"}
+        if unknown:
+            raise ValueError(f"{key}: unknown hop field(s) {sorted(unknown)}")
+        provider = item.get("provider", "anthropic")
+        if provider not in _PROVIDERS:
+            raise ValueError(f"{key}: provider {provider!r} is not supported yet")
+        max_tokens = item.get("max_tokens")
+        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+            raise ValueError(f"{key}: a hop's max_tokens is a positive integer")
+        hops.append(Hop(item["model"], provider, max_tokens, bool(item.get("larger_context"))))
+    return tuple(hops)
+
+
+def parse_fallback_on(key: str, value: Any) -> frozenset[str]:
+    names = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+    unknown = set(names) - set(ERROR_CLASSES)
+    if unknown:
+        raise ValueError(f"{key}: unknown error class(es) {sorted(unknown)}")
+    return frozenset(name for name in names if name)
+
+
+class Cooldowns(Protocol):
+    async def cooling(self, model: str) -> bool: ...
+
+    async def cool(self, model: str, seconds: float) -> None: ...
+
+
+class MemoryCooldowns:
+    """This worker's hops cooling down."""
+
+    def __init__(self) -> None:
+        self._until: dict[str, float] = {}
+
+    async def cooling(self, model: str) -> bool:
+        return self._until.get(model, 0.0) > time.monotonic()
+
+    async def cool(self, model: str, seconds: float) -> None:
+        self._until[model] = max(self._until.get(model, 0.0), time.monotonic() + seconds)
+
+
+class RedisCooldowns:
+    """Cooldowns every worker shares: one key per hop, expiring with its cooldown."""
+
+    def __init__(self, redis: Any, prefix: str = "qc:cooldown") -> None:
+        self.redis = redis
+        self.prefix = prefix
+
+    async def cooling(self, model: str) -> bool:
+        return bool(await self.redis.exists(f"{self.prefix}:{model}"))
+
+    async def cool(self, model: str, seconds: float) -> None:
+        await self.redis.set(f"{self.prefix}:{model}", "1", px=max(1, int(seconds * 1000)))
+
+
+@dataclass(slots=True)
+class Chain:
+    """One answer's walk along the hops: where it is, how often it moved, what it tried."""
+
+    hops: tuple[Hop, ...]
+    fallback_on: frozenset[str]
+    max_moves: int
+    cooldown: float
+    retry_max_delay: float
+    at: int = 0
+    moves: int = 0
+    tried: list[str] = field(default_factory=list)
+
+    @property
+    def hop(self) -> Hop:
+        return self.hops[self.at]
+
+    async def start(self, cooldowns: Cooldowns) -> None:
+        """Begin on the first hop that is not cooling down (the last one if all are)."""
+        for index, hop in enumerate(self.hops):
+            if not await cooldowns.cooling(hop.model) or index == len(self.hops) - 1:
+                self.at = index
+                break
+        self.tried = [self.hop.model]
+
+    def moves_on(self, error: UpstreamError) -> bool:
+        """Whether ``error`` (the current hop's retries spent) may move to a later hop."""
+        kind = error.error_class
+        if self.moves >= self.max_moves or self.at >= len(self.hops) - 1:
+            return False
+        if kind in _AUTH:  # only another provider could help: there is none yet
+            log.error("the upstream refused our credentials (%s) on %s", kind, self.hop.model)
+            return False
+        if kind == "token_limit":
+            return any(hop.larger_context for hop in self.hops[self.at + 1 :])
+        if kind == "rate_limit":  # a short wait is the retry policy's, not a reason to move
+            return kind in self.fallback_on and (error.retry_after or 0) > self.retry_max_delay
+        return kind in self.fallback_on
+
+    async def next_hop(self, error: UpstreamError, cooldowns: Cooldowns) -> Hop | None:
+        """Cool the failed hop and move to the next one that may take the answer."""
+        if not self.moves_on(error):
+            return None
+        failed = self.hop
+        await cooldowns.cool(failed.model, max(self.cooldown, error.retry_after or 0.0))
+        for index in range(self.at + 1, len(self.hops)):
+            hop = self.hops[index]
+            if error.error_class == "token_limit" and not hop.larger_context:
+                continue
+            if await cooldowns.cooling(hop.model) and index < len(self.hops) - 1:
+                continue
+            self.at, self.moves = index, self.moves + 1
+            self.tried.append(hop.model)
+            return hop
+        return None
+
+
+_THINKING = frozenset({"thinking", "redacted_thinking"})
+
+
+def without_thinking(content: Any) -> Any:
+    """A message's content without its thinking blocks (another model wrote them)."""
+    if not isinstance(content, list):
+        return content
+    kept = [b for b in content if not (isinstance(b, dict) and b.get("type") in _THINKING)]
+    return kept or content  # a message of thinking alone (never seen) is left as it is
+
+
+def on_hop(request: ChatRequest, chain: Chain | None) -> ChatRequest:
+    """The request as the chain's current hop takes it: its model, its ``max_tokens``, and
+    no thinking the requested model wrote (the history's thinking is bound to it)."""
+    if chain is None or chain.hop.model == request.model:
+        return request
+    hop = chain.hop
+    messages = [
+        {**m, "content": without_thinking(m["content"])} if m.get("role") == "assistant" else m
+        for m in request.messages
+    ]
+    return dataclasses.replace(
+        request, model=hop.model, max_tokens=hop.max_tokens or request.max_tokens, messages=messages
+    )
