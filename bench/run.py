@@ -56,7 +56,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             100 // (scale // 5 or 1),
             100 // scale if quick else 200,
             0.1,
-            systems=("bare", "common", "quart_claude", "budget", "flask"),
+            systems=("bare", "common", "quart_claude", "flask"),  # and --systems budget
             ramp=1.0,
         ),
         Scenario(
