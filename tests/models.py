@@ -12,7 +12,7 @@ PREFILL_MODEL = "claude-haiku-4-5"
 #: Refuses a prefill with a 400 (4.6 and later), so continuations use the "continue" turn.
 NO_PREFILL_MODEL = "claude-sonnet-4-6"
 #: One the SDK warns about at request time: the relay must not fail a stream for it.
-DEPRECATED_MODEL = "claude-opus-4-5"  # in the deprecated list of SDK 2.14 and 2.15
+DEPRECATED_MODEL = "claude-mythos-preview"  # deprecated in every SDK we test: 2.10, 2.14, 2.15
 
 #: Every id above that must not warn.
 CURRENT_MODELS = (DEFAULT_MODEL, PREFILL_MODEL, NO_PREFILL_MODEL)
