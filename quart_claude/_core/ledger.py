@@ -100,6 +100,20 @@ class Window:
     micro_usd: int  # -1: no money limit
     limit: Limit  # the one a refusal names
 
+    def fit(self, used: Amount, held: Amount, grant: Amount, floor: Amount) -> Amount | None:
+        """What of ``grant`` this period leaves room for after what is ``used`` and
+        ``held``; None when not even ``floor`` fits (the Lua script does the same)."""
+        left_t = self.tokens - used.tokens - held.tokens
+        left_m = self.micro_usd - used.micro_usd - held.micro_usd
+        if (self.tokens >= 0 and left_t < floor.tokens) or (
+            self.micro_usd >= 0 and left_m < floor.micro_usd
+        ):
+            return None
+        return Amount(
+            min(grant.tokens, left_t) if self.tokens >= 0 else grant.tokens,
+            min(grant.micro_usd, left_m) if self.micro_usd >= 0 else grant.micro_usd,
+        )
+
 
 def windows(limits: Sequence[Limit], now: float) -> list[Window]:
     by_period: dict[str, Window] = {}
@@ -175,21 +189,16 @@ class MemoryLedger:
         ttl: float,
         now: float,
     ) -> Amount | Refusal:
-        grant_t, grant_m = ask.tokens, ask.micro_usd
+        granted = ask
         open_windows = windows(limits, now)
         for window in open_windows:
             counters = self._window(identity, window, now)
-            held_t = sum(a.tokens for a, _ in counters.holds.values())
-            held_m = sum(a.micro_usd for a, _ in counters.holds.values())
-            left_t = window.tokens - counters.used.tokens - held_t
-            left_m = window.micro_usd - counters.used.micro_usd - held_m
-            if (window.tokens >= 0 and left_t < floor.tokens) or (
-                window.micro_usd >= 0 and left_m < floor.micro_usd
-            ):
+            holds = [amount for amount, _ in counters.holds.values()]
+            held = Amount(sum(a.tokens for a in holds), sum(a.micro_usd for a in holds))
+            fitted = window.fit(counters.used, held, granted, floor)
+            if fitted is None:
                 return Refusal(window.limit, counters.used, window.end)
-            grant_t = min(grant_t, left_t) if window.tokens >= 0 else grant_t
-            grant_m = min(grant_m, left_m) if window.micro_usd >= 0 else grant_m
-        granted = Amount(grant_t, grant_m)
+            granted = fitted
         for window in open_windows:
             self._window(identity, window, now).holds[hold] = (granted, now + ttl)
         return granted

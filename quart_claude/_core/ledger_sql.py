@@ -77,7 +77,7 @@ def _reserve(
     expires_ms: int,
     now_ms: int,
 ) -> Amount | Refusal:
-    grant_t, grant_m = ask.tokens, ask.micro_usd
+    granted = ask
     for window in open_windows:
         key = {"b_identity": identity, "b_window": window.name}
         _insert_missing(
@@ -86,17 +86,13 @@ def _reserve(
             {"identity": identity, "window": window.name, "used_tokens": 0, "used_micro_usd": 0}
             | {"expires_at": (window.end + DAY_SECONDS) * 1000},
         )
-        used_t, used_m = conn.execute(_LOCK, key).one()
+        used = Amount(*(int(n) for n in conn.execute(_LOCK, key).one()))
         conn.execute(_SWEEP, {**key, "b_now": now_ms})
-        held_t, held_m = conn.execute(_HELD, key).one()
-        left_t, left_m = window.tokens - used_t - held_t, window.micro_usd - used_m - held_m
-        if (window.tokens >= 0 and left_t < floor.tokens) or (
-            window.micro_usd >= 0 and left_m < floor.micro_usd
-        ):
-            return Refusal(window.limit, Amount(int(used_t), int(used_m)), window.end)
-        grant_t = min(grant_t, left_t) if window.tokens >= 0 else grant_t
-        grant_m = min(grant_m, left_m) if window.micro_usd >= 0 else grant_m
-    granted = Amount(int(grant_t), int(grant_m))
+        held = Amount(*(int(n) for n in conn.execute(_HELD, key).one()))
+        fitted = window.fit(used, held, granted, floor)
+        if fitted is None:
+            return Refusal(window.limit, used, window.end)
+        granted = fitted
     conn.execute(
         budget_holds.insert(),
         [
