@@ -87,12 +87,12 @@ UV_COMPILE = UV_CUSTOM_COMPILE_COMMAND="make lock" $(UV) pip compile -q pyprojec
 lock: $(if $(wildcard $(LOCK)),install)
 	for v in $(LOCK_PYTHONS); do \
 	  t=$$(echo $$v | tr -d .); \
-	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --extra db --extra postgresql --group dev \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --extra db --extra postgresql --extra bedrock --extra vertex --group dev \
 	    -o requirements/dev-py$$t.txt || exit 1; \
-	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --extra db --extra postgresql \
+	  $(UV_COMPILE) --python-version $$v --extra uvloop --extra redis --extra flask --extra db --extra postgresql --extra bedrock --extra vertex \
 	    -o requirements/runtime-py$$t.txt || exit 1; \
 	done
-	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis --extra flask --extra db --extra postgresql \
+	$(UV_COMPILE) --python-version 3.11 --resolution lowest-direct --extra uvloop --extra redis --extra flask --extra db --extra postgresql --extra bedrock --extra vertex \
 	  --group test --group build -o requirements/lowest-py311.txt
 
 # What a change of a dependency's version can break: the core and server tiers, and the
@@ -110,7 +110,7 @@ test-lowest:
 test-latest:
 	$(PYTHON) -m venv --clear .venv-latest
 	.venv-latest/bin/$(PIP_INSTALL) --upgrade pip
-	.venv-latest/bin/$(PIP_INSTALL) --upgrade -e '.[uvloop,redis,flask,db,postgresql,psycopg]' --group dev
+	.venv-latest/bin/$(PIP_INSTALL) --upgrade -e '.[uvloop,redis,flask,db,postgresql,psycopg,bedrock,vertex]' --group dev
 	.venv-latest/bin/python -m pip list --format=freeze | grep -iE '^(anthropic|quart|hypercorn|httpx2|aiohttp|redis|pytest|mypy|ruff)=' | tr '\n' ' '; echo
 	.venv-latest/bin/ruff check .
 	.venv-latest/bin/mypy

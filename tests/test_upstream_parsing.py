@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from quart_claude._core.relay import _TEXT_DELTA, _joined, _parse_block
+from quart_claude._core.framing import parse_block as _parse_block
+from quart_claude._core.relay import _TEXT_DELTA, _joined
 
 pytestmark = pytest.mark.core
 

@@ -244,6 +244,15 @@ def _database_url(key: str, value: Any) -> str | None:
     return text
 
 
+def _provider(key: str, value: Any) -> str:
+    from .providers import PROVIDERS
+
+    text = _str(key, value).strip().lower()
+    if text not in PROVIDERS:
+        raise ConfigError(f"{key} must be one of {', '.join(PROVIDERS)}, got {value!r}")
+    return text
+
+
 def _fallbacks(key: str, value: Any) -> tuple[Any, ...]:
     from .fallback import parse_fallbacks
 
@@ -316,6 +325,11 @@ _KEYS: dict[str, _Key] = {
     "api_key": _Key(_optional_str, None, env_fallback="ANTHROPIC_API_KEY"),
     "base_url": _Key(_optional_str, None, env_fallback="ANTHROPIC_BASE_URL"),
     "api_tokens": _Key(_models, ()),
+    "provider": _Key(_provider, "anthropic"),
+    "region": _Key(_optional_str, None),
+    "project": _Key(_optional_str, None),
+    "resource": _Key(_optional_str, None),
+    "workspace_id": _Key(_optional_str, None),
     "model": _Key(_non_empty_str, DEFAULT_MODEL),
     "allowed_models": _Key(_models, ()),
     "allow_client_system": _Key(_bool, False),
@@ -381,6 +395,11 @@ class ClaudeConfig:
     api_key: str | None = field(repr=False)
     base_url: str | None
     api_tokens: tuple[str, ...] = field(repr=False)
+    provider: str  # where Claude runs: anthropic, bedrock, bedrock-mantle, vertex, ...
+    region: str | None  # the provider's region (AWS, Vertex) or location (Google Cloud)
+    project: str | None  # Vertex AI, Claude Platform on Google Cloud
+    resource: str | None  # Microsoft Foundry
+    workspace_id: str | None  # Claude Platform on AWS and on Google Cloud
     model: str
     allowed_models: tuple[str, ...]
     allow_client_system: bool
@@ -446,6 +465,17 @@ class ClaudeConfig:
 assert {f.name for f in fields(ClaudeConfig)} == set(_KEYS), "config keys and fields disagree"
 
 
+def _check_provider(config: ClaudeConfig) -> None:
+    """A provider setting the provider does not read is a mistake, not something to ignore."""
+    from .providers import SETTINGS
+
+    for name in ("region", "project", "resource", "workspace_id"):
+        if getattr(config, name) is not None and name not in SETTINGS[config.provider]:
+            raise ConfigError(
+                f"{ClaudeConfig.key(name)} is not read by CLAUDE_PROVIDER={config.provider}"
+            )
+
+
 def load_config(
     options: Mapping[str, Any],
     app_config: Mapping[str, Any],
@@ -472,6 +502,7 @@ def load_config(
             continue
         values[name] = spec.parse(key, raw)
     config = ClaudeConfig(**values)
+    _check_provider(config)
     if config.max_tokens > config.max_tokens_limit:
         raise ConfigError(
             f"CLAUDE_MAX_TOKENS ({config.max_tokens}) exceeds "

@@ -43,7 +43,10 @@ TAIL_MIN = 3
 
 
 def supports_prefill(model: str) -> bool:
-    return _PREFILL_MODELS.match(model) is not None
+    """Whether ``model`` (any provider's id) accepts an assistant prefill."""
+    from .providers import canonical_model
+
+    return _PREFILL_MODELS.match(canonical_model(model)) is not None
 
 
 def continuation_messages(

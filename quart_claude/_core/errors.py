@@ -20,7 +20,13 @@ import httpx2
 
 from .protocol import ERROR_CLASSES, UpstreamError
 
-__all__ = ["ERROR_CLASSES", "UpstreamError", "classify_exception", "classify_status"]
+__all__ = [
+    "ERROR_CLASSES",
+    "UpstreamError",
+    "classify_aws",
+    "classify_exception",
+    "classify_status",
+]
 
 log = logging.getLogger("quart_claude")
 
@@ -56,7 +62,47 @@ _TYPE_CLASSES = {
     "invalid_request_error": "invalid_request",
 }
 
-_TOKEN_LIMIT_HINTS = ("prompt is too long", "context window", "context length", "too many tokens")
+# Bedrock's exceptions (an ``exception`` message mid-stream, ``x-amzn-errortype`` on an HTTP
+# error: ``ThrottlingException:http://internal.amazon.com/...``), lower-cased
+_AWS_CLASSES = {
+    "throttlingexception": "rate_limit",
+    "servicequotaexceededexception": "rate_limit",
+    "serviceunavailableexception": "overloaded",
+    "modelnotreadyexception": "overloaded",
+    "modelstreamerrorexception": "server_error",
+    "modelerrorexception": "server_error",
+    "internalserverexception": "server_error",
+    "modeltimeoutexception": "timeout",
+    "validationexception": "invalid_request",
+    "accessdeniedexception": "permission_error",
+    "unrecognizedclientexception": "auth_error",
+    "expiredtokenexception": "auth_error",
+    "invalidsignatureexception": "auth_error",
+    "incompletesignatureexception": "auth_error",
+    "resourcenotfoundexception": "not_found",
+}
+
+# Google's canonical error statuses (Vertex AI's quota, auth and routing errors)
+_GOOGLE_CLASSES = {
+    "RESOURCE_EXHAUSTED": "rate_limit",
+    "UNAVAILABLE": "overloaded",
+    "INTERNAL": "server_error",
+    "UNKNOWN": "server_error",
+    "DEADLINE_EXCEEDED": "timeout",
+    "PERMISSION_DENIED": "permission_error",
+    "UNAUTHENTICATED": "auth_error",
+    "INVALID_ARGUMENT": "invalid_request",
+    "FAILED_PRECONDITION": "invalid_request",
+    "NOT_FOUND": "not_found",
+}
+
+_TOKEN_LIMIT_HINTS = (
+    "prompt is too long",
+    "input is too long",  # Bedrock's
+    "context window",
+    "context length",
+    "too many tokens",
+)
 _SPEND_LIMIT = "enforced_spend_limit_reached"
 
 
@@ -102,8 +148,9 @@ def classify_status(
     request_id: str | None = None,
 ) -> UpstreamError:
     """Classify an error response (an HTTP status, or 200 with an in-stream ``error`` event)."""
-    if status == 200:
-        error_class = _TYPE_CLASSES.get(error_type or "", "unknown")
+    if status == 200:  # the API's error type, or a Bedrock exception message's name
+        kind = error_type or ""
+        error_class = _TYPE_CLASSES.get(kind) or _AWS_CLASSES.get(kind.lower(), "unknown")
     else:
         error_class = _STATUS_CLASSES.get(status) or ("server_error" if status >= 500 else "")
         if not error_class:
@@ -129,19 +176,98 @@ def classify_status(
     )
 
 
+def _classified(
+    error_class: str,
+    status: int | None,
+    kind: str,
+    message: str,
+    headers: Mapping[str, str],
+    request_id: str | None,
+) -> UpstreamError:
+    """A provider's error of ``error_class`` (token limits told by the message)."""
+    if error_class == "invalid_request" and any(h in message.lower() for h in _TOKEN_LIMIT_HINTS):
+        error_class = "token_limit"
+    return UpstreamError(
+        error_class,
+        retry_after=parse_retry_after(headers),
+        request_id=request_id,
+        detail=f"status={status} type={kind} message={message[:300]!r}",
+    )
+
+
+def classify_aws(
+    kind: str,
+    message: str,
+    *,
+    status: int | None,
+    headers: Mapping[str, str] | None = None,
+    request_id: str | None = None,
+) -> UpstreamError:
+    """A Bedrock exception: an ``exception`` message mid-stream (``status`` None), or an
+    HTTP error and its ``x-amzn-errortype``."""
+    name = kind.split(":", 1)[0].strip().lower()
+    error_class = _AWS_CLASSES.get(name)
+    if error_class is None:
+        fallback = _STATUS_CLASSES.get(status or 500) or "server_error"
+        error_class = "invalid_request" if status == 400 else fallback
+    return _classified(error_class, status, kind, message, headers or {}, request_id)
+
+
+def _google_error(body: object) -> Mapping[str, object] | None:
+    """Google's ``{"error": {"code", "message", "status"}}``, also as a one-item array."""
+    if isinstance(body, list) and body:
+        body = body[0]
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, dict) and isinstance(error.get("status"), str) and "type" not in error:
+        return error
+    return None
+
+
+def _aws_message(body: object) -> str:
+    if isinstance(body, dict):
+        message = body.get("message") or body.get("Message")
+        return message if isinstance(message, str) else ""
+    return ""
+
+
+def _status_error(exc: anthropic.APIStatusError) -> UpstreamError:
+    headers = exc.response.headers
+    aws = headers.get("x-amzn-errortype")
+    if aws:
+        request_id = exc.request_id or headers.get("x-amzn-requestid")
+        return classify_aws(
+            aws,
+            _aws_message(exc.body),
+            status=exc.status_code,
+            headers=headers,
+            request_id=request_id,
+        )
+    google = _google_error(exc.body)
+    if google is not None:
+        error_class = _GOOGLE_CLASSES.get(str(google["status"]))
+        if error_class is None:
+            error_class = _STATUS_CLASSES.get(exc.status_code) or "server_error"
+        message = str(google.get("message") or "")
+        status = str(google["status"])
+        return _classified(error_class, exc.status_code, status, message, headers, exc.request_id)
+    return classify_status(
+        exc.status_code,
+        exc.type,
+        exc.api_message or "",
+        exc.error_code,
+        exc.response.headers,
+        exc.request_id,
+    )
+
+
 def classify_exception(exc: BaseException) -> UpstreamError:
     """Map anything the SDK or the transport raises to an :class:`UpstreamError`."""
     if isinstance(exc, UpstreamError):
         return exc
     if isinstance(exc, anthropic.APIStatusError):
-        return classify_status(
-            exc.status_code,
-            exc.type,
-            exc.api_message or "",
-            exc.error_code,
-            exc.response.headers,
-            exc.request_id,
-        )
+        return _status_error(exc)
     if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
         return UpstreamError("timeout", detail=type(exc).__name__)
     if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):

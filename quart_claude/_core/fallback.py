@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .protocol import ERROR_CLASSES, UpstreamError
+from .providers import SETTING_FIELDS, Endpoint
 
 if TYPE_CHECKING:
     from .request import ChatRequest
@@ -40,22 +41,25 @@ __all__ = [
 log = logging.getLogger("quart_claude")
 
 DEFAULT_ON = frozenset({"overloaded", "server_error", "timeout", "network_error", "rate_limit"})
-_PROVIDERS = ("anthropic",)  # the cloud providers' clients are not wired in yet
 _AUTH = frozenset({"auth_error", "permission_error"})
+_HOP_FIELDS = frozenset({"model", "provider", "max_tokens", "larger_context", "thinking"})
 
 
 @dataclass(frozen=True, slots=True)
 class Hop:
     """One model of the chain (the first is the request's own)."""
 
-    model: str
-    provider: str = "anthropic"
+    model: str  # the provider's own id
+    endpoint: Endpoint | None = None  # None: the app's own (CLAUDE_PROVIDER and its settings)
     max_tokens: int | None = None  # None: the request's
     larger_context: bool = False  # token_limit may move here
+    thinking: str | int | None = None  # None: CLAUDE_THINKING; "off" for a model without it
 
 
 def parse_fallbacks(key: str, value: Any) -> tuple[Hop, ...]:
-    """``[{"model": "claude-haiku-4-5", "max_tokens": 2048, "larger_context": false}]``."""
+    """``[{"model": "claude-haiku-4-5", "max_tokens": 2048, "larger_context": false},
+    {"model": "anthropic.claude-sonnet-4-5-20250929-v1:0", "provider": "bedrock",
+    "region": "us-east-1", "thinking": "off"}]``."""
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -70,17 +74,24 @@ def parse_fallbacks(key: str, value: Any) -> tuple[Hop, ...]:
             continue
         if not isinstance(item, dict) or not isinstance(item.get("model"), str):
             raise ValueError(f"{key}: each hop needs a 'model', got {item!r}")
-        unknown = set(item) - {"model", "provider", "max_tokens", "larger_context"}
-        if unknown:
-            raise ValueError(f"{key}: unknown hop field(s) {sorted(unknown)}")
-        provider = item.get("provider", "anthropic")
-        if provider not in _PROVIDERS:
-            raise ValueError(f"{key}: provider {provider!r} is not supported yet")
-        max_tokens = item.get("max_tokens")
-        if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
-            raise ValueError(f"{key}: a hop's max_tokens is a positive integer")
-        hops.append(Hop(item["model"], provider, max_tokens, bool(item.get("larger_context"))))
+        hops.append(_hop(key, item))
     return tuple(hops)
+
+
+def _hop(key: str, item: dict[str, Any]) -> Hop:
+    unknown = set(item) - _HOP_FIELDS - set(SETTING_FIELDS)
+    if unknown:
+        raise ValueError(f"{key}: unknown hop field(s) {sorted(unknown)}")
+    endpoint = None
+    if "provider" in item or any(name in item for name in SETTING_FIELDS):
+        endpoint = Endpoint.parse(key, item)
+    max_tokens = item.get("max_tokens")
+    if max_tokens is not None and (type(max_tokens) is not int or max_tokens < 1):
+        raise ValueError(f"{key}: a hop's max_tokens is a positive integer")
+    thinking = item.get("thinking")
+    if thinking is not None and thinking not in ("off", "adaptive") and type(thinking) is not int:
+        raise ValueError(f"{key}: a hop's thinking is 'off', 'adaptive' or a budget in tokens")
+    return Hop(item["model"], endpoint, max_tokens, bool(item.get("larger_context")), thinking)
 
 
 def parse_fallback_on(key: str, value: Any) -> frozenset[str]:
@@ -92,9 +103,9 @@ def parse_fallback_on(key: str, value: Any) -> frozenset[str]:
 
 
 class Cooldowns(Protocol):
-    async def cooling(self, model: str) -> bool: ...
+    async def cooling(self, name: str) -> bool: ...
 
-    async def cool(self, model: str, seconds: float) -> None: ...
+    async def cool(self, name: str, seconds: float) -> None: ...
 
 
 class MemoryCooldowns:
@@ -103,11 +114,11 @@ class MemoryCooldowns:
     def __init__(self) -> None:
         self._until: dict[str, float] = {}
 
-    async def cooling(self, model: str) -> bool:
-        return self._until.get(model, 0.0) > time.monotonic()
+    async def cooling(self, name: str) -> bool:
+        return self._until.get(name, 0.0) > time.monotonic()
 
-    async def cool(self, model: str, seconds: float) -> None:
-        self._until[model] = max(self._until.get(model, 0.0), time.monotonic() + seconds)
+    async def cool(self, name: str, seconds: float) -> None:
+        self._until[name] = max(self._until.get(name, 0.0), time.monotonic() + seconds)
 
 
 class RedisCooldowns:
@@ -117,11 +128,11 @@ class RedisCooldowns:
         self.redis = redis
         self.prefix = prefix
 
-    async def cooling(self, model: str) -> bool:
-        return bool(await self.redis.exists(f"{self.prefix}:{model}"))
+    async def cooling(self, name: str) -> bool:
+        return bool(await self.redis.exists(f"{self.prefix}:{name}"))
 
-    async def cool(self, model: str, seconds: float) -> None:
-        await self.redis.set(f"{self.prefix}:{model}", "1", px=max(1, int(seconds * 1000)))
+    async def cool(self, name: str, seconds: float) -> None:
+        await self.redis.set(f"{self.prefix}:{name}", "1", px=max(1, int(seconds * 1000)))
 
 
 @dataclass(slots=True)
@@ -133,6 +144,7 @@ class Chain:
     max_moves: int
     cooldown: float
     retry_max_delay: float
+    primary: Endpoint = field(default_factory=Endpoint)  # a hop's endpoint when it names none
     at: int = 0
     moves: int = 0
     tried: list[str] = field(default_factory=list)
@@ -141,24 +153,48 @@ class Chain:
     def hop(self) -> Hop:
         return self.hops[self.at]
 
+    @property
+    def endpoint(self) -> Endpoint:
+        """Where the current hop's requests go."""
+        return self.endpoint_of(self.hop)
+
+    def endpoint_of(self, hop: Hop) -> Endpoint:
+        return hop.endpoint or self.primary
+
+    def cooling_key(self, hop: Hop) -> str:
+        """A hop's name in the cooldowns: its endpoint and its model."""
+        return f"{self.endpoint_of(hop).key}:{hop.model}"
+
     async def start(self, cooldowns: Cooldowns) -> None:
         """Begin on the first hop that is not cooling down (the last one if all are)."""
         for index, hop in enumerate(self.hops):
-            if not await cooldowns.cooling(hop.model) or index == len(self.hops) - 1:
+            if not await cooldowns.cooling(self.cooling_key(hop)) or index == len(self.hops) - 1:
                 self.at = index
                 break
         self.tried = [self.hop.model]
 
+    def _may_take(self, hop: Hop, error: UpstreamError) -> bool:
+        """Whether ``hop`` could answer where the current one failed with ``error``."""
+        if error.error_class == "token_limit":
+            return hop.larger_context
+        if error.error_class in _AUTH:  # our credentials: only another provider's may work
+            return self.endpoint_of(hop).provider != self.endpoint.provider
+        return True
+
     def moves_on(self, error: UpstreamError) -> bool:
         """Whether ``error`` (the current hop's retries spent) may move to a later hop."""
         kind = error.error_class
+        if kind in _AUTH:
+            log.error(
+                "the upstream refused our credentials (%s) on %s (%s)",
+                kind,
+                self.hop.model,
+                self.endpoint.key,
+            )
         if self.moves >= self.max_moves or self.at >= len(self.hops) - 1:
             return False
-        if kind in _AUTH:  # only another provider could help: there is none yet
-            log.error("the upstream refused our credentials (%s) on %s", kind, self.hop.model)
-            return False
-        if kind == "token_limit":
-            return any(hop.larger_context for hop in self.hops[self.at + 1 :])
+        if kind in _AUTH or kind == "token_limit":
+            return any(self._may_take(hop, error) for hop in self.hops[self.at + 1 :])
         if kind == "rate_limit":  # a short wait is the retry policy's, not a reason to move
             return kind in self.fallback_on and (error.retry_after or 0) > self.retry_max_delay
         return kind in self.fallback_on
@@ -167,13 +203,13 @@ class Chain:
         """Cool the failed hop and move to the next one that may take the answer."""
         if not self.moves_on(error):
             return None
-        failed = self.hop
-        await cooldowns.cool(failed.model, max(self.cooldown, error.retry_after or 0.0))
+        failed = self.cooling_key(self.hop)
+        await cooldowns.cool(failed, max(self.cooldown, error.retry_after or 0.0))
         for index in range(self.at + 1, len(self.hops)):
             hop = self.hops[index]
-            if error.error_class == "token_limit" and not hop.larger_context:
+            if not self._may_take(hop, error):
                 continue
-            if await cooldowns.cooling(hop.model) and index < len(self.hops) - 1:
+            if await cooldowns.cooling(self.cooling_key(hop)) and index < len(self.hops) - 1:
                 continue
             self.at, self.moves = index, self.moves + 1
             self.tried.append(hop.model)
@@ -195,7 +231,7 @@ def without_thinking(content: Any) -> Any:
 def on_hop(request: ChatRequest, chain: Chain | None) -> ChatRequest:
     """The request as the chain's current hop takes it: its model, its ``max_tokens``, and
     no thinking the requested model wrote (the history's thinking is bound to it)."""
-    if chain is None or chain.hop.model == request.model:
+    if chain is None or (chain.hop.model == request.model and chain.endpoint == chain.primary):
         return request
     hop = chain.hop
     messages = [

@@ -73,8 +73,12 @@ _FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 
 
 def price_of(model: str, table: Mapping[str, Price]) -> Price | None:
-    """``model``'s price: its own row, or its snapshot's family (``-YYYYMMDD`` dropped)."""
-    return table.get(model) or table.get(_SNAPSHOT.sub("", model))
+    """``model``'s price: its own row, or its first-party id's (a Bedrock or Vertex id), or
+    its snapshot's family (``-YYYYMMDD`` dropped)."""
+    from .providers import canonical_model
+
+    first_party = canonical_model(model)
+    return table.get(model) or table.get(first_party) or table.get(_SNAPSHOT.sub("", first_party))
 
 
 def parse_prices(key: str, value: Any) -> dict[str, Price]:

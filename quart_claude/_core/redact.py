@@ -2,7 +2,8 @@
 
 An upstream error may echo the key it was sent (in a 401 body, say); a traceback may carry
 it in an exception message. :func:`redact` replaces each registered key, and anything shaped
-like an Anthropic key (``sk-ant-…``), with ``[redacted]``; :func:`install` applies it to every
+like an Anthropic key (``sk-ant-…``), a Google access token (``ya29.…``) or a Bedrock API key
+(``ABSK…``), with ``[redacted]``; :func:`install` applies it to every
 log record of the process, tracebacks included.
 """
 
@@ -14,7 +15,9 @@ from typing import Any
 
 __all__ = ["install", "redact", "register_secret"]
 
-_SHAPED = r"sk-ant-[A-Za-z0-9_\-]{8,}"
+# shaped like a secret whoever holds it: an Anthropic key, a Google OAuth access token
+# (fetched at run time by google-auth, so never registered), a Bedrock API key
+_SHAPED = r"sk-ant-[A-Za-z0-9_\-]{8,}|ya29\.[A-Za-z0-9_\-.]{8,}|ABSK[A-Za-z0-9+/=]{16,}"
 _secrets: set[str] = set()
 _pattern = re.compile(_SHAPED)
 

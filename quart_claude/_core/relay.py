@@ -22,7 +22,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anthropic
 from opentelemetry.context import Context
 
 from .answer import Answer, Ended
@@ -30,9 +29,10 @@ from .config import ClaudeConfig
 from .continuation import ContinuationGuard, Diverged, continuation_messages
 from .errors import UpstreamError, classify_exception, classify_status
 from .fallback import Chain, Cooldowns, Hop, MemoryCooldowns, on_hop, without_thinking
-from .framing import EventTooLarge, UpstreamFramer
+from .framing import EventTooLarge
 from .prices import cost_of, price_of
 from .protocol import done_event, start_event
+from .providers import Upstreams, primary_endpoint
 from .request import ChatRequest
 from .retry import RetryPolicy
 from .sse import DELTA_PREFIX, encode_json
@@ -70,13 +70,14 @@ class Relay:
 
     def __init__(
         self,
-        client: anthropic.AsyncAnthropic,
+        upstreams: Upstreams,
         config: ClaudeConfig,
         telemetry: Telemetry,
         tools: ToolBox | None = None,
         tool_scope: ToolScope | None = None,
     ) -> None:
-        self.client = client
+        self.upstreams = upstreams
+        self.primary = primary_endpoint(config)  # where requests go when no chain moved them
         self.config = config
         self.telemetry = telemetry
         self.tools: ToolBox = tools if tools is not None else ToolBox()
@@ -145,6 +146,7 @@ class Relay:
             config.max_fallbacks,
             config.fallback_cooldown,
             config.retry_max_delay,
+            self.primary,
         )
         try:
             await chain.start(self.cooldowns)
@@ -487,12 +489,14 @@ class Relay:
         append_data = answer.stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
         meter = answer.spend.metered if answer.spend is not None else None
-        framer = UpstreamFramer(MAX_UPSTREAM_EVENT)
-        async with self.client.messages.with_streaming_response.create(**params) as response:
+        chain = answer.chain
+        upstream = self.upstreams[chain.endpoint if chain is not None else self.primary]
+        framer = upstream.framer(MAX_UPSTREAM_EVENT)
+        create = upstream.client.messages.with_streaming_response.create
+        async with create(**upstream.params(params)) as response:
             turn.request_id = answer.outcome.request_id = response.request_id
             async for chunk in response.http_response.aiter_bytes():
-                for block in framer.feed(chunk):
-                    name, data = _named(block)
+                for name, data in framer.events(chunk):
                     if name != b"content_block_delta":
                         turn.control(name, data)  # a budget may cut it at message_start
                         continue
@@ -525,15 +529,6 @@ def _release_held(answer: Answer, guard: ContinuationGuard, turn: _Turn) -> None
         literal = encode_json(rest)
         answer.texts.append(literal)
         answer.stream.append_data(DELTA_PREFIX + literal + b"}")
-
-
-def _named(block: bytes) -> tuple[bytes, bytes]:
-    """``(event name, data)``: the API's framing, ``event: <name>\ndata: <json>``, at once;
-    anything else by the general rules."""
-    cut = block.find(b"\ndata: ")
-    if cut > 7 and block.startswith(b"event: ") and b"\n" not in block[cut + 7 :]:
-        return block[7:cut], block[cut + 7 :]
-    return _parse_block(block)
 
 
 #: :meth:`Relay._try`: make the next request
@@ -914,25 +909,6 @@ def _tolerate(warning: Warning) -> _WarningRaised:
     log.warning("upstream library warning (logged, not raised): %s: %s", kind.__name__, message)
     warnings.filterwarnings("ignore", message=re.escape(message), category=kind)
     return _WarningRaised(f"{kind.__name__}: {message}")
-
-
-def _parse_block(block: bytes) -> tuple[bytes, bytes]:
-    """``(event name, data)`` of one SSE block by the general rules; ``b""`` if no data."""
-    name = b""
-    data: list[bytes] = []
-    for line in block.split(b"\n"):
-        if line.startswith(b"data:"):
-            data.append(line[6:] if line[5:6] == b" " else line[5:])
-        elif line.startswith(b"event:"):
-            name = line[6:].strip()
-    if not data:
-        return b"", b""
-    joined = data[0] if len(data) == 1 else b"\n".join(data)
-    if not name:  # no event: line; the JSON's "type" names the event, as the API defines it
-        body = json.loads(joined)
-        kind = body.get("type") if isinstance(body, dict) else None
-        name = kind.encode() if isinstance(kind, str) else b""
-    return name, joined
 
 
 def _history(

@@ -25,6 +25,7 @@ from .ledger import LedgerStore
 from .metrics import MULTIPROC_ENV, Metrics, metrics_for
 from .prices import price_of
 from .protocol import ERROR_CLASSES
+from .providers import CREDENTIAL_ENV, Upstreams, endpoints, require_extra
 from .redact import install as install_redaction
 from .redact import register_secret
 from .relay import Prior, Relay
@@ -350,12 +351,8 @@ class ClaudeState:
 
     async def startup(self) -> None:
         config = self.config
-        client = anthropic.AsyncAnthropic(
-            api_key=config.api_key,
-            base_url=config.base_url,
-            max_retries=0,  # this project owns the retry policy
-            http_client=_http_client(config),
-        )
+        # each endpoint's SDK client, on one HTTP client (max_retries=0: the retries are ours)
+        upstreams = Upstreams(endpoints(config), config.api_key, _http_client(config))
         self.store = _create_store(config)
         self.store.take_over = self.take_over
         await self.store.start()
@@ -363,7 +360,7 @@ class ClaudeState:
             from .ratelimit import RateLimiter
 
             self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
-        self.relay = Relay(client, config, self.telemetry, self.extension.tools, self.tool_scope)
+        self.relay = Relay(upstreams, config, self.telemetry, self.extension.tools, self.tool_scope)
         redis = getattr(self.store, "redis", None)
         if config.fallbacks and redis is not None:  # a hop that failed is skipped by all
             from .fallback import RedisCooldowns
@@ -471,7 +468,7 @@ class ClaudeState:
             self._sweeper = None
         relay, self.relay = self.relay, None
         if relay is not None:
-            await relay.client.close()
+            await relay.upstreams.close()
         if self._purger is not None:
             self._purger.cancel()
             self._purger = None
@@ -549,12 +546,18 @@ def create_state(
     if EXTENSION_KEY in extensions:
         raise RuntimeError("Claude is already registered on this app; call init_app once per app.")
     config = load_config(options, app_config)
-    if not config.api_key:
+    for endpoint in endpoints(config):
+        require_extra(endpoint)  # fails at init_app, naming the extra to install
+    first_party = any(e.provider == "anthropic" for e in endpoints(config))
+    if first_party and not config.api_key:
         raise ConfigError(
             "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
             "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
         )
-    register_secret(config.api_key)
+    if config.api_key:
+        register_secret(config.api_key)
+    for name in CREDENTIAL_ENV:  # the cloud credential chains' secrets, where they are set
+        register_secret(os.environ.get(name))
     for token in config.api_tokens:
         register_secret(token)
     if config.database_url:  # its password never appears in a log line

@@ -33,6 +33,7 @@ from ._context import (
     plan,
     sealed_block,
 )
+from ._dialects import Dialect, event_frame, exception_frame, oauth_token, recognise
 
 __all__ = [
     "CONTINUE_MARKER",
@@ -111,9 +112,11 @@ class Reply:
     """A streamed (or, for ``stream: false``, whole) answer, optionally ending in a fault.
 
     ``fault`` happens after ``fault_after`` text deltas:
-    ``"error"`` sends an in-stream ``event: error`` of ``error_type``; ``"drop"`` aborts the
-    TCP connection; ``"stall"`` goes silent for ``stall`` seconds, then carries on; ``"eof"``
-    ends the body cleanly without ``message_stop``.
+    ``"error"`` sends an in-stream ``event: error`` of ``error_type`` (on Bedrock an
+    ``exception`` message, ``error_type`` naming the API's error or Bedrock's exception);
+    ``"drop"`` aborts the TCP connection; ``"stall"`` goes silent for ``stall`` seconds, then
+    carries on; ``"eof"`` ends the body cleanly without ``message_stop``; ``"crc"`` sends a
+    Bedrock event whose CRC is wrong, and ``"truncated"`` half an event, then ends the body.
     """
 
     text: str | None = None  # None: a demo answer quoting the prompt
@@ -122,7 +125,7 @@ class Reply:
     first_token_delay: float = 0.0
     stop_reason: str = "end_turn"
     stop_sequence: str | None = None  # with stop_reason "stop_sequence": which one matched
-    fault: Literal["error", "drop", "stall", "eof"] | None = None
+    fault: Literal["error", "drop", "stall", "eof", "crc", "truncated"] | None = None
     fault_after: int = 0
     error_type: str = "overloaded_error"
     error_message: str = "Overloaded"
@@ -211,6 +214,11 @@ class RecordedRequest:
     ended: asyncio.Event
     outcome: str = "pending"  # completed | disconnected | dropped | hung_up | error
     ended_at: float | None = None
+    #: the provider it came through (``anthropic``, ``bedrock``, ``vertex``...); ``body`` is
+    #: then its first-party form and ``sent`` the body as the provider received it
+    provider: str = "anthropic"
+    sent: Any = None
+    dialect: Dialect | None = field(default=None, repr=False)
 
     @property
     def disconnected(self) -> bool:
@@ -393,12 +401,53 @@ class Emulator:
         record.outcome = "disconnected"
         return False
 
-    async def _send(self, record: RecordedRequest, writer: asyncio.StreamWriter) -> bool:
-        problem = self._validate(record)
+    def _recognise(self, record: RecordedRequest) -> tuple[int, str, str] | None:
+        """Which provider the request came through; its credentials checked and its body
+        turned first-party (or why not)."""
+        dialect = record.dialect = recognise(record.method, record.path, record.headers)
+        record.sent = record.body
+        if dialect is None:
+            return 404, "not_found_error", f"Not found: {record.method} {record.path}"
+        record.provider = dialect.name
+        if dialect.name in ("anthropic", "oauth"):
+            return None
+        problem = dialect.auth_problem(record.headers, self.api_key)
         if problem is not None:
-            status, error_type, message = problem
-            record.outcome = "error"
-            await _write_json(writer, status, _error_body(error_type, message), {})
+            return 403, "permission_error", problem
+        record.body = dialect.first_party(record.body, record.headers)
+        if isinstance(record.body, dict) and "__problem" in record.body:
+            return 400, "invalid_request_error", record.body.pop("__problem")
+        return None
+
+    async def _error(
+        self,
+        record: RecordedRequest,
+        writer: asyncio.StreamWriter,
+        status: int,
+        error_type: str,
+        message: str,
+        headers: Mapping[str, str] | None = None,
+        error_code: str | None = None,
+    ) -> None:
+        """An error response, shaped as the request's provider sends it."""
+        record.outcome = "error"
+        dialect = record.dialect
+        if dialect is not None:
+            status, own_headers, body = dialect.error(status, error_type, message)
+            if body is not None:
+                await _write_json(writer, status, body, {**own_headers, **(headers or {})})
+                return
+        body = _error_body(error_type, message, error_code)
+        await _write_json(writer, status, body, headers or {})
+
+    async def _send(self, record: RecordedRequest, writer: asyncio.StreamWriter) -> bool:
+        problem = self._recognise(record) or self._validate(record)
+        if problem is not None:
+            await self._error(record, writer, *problem)
+            return True
+        if record.provider == "oauth":
+            record.outcome = "completed"
+            await _write_json(writer, 200, json.loads(oauth_token()), {})
             return True
         scripted = self._queue.popleft() if self._queue else self.default
         if isinstance(scripted, Hangup):
@@ -411,12 +460,14 @@ class Emulator:
         if isinstance(scripted, ErrorReply):
             await asyncio.sleep(scripted.delay)
             error_type = scripted.error_type or _STATUS_TYPES.get(scripted.status, "api_error")
-            record.outcome = "error"
-            await _write_json(
+            await self._error(
+                record,
                 writer,
                 scripted.status,
-                _error_body(error_type, scripted.message, scripted.error_code),
+                error_type,
+                scripted.message,
                 scripted.headers,
+                scripted.error_code,
             )
             return True
         body = record.body
@@ -440,17 +491,17 @@ class Emulator:
         return True
 
     def _validate(self, record: RecordedRequest) -> tuple[int, str, str] | None:
-        if record.method != "POST" or record.path.split("?")[0] != "/v1/messages":
-            return 404, "not_found_error", f"Not found: {record.method} {record.path}"
         headers = record.headers
+        if record.provider == "oauth":
+            return None
         key = headers.get("x-api-key") or (
             headers.get("authorization", "")[7:]
             if headers.get("authorization", "").startswith("Bearer ")
             else ""
         )
-        if not key:
+        if record.provider == "anthropic" and not key:
             return 401, "authentication_error", "x-api-key header is required"
-        if self.api_key is not None and key != self.api_key:
+        if record.provider == "anthropic" and self.api_key is not None and key != self.api_key:
             return 401, "authentication_error", "invalid x-api-key"
         body = record.body
         if not isinstance(body, dict):
@@ -566,21 +617,13 @@ class Emulator:
         context = plan(body, usage["input_tokens"] + usage["cache_read_input_tokens"])
         if context is not None and context.compaction is None:  # cleared before it is read
             usage = {**usage, "input_tokens": context.input_tokens}
-        head = (
-            "HTTP/1.1 200 OK\r\n"
-            "content-type: text/event-stream; charset=utf-8\r\n"
-            "cache-control: no-cache\r\n"
-            "transfer-encoding: chunked\r\n"
-            f"request-id: req_emu_{secrets.token_hex(8)}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in reply.headers.items())
-            + "\r\n"
-        )
-        writer.write(head.encode())
-
+        event_stream = record.dialect is not None and record.dialect.event_stream
+        writer.write(_stream_head(event_stream, reply.headers))
         framing = reply.framing
 
         async def event(name: str, payload: dict[str, Any]) -> None:
-            await chunk(_framed(framing, name, payload))
+            framed = event_frame(payload, _dumps(payload)) if event_stream else None
+            await chunk(framed or _framed(framing, name, payload))
 
         async def chunk(data: bytes) -> None:
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
@@ -591,7 +634,7 @@ class Emulator:
             {
                 "type": "message_start",
                 "message": {
-                    "id": "msg_emu_" + secrets.token_hex(8),
+                    "id": _MESSAGE_PREFIXES.get(record.provider, "msg_emu_") + secrets.token_hex(8),
                     "type": "message",
                     "role": "assistant",
                     "content": [],
@@ -696,7 +739,11 @@ class Emulator:
             record.outcome = "dropped"
             writer.transport.abort()
             return False
-        if reply.fault == "error":
+        event_stream = record.dialect is not None and record.dialect.event_stream
+        if reply.fault == "error" and event_stream:  # Bedrock: an exception message
+            data = exception_frame(reply.error_type, reply.error_message)
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif reply.fault == "error":
             await event(
                 "error",
                 {
@@ -704,6 +751,9 @@ class Emulator:
                     "error": {"type": reply.error_type, "message": reply.error_message},
                 },
             )
+        elif reply.fault in ("crc", "truncated"):
+            data = _broken(reply.fault, event_stream)
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
         record.outcome = "completed"
         writer.write(b"0\r\n\r\n")  # "eof" (and after "error"): no message_stop
         await writer.drain()
@@ -828,6 +878,41 @@ def _instance(schema: Mapping[str, Any]) -> Any:
         return [_instance(items)] if isinstance(items, dict) else []
     plain = {"string": "example", "integer": 1, "number": 1.5, "boolean": True, "null": None}
     return plain.get(kind if isinstance(kind, str) else "", "example")
+
+
+def _stream_head(event_stream: bool, headers: Mapping[str, str]) -> bytes:
+    """A streamed response's head: SSE, or Bedrock's event stream."""
+    content_type = (
+        "application/vnd.amazon.eventstream" if event_stream else "text/event-stream; charset=utf-8"
+    )
+    head = (
+        "HTTP/1.1 200 OK\r\n"
+        f"content-type: {content_type}\r\n"
+        "cache-control: no-cache\r\n"
+        "transfer-encoding: chunked\r\n"
+        f"request-id: req_emu_{secrets.token_hex(8)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    )
+    return head.encode()
+
+
+#: message ids as each provider prefixes them
+_MESSAGE_PREFIXES = {"bedrock": "msg_bdrk_", "vertex": "msg_vrtx_"}
+
+
+def _broken(fault: str, event_stream: bool) -> bytes:
+    """A text delta that cannot be used: its CRC wrong, or cut in half."""
+    payload = {
+        "type": "content_block_delta",
+        "index": 0,
+        "delta": {"type": "text_delta", "text": "never shown"},
+    }
+    if event_stream:
+        whole = event_frame(payload, _dumps(payload), corrupt=fault == "crc")
+    else:
+        whole = _framed("lf", "content_block_delta", payload)
+    return whole if fault == "crc" and event_stream else whole[: len(whole) // 2]
 
 
 def _framed(framing: str, name: str, payload: dict[str, Any]) -> bytes:

@@ -1,0 +1,313 @@
+"""Where Claude runs: the first-party API, or a cloud's (``CLAUDE_PROVIDER``).
+
+Each provider is the anthropic SDK's own client for it (``AsyncAnthropicBedrock`` and so on),
+built with ``max_retries=0`` on our shared HTTP client. Credentials come only from each
+platform's standard chain, read by that client or its auth library (boto3, google-auth, an
+Azure token provider, the provider's API key variable): nothing here stores one. An
+:class:`Endpoint` names one provider with its settings; the relay keeps one
+:class:`Upstream` (client and framing) per endpoint a chain reaches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anthropic
+import httpx2
+
+from .framing import EventStreamFramer, Framer, UpstreamFramer
+
+if TYPE_CHECKING:  # config reads this module's PROVIDERS: it is imported where it is used
+    from .config import ClaudeConfig
+
+__all__ = [
+    "CREDENTIAL_ENV",
+    "PROVIDERS",
+    "SETTING_FIELDS",
+    "Endpoint",
+    "Upstream",
+    "Upstreams",
+    "canonical_model",
+    "endpoints",
+    "make_upstream",
+    "primary_endpoint",
+    "require_extra",
+]
+
+#: every ``CLAUDE_PROVIDER`` value, and the extra its client needs (None: none)
+PROVIDERS: dict[str, str | None] = {
+    "anthropic": None,
+    "bedrock": "bedrock",
+    "bedrock-mantle": "bedrock",
+    "vertex": "vertex",
+    "foundry": None,
+    "aws": "aws",
+    "google-cloud": "google-cloud",
+}
+#: the module each extra brings (checked at startup, so a missing one fails loudly)
+_EXTRA_MODULES = {"bedrock": "botocore", "aws": "botocore", "vertex": "google.auth"}
+_EXTRA_MODULES["google-cloud"] = "google.auth"
+
+#: the environment variables the providers' credential chains read secrets from: each value
+#: is redacted from every log line and response (an upstream may echo what it was sent)
+CREDENTIAL_ENV = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_BEARER_TOKEN_BEDROCK",
+    "ANTHROPIC_AWS_API_KEY",
+    "ANTHROPIC_FOUNDRY_API_KEY",
+    "AZURE_CLIENT_SECRET",
+)
+
+#: a provider's settings (config keys ``CLAUDE_REGION`` and so on; fields of a hop)
+SETTING_FIELDS = ("region", "project", "resource", "workspace_id", "base_url")
+#: the settings a provider reads (the others are refused, so a typo is not ignored)
+SETTINGS: dict[str, frozenset[str]] = {
+    "anthropic": frozenset({"base_url"}),
+    "bedrock": frozenset({"region", "base_url"}),
+    "bedrock-mantle": frozenset({"region", "base_url"}),
+    "vertex": frozenset({"region", "project", "base_url"}),
+    "foundry": frozenset({"resource", "base_url"}),
+    "aws": frozenset({"region", "workspace_id", "base_url"}),
+    "google-cloud": frozenset({"region", "project", "workspace_id", "base_url"}),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One provider and its settings: where a hop's requests go."""
+
+    provider: str = "anthropic"
+    region: str | None = None  # AWS region; Vertex region; Google Cloud location
+    project: str | None = None  # Vertex AI and Claude Platform on Google Cloud
+    resource: str | None = None  # Microsoft Foundry's resource name
+    workspace_id: str | None = None  # Claude Platform on AWS and on Google Cloud
+    base_url: str | None = None  # None: the provider's own (or its SDK's environment variable)
+
+    @property
+    def key(self) -> str:
+        """A stable name for metrics, cooldowns and logs (no secret is ever part of it)."""
+        where = self.region or self.resource or ""
+        return f"{self.provider}/{where}" if where else self.provider
+
+    @classmethod
+    def parse(cls, key: str, item: dict[str, Any]) -> Endpoint:
+        """An endpoint from a hop's fields (``provider`` and its settings)."""
+        provider = item.get("provider", "anthropic")
+        if provider not in PROVIDERS:
+            raise ValueError(
+                f"{key}: provider must be one of {sorted(PROVIDERS)}, got {provider!r}"
+            )
+        given = {name: item[name] for name in SETTING_FIELDS if item.get(name) is not None}
+        wrong = set(given) - SETTINGS[provider]
+        if wrong:
+            raise ValueError(f"{key}: provider {provider!r} takes no {sorted(wrong)}")
+        for name, value in given.items():
+            if not isinstance(value, str) or not value.strip():
+                raise ValueError(f"{key}: {name} must be a non-empty string")
+        return cls(provider, **given)
+
+
+SdkClient = Any  # one of the SDK's async clients: each has .messages, none is a subclass
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One endpoint's SDK client and the framing of its streamed responses."""
+
+    endpoint: Endpoint
+    client: SdkClient
+    framer: Callable[[int], Framer]
+    #: what the platform's body must carry beyond the SDK's (its documented API version:
+    #: the legacy Bedrock endpoint refuses the SDK's default on some models)
+    body: dict[str, Any] = field(default_factory=dict)
+
+    def params(self, params: dict[str, Any]) -> dict[str, Any]:
+        """A request's parameters as this endpoint takes them."""
+        if not self.body:
+            return params
+        return {**params, "extra_body": {**params.get("extra_body", {}), **self.body}}
+
+
+def primary_endpoint(config: ClaudeConfig) -> Endpoint:
+    """The app's own endpoint: ``CLAUDE_PROVIDER`` and its settings."""
+    return Endpoint(
+        config.provider,
+        region=config.region,
+        project=config.project,
+        resource=config.resource,
+        workspace_id=config.workspace_id,
+        base_url=config.base_url,
+    )
+
+
+def endpoints(config: ClaudeConfig) -> list[Endpoint]:
+    """Every endpoint the app's requests may reach: its own, then its hops' (in order)."""
+    primary = primary_endpoint(config)
+    return [primary, *(hop.endpoint or primary for hop in config.fallbacks)]
+
+
+class Upstreams:
+    """The SDK client of every endpoint the app's requests may reach (its own, and its
+    fallback hops'), all on one HTTP client: one pool, one TLS context."""
+
+    def __init__(
+        self, endpoints: list[Endpoint], api_key: str | None, http: httpx2.AsyncClient
+    ) -> None:
+        self.http = http
+        self._by_endpoint = {e: make_upstream(e, api_key, http) for e in dict.fromkeys(endpoints)}
+
+    def __getitem__(self, endpoint: Endpoint) -> Upstream:
+        return self._by_endpoint[endpoint]
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+
+def require_extra(endpoint: Endpoint) -> None:
+    """A :class:`ConfigError` when the provider's client lacks the library it signs with."""
+    from .config import ConfigError
+
+    extra = PROVIDERS[endpoint.provider]
+    module = _EXTRA_MODULES.get(extra or "")
+    if module is not None and importlib.util.find_spec(module.split(".")[0]) is None:
+        raise ConfigError(
+            f"CLAUDE_PROVIDER={endpoint.provider} needs its SDK extra: "
+            f"pip install 'quart-claude[{extra}]'"
+        )
+
+
+def make_upstream(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> Upstream:
+    """The endpoint's client on the shared HTTP client, or a :class:`ConfigError` that names
+    what is missing (an extra, a setting, a credential)."""
+    from .config import ConfigError
+
+    require_extra(endpoint)
+    build = _BUILDERS[endpoint.provider]
+    try:
+        client = build(endpoint, api_key, http)
+    except ConfigError:
+        raise
+    except (ValueError, anthropic.AnthropicError) as exc:  # the SDK says what it lacks
+        raise ConfigError(f"CLAUDE_PROVIDER={endpoint.provider}: {exc}") from None
+    framer: Callable[[int], Framer] = (
+        EventStreamFramer if endpoint.provider == "bedrock" else UpstreamFramer
+    )
+    return Upstream(endpoint, client, framer, dict(_BODIES.get(endpoint.provider, {})))
+
+
+def _common(endpoint: Endpoint, http: httpx2.AsyncClient) -> dict[str, Any]:
+    return {"base_url": endpoint.base_url, "max_retries": 0, "http_client": http}
+
+
+def _anthropic(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    from .config import ConfigError
+
+    if not api_key:
+        raise ConfigError(
+            "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
+            "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
+        )
+    return anthropic.AsyncAnthropic(api_key=api_key, **_common(endpoint, http))
+
+
+def _bedrock(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    # boto3's chain signs (SigV4), or AWS_BEARER_TOKEN_BEDROCK, read by the SDK, is a bearer
+    return anthropic.AsyncAnthropicBedrock(aws_region=endpoint.region, **_common(endpoint, http))
+
+
+def _mantle(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    return anthropic.AsyncAnthropicBedrockMantle(
+        aws_region=endpoint.region, **_common(endpoint, http)
+    )
+
+
+def _vertex(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    # google-auth's Application Default Credentials, refreshed by the SDK in a thread
+    options = _common(endpoint, http)
+    if endpoint.region is not None:
+        options["region"] = endpoint.region
+    if endpoint.project is not None:
+        options["project_id"] = endpoint.project
+    return anthropic.AsyncAnthropicVertex(**options)
+
+
+def _foundry(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import os
+
+    options = _common(endpoint, http)
+    if endpoint.base_url is None:
+        del options["base_url"]  # the SDK refuses a base_url beside a resource
+        options["resource"] = endpoint.resource
+    if not os.environ.get("ANTHROPIC_FOUNDRY_API_KEY"):  # else Entra ID, when installed
+        options["azure_ad_token_provider"] = _entra_token_provider()
+    return anthropic.AsyncAnthropicFoundry(**options)
+
+
+def _entra_token_provider() -> Callable[[], Any]:
+    from .config import ConfigError
+
+    if (
+        importlib.util.find_spec("azure") is None
+        or importlib.util.find_spec("azure.identity") is None
+    ):
+        raise ConfigError(
+            "CLAUDE_PROVIDER=foundry needs ANTHROPIC_FOUNDRY_API_KEY, or azure-identity for an "
+            "Entra ID token: pip install 'quart-claude[foundry]'"
+        )
+    from azure.identity.aio import (  # type: ignore[import-not-found,unused-ignore]
+        DefaultAzureCredential,
+        get_bearer_token_provider,
+    )
+
+    provider: Callable[[], Any] = get_bearer_token_provider(
+        DefaultAzureCredential(), "https://ai.azure.com/.default"
+    )
+    return provider
+
+
+def _aws(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    return anthropic.AsyncAnthropicAWS(
+        aws_region=endpoint.region, workspace_id=endpoint.workspace_id, **_common(endpoint, http)
+    )
+
+
+def _google_cloud(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    return anthropic.AsyncAnthropicGoogleCloud(
+        project=endpoint.project,
+        location=endpoint.region,
+        workspace_id=endpoint.workspace_id,
+        **_common(endpoint, http),
+    )
+
+
+_BODIES = {
+    "bedrock": {"anthropic_version": "bedrock-2023-05-31"},
+    "vertex": {"anthropic_version": "vertex-2023-10-16"},
+}
+
+_BUILDERS: dict[str, Callable[[Endpoint, str | None, httpx2.AsyncClient], SdkClient]] = {
+    "anthropic": _anthropic,
+    "bedrock": _bedrock,
+    "bedrock-mantle": _mantle,
+    "vertex": _vertex,
+    "foundry": _foundry,
+    "aws": _aws,
+    "google-cloud": _google_cloud,
+}
+
+# Bedrock: [global.|us.|eu.|...]anthropic.claude-sonnet-4-5-20250929-v1:0; Vertex:
+# claude-sonnet-4-5@20250929. The first-party id is what prices and model rules are keyed by.
+_BEDROCK_ID = re.compile(r"^(?:[a-z]{2,6}\.)?anthropic\.(claude-[a-z0-9.-]+?)(?:-v\d+(?::\d+)?)?$")
+
+
+def canonical_model(model: str) -> str:
+    """The first-party id of a provider's model id (an inference-profile ARN is kept as is)."""
+    if model.startswith("claude-"):
+        return model.replace("@", "-") if "@" in model else model
+    match = _BEDROCK_ID.match(model.rsplit("/", 1)[-1] if model.startswith("arn:") else model)
+    return match.group(1) if match else model
