@@ -48,7 +48,7 @@ async def test_an_overload_moves_to_the_next_hop_before_any_text(
                                                   "delta", "done"]  # fmt: skip
     assert answer.events[1] == {
         "type": "fallback", "from": PRIMARY, "to": NO_PREFILL_MODEL, "reason": "overloaded",
-        "phase": "before_text",
+        "phase": "before_text", "hop": 1,
     }  # fmt: skip
     assert answer.text == "From the next model."
     assert answer.events[-1]["model"] == NO_PREFILL_MODEL

@@ -97,10 +97,25 @@ async def test_any_worker_answers_the_scrape_with_everyones_counts(
                 found = samples(response.text)
                 assert value(found, "claude_streams_total", model=MODEL, outcome="done") == streams
                 assert (
-                    value(found, "claude_upstream_requests_total", model=MODEL, outcome="ok")
+                    value(
+                        found,
+                        "claude_upstream_requests_total",
+                        model=MODEL,
+                        outcome="ok",
+                        provider="anthropic",
+                    )
                     == streams
                 )
-                assert value(found, "claude_tokens_total", model=MODEL, kind="output") == tokens
+                assert (
+                    value(
+                        found,
+                        "claude_tokens_total",
+                        model=MODEL,
+                        kind="output",
+                        provider="anthropic",
+                    )
+                    == tokens
+                )
                 count = "claude_time_to_first_token_seconds_count"
                 assert value(found, count, model=MODEL) == streams
                 assert value(found, "claude_streams_active", model=MODEL) == 0

@@ -84,14 +84,20 @@ async def test_cache_counts_reach_start_done_and_metrics(
     assert result.received_at[0] < result.received_at[1]
     done = result.events[-1]
     assert done["type"] == "done" and done["usage"]["cache_read_input_tokens"] == 1234
-    assert value(metrics, "claude_tokens_total", model=MODEL, kind="cache_read") == 1234
-    assert value(metrics, "claude_tokens_total", model=MODEL, kind="cache_write") == 56
     assert (
-        value(metrics, "claude_tokens_total", model=MODEL, kind="output")
+        value(metrics, "claude_tokens_total", model=MODEL, kind="cache_read", provider="anthropic")
+        == 1234
+    )
+    assert (
+        value(metrics, "claude_tokens_total", model=MODEL, kind="cache_write", provider="anthropic")
+        == 56
+    )
+    assert (
+        value(metrics, "claude_tokens_total", model=MODEL, kind="output", provider="anthropic")
         == done["usage"]["output_tokens"]
     )
     assert (
-        value(metrics, "claude_tokens_total", model=MODEL, kind="input")
+        value(metrics, "claude_tokens_total", model=MODEL, kind="input", provider="anthropic")
         == done["usage"]["input_tokens"]
     )
 
@@ -103,7 +109,10 @@ async def test_metrics_count_every_outcome(
     async with serving(app) as url:
         empty = await scrape(http, url)
         assert value(empty, "claude_streams_active", model=MODEL) == 0
-        assert value(empty, "claude_tokens_total", model=MODEL, kind="input") == 0
+        assert (
+            value(empty, "claude_tokens_total", model=MODEL, kind="input", provider="anthropic")
+            == 0
+        )
 
         emulator.script(ErrorReply(529), Reply(ANSWER))  # retried, then done
         retried = await stream_chat(http, url + "/chat/stream", {"message": "a"})
@@ -138,7 +147,13 @@ async def test_metrics_count_every_outcome(
     assert value(metrics, "claude_streams_total", model=MODEL, outcome="auth_error") == 1
     assert value(metrics, "claude_streams_total", model=MODEL, outcome="cancelled") == 1
     requests = {
-        outcome: value(metrics, "claude_upstream_requests_total", model=MODEL, outcome=outcome)
+        outcome: value(
+            metrics,
+            "claude_upstream_requests_total",
+            model=MODEL,
+            outcome=outcome,
+            provider="anthropic",
+        )
         for outcome in ("ok", "overloaded", "auth_error", "network_error", "cancelled")
     }
     assert requests == {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -244,7 +245,7 @@ async def test_bedrock_throttled_falls_back_to_the_first_party_api_before_text(
     fallback = answer.events[1]
     assert fallback == {
         "type": "fallback", "from": BEDROCK_MODEL, "to": "claude-sonnet-4-5",
-        "reason": "overloaded", "phase": "before_text",
+        "reason": "overloaded", "phase": "before_text", "hop": 1,
     }  # fmt: skip
     assert answer.text == "From the first-party API."
     assert answer.events[-1]["model"] == "claude-sonnet-4-5"
@@ -365,3 +366,50 @@ def test_provider_settings_are_checked_when_the_app_starts() -> None:
         Claude(
             Quart(__name__), provider="bedrock", fallbacks=[{"model": "m", "provider": "anthropic"}]
         )
+
+
+async def test_telemetry_names_the_provider_of_each_attempt_and_the_cooldown(
+    emulator: Emulator, http: httpx2.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from .test_observability import samples
+
+    exporter = InMemorySpanExporter()
+    tracing = TracerProvider()
+    tracing.add_span_processor(SimpleSpanProcessor(exporter))
+    emulator.script(ErrorReply(503, "ServiceUnavailableException", "down"), Reply("ok"))
+    app = Quart(__name__)
+    Claude(
+        app, provider="bedrock", fallbacks=[hop(emulator, "vertex")], max_retries=0,
+        tracer_provider=tracing, **provider_options(emulator, "bedrock"),
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="quart_claude"):
+        async with serving(app) as url:
+            answer = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+            scrape = samples((await http.get(url + "/metrics")).text)
+    tracing.shutdown()
+    assert answer.text == "ok"
+    attempts = [s for s in exporter.get_finished_spans() if s.name.startswith("upstream ")]
+    assert [(s.attributes or {}).get("gen_ai.provider.name") for s in attempts] == [
+        "aws.bedrock",
+        "gcp.vertex_ai",
+    ]
+    assert attempts[0].status.status_code.name == "ERROR"
+
+    def upstream(provider: str, outcome: str) -> float:
+        labels = {"model": BEDROCK_MODEL, "outcome": outcome, "provider": provider}
+        return scrape.get(("claude_upstream_requests_total", frozenset(labels.items())), 0.0)
+
+    assert upstream("bedrock", "overloaded") == 1 and upstream("vertex", "ok") == 1
+    cooling = [
+        value
+        for (name, labels), value in scrape.items()
+        if name == "claude_fallback_cooldown_until_seconds"
+        and dict(labels)["hop"] == f"bedrock/us-east-1:{BEDROCK_MODEL}"
+    ]
+    assert len(cooling) == 1 and cooling[0] > time.time() + 20  # the 30 s default
+    (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream_end")]
+    assert " provider=vertex " in line and " hop=1 " in line

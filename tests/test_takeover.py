@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import json
 import os
 import signal
 import subprocess
@@ -25,10 +26,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from quart_claude import SSEParser
-from quart_claude.testing import Emulator, RecordedRequest, Reply, ToolUse
+from quart_claude.testing import Emulator, ErrorReply, RecordedRequest, Reply, ToolUse
 
 from . import binaries
 from .helpers import eventually, free_port
+from .models import NO_PREFILL_MODEL
 from .test_hypercorn_cli import HYPERCORN, wait_ready
 
 pytestmark = pytest.mark.system
@@ -277,6 +279,35 @@ async def test_a_sigkilled_producer_is_taken_over_exactly(
         assert again[0].received_at > killed_at - 1
     logs = b.output() + c.output()
     assert logs.count("taken over") == streams, "one takeover line per stream"
+
+
+async def test_a_takeover_goes_on_with_the_hop_the_stream_was_on(
+    servers: Servers, emulator: Emulator
+) -> None:
+    """The answer fell back before its text, then its producer died: the taker continues on
+    the fallback hop, not on the model that failed (no cooldown here to hide a wrong one)."""
+    servers.env["CLAUDE_FALLBACKS"] = json.dumps([{"model": NO_PREFILL_MODEL}])
+    servers.env["CLAUDE_MAX_RETRIES"] = "0"
+    servers.env["CLAUDE_FALLBACK_COOLDOWN"] = "0"
+    a, b = await servers.start_many(2)
+    emulator.script(ErrorReply(529))
+    emulator.default = Reply(ANSWER, token_delay=0.04)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        posts, followers = await open_mid_answer(http, a, [b], [b], 1)
+        a.process.kill()
+        await a.process.wait()
+        results = await asyncio.wait_for(asyncio.gather(*posts, *followers), 60)
+    for reading in results:
+        reading.check_exact()
+        assert [e["type"] for e in reading.events].count("fallback") == 1
+    primary = emulator.requests[0].body["model"]
+    assert primary != NO_PREFILL_MODEL
+    assert [r.body["model"] for r in emulator.requests] == [
+        primary,
+        NO_PREFILL_MODEL,
+        NO_PREFILL_MODEL,
+    ]
+    assert results[0].last["model"] == NO_PREFILL_MODEL
 
 
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGTERM"])

@@ -148,6 +148,8 @@ class Chain:
     at: int = 0
     moves: int = 0
     tried: list[str] = field(default_factory=list)
+    #: the last hop put on cooldown, and for how long (for the metrics)
+    cooled: tuple[str, float] | None = None
 
     @property
     def hop(self) -> Hop:
@@ -172,6 +174,12 @@ class Chain:
                 self.at = index
                 break
         self.tried = [self.hop.model]
+
+    def resume(self, at: int, tried: list[str]) -> None:
+        """Go on where another worker's walk was (a takeover): on hop ``at``, its moves
+        counted."""
+        if 0 <= at < len(self.hops):
+            self.at, self.moves, self.tried = at, max(0, len(tried) - 1), list(tried)
 
     def _may_take(self, hop: Hop, error: UpstreamError) -> bool:
         """Whether ``hop`` could answer where the current one failed with ``error``."""
@@ -204,7 +212,8 @@ class Chain:
         if not self.moves_on(error):
             return None
         failed = self.cooling_key(self.hop)
-        await cooldowns.cool(failed, max(self.cooldown, error.retry_after or 0.0))
+        self.cooled = (failed, max(self.cooldown, error.retry_after or 0.0))
+        await cooldowns.cool(*self.cooled)
         for index in range(self.at + 1, len(self.hops)):
             hop = self.hops[index]
             if not self._may_take(hop, error):

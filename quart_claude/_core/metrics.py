@@ -78,14 +78,16 @@ class Metrics:
         )
         self.tokens: Counter = Counter(
             "claude_tokens",
-            "Tokens billed upstream, by kind: input, output, cache_read, cache_write.",
-            ["model", "kind"],
+            "Tokens billed upstream, by kind: input, output, cache_read, cache_write, and by "
+            "the provider that finished the stream.",
+            ["model", "kind", "provider"],
             registry=registry,
         )
         self.upstream_requests: Counter = Counter(
             "claude_upstream_requests",
-            "Requests made to the Anthropic API, by outcome: ok, cancelled, or the error class.",
-            ["model", "outcome"],
+            "Requests made upstream, by outcome (ok, cancelled, or the error class) and by "
+            "provider (CLAUDE_PROVIDER, or a fallback hop's).",
+            ["model", "outcome", "provider"],
             registry=registry,
         )
         self.retries: Counter = Counter(
@@ -128,6 +130,14 @@ class Metrics:
             ["from_model", "to_model", "reason", "phase"],
             registry=registry,
         )
+        self.fallback_cooldown_until: Gauge = Gauge(
+            "claude_fallback_cooldown_until_seconds",
+            "When the cooldown of a fallback hop that failed ends (Unix time; the hop is "
+            "skipped while this is later than now), by hop (provider/region:model).",
+            ["hop"],
+            registry=registry,
+            multiprocess_mode="max",
+        )
         self.budget_rejections: Counter = Counter(
             "claude_budget_rejections",
             "Requests refused with a 429 budget_exceeded before any stream started.",
@@ -146,7 +156,9 @@ class Metrics:
             registry=registry,
         )
 
-    def prepare(self, models: Iterable[str], error_classes: Iterable[str]) -> None:
+    def prepare(
+        self, models: Iterable[str], error_classes: Iterable[str], provider: str = "anthropic"
+    ) -> None:
         """Create every series at 0 (the label values are all known and few), so that the
         first stream, the first error of a class, is an increase ``rate()`` can see."""
         errors = tuple(error_classes)
@@ -155,11 +167,11 @@ class Metrics:
             self.time_to_first_token.labels(model)
             self.stream_duration.labels(model)
             for kind in TOKEN_KINDS:
-                self.tokens.labels(model, kind)
+                self.tokens.labels(model, kind, provider)
             for outcome in ("done", "cancelled", "disconnected", *_LEFT, *errors):
                 self.streams.labels(model, outcome)
             for outcome in ("ok", "cancelled", *errors):
-                self.upstream_requests.labels(model, outcome)
+                self.upstream_requests.labels(model, outcome, provider)
             for error in errors:
                 self.errors.labels(model, error)
                 for kind in ("retry", "recovery"):

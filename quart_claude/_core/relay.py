@@ -103,8 +103,10 @@ class Relay:
         answer = Answer(stream, outcome)
         answer.spend = spend
         result = "unknown"
+        outcome.on_hop(0, self.primary.provider)
         if self.config.fallbacks:
-            answer.chain = await self._chain(request)
+            answer.chain = chain = await self._chain(request)
+            outcome.on_hop(chain.at, chain.endpoint.provider)
         try:
             result = await self._run(answer, request, prior)
         except asyncio.CancelledError:
@@ -181,6 +183,9 @@ class Relay:
         """Taken over: the steps and usage so far, the text to continue, and the tools that
         had not finished (the finished ones never run again)."""
         stream = answer.stream
+        if answer.chain is not None and prior.hop is not None:
+            answer.chain.resume(prior.hop, prior.tried)
+            answer.outcome.on_hop(answer.chain.at, answer.chain.endpoint.provider)
         add_usage(answer.usage, prior.usage)
         stream.usage = dict(answer.usage)
         stream.steps = [dict(step) for step in prior.steps]
@@ -322,6 +327,7 @@ class Relay:
         stream ended."""
         outcome = answer.outcome
         outcome.attempts += 1
+        outcome.attempt(params["model"])
         try:
             await self._attempt(answer, params, guard, turn)
         except OutOfBudget:
@@ -361,8 +367,8 @@ class Relay:
         if hop is None:
             return False
         phase = "mid_answer" if answer.texts else "before_text"
-        event = {"type": "fallback", "from": failed, "to": hop.model}
-        event.update(reason=error.error_class, phase=phase)
+        event: dict[str, Any] = {"type": "fallback", "from": failed, "to": hop.model}
+        event.update(reason=error.error_class, phase=phase, hop=chain.at)
         log.warning(
             "stream %s: %s -> %s after %s (%s)",
             answer.stream.id,
@@ -372,6 +378,9 @@ class Relay:
             phase,
         )
         self.telemetry.fell_back(failed, hop.model, error.error_class, phase)
+        if chain.cooled is not None:
+            self.telemetry.cooled(*chain.cooled)
+        answer.outcome.on_hop(chain.at, chain.endpoint.provider)
         if answer.stream.events:
             answer.stream.append(event)
         else:  # readers see start first: it follows the next hop's message_start
@@ -860,6 +869,10 @@ class Prior:
     usage: dict[str, Any]
     steps: list[dict[str, Any]] = field(default_factory=list)
     step_deltas: int = 0  # the current step's deltas (a lower bound of its output tokens)
+    #: the fallback chain's hop the stream was on (its last ``fallback`` event's), and the
+    #: models it tried: a takeover goes on there, never back to a hop that failed
+    hop: int | None = None
+    tried: list[str] = field(default_factory=list)
 
     @classmethod
     def from_events(
@@ -871,15 +884,23 @@ class Prior:
         at = int(steps[-1]["at"]) if steps else 0
         pieces: list[str] = []
         total = 0
+        moves: list[dict[str, Any]] = []
         for position, event in enumerate(events):
             payload = json.loads(event[6 : event.index(b"\n")])
-            if payload.get("type") == "delta":
+            kind = payload.get("type")
+            if kind == "delta":
                 total += 1
                 if position >= at:
                     pieces.append(payload["text"])
+            elif kind == "fallback":
+                moves.append(payload)
         usage = dict(usage)
         usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), total)
-        return cls("".join(pieces), usage, steps, len(pieces))
+        if not moves:
+            return cls("".join(pieces), usage, steps, len(pieces))
+        tried = [str(moves[0]["from"]), *(str(move["to"]) for move in moves)]
+        hop = int(moves[-1].get("hop", 0))
+        return cls("".join(pieces), usage, steps, len(pieces), hop, tried)
 
     def pending_calls(self) -> list[dict[str, Any]]:
         """The last step's tool calls without a recorded result."""

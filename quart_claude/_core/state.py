@@ -503,7 +503,8 @@ def _chat_key(identity: str | None, chat_id: str) -> str:
 def _metrics(config: ClaudeConfig) -> Metrics:
     """The app's Prometheus metrics, their series for every allowed model created at 0."""
     metrics = metrics_for(ClaudeConfig.key("metrics"))
-    metrics.prepare(dict.fromkeys((config.model, *config.allowed_models)), ERROR_CLASSES)
+    models = dict.fromkeys((config.model, *config.allowed_models))
+    metrics.prepare(models, ERROR_CLASSES, config.provider)
     directory = metrics.multiprocess_dir
     if directory is not None and not any(
         entry.name.endswith(f"_{os.getpid()}.db") for entry in os.scandir(directory)

@@ -63,6 +63,15 @@ def parent_context(headers: _Headers) -> Context | None:
     return propagate.extract(headers)  # it only calls .get
 
 
+#: ``gen_ai.provider.name`` of each CLAUDE_PROVIDER (OpenTelemetry's GenAI conventions)
+_GEN_AI_PROVIDERS = {
+    "bedrock": "aws.bedrock",
+    "bedrock-mantle": "aws.bedrock",
+    "vertex": "gcp.vertex_ai",
+    "foundry": "azure.ai.inference",
+}
+
+
 class Telemetry:
     """The app's metrics (None when ``CLAUDE_METRICS`` is off) and its live streams' records."""
 
@@ -82,6 +91,11 @@ class Telemetry:
     def fell_back(self, from_model: str, to_model: str, reason: str, phase: str) -> None:
         if self.metrics is not None:
             self.metrics.fallbacks.labels(from_model, to_model, reason, phase).inc()
+
+    def cooled(self, hop: str, seconds: float) -> None:
+        """A hop that failed is skipped for ``seconds`` (its cooldown)."""
+        if self.metrics is not None:
+            self.metrics.fallback_cooldown_until.labels(hop).set(time.time() + seconds)
 
     def budget_rejected(self) -> None:
         if self.metrics is not None:
@@ -113,13 +127,16 @@ class StreamOutcome:
     """One stream's record: counts, usage summed over every upstream request, its span."""
 
     __slots__ = (
+        "_attempt",
         "_telemetry",
         "attempts",
         "error",
         "first_token_at",
+        "hop",
         "message_id",
         "model",
         "parent_trace_id",
+        "provider",
         "recoveries",
         "request_id",
         "response_model",
@@ -152,6 +169,9 @@ class StreamOutcome:
         self.error: str | None = None
         self.usage: dict[str, Any] = {}
         self.tool_calls: int = 0
+        self.provider: str = "anthropic"  # the current hop's (set by the relay)
+        self.hop: int = 0  # the fallback chain's hop the stream is on
+        self._attempt: Span | None = None
         self.span: Span = telemetry.tracer.start_span(
             f"chat {request.model}", context=parent, kind=SpanKind.CLIENT
         )
@@ -184,11 +204,46 @@ class StreamOutcome:
         if self.span.is_recording():
             self.span.add_event("first_token")
 
+    def on_hop(self, hop: int, provider: str) -> None:
+        """The answer is on hop ``hop`` of its fallback chain, on ``provider``."""
+        self.hop, self.provider = hop, provider
+        if self.span.is_recording():
+            self.span.set_attribute(
+                "gen_ai.provider.name", _GEN_AI_PROVIDERS.get(provider, provider)
+            )
+
+    def attempt(self, model: str) -> None:
+        """One upstream request begins: its span (GenAI ``chat``, on its provider), a child
+        of the stream's, ended by :meth:`upstream`."""
+        if self._attempt is not None:  # one that never reached upstream (a budget refused it)
+            self._attempt.end()
+            self._attempt = None
+        if not self.span.is_recording():
+            return
+        self._attempt = self._telemetry.tracer.start_span(
+            f"upstream {model}",
+            context=trace.set_span_in_context(self.span),
+            kind=SpanKind.CLIENT,
+            attributes={
+                "gen_ai.operation.name": "chat",
+                "gen_ai.provider.name": _GEN_AI_PROVIDERS.get(self.provider, self.provider),
+                "gen_ai.request.model": model,
+                "quart_claude.attempt": self.attempts,
+                "quart_claude.hop": self.hop,
+            },
+        )
+
     def upstream(self, outcome: str) -> None:
         """One upstream request ended: ``ok``, ``cancelled`` or its error class."""
         metrics = self._telemetry.metrics
         if metrics is not None:
-            metrics.upstream_requests.labels(self.model, outcome).inc()
+            metrics.upstream_requests.labels(self.model, outcome, self.provider).inc()
+        span, self._attempt = self._attempt, None
+        if span is not None:
+            if outcome != "ok":
+                span.set_attribute("error.type", outcome)
+                span.set_status(Status(StatusCode.ERROR, outcome))
+            span.end()
 
     def failed(self, error_class: str) -> None:
         """A failure was classified (retried or not)."""
@@ -246,11 +301,16 @@ class StreamOutcome:
         """The stream ended with ``outcome`` (``done``, ``cancelled``, ``disconnected`` or an
         error class): count it, end the span, write the log line; returns the log's fields."""
         self._telemetry._ended(self.stream_id)
+        if self._attempt is not None:
+            self._attempt.end()
+            self._attempt = None
         duration = time.monotonic() - self.started
         usage = self.usage
         fields: dict[str, Any] = {
             "stream_id": self.stream_id,
             "model": self.model,
+            "provider": self.provider,
+            "hop": self.hop or None,
             "outcome": outcome,
             "stop_reason": self.stop_reason,
             "error": self.error,
@@ -282,7 +342,7 @@ class StreamOutcome:
             for kind, key in TOKEN_KINDS.items():
                 value = usage.get(key)
                 if isinstance(value, int) and value > 0:
-                    metrics.tokens.labels(model, kind).inc(value)
+                    metrics.tokens.labels(model, kind, self.provider).inc(value)
         span = self.span
         context = span.get_span_context()
         recording = span.is_recording()
