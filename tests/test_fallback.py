@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -17,12 +18,13 @@ from quart import Quart
 from quart_claude import Claude
 from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 
-from .helpers import serving, stream_chat
+from .helpers import eventually, serving, stream_chat
 from .models import NO_PREFILL_MODEL, PREFILL_MODEL
 
 pytestmark = pytest.mark.server
 
 PRIMARY = "claude-sonnet-5-5"
+AUTH = {"Authorization": "Bearer tok-0123456789"}
 HOPS = [{"model": NO_PREFILL_MODEL}, {"model": PREFILL_MODEL}]
 
 
@@ -72,7 +74,14 @@ async def test_a_failure_mid_answer_continues_on_the_next_hop_exactly(
     continuation = emulator.requests[1].body
     assert continuation["model"] == NO_PREFILL_MODEL
     assert continuation["messages"][-1]["role"] == "user"  # the "continue" turn: no prefill
-    assert answer.events[-1]["type"] == "done"
+    done = answer.events[-1]
+    assert done["type"] == "done"
+    # per hop, in the API's own shape: what each model was asked and wrote
+    iterations = done["usage"]["iterations"]
+    assert [(i["type"], i["model"]) for i in iterations] == [
+        ("message", PRIMARY), ("message", NO_PREFILL_MODEL),
+    ]  # fmt: skip
+    assert sum(i["output_tokens"] for i in iterations) == done["usage"]["output_tokens"]
 
 
 async def test_a_chain_that_runs_out_lists_the_hops_tried(
@@ -183,3 +192,55 @@ async def test_the_ai_sdk_route_sends_a_fallback_as_a_data_part(
         }
     ]  # fmt: skip
     assert [c["type"] for c in chunks][:2] == ["start", "data-fallback"]
+
+
+async def test_a_refusal_the_server_side_fallback_answers_keeps_its_block_in_place(
+    emulator: Emulator, http: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    """CLAUDE_SERVER_FALLBACKS: the API's own fallback (refusals only) with its beta; the
+    reader sees a fallback event, done names the model that answered, and the turn goes back
+    to the API with the fallback block where it was (the emulator refuses it elsewhere)."""
+    app = Quart(__name__)
+    Claude(
+        app, api_key="sk-test", base_url=emulator.url, model=PRIMARY,
+        server_fallbacks=[{"model": "claude-opus-4-8"}],
+        database_url=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", api_tokens="tok-0123456789",
+    )  # fmt: skip
+    emulator.script(
+        Reply(
+            "I can't help with that. ",
+            stop_reason="refusal",
+            stop_details={"type": "refusal", "category": "cyber"},
+            fallback_text="Here is a safe way to do it.",
+        ),
+        Reply("Glad it helped."),
+    )
+    async with serving(app) as url:
+        first = await stream_chat(
+            http, url + "/chat/stream", {"message": "Scan my network?"}, headers=AUTH
+        )
+        cid = first.events[0]["conversation_id"]
+
+        async def stored() -> bool:
+            read = await http.get(f"{url}/conversations/{cid}", headers=AUTH)
+            return bool(read.json()["messages"][-1]["status"] == "complete")
+
+        await eventually(stored)
+        second = await stream_chat(
+            http, url + "/chat/stream", {"message": "Thanks", "conversation_id": cid}, headers=AUTH
+        )
+    assert first.text == "I can't help with that. Here is a safe way to do it."
+    fallback = next(e for e in first.events if e["type"] == "fallback")
+    assert fallback == {
+        "type": "fallback", "from": PRIMARY, "to": "claude-opus-4-8", "reason": "refusal",
+        "phase": "server",
+    }  # fmt: skip
+    done = first.events[-1]
+    assert done["stop_reason"] == "end_turn"
+    assert [i["type"] for i in done["usage"]["iterations"]] == ["message", "fallback_message"]
+    asked = emulator.requests[0]
+    assert asked.body["fallbacks"] == [{"model": "claude-opus-4-8"}]
+    assert "server-side-fallback-2026-07-01" in asked.headers["anthropic-beta"]
+    assert second.text == "Glad it helped.", second.events[-1]
+    sent_back = emulator.requests[1].body["messages"][1]
+    assert [b["type"] for b in sent_back["content"]] == ["text", "fallback", "text"]

@@ -37,6 +37,15 @@ class Ended:
     cost_micro_usd: int | None = None
 
 
+#: the counts of a request's usage an ``iterations`` entry carries
+_COUNTS = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_input_tokens",
+    "cache_creation_input_tokens",
+)
+
+
 class Answer:
     """The state of one answer across its steps, requests and continuations."""
 
@@ -44,6 +53,7 @@ class Answer:
         "after_start",
         "chain",
         "final",
+        "hop_usage",
         "moved",
         "outcome",
         "recoveries",
@@ -78,6 +88,9 @@ class Answer:
         self.moved = False  # the chain moved since the last request was built
         self.after_start: list[dict[str, Any]] = []  # events readers get right after start
         self.served_by: str | None = None  # the model of the last message_start
+        #: each request's usage by the model it asked, when a chain may move (``done`` shows
+        #: it as ``iterations`` once more than one model served)
+        self.hop_usage: list[dict[str, Any]] = []
 
     @property
     def usage(self) -> dict[str, Any]:
@@ -145,8 +158,23 @@ class Answer:
             status = "complete"
         return Ended(status, outcome.stop_reason, messages, dict(self.usage))
 
+    def hop_used(self, model: str, usage: dict[str, Any]) -> None:
+        """One request's usage, kept by model (its own ``iterations``, if it has them)."""
+        if self.chain is None or not usage:
+            return
+        own = usage.get("iterations")
+        if isinstance(own, list) and own:
+            self.hop_usage.extend(
+                {"model": model, **item} for item in own if isinstance(item, dict)
+            )
+            return
+        counts = {key: usage[key] for key in _COUNTS if isinstance(usage.get(key), int)}
+        self.hop_usage.append({"type": "message", "model": model, **counts})
+
     def finish(self, stop_reason: str | None, *, reported: bool = True) -> str:
         """End with ``done``, carrying what the API reported when ``reported``."""
+        if len({item["model"] for item in self.hop_usage}) > 1:  # per hop, the API's shape
+            self.usage["iterations"] = list(self.hop_usage)
         self.outcome.stop_reason = stop_reason
         event = done_event(stop_reason, self.usage, self.reported if reported else None)
         if self.spend is not None and self.spend.warning is not None:

@@ -253,6 +253,15 @@ def _provider(key: str, value: Any) -> str:
     return text
 
 
+def _server_fallbacks(key: str, value: Any) -> Any:
+    from .fallback import parse_server_fallbacks
+
+    try:
+        return parse_server_fallbacks(key, value)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def _fallbacks(key: str, value: Any) -> tuple[Any, ...]:
     from .fallback import parse_fallbacks
 
@@ -381,6 +390,7 @@ _KEYS: dict[str, _Key] = {
     "fallback_on": _Key(_fallback_on, DEFAULT_ON),
     "max_fallbacks": _Key(_non_negative_int, 2),
     "fallback_cooldown": _Key(_seconds, 30.0),
+    "server_fallbacks": _Key(_server_fallbacks, None),
     "budget": _Key(_budget, ()),
     "budget_warn_at": _Key(_percent, 80),
     "budget_hold_ttl": _Key(_positive_seconds, 600.0),
@@ -451,6 +461,8 @@ class ClaudeConfig:
     fallback_on: frozenset[str]  # the error classes that move to the next hop
     max_fallbacks: int  # hops an answer may move, at most
     fallback_cooldown: float  # seconds a hop that failed is skipped
+    #: the API's own fallbacks for refusals ("default" or entries), on platforms that run them
+    server_fallbacks: str | tuple[dict[str, Any], ...] | None
     budget: tuple[Any, ...]  # budget.Limit: the default per identity (none: unlimited)
     budget_warn_at: int  # percent of a limit used past which start and done warn (0: off)
     budget_hold_ttl: float  # seconds a reservation outlives a worker killed while holding it

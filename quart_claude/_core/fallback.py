@@ -34,6 +34,7 @@ __all__ = [
     "RedisCooldowns",
     "on_hop",
     "parse_fallback_on",
+    "parse_server_fallbacks",
     "parse_fallbacks",
     "without_thinking",
 ]
@@ -92,6 +93,32 @@ def _hop(key: str, item: dict[str, Any]) -> Hop:
     if thinking is not None and thinking not in ("off", "adaptive") and type(thinking) is not int:
         raise ValueError(f"{key}: a hop's thinking is 'off', 'adaptive' or a budget in tokens")
     return Hop(item["model"], endpoint, max_tokens, bool(item.get("larger_context")), thinking)
+
+
+SERVER_FALLBACK_FIELDS = frozenset({"model", "max_tokens", "thinking", "output_config", "speed"})
+
+
+def parse_server_fallbacks(key: str, value: Any) -> str | tuple[dict[str, Any], ...] | None:
+    """``CLAUDE_SERVER_FALLBACKS``: the API's own ``fallbacks`` for refusals: ``"default"``
+    (the model's server-defined chain) or ``[{"model": "claude-opus-4-8"}, ...]``."""
+    if value in (None, "", ()):
+        return None
+    if value == "default":
+        return "default"
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise ValueError(f"{key} must be 'default' or a JSON list of models") from None
+    if not isinstance(value, list | tuple) or not value:
+        raise ValueError(f"{key} must be 'default' or a non-empty list, got {value!r}")
+    for entry in value:
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            raise ValueError(f"{key}: each entry needs a 'model', got {entry!r}")
+        unknown = set(entry) - SERVER_FALLBACK_FIELDS
+        if unknown:
+            raise ValueError(f"{key}: unknown field(s) {sorted(unknown)}")
+    return tuple(dict(entry) for entry in value)
 
 
 def parse_fallback_on(key: str, value: Any) -> frozenset[str]:

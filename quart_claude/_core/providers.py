@@ -126,11 +126,19 @@ class Upstream:
     #: the legacy Bedrock endpoint refuses the SDK's default on some models)
     body: dict[str, Any] = field(default_factory=dict)
 
+    betas: tuple[str, ...] = ()  # what the platform's features add to ``anthropic-beta``
+
     def params(self, params: dict[str, Any]) -> dict[str, Any]:
         """A request's parameters as this endpoint takes them."""
         if not self.body:
             return params
-        return {**params, "extra_body": {**params.get("extra_body", {}), **self.body}}
+        params = {**params, "extra_body": {**params.get("extra_body", {}), **self.body}}
+        if self.betas:
+            headers = dict(params.get("extra_headers") or {})
+            betas = [b for b in headers.get("anthropic-beta", "").split(",") if b]
+            headers["anthropic-beta"] = ",".join(dict.fromkeys([*betas, *self.betas]))
+            params["extra_headers"] = headers
+        return params
 
 
 def primary_endpoint(config: ClaudeConfig) -> Endpoint:
@@ -156,10 +164,16 @@ class Upstreams:
     fallback hops'), all on one HTTP client: one pool, one TLS context."""
 
     def __init__(
-        self, endpoints: list[Endpoint], api_key: str | None, http: httpx2.AsyncClient
+        self,
+        endpoints: list[Endpoint],
+        api_key: str | None,
+        http: httpx2.AsyncClient,
+        server_fallbacks: Any = None,
     ) -> None:
         self.http = http
-        self._by_endpoint = {e: make_upstream(e, api_key, http) for e in dict.fromkeys(endpoints)}
+        self._by_endpoint = {
+            e: make_upstream(e, api_key, http, server_fallbacks) for e in dict.fromkeys(endpoints)
+        }
 
     def __getitem__(self, endpoint: Endpoint) -> Upstream:
         return self._by_endpoint[endpoint]
@@ -181,7 +195,12 @@ def require_extra(endpoint: Endpoint) -> None:
         )
 
 
-def make_upstream(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> Upstream:
+def make_upstream(
+    endpoint: Endpoint,
+    api_key: str | None,
+    http: httpx2.AsyncClient,
+    server_fallbacks: Any = None,
+) -> Upstream:
     """The endpoint's client on the shared HTTP client, or a :class:`ConfigError` that names
     what is missing (an extra, a setting, a credential)."""
     from .config import ConfigError
@@ -197,7 +216,16 @@ def make_upstream(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncCli
     framer: Callable[[int], Framer] = (
         EventStreamFramer if endpoint.provider == "bedrock" else UpstreamFramer
     )
-    return Upstream(endpoint, client, framer, dict(_BODIES.get(endpoint.provider, {})))
+    body: dict[str, Any] = dict(_BODIES.get(endpoint.provider, {}))
+    betas: tuple[str, ...] = ()
+    if server_fallbacks is not None and endpoint.provider in SERVER_FALLBACK_PROVIDERS:
+        body["fallbacks"] = (
+            server_fallbacks
+            if server_fallbacks == "default"
+            else [dict(entry) for entry in server_fallbacks]
+        )
+        betas = (SERVER_FALLBACK_BETA,)
+    return Upstream(endpoint, client, framer, body, betas)
 
 
 def _common(endpoint: Endpoint, http: httpx2.AsyncClient) -> dict[str, Any]:
@@ -284,6 +312,11 @@ def _google_cloud(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncCli
         **_common(endpoint, http),
     )
 
+
+#: the API's server-side fallback for refusals (CLAUDE_SERVER_FALLBACKS): its beta, and the
+#: platforms that run the first-party API (and so offer it)
+SERVER_FALLBACK_BETA = "server-side-fallback-2026-07-01"
+SERVER_FALLBACK_PROVIDERS = frozenset({"anthropic", "aws", "google-cloud"})
 
 _BODIES = {
     "bedrock": {"anthropic_version": "bedrock-2023-05-31"},

@@ -327,7 +327,8 @@ class Relay:
         stream ended."""
         outcome = answer.outcome
         outcome.attempts += 1
-        outcome.attempt(params["model"])
+        turn.model = params["model"]
+        outcome.attempt(turn.model)
         try:
             await self._attempt(answer, params, guard, turn)
         except OutOfBudget:
@@ -483,7 +484,7 @@ class Relay:
             )
         if guard is not None:  # the whole continuation was shorter than the hold
             _release_held(answer, guard, turn)
-        add_usage(answer.usage, turn.usage)
+        turn.count()
 
     async def _relay(
         self,
@@ -558,6 +559,7 @@ class _Turn:
         "deltas",
         "expose_thinking",
         "inputs",
+        "model",
         "open",
         "outcome",
         "reported",
@@ -593,6 +595,7 @@ class _Turn:
         self.reported: dict[str, Any] = {}  # message_delta's stop_details and container
         self.deltas = 0
         self.request_id: str | None = None
+        self.model = ""  # the model asked (the hop's)
 
     def control(self, name: bytes, data: bytes) -> None:
         """Any event but a content delta (pings and unknown events: nothing to do)."""
@@ -669,6 +672,8 @@ class _Turn:
             self.inputs[index] = []
         elif kind == "thinking":
             block["thinking"] = block.get("thinking") or ""
+        elif kind == "fallback":  # the API's own fallback: kept in place, told to readers
+            self._server_fell_back(block)
         elif isinstance(kind, str) and kind.endswith("_tool_result"):  # a server tool's result
             content = block.get("content")
             failed = isinstance(content, dict) and str(content.get("type", "")).endswith("_error")
@@ -682,6 +687,17 @@ class _Turn:
                     "server": True,
                 }
             )
+
+    def _server_fell_back(self, block: dict[str, Any]) -> None:
+        """A refusal the API's server-side fallback (``CLAUDE_SERVER_FALLBACKS``) answered
+        with another model: readers get a ``fallback`` event, ``done`` that model."""
+        ends = [block.get(side) for side in ("from", "to")]
+        models = [str(end.get("model")) if isinstance(end, dict) else "" for end in ends]
+        phase = "server"
+        event = {"type": "fallback", "from": models[0], "to": models[1], "reason": "refusal"}
+        self.stream.append({**event, "phase": phase})
+        self.answer.served_by = models[1]
+        self.outcome.fell_back(models[0], models[1], "refusal", phase)
 
     def _input_done(self, index: int) -> None:
         """A tool call's input is complete; a server tool's call is shown now (the API runs
@@ -794,7 +810,12 @@ class _Turn:
         usage = self.usage
         if usage:
             usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), self.deltas)
-        add_usage(self.outcome.usage, usage)
+        self.count()
+
+    def count(self) -> None:
+        """Add this request's usage to the answer's (and to its hop's, with a chain)."""
+        add_usage(self.outcome.usage, self.usage)
+        self.answer.hop_used(self.model, self.usage)
 
 
 def _guarded(
@@ -892,7 +913,7 @@ class Prior:
                 total += 1
                 if position >= at:
                     pieces.append(payload["text"])
-            elif kind == "fallback":
+            elif kind == "fallback" and payload.get("phase") != "server":  # the chain's
                 moves.append(payload)
         usage = dict(usage)
         usage["output_tokens"] = max(int(usage.get("output_tokens") or 0), total)

@@ -352,7 +352,9 @@ class ClaudeState:
     async def startup(self) -> None:
         config = self.config
         # each endpoint's SDK client, on one HTTP client (max_retries=0: the retries are ours)
-        upstreams = Upstreams(endpoints(config), config.api_key, _http_client(config))
+        upstreams = Upstreams(
+            endpoints(config), config.api_key, _http_client(config), config.server_fallbacks
+        )
         self.store = _create_store(config)
         self.store.take_over = self.take_over
         await self.store.start()

@@ -204,6 +204,9 @@ class StreamOutcome:
         if self.span.is_recording():
             self.span.add_event("first_token")
 
+    def fell_back(self, from_model: str, to_model: str, reason: str, phase: str) -> None:
+        self._telemetry.fell_back(from_model, to_model, reason, phase)
+
     def on_hop(self, hop: int, provider: str) -> None:
         """The answer is on hop ``hop`` of its fallback chain, on ``provider``."""
         self.hop, self.provider = hop, provider

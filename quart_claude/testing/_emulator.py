@@ -163,6 +163,10 @@ class Reply:
     citations: Sequence[Mapping[str, Any]] = ()
     #: a refusal's ``stop_details`` in ``message_delta`` (with ``stop_reason="refusal"``)
     stop_details: Mapping[str, Any] | None = None
+    #: what the first of the request's server-side ``fallbacks`` writes after a refusal (the
+    #: beta ``server-side-fallback-2026-07-01``): the refused text, a ``fallback`` block,
+    #: then this; without ``fallbacks`` in the request the refusal stands
+    fallback_text: str = "Here is what I can share."
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,6 +488,8 @@ class Emulator:
             first = min(stops, key=text.index)
             text = text[: text.index(first)]
             scripted = replace(scripted, stop_reason="stop_sequence", stop_sequence=first)
+        if body.get("stream") is True and _falls_back(scripted, body):
+            return await self._server_fallback(record, writer, scripted, text)
         if body.get("stream") is True:
             return await self._stream(record, writer, scripted, text)
         record.outcome = "completed"
@@ -522,7 +528,7 @@ class Emulator:
             problem = _content_problem(message, f"messages.{index}.content", beta)
             if problem is not None:
                 return 400, "invalid_request_error", problem
-        problem = context_problem(body, beta)
+        problem = context_problem(body, beta) or _fallbacks_problem(body, beta)
         if problem is not None:
             return 400, "invalid_request_error", problem
         if not model.startswith("claude-"):
@@ -679,6 +685,62 @@ class Emulator:
         )
         if reply.fault is not None and reply.fault_before_stop:
             return await self._fault(record, writer, event, reply)
+        await event("message_stop", {"type": "message_stop"})
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        record.outcome = "completed"
+        return True
+
+    async def _server_fallback(
+        self, record: RecordedRequest, writer: asyncio.StreamWriter, reply: Reply, text: str
+    ) -> bool:
+        """A refusal the API's server-side fallback answers: the requested model's text, the
+        ``fallback`` block where it gives way, the fallback model's text, and the usage of
+        each in ``iterations`` (``message``, then ``fallback_message``)."""
+        body: dict[str, Any] = record.body
+        fallbacks = body["fallbacks"]
+        to = fallbacks[0]["model"] if isinstance(fallbacks, list) else "claude-opus-4-8"
+        writer.write(_stream_head(False, reply.headers))
+        usage = self._usage(reply, body)
+
+        async def event(name: str, payload: dict[str, Any]) -> None:
+            data = _framed(reply.framing, name, payload)
+            writer.write(b"%x\r\n%s\r\n" % (len(data), data))
+            await writer.drain()
+
+        message: dict[str, Any] = {"id": "msg_emu_" + secrets.token_hex(8), "type": "message"}
+        message["role"] = "assistant"
+        message.update(content=[], model=body["model"], stop_reason=None, stop_sequence=None)
+        await event(
+            "message_start", {"type": "message_start", "message": {**message, "usage": usage}}
+        )
+        refused, answered = _tokenize(reply, text), _tokenize(reply, reply.fallback_text)
+        await _plain_text_block(event, 0, refused)
+        category = (reply.stop_details or {}).get("category")
+        block = {"type": "fallback", "from": {"model": body["model"]}, "to": {"model": to}}
+        block["trigger"] = {"type": "refusal", "category": category}
+        await event(
+            "content_block_start",
+            {"type": "content_block_start", "index": 1, "content_block": block},
+        )
+        await event("content_block_stop", {"type": "content_block_stop", "index": 1})
+        await _plain_text_block(event, 2, answered)
+        counts = {"input_tokens": usage["input_tokens"], "cache_read_input_tokens": 0}
+        counts["cache_creation_input_tokens"] = 0
+        iterations = [
+            {"type": "message", "model": body["model"], **counts, "output_tokens": len(refused)},
+            {"type": "fallback_message", "model": to, **counts, "output_tokens": len(answered)},
+        ]
+        delta = {"stop_reason": "end_turn", "stop_sequence": None}
+        output = len(refused) + len(answered)
+        await event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": delta,
+                "usage": {"output_tokens": output, "iterations": iterations},
+            },
+        )
         await event("message_stop", {"type": "message_stop"})
         writer.write(b"0\r\n\r\n")
         await writer.drain()
@@ -895,6 +957,48 @@ def _stream_head(event_stream: bool, headers: Mapping[str, str]) -> bytes:
         + "\r\n"
     )
     return head.encode()
+
+
+#: the beta the request's ``fallbacks`` needs, and the fields an entry may have
+SERVER_FALLBACK_BETA = "server-side-fallback-2026-07-01"
+_FALLBACK_FIELDS = frozenset({"model", "max_tokens", "thinking", "output_config", "speed"})
+
+
+def _falls_back(reply: Reply, body: Mapping[str, Any]) -> bool:
+    """Whether the API's server-side fallback takes over this reply (a refusal)."""
+    return reply.stop_reason == "refusal" and bool(body.get("fallbacks"))
+
+
+def _fallbacks_problem(body: Mapping[str, Any], beta: str) -> str | None:
+    fallbacks = body.get("fallbacks")
+    if fallbacks is None:
+        return None
+    if SERVER_FALLBACK_BETA not in beta:
+        return f"fallbacks: requires the anthropic-beta header {SERVER_FALLBACK_BETA!r}"
+    if fallbacks == "default":
+        return None
+    if not isinstance(fallbacks, list) or not fallbacks:
+        return "fallbacks: a non-empty list of entries, or 'default'"
+    for index, entry in enumerate(fallbacks):
+        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
+            return f"fallbacks.{index}.model: Field required"
+        extra = set(entry) - _FALLBACK_FIELDS
+        if extra:
+            return f"fallbacks.{index}: Extra inputs are not permitted: {sorted(extra)}"
+    return None
+
+
+async def _plain_text_block(
+    event: Callable[[str, dict[str, Any]], Awaitable[None]], index: int, tokens: list[str]
+) -> None:
+    block = {"type": "text", "text": ""}
+    await event(
+        "content_block_start",
+        {"type": "content_block_start", "index": index, "content_block": block},
+    )
+    for piece in tokens:
+        await event(*_delta(index, "text_delta", text=piece))
+    await event("content_block_stop", {"type": "content_block_stop", "index": index})
 
 
 #: message ids as each provider prefixes them
@@ -1213,37 +1317,66 @@ def _content_problem(message: Mapping[str, Any], where: str, beta: str = "") -> 
     for index, block in enumerate(content):
         at = f"{where}.{index}"
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            if not isinstance(block.get("text"), str):
-                return f"{at}.text: Field required"
-            continue
-        if kind == "compaction":
-            problem = compaction_problem(block, at, message.get("role"), beta)
-            if problem is not None:
-                return problem
-            continue
-        problem = _turn_block_problem(block, kind, message.get("role"), at)
-        if problem != "":
+        problem = _block_problem(content, index, kind, at, message.get("role"), beta)
+        if problem == "":  # none of those: a media block
+            problem = _media_problem(block, kind, at, message.get("role"))
+        if problem is not None:
             return problem
-        if kind not in _MEDIA_TYPES:
-            return f"{at}: Input tag '{kind}' is not a known content block type"
-        if message.get("role") != "user":
-            return f"{at}: {kind} blocks are only allowed in user messages"
-        source = block.get("source")
-        if not isinstance(source, dict):
-            return f"{at}.source: Field required"
-        if source.get("type") == "url":
-            continue
-        if source.get("media_type") not in _MEDIA_TYPES[kind]:
-            return f"{at}.source.media_type: Input should be one of {sorted(_MEDIA_TYPES[kind])}"
-        try:
-            base64.b64decode(source.get("data") or "", validate=True)
-        except (binascii.Error, ValueError):
-            return f"{at}.source.data: invalid base64 data"
     return None
 
 
 _ASSISTANT_BLOCKS = {"thinking", "redacted_thinking", "tool_use", "server_tool_use"}
+
+
+def _media_problem(block: Mapping[str, Any], kind: Any, at: str, role: Any) -> str | None:
+    if kind not in _MEDIA_TYPES:
+        return f"{at}: Input tag '{kind}' is not a known content block type"
+    if role != "user":
+        return f"{at}: {kind} blocks are only allowed in user messages"
+    source = block.get("source")
+    if not isinstance(source, dict):
+        return f"{at}.source: Field required"
+    if source.get("type") == "url":
+        return None
+    if source.get("media_type") not in _MEDIA_TYPES[kind]:
+        return f"{at}.source.media_type: Input should be one of {sorted(_MEDIA_TYPES[kind])}"
+    try:
+        base64.b64decode(source.get("data") or "", validate=True)
+    except (binascii.Error, ValueError):
+        return f"{at}.source.data: invalid base64 data"
+    return None
+
+
+def _block_problem(
+    content: list[Any], index: int, kind: Any, at: str, role: Any, beta: str
+) -> str | None:
+    """What the API says of a text, compaction, fallback or tool-loop block (``""``: none
+    of those, a media block's checks follow; None: well-formed)."""
+    block = content[index]
+    if kind == "text":
+        return None if isinstance(block.get("text"), str) else f"{at}.text: Field required"
+    if kind == "compaction":
+        return compaction_problem(block, at, role, beta)
+    if kind == "fallback":
+        return _fallback_block_problem(content, index, at, role, beta)
+    return _turn_block_problem(block, kind, role, at)
+
+
+def _fallback_block_problem(
+    content: list[Any], index: int, at: str, role: Any, beta: str
+) -> str | None:
+    """A server-side fallback's block sent back: in an assistant turn, with its beta, naming
+    both models, in its place (between the refused model's output and the answer: never
+    first, never last)."""
+    block = content[index]
+    if role != "assistant" or SERVER_FALLBACK_BETA not in beta:
+        return f"{at}: fallback blocks need an assistant turn and the {SERVER_FALLBACK_BETA} beta"
+    ends = [block.get(side) for side in ("from", "to")]
+    if not all(isinstance(end, dict) and isinstance(end.get("model"), str) for end in ends):
+        return f"{at}: a fallback block names its 'from' and 'to' models"
+    if index in (0, len(content) - 1):
+        return f"{at}: a fallback block must stay where it was, between two models' output"
+    return None
 
 
 def _turn_block_problem(block: Mapping[str, Any], kind: Any, role: Any, at: str) -> str | None:
