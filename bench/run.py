@@ -50,7 +50,13 @@ class Scenario:
 def scenarios(quick: bool) -> list[Scenario]:
     scale = 10 if quick else 1
     return [
-        Scenario("flat-out", 20, 2000 // scale, 0.0, systems=("bare", "common", "quart_claude")),
+        Scenario(
+            "flat-out",
+            20,
+            2000 // scale,
+            0.0,
+            systems=("bare", "common", "quart_claude", "bedrock"),
+        ),
         Scenario(
             "paced",
             100 // (scale // 5 or 1),

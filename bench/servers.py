@@ -2,7 +2,8 @@
 
     python -m bench.servers SYSTEM BIND UPSTREAM_URL [REDIS_URL]
 
-(``SYSTEM``: ``quart_claude``, ``conversations``, ``budget``, ``bare`` or ``common``.)
+(``SYSTEM``: ``quart_claude``, ``conversations``, ``budget``, ``bedrock``, ``bare`` or
+``common``.)
 
 (``BIND`` as Hypercorn takes it: ``127.0.0.1:8000``, or ``fd://N`` for an inherited socket.)
 
@@ -11,6 +12,9 @@
   stream is a turn (one write when it opens, one when it ends).
 - ``budget``: ``quart_claude`` with a budget no stream reaches (``CLAUDE_BUDGET``, counted in
   the worker's memory): every request reserved, metered per delta and settled.
+- ``bedrock``: ``quart_claude`` on classic Amazon Bedrock (``CLAUDE_PROVIDER=bedrock``): the
+  SDK's Bedrock client signing with SigV4 (fake static keys), the emulator's event-stream
+  framing, decoded with its CRCs by the relay.
 - ``bare``: the floor; a raw ASGI app (no framework) that forwards each upstream text delta
   as one SSE event, through httpx2 line iteration.
 - ``common``: the usual design; a Quart view iterating ``client.messages.stream().text_stream``.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -36,6 +41,14 @@ from quart import Quart, Response, request
 from quart_claude import Claude
 
 MODEL = "claude-sonnet-5-5"
+BEDROCK_MODEL = "global.anthropic.claude-sonnet-4-6"
+_FAKE_AWS = {
+    "AWS_ACCESS_KEY_ID": "AKIABENCHMARK0000000",
+    "AWS_SECRET_ACCESS_KEY": "bench-fake-secret-key",
+    "AWS_CONFIG_FILE": "/dev/null",
+    "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
 SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -44,7 +57,11 @@ def _dumps(payload: Any) -> str:
 
 
 def quart_claude_app(
-    upstream: str, redis_url: str | None, database: str | None = None, budget: str | None = None
+    upstream: str,
+    redis_url: str | None,
+    database: str | None = None,
+    budget: str | None = None,
+    provider: str | None = None,
 ) -> Quart:
     app = Quart(__name__)
     options: dict[str, Any] = {
@@ -58,6 +75,10 @@ def quart_claude_app(
         options["stream_store"] = redis_url
     if budget:
         options["budget"] = budget
+    if provider == "bedrock":  # boto3's chain finds these: nothing real is ever signed for
+        for name, value in _FAKE_AWS.items():
+            os.environ.setdefault(name, value)
+        options.update(provider="bedrock", region="us-east-1", model=BEDROCK_MODEL)
     if database:  # conversations on: each stream is a turn of a new conversation
         options["database_url"] = f"sqlite+aiosqlite:///{database}"
         app.config["SECRET_KEY"] = "bench-secret-key"
@@ -185,6 +206,8 @@ def main() -> None:
         app = quart_claude_app(upstream, redis_url)
     elif name == "budget":
         app = quart_claude_app(upstream, redis_url, budget="1000000000000 tokens/day")
+    elif name == "bedrock":
+        app = quart_claude_app(upstream, redis_url, provider="bedrock")
     elif name == "conversations":
         database = tempfile.mkdtemp(prefix="qc-bench-db-") + "/chat.db"
         app = quart_claude_app(upstream, redis_url, database)

@@ -8,13 +8,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from botocore.eventstream import EventStreamBuffer
+from botocore.eventstream import EventStreamBuffer  # type: ignore[import-untyped]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quart_claude._core.errors import classify_aws, classify_status
 from quart_claude._core.framing import CorruptFrame, EventStreamFramer, EventTooLarge
-from quart_claude._core.providers import Endpoint, canonical_model
+from quart_claude._core.model_ids import canonical_model
+from quart_claude._core.providers import Endpoint
 from quart_claude.testing._dialects import event_frame, exception_frame
 
 pytestmark = pytest.mark.core

@@ -244,3 +244,18 @@ async def test_a_refusal_the_server_side_fallback_answers_keeps_its_block_in_pla
     assert second.text == "Glad it helped.", second.events[-1]
     sent_back = emulator.requests[1].body["messages"][1]
     assert [b["type"] for b in sent_back["content"]] == ["text", "fallback", "text"]
+
+
+async def test_a_hop_may_turn_thinking_off(emulator: Emulator, http: httpx2.AsyncClient) -> None:
+    app = Quart(__name__)
+    Claude(
+        app, api_key="sk-test", base_url=emulator.url, model=PRIMARY, thinking=2048,
+        fallbacks=[{"model": PREFILL_MODEL, "thinking": "off"}], max_retries=0,
+    )  # fmt: skip
+    emulator.script(ErrorReply(529), Reply("Without thinking."))
+    async with serving(app) as url:
+        answer = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+    assert answer.text == "Without thinking."
+    first, second = (r.body for r in emulator.requests)
+    assert first["thinking"] == {"type": "enabled", "budget_tokens": 2048}
+    assert "thinking" not in second and second["model"] == PREFILL_MODEL

@@ -413,3 +413,23 @@ async def test_telemetry_names_the_provider_of_each_attempt_and_the_cooldown(
     assert len(cooling) == 1 and cooling[0] > time.time() + 20  # the 30 s default
     (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream_end")]
     assert " provider=vertex " in line and " hop=1 " in line
+
+
+async def test_a_bedrock_hop_cooling_down_is_skipped_by_another_worker_through_redis(
+    emulator: Emulator, http: httpx2.AsyncClient, redis_url: str
+) -> None:
+    store = redis_url + f"/{int(time.time() * 1000) % 15 + 1}"
+    emulator.script(
+        ErrorReply(503, "ServiceUnavailableException", "down"), Reply("first"), Reply("second")
+    )
+    apps = [
+        cloud_app(emulator, "bedrock", fallbacks=[hop(emulator, "vertex")], max_retries=0,
+                  stream_store=store)
+        for _ in range(2)
+    ]  # fmt: skip
+    async with serving(apps[0]) as one, serving(apps[1]) as two:
+        await stream_chat(http, one + "/chat/stream", {"message": "hi"})
+        other = await stream_chat(http, two + "/chat/stream", {"message": "hi"})
+    assert other.text == "second"
+    calls = [r.provider for r in emulator.requests if r.provider != "oauth"]
+    assert calls == ["bedrock", "vertex", "vertex"]  # the other worker skipped Bedrock

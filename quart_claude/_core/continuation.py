@@ -13,6 +13,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from .model_ids import canonical_model
+
 __all__ = [
     "CONTINUE_PROMPT",
     "ContinuationGuard",
@@ -44,8 +46,6 @@ TAIL_MIN = 3
 
 def supports_prefill(model: str) -> bool:
     """Whether ``model`` (any provider's id) accepts an assistant prefill."""
-    from .providers import canonical_model
-
     return _PREFILL_MODELS.match(canonical_model(model)) is not None
 
 

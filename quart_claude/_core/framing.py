@@ -120,10 +120,12 @@ def _typed(data: bytes) -> bytes:
     return kind.encode() if isinstance(kind, str) else b""
 
 
+_CHUNK_BYTES = re.compile(rb'"bytes" ?: ?"([A-Za-z0-9+/=]*)"')
 _TYPE_FIRST = re.compile(rb'\{ *"type": ?"([a-z_]+)"')
 
 # AWS event-stream: total length, headers length, prelude CRC; headers; payload; message CRC
 _PRELUDE = struct.Struct(">III")
+_U32 = struct.Struct(">I")
 _MAX_HEADERS = 128 * 1024  # botocore's caps
 #: a header value's size by type (6 bytes and 7 string carry a u16 length instead)
 _FIXED = {0: 0, 1: 0, 2: 1, 3: 2, 4: 4, 5: 8, 8: 8, 9: 16}
@@ -142,40 +144,61 @@ class EventStreamFramer:
     message (throttling, a model stream error...) into the API's in-stream ``error`` event,
     its type the exception's name (classified by :mod:`.errors`)."""
 
-    __slots__ = ("_buffer", "_max_message")
+    __slots__ = ("_max_message", "_need", "_pending", "_seen", "_size")
 
     def __init__(self, max_event: int) -> None:
         # the payload's base64 is a third larger than the event
         self._max_message = max_event * 4 // 3 + _MAX_HEADERS + 1024
-        self._buffer = bytearray()
+        self._pending: list[bytes] = []  # the start of a message that has not ended yet
+        self._size = 0  # its bytes so far
+        self._need = 0  # the bytes before it can be read (its length, once the prelude came)
+        #: headers parsed before, by their bytes (a stream repeats the same few)
+        self._seen: dict[bytes, dict[str, object]] = {}
 
     def events(self, chunk: bytes) -> list[tuple[bytes, bytes]]:
-        buffer = self._buffer
-        buffer += chunk
+        if self._pending:  # joined once the message is whole: linear however it is cut
+            self._pending.append(chunk)
+            self._size += len(chunk)
+            if self._size < self._need:
+                return []
+            chunk = b"".join(self._pending)
+            self._pending.clear()
+        data, view = chunk, memoryview(chunk)
         out: list[tuple[bytes, bytes]] = []
-        start, size = 0, len(buffer)
+        start, size = 0, len(data)
+        need = 12
         while size - start >= 12:
-            total, headers_length, prelude_crc = _PRELUDE.unpack_from(buffer, start)
-            if zlib.crc32(buffer[start : start + 8]) != prelude_crc:
+            total, headers_length, prelude_crc = _PRELUDE.unpack_from(data, start)
+            crc = zlib.crc32(view[start : start + 8])
+            if crc != prelude_crc:
                 raise CorruptFrame("prelude CRC mismatch")
             if total < 16 or headers_length > min(_MAX_HEADERS, total - 16):
                 raise CorruptFrame(f"impossible lengths {total}/{headers_length}")
             if total > self._max_message:
                 raise EventTooLarge(f"an upstream event exceeded {self._max_message} bytes")
-            if size - start < total:
-                break
             end = start + total
-            (message_crc,) = struct.unpack_from(">I", buffer, end - 4)
-            if zlib.crc32(buffer[start : end - 4]) != message_crc:
+            if size < end:
+                need = total
+                break
+            if zlib.crc32(view[start + 8 : end - 4], crc) != _U32.unpack_from(data, end - 4)[0]:
                 raise CorruptFrame("message CRC mismatch")
-            headers = _headers(bytes(buffer[start + 12 : start + 12 + headers_length]))
-            event = _message(headers, bytes(buffer[start + 12 + headers_length : end - 4]))
+            at = start + 12 + headers_length
+            event = _message(self._headers(data[start + 12 : at]), data[at : end - 4])
             if event is not None:
                 out.append(event)
             start = end
-        if start:
-            del buffer[:start]
+        if start < size:
+            self._pending.append(data[start:])
+            self._size, self._need = size - start, need
         return out
+
+    def _headers(self, raw: bytes) -> dict[str, object]:
+        headers = self._seen.get(raw)
+        if headers is None:
+            headers = _headers(raw)
+            if len(self._seen) < 16:
+                self._seen[raw] = headers
+        return headers
 
 
 def _headers(raw: bytes) -> dict[str, object]:
@@ -208,8 +231,9 @@ def _message(headers: dict[str, object], payload: bytes) -> tuple[bytes, bytes] 
     if kind == "event":
         if headers.get(":event-type") != "chunk":
             return None
-        wrapped = json.loads(payload)
-        data = base64.b64decode(wrapped["bytes"])  # beside it, "p": padding against sizing
+        found = _CHUNK_BYTES.search(payload)  # beside it, "p": padding against sizing
+        encoded = found.group(1) if found is not None else json.loads(payload)["bytes"]
+        data = base64.b64decode(encoded)
         return _typed(data), data
     if kind in ("exception", "error"):  # as the API's in-stream error event, named by AWS
         name = headers.get(":exception-type") or headers.get(":error-code") or ""

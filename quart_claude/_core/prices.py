@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from .model_ids import canonical_model
+
 __all__ = ["PRICES", "PRICES_DATE", "Price", "cost_of", "parse_prices", "price_of"]
 
 PRICES_DATE = "2026-12-01"
@@ -75,8 +77,6 @@ _FIELDS = ("input", "output", "cache_write_5m", "cache_write_1h", "cache_read")
 def price_of(model: str, table: Mapping[str, Price]) -> Price | None:
     """``model``'s price: its own row, or its first-party id's (a Bedrock or Vertex id), or
     its snapshot's family (``-YYYYMMDD`` dropped)."""
-    from .providers import canonical_model
-
     first_party = canonical_model(model)
     return table.get(model) or table.get(first_party) or table.get(_SNAPSHOT.sub("", first_party))
 

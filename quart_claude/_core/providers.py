@@ -11,7 +11,6 @@ Azure token provider, the provider's API key variable): nothing here stores one.
 from __future__ import annotations
 
 import importlib.util
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -20,6 +19,7 @@ import anthropic
 import httpx2
 
 from .framing import EventStreamFramer, Framer, UpstreamFramer
+from .model_ids import canonical_model
 
 if TYPE_CHECKING:  # config reads this module's PROVIDERS: it is imported where it is used
     from .config import ClaudeConfig
@@ -332,15 +332,3 @@ _BUILDERS: dict[str, Callable[[Endpoint, str | None, httpx2.AsyncClient], SdkCli
     "aws": _aws,
     "google-cloud": _google_cloud,
 }
-
-# Bedrock: [global.|us.|eu.|...]anthropic.claude-sonnet-4-5-20250929-v1:0; Vertex:
-# claude-sonnet-4-5@20250929. The first-party id is what prices and model rules are keyed by.
-_BEDROCK_ID = re.compile(r"^(?:[a-z]{2,6}\.)?anthropic\.(claude-[a-z0-9.-]+?)(?:-v\d+(?::\d+)?)?$")
-
-
-def canonical_model(model: str) -> str:
-    """The first-party id of a provider's model id (an inference-profile ARN is kept as is)."""
-    if model.startswith("claude-"):
-        return model.replace("@", "-") if "@" in model else model
-    match = _BEDROCK_ID.match(model.rsplit("/", 1)[-1] if model.startswith("arn:") else model)
-    return match.group(1) if match else model

@@ -304,16 +304,16 @@ class Relay:
         request = on_hop(request, answer.chain)
         history = _history(request.messages, answer.stream.steps, request.model)
         if not answer.texts:
-            params = self._params(request, history, request.max_tokens, answer.container)
+            params = self._params(request, history, request.max_tokens, answer)
             return _own_thinking(params, answer.stream.steps, request.model), None
         remaining = answer.remaining(request.max_tokens)
         if remaining < 1:
             return answer.finish("max_tokens", reported=False)
         sent = _joined(answer.texts)
         messages, whitespace = continuation_messages(
-            request.model, history, sent, prefill=self.config.thinking == "off"
+            request.model, history, sent, prefill=self._thinking(answer) == "off"
         )
-        params = self._params(request, messages, remaining, answer.container)
+        params = self._params(request, messages, remaining, answer)
         return params, ContinuationGuard(sent, whitespace)
 
     async def _try(
@@ -418,6 +418,14 @@ class Relay:
         outcome.retrying(error_class, kind, wait)
         return wait
 
+    def _thinking(self, answer: Answer | None) -> str | int:
+        """The thinking of the hop the answer is on (a hop may turn it off, say for a model
+        without it), else ``CLAUDE_THINKING``."""
+        chain = answer.chain if answer is not None else None
+        if chain is not None and chain.hop.thinking is not None:
+            return chain.hop.thinking
+        return self.config.thinking
+
     def first_params(self, request: ChatRequest) -> dict[str, Any]:
         """The answer's first request, as :meth:`_run` will make it (a budget reserves it
         before the stream opens)."""
@@ -428,9 +436,10 @@ class Relay:
         request: ChatRequest,
         messages: list[dict[str, Any]],
         max_tokens: int,
-        container: dict[str, Any] | None = None,
+        answer: Answer | None = None,
     ) -> dict[str, Any]:
-        params = _params(request, messages, max_tokens, self.config)
+        params = _params(request, messages, max_tokens, self.config, self._thinking(answer))
+        container = answer.container if answer is not None else None
         if container is not None and container.get("id"):
             # through extra_body: the SDK's typed parameter is newer than its lowest version
             params["extra_body"] = {**params.get("extra_body", {}), "container": container["id"]}
@@ -1039,7 +1048,11 @@ def _cache_breakpoint(messages: list[dict[str, Any]], index: int) -> list[dict[s
 
 
 def _params(
-    request: ChatRequest, messages: list[dict[str, Any]], max_tokens: int, config: ClaudeConfig
+    request: ChatRequest,
+    messages: list[dict[str, Any]],
+    max_tokens: int,
+    config: ClaudeConfig,
+    thinking: str | int,
 ) -> dict[str, Any]:
     params: dict[str, Any] = {
         "model": request.model,
@@ -1047,7 +1060,7 @@ def _params(
         "messages": messages,
         "stream": True,
     }
-    _think(params, config.thinking, max_tokens)
+    _think(params, thinking, max_tokens)
     if request.system:
         params["system"] = (
             [{"type": "text", "text": request.system, "cache_control": _EPHEMERAL}]
