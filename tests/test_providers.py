@@ -433,3 +433,18 @@ async def test_a_bedrock_hop_cooling_down_is_skipped_by_another_worker_through_r
     assert other.text == "second"
     calls = [r.provider for r in emulator.requests if r.provider != "oauth"]
     assert calls == ["bedrock", "vertex", "vertex"]  # the other worker skipped Bedrock
+
+
+async def test_a_chain_across_providers_that_runs_out_lists_its_hops(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    emulator.script(
+        ErrorReply(503, "ServiceUnavailableException", "down"),
+        ErrorReply(529),  # Vertex passes the API's overload through in its own shape
+    )
+    app = cloud_app(emulator, "bedrock", fallbacks=[hop(emulator, "vertex")], max_retries=0)
+    async with serving(app) as url:
+        answer = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+    last = answer.events[-1]
+    assert last["type"] == "error" and last["error"] == "overloaded"
+    assert last["hops"] == [BEDROCK_MODEL, VERTEX_MODEL]
