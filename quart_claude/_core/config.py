@@ -227,9 +227,11 @@ def _store_url(key: str, value: Any) -> str:
     text = _str(key, value).strip()
     if text in ("", "memory"):
         return "memory"
-    if text.startswith(("redis://", "rediss://", "unix://")):
+    if text.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
         return text
-    raise ConfigError(f"{key} must be 'memory' or a redis:// URL, got {text!r}")
+    raise ConfigError(
+        f"{key} must be 'memory', a redis:// (rediss://, unix://) or a redis+sentinel:// URL"
+    )
 
 
 def _database_url(key: str, value: Any) -> str | None:

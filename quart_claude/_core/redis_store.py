@@ -155,6 +155,36 @@ return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0
 """
 
 
+def connect(url: str, **options: Any) -> tuple[Any, list[Any]]:
+    """A client of ``url``: ``redis://`` / ``rediss://`` / ``unix://`` as redis-py reads
+    them, or ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``: the
+    primary the sentinels name, found again after a failover (the credentials are the
+    primary's; the sentinels are asked without). Also the sentinels' own clients, to close
+    with it."""
+    if not url.startswith("redis+sentinel://"):
+        return aioredis.from_url(url, **options), []
+    from urllib.parse import unquote, urlsplit
+
+    from redis.asyncio.sentinel import Sentinel
+
+    parts = urlsplit(url)
+    where = parts.netloc.rsplit("@", 1)[-1]
+    sentinels = []
+    for address in where.split(","):
+        host, _, port = address.rpartition(":")
+        sentinels.append((host or address, int(port) if host else 26379))
+    path = [piece for piece in parts.path.split("/") if piece]
+    if not path:
+        raise ValueError("redis+sentinel:// needs the service name: .../mymaster")
+    if parts.username:
+        options["username"] = unquote(parts.username)
+    if parts.password:
+        options["password"] = unquote(parts.password)
+    options["db"] = int(path[1]) if len(path) > 1 else 0
+    sentinel = Sentinel(sentinels)  # type: ignore[no-untyped-call,unused-ignore]
+    return sentinel.master_for(path[0], **options), list(sentinel.sentinels)
+
+
 def _key(stream_id: str, part: str) -> str:
     return f"qc:{stream_id}:{part}"
 
@@ -191,6 +221,7 @@ class RedisStore(MemoryStore):
         # typed Any: redis-py's reply unions cover decode_responses=True, which we never use
         self.redis: Any = None
         self._blocking: Any = None  # XREAD BLOCK holds a connection while it waits
+        self._sentinels: list[Any] = []  # with redis+sentinel://, the sentinels' clients
         self._local: dict[str, Stream] = {}  # streams this worker produces
         self._fences: dict[str, int] = {}
         self._requests: dict[str, bytes] = {}  # until the first write has stored it
@@ -206,8 +237,9 @@ class RedisStore(MemoryStore):
         # a pooled connection that went stale (Redis restarted) is retried once on a new one
         # (the asyncio Retry: the sync one never runs; retry_on_error: redis-py 5 needs it)
         retry = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
-        self.redis = aioredis.from_url(self.url, **retry)
-        self._blocking = aioredis.from_url(self.url, max_connections=10_000, **retry)
+        self.redis, sentinels = connect(self.url, **retry)
+        self._blocking, more = connect(self.url, max_connections=10_000, **retry)
+        self._sentinels = [*sentinels, *more]
         self._scripts = {
             name: self.redis.register_script(source)
             for name, source in (
@@ -217,7 +249,12 @@ class RedisStore(MemoryStore):
                 ("claim", _CLAIM),
             )
         }
-        await self.redis.ping()
+        try:
+            await self.redis.ping()
+        except BaseException:  # unreachable, or refused our credentials: nothing left open
+            for client in (self.redis, self._blocking, *self._sentinels):
+                await client.aclose()
+            raise
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._flusher()), loop.create_task(self._leases())]
 
@@ -235,7 +272,7 @@ class RedisStore(MemoryStore):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for client in (self.redis, self._blocking):
+        for client in (self.redis, self._blocking, *self._sentinels):
             if client is not None:
                 await client.aclose()
         self.redis = self._blocking = None

@@ -563,8 +563,8 @@ def create_state(
         register_secret(os.environ.get(name))
     for token in config.api_tokens:
         register_secret(token)
-    if config.database_url:  # its password never appears in a log line
-        password = re.search(r"://[^:/@]*:([^@]+)@", config.database_url)
+    for url in (config.database_url, config.stream_store):  # their passwords: never logged
+        password = re.search(r"://[^:/@]*:([^@]+)@", url or "")
         register_secret(password.group(1) if password else None)
     install_redaction()
     state = ClaudeState(extension, config, tracer_provider)

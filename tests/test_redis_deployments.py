@@ -1,0 +1,291 @@
+"""Redis as production runs it (issue 26): a server that requires TLS and an ACL user, whose
+password appears in no log line, error or ``/ready``."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from quart import Quart
+
+from quart_claude.testing import Emulator, Reply
+
+from .helpers import eventually, serving, stream_chat
+
+pytestmark = pytest.mark.server
+
+PASSWORD = "relay-acl-password-0123456789"
+
+
+@dataclass
+class TlsRedis:
+    port: int
+    ca: Path
+
+    def url(self, password: str = PASSWORD) -> str:
+        return f"rediss://relay:{password}@127.0.0.1:{self.port}/0?ssl_ca_certs={self.ca}"
+
+
+def _certificates(folder: Path) -> tuple[Path, Path, Path]:
+    """A CA, and a certificate for 127.0.0.1 it signed: ``(ca.pem, server.pem, server.key)``."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "quart-claude test CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key()).serial_number(1)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(2)
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )  # fmt: skip
+    paths = folder / "ca.pem", folder / "server.pem", folder / "server.key"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return paths
+
+
+@pytest.fixture
+def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
+    """A redis-server that speaks only TLS, with the default user off and one ACL user."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("REDIS-SERVER IS MISSING: apt-get install redis-server")
+    ca, cert, key = _certificates(tmp_path)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [
+        binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
+        "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
+        "--tls-auth-clients", "no", "--save", "", "--appendonly", "no", "--dir", str(tmp_path),
+        "--user", "default", "off", "--user", "relay", "on", f">{PASSWORD}", "~*", "&*", "+@all",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError("the TLS redis-server did not start")
+            time.sleep(0.05)
+        yield TlsRedis(port, ca)
+    finally:
+        process.kill()
+        process.wait(10)
+
+
+async def test_a_tls_redis_with_an_acl_user_carries_streams_across_workers(
+    tls_redis: TlsRedis,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    emulator.script(Reply("Over TLS, as one ACL user."))
+    options = {"stream_store": tls_redis.url(), "rate_limit": "100/minute"}
+    producer, reader = make_app(**options), make_app(**options)
+    with caplog.at_level(logging.DEBUG):
+        async with serving(producer) as one, serving(reader) as two:
+            answer = await stream_chat(http, one + "/chat/stream", {"message": "hi"})
+            stream_id = answer.events[0]["stream_id"]
+            again = await stream_chat(http, f"{two}/chat/stream/{stream_id}", method="GET")
+            ready = await http.get(two + "/ready")
+    assert answer.text == "Over TLS, as one ACL user."
+    assert again.text == answer.text and again.ids == answer.ids  # read from Redis, elsewhere
+    assert ready.status_code == 200
+    logged = "\n".join(record.getMessage() for record in caplog.records)
+    assert PASSWORD not in logged
+
+
+async def test_a_wrong_redis_password_fails_the_start_naming_no_secret(
+    tls_redis: TlsRedis, make_app: Callable[..., Quart], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A misconfigured store fails loudly at startup (before any stream could be lost), and
+    neither the error nor a log line holds the password that was tried."""
+    wrong = "wrong-acl-password-9876543210"
+    app = make_app(stream_store=tls_redis.url(wrong))
+    with caplog.at_level(logging.DEBUG), pytest.raises(Exception) as failed:
+        await app.startup()
+    everything = repr(failed.value) + str(failed.value)
+    everything += "\n".join(r.getMessage() for r in caplog.records)
+    assert "invalid username-password" in everything.lower() or "auth" in everything.lower()
+    assert wrong not in everything and PASSWORD not in everything
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, its replica and three sentinels watching them, as service ``mymaster``."""
+
+    primary: int
+    replica: int
+    sentinels: list[int]
+
+    @property
+    def url(self) -> str:
+        where = ",".join(f"127.0.0.1:{port}" for port in self.sentinels)
+        return f"redis+sentinel://{where}/mymaster/0"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    import redis
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("REDIS-SERVER IS MISSING: apt-get install redis-server")
+    primary, replica = _free_port(), _free_port()
+    sentinels = [_free_port() for _ in range(3)]
+    base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    processes = [
+        subprocess.Popen([binary, "--port", str(primary), *base, "--dir", str(tmp_path)], **quiet),
+        subprocess.Popen(
+            [binary, "--port", str(replica), *base, "--dir", str(tmp_path),
+             "--replicaof", "127.0.0.1", str(primary)], **quiet,
+        ),
+    ]  # fmt: skip
+    try:
+        for index, port in enumerate(sentinels):
+            conf = tmp_path / f"sentinel-{index}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {primary} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\n"
+                "sentinel failover-timeout mymaster 5000\n"
+            )
+            processes.append(subprocess.Popen([binary, str(conf), "--sentinel"], **quiet))
+        replica_client = redis.Redis(port=replica)
+        _wait(
+            lambda: replica_client.info("replication").get("master_link_status") == "up",
+            "the replica to sync",
+        )
+        watcher = redis.Redis(port=sentinels[0])
+        # sentinels learn of replicas from the primary's INFO (every 10 s): a failover
+        # before that finds nobody to promote
+        _wait(lambda: bool(watcher.sentinel_slaves("mymaster")), "the sentinels to see the replica")
+        yield SentinelGroup(primary, replica, sentinels)
+    finally:
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.wait(10)
+
+
+async def _read(
+    http: httpx2.AsyncClient, method: str, url: str, body: Any, opened: Callable[[str], None]
+) -> tuple[str, list[str | None]]:
+    """One reader to the end: its text and its event ids (``opened`` gets the stream id)."""
+    from quart_claude import SSEParser
+
+    text, ids = [], []
+    async with http.stream(method, url, json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        opened(response.headers["x-stream-id"])
+        parser = SSEParser()
+        async for chunk in response.aiter_raw():
+            for event in parser.feed(chunk):
+                payload = event.json()
+                ids.append(event.id)
+                if payload["type"] == "delta":
+                    text.append(payload["text"])
+                last = payload
+    assert last["type"] == "done", last
+    return "".join(text), ids
+
+
+async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing(
+    sentinel_group: SentinelGroup,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+) -> None:
+    """20 answers mid-stream when the primary is failed over to its replica: every reader,
+    on the producing worker and on another one, ends with the exact text, ids contiguous."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    words = " ".join(f"w{index:02d}" for index in range(60))
+    emulator.default = Reply(words, token_delay=0.05)
+    options = {"stream_store": sentinel_group.url, "resume_grace": 20}
+    producer, other = make_app(**options), make_app(**options)
+    stream_ids: list[str] = []
+    async with serving(producer) as one, serving(other) as two:
+        posts = [
+            asyncio.create_task(
+                _read(http, "POST", one + "/chat/stream", {"message": f"q{i}"}, stream_ids.append)
+            )
+            for i in range(20)
+        ]
+        await eventually(lambda: len(stream_ids) == 20, within=20)
+        await asyncio.sleep(0.5)  # a few words into every answer
+        followers = [
+            asyncio.create_task(
+                _read(http, "GET", f"{two}/chat/stream/{sid}", None, lambda _: None)
+            )
+            for sid in list(stream_ids)
+        ]
+        await asyncio.sleep(0.3)
+        sentinel = aioredis.Redis(port=sentinel_group.sentinels[0])
+        assert await sentinel.sentinel_failover("mymaster")
+        await sentinel.aclose()
+        results = await asyncio.wait_for(asyncio.gather(*posts, *followers), 60)
+    for text, ids in results:
+        assert text == words
+        assert ids == [str(n) for n in range(len(ids))]
+    promoted = aioredis.Redis(port=sentinel_group.replica)
+    role = (await promoted.info("replication"))["role"]
+    await promoted.aclose()
+    assert role == "master"  # the failover happened, under the streams
