@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import anthropic
@@ -12,6 +13,7 @@ import pytest
 from quart_claude import DEFAULT_MODEL
 from quart_claude.testing import CONTINUE_MARKER, Emulator, ErrorReply, Hangup, Reply
 
+from .helpers import certificates
 from .models import CURRENT_MODELS, DEPRECATED_MODEL, NO_PREFILL_MODEL, PREFILL_MODEL
 
 pytestmark = pytest.mark.server
@@ -301,3 +303,24 @@ async def test_compaction_round_trips_only_verbatim_and_with_its_beta(emulator: 
                 messages=first,  # type: ignore[arg-type]
                 extra_body={"context_management": edits},
             )
+
+
+async def test_the_emulator_serves_https_for_a_tls_upstream(tmp_path: Path) -> None:
+    """``Emulator(ssl=...)``: production's upstream is TLS, and so may the benchmark's be."""
+    import ssl
+
+    import httpx2
+
+    ca, cert, key = certificates(tmp_path)
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    async with Emulator(ssl=served) as emu:
+        emu.script(Reply("Over TLS."))
+        assert emu.url.startswith("https://127.0.0.1:")
+        trusted = ssl.create_default_context(cafile=str(ca))
+        async with httpx2.AsyncClient(verify=trusted) as http:
+            client = anthropic.AsyncAnthropic(api_key="sk-test", base_url=emu.url, http_client=http)
+            message = await client.messages.create(
+                model=DEFAULT_MODEL, max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+            )
+    assert message.content[0].type == "text" and message.content[0].text == "Over TLS."

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import signal
+import ssl
 
 from ._emulator import Emulator, ErrorReply, Reply, Scripted
 
@@ -25,8 +26,16 @@ async def _main(args: argparse.Namespace) -> None:
             fault_after=args.fault_after,
             on_continue=args.on_continue,
         )
+    context = None
+    if args.tls_cert:  # HTTPS, as production's upstream is
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
     emulator = Emulator(
-        host=args.host, port=args.port, token_delay=args.token_delay, default=default
+        host=args.host,
+        port=args.port,
+        token_delay=args.token_delay,
+        default=default,
+        ssl=context,
     )
     await emulator.start()
     print(f"quart-claude emulator listening on {emulator.url}", flush=True)
@@ -87,6 +96,8 @@ def main() -> None:
         help="answer every request with this HTTP error (e.g. 429, 529)",
     )
     parser.add_argument("--retry-after", help="the retry-after header of --error-status")
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args()
     asyncio.run(_main(args))
 

@@ -18,6 +18,7 @@ import os
 import re
 import secrets
 import socket
+import ssl as ssl_module
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -246,7 +247,10 @@ class Emulator:
         api_key: str | None = None,
         token_delay: float = 0.0,
         default: Scripted | None = None,
+        ssl: ssl_module.SSLContext | None = None,
     ) -> None:
+        #: serve HTTPS with this context (production's upstream is TLS: the benchmarks)
+        self.ssl = ssl
         self.host: str = host
         self.port: int = port
         self.api_key = api_key
@@ -262,11 +266,13 @@ class Emulator:
     # -- lifecycle -----------------------------------------------------------------------
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl is not None else 'http'}://{self.host}:{self.port}"
 
     async def start(self) -> Emulator:
         """Listen on ``host:port`` (port 0: a free one, see :attr:`url`)."""
-        self._server = await asyncio.start_server(self._on_connection, self.host, self.port)
+        self._server = await asyncio.start_server(
+            self._on_connection, self.host, self.port, ssl=self.ssl
+        )
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -274,7 +280,7 @@ class Emulator:
         """Listen on an already bound socket (so its URL can be known before the loop runs)."""
         address = sock.getsockname()
         self.host, self.port = str(address[0]), int(address[1])
-        self._server = await asyncio.start_server(self._on_connection, sock=sock)
+        self._server = await asyncio.start_server(self._on_connection, sock=sock, ssl=self.ssl)
         return self
 
     async def stop(self) -> None:
