@@ -32,7 +32,7 @@ from .fallback import Chain, Cooldowns, Hop, MemoryCooldowns, on_hop, without_th
 from .framing import EventTooLarge
 from .prices import cost_of, price_of
 from .protocol import done_event, start_event
-from .providers import Upstreams, primary_endpoint
+from .providers import Endpoint, Upstreams, primary_endpoint
 from .request import ChatRequest
 from .retry import RetryPolicy
 from .sse import DELTA_PREFIX, encode_json
@@ -77,7 +77,7 @@ class Relay:
         tool_scope: ToolScope | None = None,
     ) -> None:
         self.upstreams = upstreams
-        self.primary = primary_endpoint(config)  # where requests go when no chain moved them
+        self.primary: Endpoint = primary_endpoint(config)  # where requests go unless a chain moved
         self.config = config
         self.telemetry = telemetry
         self.tools: ToolBox = tools if tools is not None else ToolBox()
