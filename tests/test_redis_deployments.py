@@ -210,7 +210,12 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
 
     words = " ".join(f"w{index:02d}" for index in range(60))
     emulator.default = Reply(words, token_delay=0.05)
-    options = {"stream_store": sentinel_group.url, "resume_grace": 20}
+    options = {
+        "stream_store": sentinel_group.url,
+        "resume_grace": 20,
+        "rate_limit": "1000/minute",  # counted on the primary too, through the failover
+        "budget": "100000000 tokens/day",
+    }
     producer, other = make_app(**options), make_app(**options)
     stream_ids: list[str] = []
     async with serving(producer) as one, serving(other) as two:
@@ -237,6 +242,8 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
         assert text == words
         assert ids == [str(n) for n in range(len(ids))]
     promoted = aioredis.Redis(port=sentinel_group.replica)
+    assert await promoted.keys("LIMITS*")  # the rate limits live on the primary it became
+
     role = (await promoted.info("replication"))["role"]
     await promoted.aclose()
     assert role == "master"  # the failover happened, under the streams
