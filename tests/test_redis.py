@@ -129,7 +129,7 @@ async def test_without_takeovers_readers_learn_when_the_producer_dies(
         # the producing worker "dies": its lease stops being refreshed and expires
         store = Claude.state(first).store
         assert isinstance(store, RedisStore)
-        store._local.pop(stream_id)
+        store._mirrors[stream_id].produced = False  # its leases are no longer renewed
         client = aioredis.from_url(redis_url)
         await client.delete(f"qc:{stream_id}:lease")
         await client.aclose()

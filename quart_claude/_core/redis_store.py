@@ -43,6 +43,7 @@ import logging
 import os
 import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -189,6 +190,20 @@ def _key(stream_id: str, part: str) -> str:
     return f"qc:{stream_id}:{part}"
 
 
+@dataclass(slots=True)
+class _Mirror:
+    """What Redis holds of one stream this worker produces: its fencing token, how many of
+    its events and which version of its steps are written, and the request until the
+    first write has stored it."""
+
+    stream: Stream
+    fence: int
+    request: bytes = b""
+    mirrored: int = 0
+    steps_version: int = -1
+    produced: bool = False  # registered here (open's first write done, or adopted)
+
+
 class RedisStore(MemoryStore):
     """Streams any worker can find, read, stop and continue; the ones produced here stay in
     memory too."""
@@ -222,12 +237,9 @@ class RedisStore(MemoryStore):
         self.redis: Any = None
         self._blocking: Any = None  # XREAD BLOCK holds a connection while it waits
         self._sentinels: list[Any] = []  # with redis+sentinel://, the sentinels' clients
-        self._local: dict[str, Stream] = {}  # streams this worker produces
-        self._fences: dict[str, int] = {}
-        self._requests: dict[str, bytes] = {}  # until the first write has stored it
-        self._mirrored: dict[str, int] = {}
-        self._steps_mirrored: dict[str, int] = {}  # the steps_version Redis has
-        self._dirty: dict[str, Stream] = {}
+        #: the streams this worker produces, each with what Redis holds of it
+        self._mirrors: dict[str, _Mirror] = {}
+        self._dirty: dict[str, _Mirror] = {}  # the ones with something to write, in order
         self._flush_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._scripts: dict[str, Any] = {}
@@ -282,11 +294,10 @@ class RedisStore(MemoryStore):
         """Register a stream this worker produces, with the request that continues it
         elsewhere (before its POST answers, so any worker can find it at once), then mirror
         its events as they come."""
-        self._requests[stream.id] = json.dumps(request or {}).encode()
-        self._fences[stream.id] = 1
+        self._mirrors[stream.id] = _Mirror(stream, 1, json.dumps(request or {}).encode())
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                await self._write(pipe, stream, 0)
+                await self._write(pipe, self._mirrors[stream.id])
                 pipe.set(_key(stream.id, "lease"), b"1", px=self.lease_ms)
                 await pipe.execute()
         except Exception as exc:
@@ -296,24 +307,24 @@ class RedisStore(MemoryStore):
         self._adopt(stream, 0)
 
     def _adopt(self, stream: Stream, mirrored: int) -> None:
-        self._local[stream.id] = stream
-        self._mirrored[stream.id] = mirrored
+        mirror = self._mirrors[stream.id]
+        mirror.produced, mirror.mirrored = True, mirrored
         self.add(stream)
         stream.publish(mirrored)
         if len(stream.events) > mirrored or stream.finished:
             self.changed(stream)
 
     def _forget(self, stream_id: str) -> None:
-        self._local.pop(stream_id, None)
-        self._fences.pop(stream_id, None)
-        self._requests.pop(stream_id, None)
-        self._mirrored.pop(stream_id, None)
-        self._steps_mirrored.pop(stream_id, None)
+        self._mirrors.pop(stream_id, None)
         self._dirty.pop(stream_id, None)
 
+    def _produced(self) -> list[Stream]:
+        return [mirror.stream for mirror in self._mirrors.values() if mirror.produced]
+
     def changed(self, stream: Stream) -> None:
-        if stream.id in self._fences:
-            self._dirty[stream.id] = stream
+        mirror = self._mirrors.get(stream.id)
+        if mirror is not None:
+            self._dirty[stream.id] = mirror
             self._flush_wanted.set()
 
     hands_off = True
@@ -327,7 +338,7 @@ class RedisStore(MemoryStore):
 
     async def hand_off(self) -> None:
         """Let every stream this worker produced and left go to other workers (draining)."""
-        leaving = [s for s in self._local.values() if s.left and not s.closed]
+        leaving = [s for s in self._produced() if s.left and not s.closed]
         if not leaving:
             return
         try:
@@ -336,7 +347,7 @@ class RedisStore(MemoryStore):
                 for stream in leaving:
                     await self._scripts["release"](
                         keys=[_key(stream.id, "meta"), _key(stream.id, "lease")],
-                        args=[self._fences[stream.id]],
+                        args=[self._mirrors[stream.id].fence],
                         client=pipe,
                     )
                 await pipe.execute()
@@ -393,16 +404,15 @@ class RedisStore(MemoryStore):
                 await asyncio.sleep(0.5)
                 self._flush_wanted.set()
 
-    async def _write(self, pipe: Any, stream: Stream, start: int) -> int:
-        """Queue the atomic, checked append of ``stream``'s events from ``start`` (and its
-        steps, when they changed); the end."""
+    async def _write(self, pipe: Any, mirror: _Mirror) -> int:
+        """Queue the atomic, checked append of the stream's events Redis does not have yet
+        (and its steps, when they changed); the end."""
+        stream, start = mirror.stream, mirror.mirrored
         events = stream.events
         end = len(events)
         final = stream.finished and not stream.left
         steps = ""
-        if stream.steps and (
-            start == 0 or self._steps_mirrored.get(stream.id) != stream.steps_version
-        ):
+        if stream.steps and (start == 0 or mirror.steps_version != stream.steps_version):
             steps = json.dumps(stream.steps)
         await self._scripts[
             "append"
@@ -420,8 +430,8 @@ class RedisStore(MemoryStore):
                 self.redis_ttl,
                 LIVE_TTL,
                 self.max_events,
-                self._fences[stream.id],
-                self._requests.get(stream.id, b"") if start == 0 else b"",
+                mirror.fence,
+                mirror.request if start == 0 else b"",
                 json.dumps(stream.usage) if stream.usage else "",
                 steps,
                 self.worker,
@@ -434,40 +444,37 @@ class RedisStore(MemoryStore):
     async def _flush(self) -> None:
         assert self.redis is not None
         dirty, self._dirty = self._dirty, {}
-        dirty = {sid: stream for sid, stream in dirty.items() if sid in self._fences}
+        dirty = {sid: m for sid, m in dirty.items() if self._mirrors.get(sid) is m}
         if not dirty:
             return
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 batch = [
-                    (
-                        stream,
-                        await self._write(pipe, stream, self._mirrored.get(sid, 0)),
-                        stream.steps_version,
-                    )
-                    for sid, stream in dirty.items()
+                    (mirror, await self._write(pipe, mirror), mirror.stream.steps_version)
+                    for mirror in dirty.values()
                 ]
                 results = await pipe.execute()
         except BaseException:
-            for sid, stream in dirty.items():  # nothing is marked written: all of it goes again
-                self._dirty.setdefault(sid, stream)
+            for sid, mirror in dirty.items():  # nothing is marked written: all of it goes again
+                self._dirty.setdefault(sid, mirror)
+                stream = mirror.stream
                 # Redis is away: this worker's readers are not held up by it (the stream is
                 # rewritten whole when Redis is back)
                 stream.publish(len(stream.events))
                 if stream.finished and not stream.left:
                     stream.close()
             raise
-        for (stream, end, steps_version), written in zip(batch, results, strict=True):
+        for (mirror, end, steps_version), written in zip(batch, results, strict=True):
+            stream = mirror.stream
             if written == -1:
                 self._superseded(stream)
             elif not written:  # Redis lost (part of) it: rewrite it whole from memory
                 log.warning("stream %s: Redis lost its state; rewriting it", stream.id)
-                self._mirrored[stream.id] = 0
+                mirror.mirrored = 0
                 self.changed(stream)
             else:
                 stream.publish(end)
-                self._mirrored[stream.id] = end
-                self._steps_mirrored[stream.id] = steps_version
+                mirror.mirrored, mirror.steps_version = end, steps_version
                 if stream.finished and not stream.left and end == len(stream.events):
                     stream.close()
                     self._forget(stream.id)
@@ -477,34 +484,35 @@ class RedisStore(MemoryStore):
         assert self.redis is not None
         while True:
             await asyncio.sleep(self.lease_refresh)
-            ids = [sid for sid, stream in self._local.items() if not stream.finished]
-            if not ids:
+            live = [m for m in self._mirrors.values() if m.produced and not m.stream.finished]
+            if not live:
                 continue
             try:
                 async with self.redis.pipeline(transaction=False) as pipe:
-                    for stream_id in ids:
+                    for mirror in live:
+                        stream_id = mirror.stream.id
                         await self._scripts["renew"](
                             keys=[
                                 _key(stream_id, "meta"),
                                 _key(stream_id, "lease"),
                                 _key(stream_id, "cancel"),
                             ],
-                            args=[self._fences[stream_id], self.lease_ms],
+                            args=[mirror.fence, self.lease_ms],
                             client=pipe,
                         )
                     replies = await pipe.execute()
             except Exception:
                 log.exception("could not renew stream leases in Redis")
                 continue
-            for stream_id, reply in zip(ids, replies, strict=True):
-                stream = self._local.get(stream_id)
-                if stream is None:
-                    continue
+            for mirror, reply in zip(live, replies, strict=True):
+                stream = mirror.stream
+                if self._mirrors.get(stream.id) is not mirror:
+                    continue  # dropped meanwhile
                 if reply == -1:
                     self._superseded(stream)
-                elif reply == 0 and stream_id not in self._dirty:  # lost while idle: repair
-                    log.warning("stream %s: Redis lost its state; rewriting it", stream_id)
-                    self._mirrored[stream_id] = 0
+                elif reply == 0 and stream.id not in self._dirty:  # lost while idle: repair
+                    log.warning("stream %s: Redis lost its state; rewriting it", stream.id)
+                    mirror.mirrored = 0
                     self.changed(stream)
                 elif reply == 2:
                     stream.cancel("cancelled")
@@ -549,7 +557,7 @@ class RedisStore(MemoryStore):
 
     def adopt(self, claim: Claim, stream: Stream) -> None:
         """``stream`` (holding the claim's events) is now produced here, under its fence."""
-        self._fences[stream.id] = claim.fence
+        self._mirrors[stream.id] = _Mirror(stream, claim.fence)
         stream.events.extend(claim.events)
         self._adopt(stream, len(claim.events))
         self.idle(stream)  # no reader here yet: the grace counts readers everywhere
