@@ -49,8 +49,12 @@ PROVIDERS: dict[str, str | None] = {
     "google-cloud": "google-cloud",
 }
 #: the module each extra brings (checked at startup, so a missing one fails loudly)
-_EXTRA_MODULES = {"bedrock": "botocore", "aws": "botocore", "vertex": "google.auth"}
-_EXTRA_MODULES["google-cloud"] = "google.auth"
+_EXTRA_MODULES = {
+    "bedrock": "botocore",
+    "aws": "botocore",
+    "vertex": "google.auth",
+    "google-cloud": "google.auth",
+}
 
 #: the environment variables the providers' credential chains read secrets from: each value
 #: is redacted from every log line and response (an upstream may echo what it was sent)
