@@ -10,7 +10,8 @@ are ``0-<index+1>``, so "every event after ``Last-Event-ID: N``" is exactly
   final one;
 - ``qc:ID:meta``: hash ``owner``, ``done``, ``n`` (the event count, set when done),
   ``fence`` (the producer's fencing token), ``producer``, ``takeovers``, ``seen`` (when the
-  lease was last renewed), ``handoff``, ``usage`` (the upstream usage so far, JSON) and
+  lease was last renewed, seconds), ``renewed`` (the same, milliseconds: a claim waits a
+  whole lease after it), ``handoff``, ``usage`` (the upstream usage so far, JSON) and
   ``steps`` (a tool loop's finished steps and its tools' results, JSON);
 - ``qc:ID:req``: the validated request (JSON; never the API key), so another worker can
   continue the answer;
@@ -73,11 +74,18 @@ _UNAVAILABLE = _error_frame("unavailable", partial=True)
 
 # KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
 # live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, steps JSON (a
-# tool loop's, when they changed), this worker, then the encoded events from ``start`` on.
+# tool loop's, when they changed), this worker, lease milliseconds, then the encoded events
+# from ``start`` on. A write from 0 (the first, or a rewrite after Redis lost the stream)
+# takes the lease too: a rewritten stream is never left without one for another worker to
+# claim while its producer is alive.
 # Returns 1; 0 (writing nothing) when the stream in Redis is not what this worker left there
 # (the caller rewrites it from 0); -1 when another producer holds the stream (the caller
 # stops).
 _APPEND = """
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
 local start = tonumber(ARGV[1])
 local fence = redis.call('HGET', KEYS[2], 'fence')
 if fence and fence ~= ARGV[7] then return -1 end
@@ -88,19 +96,20 @@ if start > 0 then
 else
   redis.call('DEL', KEYS[1])
   redis.call('HSET', KEYS[2], 'owner', ARGV[2], 'n', 0, 'done', 0, 'fence', ARGV[7],
-    'producer', ARGV[11], 'seen', redis.call('TIME')[1])
+    'producer', ARGV[11], 'seen', redis.call('TIME')[1], 'renewed', now_ms())
   redis.call('EXPIRE', KEYS[2], ARGV[5])
   if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[5]) end
+  if ARGV[3] ~= '1' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[12]) end
 end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'usage', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[2], 'steps', ARGV[10]) end
-local count = #ARGV - 11
+local count = #ARGV - 12
 for i = 1, count do
   local id = '0-' .. (start + i)
   if ARGV[3] == '1' and i == count then
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[11 + i], 'f', '1')
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[12 + i], 'f', '1')
   else
-    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[11 + i])
+    redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[6], id, 'e', ARGV[12 + i])
   end
 end
 if start == 0 and count > 0 then redis.call('EXPIRE', KEYS[1], ARGV[5]) end
@@ -119,7 +128,8 @@ local fence = redis.call('HGET', KEYS[1], 'fence')
 if not fence then return 0 end
 if fence ~= ARGV[1] then return -1 end
 redis.call('SET', KEYS[2], ARGV[1], 'PX', ARGV[2])
-redis.call('HSET', KEYS[1], 'seen', redis.call('TIME')[1])
+local t = redis.call('TIME')
+redis.call('HSET', KEYS[1], 'seen', t[1], 'renewed', t[1] * 1000 + math.floor(t[2] / 1000))
 if redis.call('EXISTS', KEYS[3]) == 1 then return 2 end
 return 1
 """
@@ -134,23 +144,33 @@ return 1
 """
 
 # KEYS: meta, lease, request. ARGV: worker, max takeovers, grace seconds, lease milliseconds.
+# A stream whose producer renewed (``renewed``, milliseconds of Redis's clock) within the
+# last lease is not claimed even without its lease key: a failover may lose the key while
+# the producer lives (a hand-off is claimed at once).
 # Returns {fence, previous producer, owner, request, usage, handoff, steps} to the one
 # claimant, {0} when there is nothing to claim (finished, unknown, or its producer is
 # alive), {-1} when the takeovers are used up and {-2} when nobody came back for it in time.
 _CLAIM = """
 local m = redis.call('HMGET', KEYS[1], 'fence', 'done', 'takeovers', 'seen', 'handoff',
-  'producer', 'owner', 'usage', 'steps')
+  'producer', 'owner', 'usage', 'steps', 'renewed')
 if not m[1] or m[2] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then return {0} end
 local request = redis.call('GET', KEYS[3])
 if not request then return {-1} end
-local now = tonumber(redis.call('TIME')[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1])
 local seen = tonumber(m[4] or now)
 if now - seen > tonumber(ARGV[3]) + tonumber(ARGV[4]) / 1000 then return {-2} end
 local handoff = m[5] == '1'
+-- a lease lost with a failed-over primary, its producer alive: it renewed within a lease
+local renewed = tonumber(m[10] or 0)
+if not handoff and now * 1000 + math.floor(t[2] / 1000) - renewed < tonumber(ARGV[4]) then
+  return {0}
+end
 if not handoff and tonumber(m[3] or 0) >= tonumber(ARGV[2]) then return {-1} end
 local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
 if not handoff then redis.call('HINCRBY', KEYS[1], 'takeovers', 1) end
-redis.call('HSET', KEYS[1], 'producer', ARGV[1], 'handoff', 0, 'seen', now)
+redis.call('HSET', KEYS[1], 'producer', ARGV[1], 'handoff', 0, 'seen', now,
+  'renewed', now * 1000 + math.floor(t[2] / 1000))
 redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
 return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0, m[9] or '[]'}
 """
@@ -297,8 +317,7 @@ class RedisStore(MemoryStore):
         self._mirrors[stream.id] = _Mirror(stream, 1, json.dumps(request or {}).encode())
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
-                await self._write(pipe, self._mirrors[stream.id])
-                pipe.set(_key(stream.id, "lease"), b"1", px=self.lease_ms)
+                await self._write(pipe, self._mirrors[stream.id])  # with its lease
                 await pipe.execute()
         except Exception as exc:
             self._forget(stream.id)
@@ -435,6 +454,7 @@ class RedisStore(MemoryStore):
                 json.dumps(stream.usage) if stream.usage else "",
                 steps,
                 self.worker,
+                self.lease_ms,
                 *events[start:end],
             ],
             client=pipe,
@@ -675,7 +695,14 @@ class RedisStore(MemoryStore):
                     if b"f" in entries[-1][1]:
                         return
                     continue
-                if done:  # finished, and nothing after this reader's position: the end
+                if done:  # finished: what the primary holds after this reader's position
+                    rest = await self._rest(events_key, position)
+                    if rest:  # XREAD read a stale node (a primary just failed over)
+                        position = rest[-1][0].decode()
+                        yield b"".join(fields[b"e"] for _, fields in rest)
+                        if b"f" in rest[-1][1]:
+                            return
+                        continue
                     return
                 if claimed == "unavailable":
                     yield _UNAVAILABLE
@@ -690,6 +717,16 @@ class RedisStore(MemoryStore):
                     yield PING
         finally:
             closing.cancel()
+
+    async def _rest(self, events_key: str, position: str) -> list[Any]:
+        """The entries after ``position`` on the primary (the blocking reads' connection may
+        still be on the old one, a replica now, after a Sentinel failover)."""
+        try:
+            entries: list[Any] = await self.redis.xrange(events_key, min="(" + position)
+        except Exception:
+            log.exception("could not read the end of %s from Redis", events_key)
+            return []
+        return entries
 
     async def _alive(self, stream_id: str) -> tuple[bool, bool]:
         assert self.redis is not None
