@@ -227,11 +227,9 @@ def _store_url(key: str, value: Any) -> str:
     text = _str(key, value).strip()
     if text in ("", "memory"):
         return "memory"
-    if text.startswith(("redis://", "rediss://", "unix://", "redis+sentinel://")):
+    if text.startswith(("redis://", "rediss://", "unix://")):
         return text
-    raise ConfigError(
-        f"{key} must be 'memory', a redis:// (rediss://, unix://) or a redis+sentinel:// URL"
-    )
+    raise ConfigError(f"{key} must be 'memory' or a redis:// (rediss://, unix://) URL")
 
 
 def _database_url(key: str, value: Any) -> str | None:

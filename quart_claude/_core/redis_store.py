@@ -177,33 +177,9 @@ return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0
 
 
 def connect(url: str, **options: Any) -> tuple[Any, list[Any]]:
-    """A client of ``url``: ``redis://`` / ``rediss://`` / ``unix://`` as redis-py reads
-    them, or ``redis+sentinel://[user:password@]host:port[,host:port...]/service[/db]``: the
-    primary the sentinels name, found again after a failover (the credentials are the
-    primary's; the sentinels are asked without). Also the sentinels' own clients, to close
-    with it."""
-    if not url.startswith("redis+sentinel://"):
-        return aioredis.from_url(url, **options), []
-    from urllib.parse import unquote, urlsplit
-
-    from redis.asyncio.sentinel import Sentinel
-
-    parts = urlsplit(url)
-    where = parts.netloc.rsplit("@", 1)[-1]
-    sentinels = []
-    for address in where.split(","):
-        host, _, port = address.rpartition(":")
-        sentinels.append((host or address, int(port) if host else 26379))
-    path = [piece for piece in parts.path.split("/") if piece]
-    if not path:
-        raise ValueError("redis+sentinel:// needs the service name: .../mymaster")
-    if parts.username:
-        options["username"] = unquote(parts.username)
-    if parts.password:
-        options["password"] = unquote(parts.password)
-    options["db"] = int(path[1]) if len(path) > 1 else 0
-    sentinel = Sentinel(sentinels)  # type: ignore[no-untyped-call,unused-ignore]
-    return sentinel.master_for(path[0], **options), list(sentinel.sentinels)
+    """A client of ``url`` (``redis://``, ``rediss://``, ``unix://``, as redis-py reads
+    them), and the other clients to close with it (none yet: Sentinel's would be here)."""
+    return aioredis.from_url(url, **options), []
 
 
 def _key(stream_id: str, part: str) -> str:
@@ -256,7 +232,7 @@ class RedisStore(MemoryStore):
         # typed Any: redis-py's reply unions cover decode_responses=True, which we never use
         self.redis: Any = None
         self._blocking: Any = None  # XREAD BLOCK holds a connection while it waits
-        self._sentinels: list[Any] = []  # with redis+sentinel://, the sentinels' clients
+        self._sentinels: list[Any] = []  # other clients connect() made, closed with these
         #: the streams this worker produces, each with what Redis holds of it
         self._mirrors: dict[str, _Mirror] = {}
         self._dirty: dict[str, _Mirror] = {}  # the ones with something to write, in order
@@ -720,7 +696,7 @@ class RedisStore(MemoryStore):
 
     async def _rest(self, events_key: str, position: str) -> list[Any]:
         """The entries after ``position`` on the primary (the blocking reads' connection may
-        still be on the old one, a replica now, after a Sentinel failover)."""
+        may have read a node that is a replica now, after a failover)."""
         try:
             entries: list[Any] = await self.redis.xrange(events_key, min="(" + position)
         except Exception:
