@@ -11,6 +11,7 @@ Azure token provider, the provider's API key variable): nothing here stores one.
 from __future__ import annotations
 
 import importlib.util
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -269,8 +270,6 @@ def _vertex(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -
 
 
 def _foundry(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
-    import os
-
     options = _common(endpoint, http)
     if endpoint.base_url is None:
         del options["base_url"]  # the SDK refuses a base_url beside a resource

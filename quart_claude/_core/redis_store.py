@@ -176,12 +176,6 @@ return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0
 """
 
 
-def connect(url: str, **options: Any) -> tuple[Any, list[Any]]:
-    """A client of ``url`` (``redis://``, ``rediss://``, ``unix://``, as redis-py reads
-    them), and the other clients to close with it (none yet: Sentinel's would be here)."""
-    return aioredis.from_url(url, **options), []
-
-
 def _key(stream_id: str, part: str) -> str:
     return f"qc:{stream_id}:{part}"
 
@@ -232,7 +226,6 @@ class RedisStore(MemoryStore):
         # typed Any: redis-py's reply unions cover decode_responses=True, which we never use
         self.redis: Any = None
         self._blocking: Any = None  # XREAD BLOCK holds a connection while it waits
-        self._sentinels: list[Any] = []  # other clients connect() made, closed with these
         #: the streams this worker produces, each with what Redis holds of it
         self._mirrors: dict[str, _Mirror] = {}
         self._dirty: dict[str, _Mirror] = {}  # the ones with something to write, in order
@@ -245,9 +238,8 @@ class RedisStore(MemoryStore):
         # a pooled connection that went stale (Redis restarted) is retried once on a new one
         # (the asyncio Retry: the sync one never runs; retry_on_error: redis-py 5 needs it)
         retry = {"retry": Retry(NoBackoff(), 1), "retry_on_error": [RedisConnectionError]}
-        self.redis, sentinels = connect(self.url, **retry)
-        self._blocking, more = connect(self.url, max_connections=10_000, **retry)
-        self._sentinels = [*sentinels, *more]
+        self.redis = aioredis.from_url(self.url, **retry)
+        self._blocking = aioredis.from_url(self.url, max_connections=10_000, **retry)
         self._scripts = {
             name: self.redis.register_script(source)
             for name, source in (
@@ -260,7 +252,7 @@ class RedisStore(MemoryStore):
         try:
             await self.redis.ping()
         except BaseException:  # unreachable, or refused our credentials: nothing left open
-            for client in (self.redis, self._blocking, *self._sentinels):
+            for client in (self.redis, self._blocking):
                 await client.aclose()
             raise
         loop = asyncio.get_running_loop()
@@ -280,7 +272,7 @@ class RedisStore(MemoryStore):
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for client in (self.redis, self._blocking, *self._sentinels):
+        for client in (self.redis, self._blocking):
             if client is not None:
                 await client.aclose()
         self.redis = self._blocking = None

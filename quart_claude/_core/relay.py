@@ -103,10 +103,9 @@ class Relay:
         answer = Answer(stream, outcome)
         answer.spend = spend
         result = "unknown"
-        outcome.on_hop(0, self.primary.provider)
         if self.config.fallbacks:
-            answer.chain = chain = await self._chain(request)
-            outcome.on_hop(chain.at, chain.endpoint.provider)
+            answer.chain = await self._chain(request)
+        self._on_hop(answer)
         try:
             result = await self._run(answer, request, prior)
         except asyncio.CancelledError:
@@ -185,7 +184,7 @@ class Relay:
         stream = answer.stream
         if answer.chain is not None and prior.hop is not None:
             answer.chain.resume(prior.hop, prior.tried)
-            answer.outcome.on_hop(answer.chain.at, answer.chain.endpoint.provider)
+            self._on_hop(answer)
         add_usage(answer.usage, prior.usage)
         stream.usage = dict(answer.usage)
         stream.steps = [dict(step) for step in prior.steps]
@@ -381,7 +380,7 @@ class Relay:
         self.telemetry.fell_back(failed, hop.model, error.error_class, phase)
         if chain.cooled is not None:
             self.telemetry.cooled(*chain.cooled)
-        answer.outcome.on_hop(chain.at, chain.endpoint.provider)
+        self._on_hop(answer)
         if answer.stream.events:
             answer.stream.append(event)
         else:  # readers see start first: it follows the next hop's message_start
@@ -417,6 +416,15 @@ class Relay:
             answer.recoveries += 1
         outcome.retrying(error_class, kind, wait)
         return wait
+
+    def _endpoint(self, answer: Answer) -> Endpoint:
+        """Where the answer's requests go now: its chain's hop, else the app's own."""
+        return answer.chain.endpoint if answer.chain is not None else self.primary
+
+    def _on_hop(self, answer: Answer) -> None:
+        """Telemetry follows the hop the answer is on."""
+        at = answer.chain.at if answer.chain is not None else 0
+        answer.outcome.on_hop(at, self._endpoint(answer).provider)
 
     def _thinking(self, answer: Answer | None) -> str | int:
         """The thinking of the hop the answer is on (a hop may turn it off, say for a model
@@ -508,8 +516,7 @@ class Relay:
         append_data = answer.stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
         meter = answer.spend.metered if answer.spend is not None else None
-        chain = answer.chain
-        upstream = self.upstreams[chain.endpoint if chain is not None else self.primary]
+        upstream = self.upstreams[self._endpoint(answer)]
         framer = upstream.framer(MAX_UPSTREAM_EVENT)
         create = upstream.client.messages.with_streaming_response.create
         async with create(**upstream.params(params)) as response:

@@ -203,10 +203,9 @@ def _request_id() -> str:
     return secrets.token_hex(16)
 
 
-def oauth_token() -> bytes:
-    """The OAuth token endpoint's answer (google-auth's refresh of an authorized user)."""
-    payload = {"access_token": GOOGLE_TOKEN, "expires_in": 3600, "token_type": "Bearer"}
-    return json.dumps(payload).encode()
+def oauth_token() -> dict[str, object]:
+    """The OAuth token endpoint's answer (google-auth trading a signed JWT for a token)."""
+    return {"access_token": GOOGLE_TOKEN, "expires_in": 3600, "token_type": "Bearer"}
 
 
 # -- the AWS event stream ---------------------------------------------------------------------

@@ -457,7 +457,7 @@ class Emulator:
             return True
         if record.provider == "oauth":
             record.outcome = "completed"
-            await _write_json(writer, 200, json.loads(oauth_token()), {})
+            await _write_json(writer, 200, oauth_token(), {})
             return True
         scripted = self._queue.popleft() if self._queue else self.default
         if isinstance(scripted, Hangup):
