@@ -507,7 +507,10 @@ async def test_two_crashes_are_survived_and_a_third_is_unavailable(
     servers: Servers, emulator: Emulator
 ) -> None:
     long_answer = " ".join(f"q{i:03d}" for i in range(600))
-    emulator.default = Reply(long_answer, token_delay=0.02)  # 12 s
+    # 30 s: long enough that three crashes, two restarts and a lease each
+    # fit inside it on a loaded CI machine (at 12 s, the answer once finished
+    # before the third crash)
+    emulator.default = Reply(long_answer, token_delay=0.05)
     a, b = await servers.start_many(2)
     async with httpx2.AsyncClient(timeout=60) as http:
         reading, mid = Reading(), asyncio.Event()
