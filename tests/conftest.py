@@ -16,6 +16,7 @@ from quart_claude.testing import Emulator
 
 from . import binaries
 from .helpers import serving, wsgi_serving
+from .redis_cluster import RedisClusterServers
 
 # The example app's demo mode keeps its SQLite database and SECRET_KEY in an instance folder:
 # for the suite (and the servers it starts), a temporary one, never the checkout's.
@@ -235,3 +236,15 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """A Redis Cluster of this test worker's own (3 primaries, 3 replicas), for the session;
+    a test may reshard it (its layout is then another, as a cluster's is)."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -110,8 +110,11 @@ async def serving(app: Quart) -> AsyncIterator[str]:
     try:
         async with httpx2.AsyncClient() as client:
             for _ in range(200):
+                if task.done():  # the app failed to start: its error, not a hang
+                    task.result()
+                    raise RuntimeError("the test server stopped before it was ready")
                 with contextlib.suppress(httpx2.TransportError):
-                    if (await client.get(ready)).status_code == 200:
+                    if (await client.get(ready, timeout=2)).status_code == 200:
                         break
                 await asyncio.sleep(0.02)
             else:

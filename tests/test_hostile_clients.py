@@ -15,7 +15,7 @@ import pytest
 from quart import Quart
 
 from quart_claude import DEFAULT_MODEL
-from quart_claude._core.store import MemoryStore
+from quart_claude._core.store import Timings, memory_store
 from quart_claude._core.stream import Stream
 from quart_claude.client import stream_chat as client_stream_chat
 from quart_claude.testing import Emulator, ErrorReply, Reply
@@ -152,16 +152,16 @@ async def test_the_operator_can_open_models_and_the_system_prompt(
     assert emulator.requests[0].body["system"] == "Be terse."
 
 
-def test_finished_streams_are_bounded_by_bytes() -> None:
-    registry = MemoryStore(ttl=300, max_finished=10_000, max_bytes=100_000)
+async def test_finished_streams_are_bounded_by_bytes() -> None:
+    store = memory_store(Timings(ttl=300), max_finished=10_000, max_bytes=100_000)
     for index in range(50):
         stream = Stream(f"s{index}")
-        registry.add(stream)
+        await store.open(stream)
         stream.append({"type": "delta", "text": "x" * 10_000})
         stream.finish()
-    assert registry.finished_bytes <= 100_000
-    assert 5 <= len(registry) <= 10  # the newest that fit, not all 50
-    assert registry.get("s49") is not None and registry.get("s0") is None
+    assert store.registry.finished_bytes <= 100_000
+    assert 5 <= len(store) <= 10  # the newest that fit, not all 50
+    assert store.get("s49") is not None and store.get("s0") is None
 
 
 async def test_one_client_cannot_take_every_stream(

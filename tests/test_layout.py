@@ -62,7 +62,20 @@ def test_the_core_knows_no_web_framework(module: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["protocol", "stream", "redis_store", "sse", "framing", "continuation", "retry"]
+    "module",
+    [
+        "protocol",
+        "stream",
+        "store",
+        "redis_store",
+        "redis_link",
+        "redis_mirror",
+        "redis_remote",
+        "sse",
+        "framing",
+        "continuation",
+        "retry",
+    ],
 )
 def test_the_protocol_and_the_stores_import_no_sdk(module: str) -> None:
     assert not closure(module) & SDK

@@ -1,6 +1,7 @@
 """With the Redis store, a stream produced on one worker is read, resumed and stopped from
-another. Two apps in one process stand for two workers here; test_redis_hypercorn.py uses a
-real ``hypercorn -w 3``."""
+another, on one redis-server and on a Redis Cluster (3 primaries, 3 replicas). Two apps in
+one process stand for two workers here; test_redis_hypercorn.py uses a real
+``hypercorn -w 3``."""
 
 from __future__ import annotations
 
@@ -14,14 +15,24 @@ import redis.asyncio as aioredis
 from quart import Quart
 
 from quart_claude import Claude
-from quart_claude._core.redis_store import RedisStore
+from quart_claude._core.redis_mirror import RedisMirror
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import serving, stream_chat
+from .redis_cluster import RedisClusterServers, client_for
 
 pytestmark = pytest.mark.server
 
 ANSWER = " ".join(f"w{i}" for i in range(50))
+
+
+@pytest.fixture(params=["server", "cluster"])
+def redis_url(request: pytest.FixtureRequest, redis_url: str) -> str:
+    """Every test here on one redis-server, then on a Redis Cluster."""
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        return cluster.url
+    return redis_url
 
 
 @pytest.fixture
@@ -128,10 +139,10 @@ async def test_without_takeovers_readers_learn_when_the_producer_dies(
         await emulator.wait_for_requests(1)
         # the producing worker "dies": its lease stops being refreshed and expires
         store = Claude.state(first).store
-        assert isinstance(store, RedisStore)
-        store._mirrors[stream_id].produced = False  # its leases are no longer renewed
-        client = aioredis.from_url(redis_url)
-        await client.delete(f"qc:{stream_id}:lease")
+        assert isinstance(store.mirror, RedisMirror)
+        store.mirror._records[stream_id].renewing = False  # its leases are no longer renewed
+        client = client_for(redis_url)
+        await client.delete(f"qc:{{{stream_id}}}:lease")
         await client.aclose()
         started = time.monotonic()
         orphan = await asyncio.wait_for(stream_chat(http, b + path, method="GET"), 10)
@@ -161,14 +172,14 @@ async def test_store_down_is_a_503_not_a_500(
     app = make_app(stream_store=redis_url)
     async with serving(app) as url:
         store = Claude.state(app).store
-        assert isinstance(store, RedisStore)
-        real = store.redis
-        store.redis = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
+        assert store.link is not None
+        real = store.link.redis
+        store.link.redis = aioredis.from_url("redis://127.0.0.1:1/0")  # nothing listens there
         try:
             refused = await http.post(url + "/chat/stream", json={"message": "hi"})
         finally:
-            await store.redis.aclose()
-            store.redis = real
+            await store.link.redis.aclose()
+            store.link.redis = real
         assert refused.status_code == 503
         assert refused.json()["error"] == "store_unavailable"
         assert emulator.requests == []
@@ -184,7 +195,7 @@ async def test_redis_lost_mid_read_ends_with_a_retryable_error(
     emulator.script(Reply(ANSWER, token_delay=0.05))
     first = await stream_chat(http, a + "/chat/stream", {"message": "hi"}, stop_after_deltas=3)
     store = Claude.state(second).store
-    assert isinstance(store, RedisStore)
+    assert store.link is not None
     following = asyncio.Event()
     reading = asyncio.create_task(
         stream_chat(
@@ -195,13 +206,13 @@ async def test_redis_lost_mid_read_ends_with_a_retryable_error(
         )
     )
     await asyncio.wait_for(following.wait(), 10)  # the reader on "b" is following it live
-    real = store._blocking
-    store._blocking = aioredis.from_url("redis://127.0.0.1:1/0")  # Redis is gone for "b"
+    real = store.link.blocking
+    store.link.blocking = aioredis.from_url("redis://127.0.0.1:1/0")  # Redis is gone for "b"
     try:
         result = await asyncio.wait_for(reading, 10)
     finally:
-        await store._blocking.aclose()
-        store._blocking = real
+        await store.link.blocking.aclose()
+        store.link.blocking = real
     assert result.events[-1]["type"] == "error"
     assert result.events[-1]["error"] == "unavailable"
     assert result.events[-1]["retryable"] is True

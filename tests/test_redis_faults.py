@@ -59,7 +59,7 @@ async def mirrored(redis_url: str, stream_id: str, within: float = 10) -> None:
     client = aioredis.from_url(redis_url)
     try:
         async with asyncio.timeout(within):
-            while await client.hget(f"qc:{stream_id}:meta", "done") != b"1":  # noqa: ASYNC110
+            while await client.hget(f"qc:{{{stream_id}}}:meta", "done") != b"1":  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
     finally:
         await client.aclose()

@@ -14,7 +14,7 @@ import pytest
 from quart import Quart, Request
 
 from quart_claude import Claude
-from quart_claude._core.store import MemoryStore
+from quart_claude._core.store import Timings, memory_store
 from quart_claude._core.stream import Stream
 from quart_claude.testing import Emulator, Reply
 
@@ -205,24 +205,24 @@ async def test_finished_streams_expire_after_the_ttl(
         assert (await http.get(path)).status_code == 404
 
 
-def test_memory_registry_stays_bounded_under_load() -> None:
+async def test_memory_registry_stays_bounded_under_load() -> None:
     """10,000 finished streams past the cap: the count and the memory stop growing."""
-    registry = MemoryStore(ttl=300, max_finished=1000)
+    registry = memory_store(Timings(ttl=300), max_finished=1000, max_bytes=256 << 20)
 
-    def finish_many(count: int) -> None:
+    async def finish_many(count: int) -> None:
         for index in range(count):
             stream = Stream(f"s{index}-{time.monotonic_ns()}")
-            registry.add(stream)
+            await registry.open(stream)
             for piece in range(20):
                 stream.append({"type": "delta", "text": f"piece {piece} of a longer answer"})
             stream.finish()
 
     tracemalloc.start()
     try:
-        finish_many(2000)  # past the cap: the registry now holds its 1000 newest
+        await finish_many(2000)  # past the cap: the registry now holds its 1000 newest
         gc.collect()
         at_cap = tracemalloc.get_traced_memory()[0]
-        finish_many(10_000)
+        await finish_many(10_000)
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]
     finally:
@@ -234,12 +234,12 @@ def test_memory_registry_stays_bounded_under_load() -> None:
 
 @pytest.mark.parametrize("ttl", [0.05])
 async def test_memory_registry_evicts_expired(ttl: float) -> None:
-    registry = MemoryStore(ttl=ttl, max_finished=100)
+    registry = memory_store(Timings(ttl=ttl), max_finished=100, max_bytes=256 << 20)
     old = Stream("old")
-    registry.add(old)
+    await registry.open(old)
     old.finish()
     live = Stream("live")
-    registry.add(live)
+    await registry.open(live)
     await asyncio.sleep(ttl * 2)
     assert registry.get("old") is None
     assert registry.get("live") is live  # live streams are never evicted

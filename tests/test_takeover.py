@@ -474,7 +474,7 @@ async def test_a_paused_producer_appends_nothing_after_the_takeover(
     assert followed.text == long_answer
     client = aioredis.from_url(redis_url)
     try:
-        count = await client.xlen(f"qc:{stream_id}:ev")
+        count = await client.xlen(f"qc:{{{stream_id}}}:ev")
     finally:
         await client.aclose()
     assert count == len(followed.ids)  # nothing else was written

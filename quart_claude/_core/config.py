@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from .fallback import DEFAULT_ON
 from .prices import PRICES
@@ -229,7 +230,15 @@ def _store_url(key: str, value: Any) -> str:
         return "memory"
     if text.startswith(("redis://", "rediss://", "unix://")):
         return text
-    raise ConfigError(f"{key} must be 'memory' or a redis:// (rediss://, unix://) URL")
+    if text.startswith(("redis+cluster://", "rediss+cluster://")):
+        hosts = urlsplit(text).netloc.rpartition("@")[2].split(",")
+        if not all(re.fullmatch(r"[^:/]+:\d+", host) for host in hosts):
+            raise ConfigError(f"{key}: a cluster URL names its nodes, host:port,host:port")
+        return text
+    raise ConfigError(
+        f"{key} must be 'memory', a redis:// (rediss://, unix://) URL or a Redis Cluster's "
+        "redis+cluster://host:port,host:port"
+    )
 
 
 def _database_url(key: str, value: Any) -> str | None:

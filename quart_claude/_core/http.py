@@ -34,7 +34,7 @@ from .request import ChatRequest, RequestError, SendOptions, parse_chat_request,
 from .schema import ValidationError
 from .state import ClaudeState, Unauthorized
 from .store import Found
-from .stream import StoreUnavailable, Stream, new_stream_id
+from .stream import Cancel, StoreUnavailable, Stream, new_stream_id
 
 __all__ = ["ROUTES", "HttpRequest", "Reply", "Route", "method_not_allowed"]
 
@@ -382,7 +382,7 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
     try:
         await asyncio.shield(producer)
     except asyncio.CancelledError:  # the client left: nobody will read this answer
-        stream.cancel("disconnected")
+        stream.cancel(Cancel.DISCONNECTED)
         raise
     events = [json.loads(event[6 : event.index(b"\n")]) for event in stream.events]
     final = events[-1]

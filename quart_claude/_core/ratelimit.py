@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlsplit
 
 from limits import RateLimitItem, parse_many
-from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.storage import MemoryStorage, RedisClusterStorage, RedisStorage, Storage
 from limits.aio.strategies import MovingWindowRateLimiter
 
-__all__ = ["RateLimiter", "parse_rate_limit"]
+if TYPE_CHECKING:
+    from .redis_link import RedisLink
+
+__all__ = ["RateLimiter", "parse_rate_limit", "storage_for"]
 
 
 def parse_rate_limit(key: str, value: str) -> tuple[RateLimitItem, ...]:
@@ -28,14 +32,25 @@ def parse_rate_limit(key: str, value: str) -> tuple[RateLimitItem, ...]:
         ) from None
 
 
+def storage_for(link: RedisLink | None) -> Storage:
+    """The counters' home: the stream store's Redis (its connection pool; a cluster's own
+    client from the same URL, which ``limits`` builds), else this worker's memory."""
+    if link is None:
+        return MemoryStorage()
+    if not link.cluster:
+        pool = link.redis.connection_pool
+        return RedisStorage("async+redis://", implementation="redispy", connection_pool=pool)
+    parts = urlsplit(link.url)
+    options: dict[str, Any] = dict(parse_qsl(parts.query))
+    if parts.scheme.startswith("rediss"):
+        options["ssl"] = True
+    uri = f"async+redis+cluster://{parts.netloc}"
+    return RedisClusterStorage(uri, implementation="redispy", **options)
+
+
 class RateLimiter:
-    def __init__(self, items: tuple[RateLimitItem, ...], redis_pool: Any = None) -> None:
+    def __init__(self, items: tuple[RateLimitItem, ...], storage: Storage) -> None:
         self.items = items
-        storage: Storage = (
-            RedisStorage("async+redis://", implementation="redispy", connection_pool=redis_pool)
-            if redis_pool is not None
-            else MemoryStorage()
-        )
         self._limiter = MovingWindowRateLimiter(storage)
 
     async def hit(self, key: str) -> tuple[bool, dict[str, str]]:

@@ -36,7 +36,7 @@ from .providers import Endpoint, Upstreams, primary_endpoint
 from .request import ChatRequest
 from .retry import RetryPolicy
 from .sse import DELTA_PREFIX, encode_json
-from .stream import Stream
+from .stream import Cancel, Stream
 from .telemetry import StreamOutcome, Telemetry
 from .tools import ToolBox, ToolScope
 
@@ -116,9 +116,9 @@ class Relay:
             if task is not None:
                 task.uncancel()
             result = reason
-            if reason in ("handoff", "superseded"):  # it goes on elsewhere: no last event
+            if reason.goes_on:  # no last event here
                 stream.leave()
-            elif reason == "shutdown":
+            elif reason is Cancel.SHUTDOWN:
                 answer.fail(UpstreamError("shutdown"))
             else:
                 stream.append(done_event("cancelled", answer.usage))

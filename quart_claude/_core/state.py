@@ -31,8 +31,8 @@ from .redact import register_secret
 from .relay import Prior, Relay
 from .request import ChatRequest
 from .schema import chat_body_model, openapi_document
-from .store import Claim, Found, MemoryStore
-from .stream import StoreUnavailable, Stream
+from .store import Claim, Found, StreamStore, Timings, memory_store
+from .stream import Cancel, StoreUnavailable, Stream
 from .telemetry import Telemetry, parent_context
 from .tools import Show, ToolBox, ToolScope
 from .turns import TurnHook, TurnKeeper, TurnRef
@@ -93,7 +93,7 @@ class ClaudeState:
         self.config = config
         self.relay: Relay | None = None
         #: where streams live (memory, or Redis for every worker): a new one each startup
-        self.store: MemoryStore = _create_store(config)
+        self.store: StreamStore = _create_store(config)
         self.producers: set[asyncio.Task[None]] = set()
         self.body_model: type[BaseModel] = chat_body_model(
             config
@@ -359,11 +359,11 @@ class ClaudeState:
         self.store.take_over = self.take_over
         await self.store.start()
         if config.rate_limit:
-            from .ratelimit import RateLimiter
+            from .ratelimit import RateLimiter, storage_for
 
-            self.rate_limiter = RateLimiter(config.rate_limit, self.store.connection_pool)
+            self.rate_limiter = RateLimiter(config.rate_limit, storage_for(self.store.link))
         self.relay = Relay(upstreams, config, self.telemetry, self.extension.tools, self.tool_scope)
-        redis = getattr(self.store, "redis", None)
+        redis = self.store.redis
         if config.fallbacks and redis is not None:  # a hop that failed is skipped by all
             from .fallback import RedisCooldowns
 
@@ -388,7 +388,7 @@ class ClaudeState:
             from .ledger_sql import SqlLedger
 
             return SqlLedger(self.conversations.runner)
-        redis = getattr(self.store, "redis", None)
+        redis = self.store.redis
         return RedisLedger(redis) if redis is not None else MemoryLedger()
 
     async def _open_conversations(self) -> Conversations | None:
@@ -458,7 +458,7 @@ class ClaudeState:
         self.draining = True
         store.closing.set()  # readers of other workers' streams end too
         for stream in store.live():
-            stream.cancel("handoff" if store.hands_off else "shutdown")
+            stream.cancel(Cancel.HANDOFF if store.hands_off else Cancel.SHUTDOWN)
         if self.producers:
             await asyncio.wait(list(self.producers), timeout=self.config.shutdown_grace)
         await store.hand_off()
@@ -479,23 +479,16 @@ class ClaudeState:
         await self.store.close()
 
 
-def _create_store(config: ClaudeConfig) -> MemoryStore:
-    options: dict[str, Any] = {
-        "ttl": config.stream_ttl,
-        "max_finished": config.max_finished_streams,
-        "max_bytes": config.max_finished_bytes,
-        "resume_grace": config.resume_grace,
-    }
-    if config.stream_store == "memory":
-        return MemoryStore(**options)
-    from .redis_store import RedisStore
-
-    return RedisStore(
-        config.stream_store,
-        max_takeovers=config.max_takeovers,
-        lease=config.stream_lease,
-        **options,
+def _create_store(config: ClaudeConfig) -> StreamStore:
+    timings = Timings(
+        ttl=config.stream_ttl, resume_grace=config.resume_grace, lease=config.stream_lease
     )
+    limits = {"max_finished": config.max_finished_streams, "max_bytes": config.max_finished_bytes}
+    if config.stream_store == "memory":
+        return memory_store(timings, **limits)
+    from .redis_store import redis_store
+
+    return redis_store(config.stream_store, timings, max_takeovers=config.max_takeovers, **limits)
 
 
 def _chat_key(identity: str | None, chat_id: str) -> str:

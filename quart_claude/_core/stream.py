@@ -16,6 +16,7 @@ stream goes on elsewhere).
 from __future__ import annotations
 
 import asyncio
+import enum
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -23,7 +24,38 @@ from typing import Any, Protocol
 
 from .sse import PING, data_line, frame
 
-__all__ = ["Reader", "StoreUnavailable", "Stream", "StreamListener", "new_stream_id"]
+__all__ = [
+    "Cancel",
+    "Phase",
+    "Reader",
+    "StoreUnavailable",
+    "Stream",
+    "StreamListener",
+    "new_stream_id",
+]
+
+
+class Phase(enum.Enum):
+    """Where a stream's producer is: it only moves forward, from RUNNING to one of the others."""
+
+    RUNNING = "running"
+    FINISHED = "finished"  # the last event (done or error) is appended
+    LEFT = "left"  # stopped without a last event: the stream goes on elsewhere
+
+
+class Cancel(enum.StrEnum):
+    """Why a producer was asked to stop (also the outcome its metrics and logs carry)."""
+
+    CANCELLED = "cancelled"  # a client's DELETE: ends with ``done``, ``stop_reason: cancelled``
+    DISCONNECTED = "disconnected"  # nobody came back within the resume grace
+    SHUTDOWN = "shutdown"  # the worker drains and nobody can continue it: a retryable error
+    HANDOFF = "handoff"  # the worker drains and another one continues it: no last event
+    SUPERSEDED = "superseded"  # another worker took it over: no last event
+
+    @property
+    def goes_on(self) -> bool:
+        """Whether another worker continues the stream (so this one appends no last event)."""
+        return self in (Cancel.HANDOFF, Cancel.SUPERSEDED)
 
 
 class StoreUnavailable(Exception):
@@ -95,12 +127,11 @@ class Stream:
         "created_at",
         "epilogue",
         "events",
-        "finished",
         "finished_at",
         "id",
-        "left",
         "listener",
         "owner",
+        "phase",
         "producer",
         "readers",
         "start_fields",
@@ -119,16 +150,15 @@ class Stream:
         )
         self.events: list[bytes] = []
         self.visible: int = 0  # how many events readers may see (the store publishes them)
-        self.finished: bool = False  # the producer appended its last event
+        self.phase: Phase = Phase.RUNNING
         self.closed: bool = False  # no more events will be published here: readers end
-        self.left: bool = False  # the producer stopped here without a last event (see leave)
         self.epilogue: bytes | None = None  # sent to readers after the last one, if closed so
         self.finished_at: float | None = None
         self.created_at: float = time.monotonic()
         self.readers: set[Reader] = set()
         self.listener: StreamListener = _UNLISTED  # set by the store that holds it
         self.producer: asyncio.Task[None] | None = None  # set by the state that starts it
-        self.cancel_reason: str | None = None
+        self.cancel_reason: Cancel | None = None
         #: fields the ``start`` event carries besides the answer's (a conversation's ids)
         self.start_fields: dict[str, Any] = {}
         #: upstream usage so far (every request, the current one as last reported), kept
@@ -140,6 +170,16 @@ class Stream:
         self.steps_version: int = 0  # counts changes to ``steps``, for the store to mirror
         self._retry_ms = retry_ms
         self._waiters: list[asyncio.Future[bool]] = []
+
+    @property
+    def finished(self) -> bool:
+        """The producer is done here: it appended its last event, or left (see :meth:`leave`)."""
+        return self.phase is not Phase.RUNNING
+
+    @property
+    def left(self) -> bool:
+        """The producer stopped here without a last event: the stream goes on elsewhere."""
+        return self.phase is Phase.LEFT
 
     # -- producer side -------------------------------------------------------------------
     def append(self, payload: dict[str, Any]) -> None:
@@ -163,8 +203,8 @@ class Stream:
 
     def finish(self) -> None:
         """The last event is appended (done or error)."""
-        if not self.finished:
-            self.finished = True
+        if self.phase is Phase.RUNNING:
+            self.phase = Phase.FINISHED
             self.finished_at = time.monotonic()
             self.listener.changed(self)
             self.listener.finished(self)
@@ -172,9 +212,8 @@ class Stream:
     def leave(self) -> None:
         """The producer stopped without a last event: the stream goes on elsewhere (or was
         taken over); the store decides what this worker's readers are told."""
-        if not self.finished:
-            self.finished = True
-            self.left = True
+        if self.phase is Phase.RUNNING:
+            self.phase = Phase.LEFT
             self.finished_at = time.monotonic()
             self.listener.left(self)
 
@@ -193,7 +232,7 @@ class Stream:
             self.epilogue = epilogue
             self._wake()
 
-    def cancel(self, reason: str) -> bool:
+    def cancel(self, reason: Cancel) -> bool:
         """Ask the producer to stop; it ends the stream with an event saying why."""
         producer = self.producer
         if self.finished or producer is None or producer.done():

@@ -1,0 +1,249 @@
+"""Other workers' streams, through Redis: found, read, stopped, and taken over.
+
+A remote reader follows a stream with ``XREAD BLOCK`` from the position after the client's
+``Last-Event-ID``. While the stream is silent it looks at the producer's lease; a lease
+that lapsed (the producer died or froze) or was released by a draining worker (a hand-off)
+lets it claim the stream in one script (:data:`_CLAIM`): the fence goes up by one, the
+lease is this worker's, and the store's ``take_over`` continues the answer after the last
+stored event. A crash loop is bounded by ``CLAUDE_MAX_TAKEOVERS``; a stream nobody read or
+resumed within ``CLAUDE_RESUME_GRACE`` of its producer's end is not continued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from .redis_link import RedisLink, key
+from .redis_mirror import UNAVAILABLE, error_frame
+from .sse import PING
+from .store import Claim, RemoteStream, Timings
+from .stream import StoreUnavailable
+
+if TYPE_CHECKING:
+    from .store import StreamStore
+
+__all__ = ["REMOTE_SCRIPTS", "RedisRemote"]
+
+log = logging.getLogger("quart_claude")
+
+# KEYS: meta, lease, request. ARGV: worker, max takeovers, grace seconds, lease milliseconds.
+# A stream whose producer renewed (``renewed``, milliseconds of Redis's clock) within the
+# last lease is not claimed even without its lease key: a failover may lose the key while
+# the producer lives (a hand-off is claimed at once).
+# Returns {fence, previous producer, owner, request, usage, handoff, steps} to the one
+# claimant, {0} when there is nothing to claim (finished, unknown, or its producer is
+# alive), {-1} when the takeovers are used up and {-2} when nobody came back for it in time.
+_CLAIM = """
+local m = redis.call('HMGET', KEYS[1], 'fence', 'done', 'takeovers', 'seen', 'handoff',
+  'producer', 'owner', 'usage', 'steps', 'renewed')
+if not m[1] or m[2] == '1' or redis.call('EXISTS', KEYS[2]) == 1 then return {0} end
+local request = redis.call('GET', KEYS[3])
+if not request then return {-1} end
+local t = redis.call('TIME')
+local now = tonumber(t[1])
+local seen = tonumber(m[4] or now)
+if now - seen > tonumber(ARGV[3]) + tonumber(ARGV[4]) / 1000 then return {-2} end
+local handoff = m[5] == '1'
+-- a lease lost with a failed-over primary, its producer alive: it renewed within a lease
+local renewed = tonumber(m[10] or 0)
+if not handoff and now * 1000 + math.floor(t[2] / 1000) - renewed < tonumber(ARGV[4]) then
+  return {0}
+end
+if not handoff and tonumber(m[3] or 0) >= tonumber(ARGV[2]) then return {-1} end
+local fence = redis.call('HINCRBY', KEYS[1], 'fence', 1)
+if not handoff then redis.call('HINCRBY', KEYS[1], 'takeovers', 1) end
+redis.call('HSET', KEYS[1], 'producer', ARGV[1], 'handoff', 0, 'seen', now,
+  'renewed', now * 1000 + math.floor(t[2] / 1000))
+redis.call('SET', KEYS[2], fence, 'PX', ARGV[4])
+return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0, m[9] or '[]'}
+"""
+
+REMOTE_SCRIPTS = {"claim": _CLAIM}
+
+
+class RedisRemote:
+    """Streams other workers produce (see the module doc)."""
+
+    def __init__(
+        self, link: RedisLink, timings: Timings, *, worker: str, max_takeovers: int = 2
+    ) -> None:
+        self.link = link
+        self.timings = timings
+        self.worker = worker
+        self.max_takeovers = max_takeovers
+        self.store: StreamStore | None = None  # bound by the store: closing, take_over
+
+    def bind(self, store: StreamStore) -> None:
+        self.store = store
+
+    async def lookup(self, stream_id: str) -> RemoteStream | None:
+        try:
+            meta = await self.link.redis.hgetall(key(stream_id, "meta"))
+        except Exception as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        if not meta:
+            return None
+        owner = meta.get(b"owner", b"").decode() or None
+        return RemoteStream(stream_id, owner, int(meta.get(b"n", 0)), meta.get(b"done") == b"1")
+
+    async def cancel(self, found: RemoteStream) -> bool:
+        if found.done:
+            return False
+        try:  # its producer's worker polls for it with every lease renewal
+            await self.link.redis.set(key(found.id, "cancel"), b"1", ex=60)
+        except Exception as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return True
+
+    async def read_elsewhere(self, stream_id: str) -> bool:
+        return bool(await self.link.redis.exists(key(stream_id, "readers")))
+
+    async def remember_chat(self, key_: str, stream_id: str) -> None:
+        """The AI SDK chat ``key_`` is answered by ``stream_id`` (for its resume route)."""
+        await self.link.redis.set(f"qc:chat:{key_}", stream_id.encode(), ex=self.timings.live_ttl)
+
+    async def active_chat(self, key_: str) -> str | None:
+        try:
+            value = await self.link.redis.get(f"qc:chat:{key_}")
+        except Exception as exc:
+            raise StoreUnavailable(str(exc)) from exc
+        return value.decode() if value else None
+
+    def read(
+        self, found: RemoteStream, after: int, heartbeat: float, *, live_only: bool
+    ) -> AsyncIterator[bytes] | None:
+        if found.done and (live_only or after >= found.count - 1):
+            return None
+        return self._read(found.id, after, heartbeat)
+
+    async def _read(self, stream_id: str, after: int, heartbeat: float) -> AsyncIterator[bytes]:
+        """Events after ``after`` from Redis, then live ones, until the final one.
+
+        While the stream is silent it looks at the producer's lease every second; when the
+        producer is gone it claims the stream (see :meth:`_claim`) and goes on reading what
+        its own producer writes. Ends with a retryable ``unavailable`` error when the stream
+        cannot go on or Redis is gone, and with a retryable ``shutdown`` error when this
+        worker drains.
+        """
+        assert self.store is not None
+        link = self.link
+        events_key = key(stream_id, "ev")
+        position = f"0-{after + 1}" if after >= 0 else "0-0"
+        block_ms = max(1, int(min(heartbeat, self.timings.liveness_interval) * 1000))
+        presence = max(2, int(heartbeat * 2) + 1)
+        loop = asyncio.get_running_loop()
+        ping_at = loop.time() + heartbeat
+        closing = asyncio.ensure_future(self.store.closing.wait())
+        try:
+            while True:
+                claimed: Claim | str | None = None
+                try:
+                    await link.redis.set(key(stream_id, "readers"), b"1", ex=presence)
+                    xread = asyncio.ensure_future(
+                        link.blocking.xread({events_key: position}, count=1000, block=block_ms)
+                    )
+                    await asyncio.wait({xread, closing}, return_when=asyncio.FIRST_COMPLETED)
+                    if closing.done():
+                        xread.cancel()
+                        partial = position not in ("0-0", "0-1")  # text may have been sent
+                        yield error_frame("shutdown", partial=partial)
+                        return
+                    reply = xread.result()
+                    if not reply:  # silence: is anyone still producing this stream?
+                        alive, done = await self._alive(stream_id)
+                        if not alive and not done:
+                            claimed = await self._claim(stream_id)
+                except Exception:  # Redis went away: say so, retryably, instead of cutting off
+                    log.exception("stream %s: Redis failed while reading", stream_id)
+                    yield UNAVAILABLE
+                    return
+                if reply:
+                    entries = reply[0][1]
+                    position = entries[-1][0].decode()
+                    ping_at = loop.time() + heartbeat
+                    yield b"".join(fields[b"e"] for _, fields in entries)
+                    if b"f" in entries[-1][1]:
+                        return
+                    continue
+                if done:  # finished: what the primary holds after this reader's position
+                    rest = await self._rest(events_key, position)
+                    if rest:  # XREAD read a stale node (a primary just failed over)
+                        position = rest[-1][0].decode()
+                        yield b"".join(fields[b"e"] for _, fields in rest)
+                        if b"f" in rest[-1][1]:
+                            return
+                        continue
+                    return
+                if claimed == "unavailable":
+                    yield UNAVAILABLE
+                    return
+                if isinstance(claimed, Claim):
+                    take_over = self.store.take_over
+                    if take_over is None or not await take_over(claimed):
+                        yield UNAVAILABLE  # e.g. at capacity: the claim is let go
+                        return
+                if loop.time() >= ping_at:
+                    ping_at = loop.time() + heartbeat
+                    yield PING
+        finally:
+            closing.cancel()
+
+    async def _rest(self, events_key: str, position: str) -> list[Any]:
+        """The entries after ``position`` on the primary (the blocking reads' connection may
+        have read a node that is a replica now, after a failover)."""
+        try:
+            entries: list[Any] = await self.link.redis.xrange(events_key, min="(" + position)
+        except Exception:
+            log.exception("could not read the end of %s from Redis", events_key)
+            return []
+        return entries
+
+    async def _alive(self, stream_id: str) -> tuple[bool, bool]:
+        async with self.link.redis.pipeline(transaction=False) as pipe:
+            pipe.exists(key(stream_id, "lease"))
+            pipe.hget(key(stream_id, "meta"), "done")
+            lease, done = await pipe.execute()
+        return bool(lease), done == b"1"
+
+    async def _claim(self, stream_id: str) -> Claim | str | None:
+        """Try to become the producer of a stream whose producer is gone: the claim, or
+        "unavailable" (it cannot be continued), or None (someone produces it)."""
+        store = self.store
+        if store is None or store.take_over is None or store.closing.is_set():
+            return None
+        reply = await self.link.call(
+            "claim",
+            [key(stream_id, "meta"), key(stream_id, "lease"), key(stream_id, "req")],
+            [self.worker, self.max_takeovers, self.timings.resume_grace, self.timings.lease_ms],
+        )
+        status = int(reply[0])
+        if status == 0:
+            return None
+        if status < 0:
+            return "unavailable"
+        fence, previous, owner, request, usage, handoff, steps = reply
+        entries = await self.link.redis.xrange(key(stream_id, "ev"))
+        claim = Claim(
+            stream_id,
+            int(fence),
+            previous.decode(),
+            owner.decode() or None,
+            json.loads(request),
+            json.loads(usage),
+            [fields[b"e"] for _, fields in entries],
+            bool(int(handoff)),
+            json.loads(steps),
+        )
+        log.info(
+            "stream %s taken over: producer %s -> %s, %d events already stored%s",
+            stream_id,
+            claim.previous or "?",
+            self.worker,
+            len(claim.events),
+            " (hand-off)" if claim.handoff else "",
+        )
+        return claim
