@@ -57,9 +57,11 @@ async def stream_chat(
     method: str = "POST",
     headers: dict[str, str] | None = None,
     attached: asyncio.Event | None = None,
+    on_first: Callable[[SSEResult], None] | None = None,
 ) -> SSEResult:
     """POST ``payload`` and read the SSE answer (optionally leaving after N deltas).
-    ``attached`` is set at the first event: the reader is following the stream."""
+    ``attached`` is set at the first event: the reader is following the stream; ``on_first``
+    is given the result so far there (its ``start`` event, for one)."""
     kwargs: dict[str, Any] = {"headers": headers}
     if payload is not None:
         kwargs["json"] = payload
@@ -81,6 +83,8 @@ async def stream_chat(
                 result.received_at.append(time.time())
                 if attached is not None:
                     attached.set()
+                if on_first is not None and len(result.events) == 1:
+                    on_first(result)
                 if result.events[-1]["type"] == "delta":
                     deltas += 1
             result.pings = parser.comments

@@ -115,6 +115,50 @@ class RedisClusterServers:
             found.append((fields[0], port, slots))
         return found
 
+    def migrate_slots_of(self, stream_ids: list[str]) -> int:
+        """Move the slot of each stream to the next primary, as ``redis-cli --cluster
+        reshard`` moves one: IMPORTING and MIGRATING, keys MIGRATEd in small batches with a
+        pause (the window in which clients meet ASK and TRYAGAIN), then the slot's new owner
+        told to every node. How many slots moved."""
+        import redis
+
+        primaries = [(node_id, port) for node_id, port, _ in self.primaries()]
+        clients = {port: redis.Redis(port=port) for _, port in primaries}
+        try:
+            first = clients[primaries[0][1]]
+            slots = {int(first.cluster("KEYSLOT", f"{{{sid}}}")) for sid in stream_ids}
+            for slot in sorted(slots):
+                self._migrate(slot, primaries, clients)
+        finally:
+            for client in clients.values():
+                client.close()
+        return len(slots)
+
+    def _migrate(
+        self, slot: int, primaries: list[tuple[str, int]], clients: dict[int, Any]
+    ) -> None:
+        ports = [port for _, port in primaries]
+        source = self._owner(clients[ports[0]], slot)
+        target = ports[(ports.index(source) + 1) % len(ports)]
+        ids = dict((port, node_id) for node_id, port in primaries)
+        clients[target].execute_command("CLUSTER SETSLOT", slot, "IMPORTING", ids[source])
+        clients[source].execute_command("CLUSTER SETSLOT", slot, "MIGRATING", ids[target])
+        while keys := clients[source].execute_command("CLUSTER GETKEYSINSLOT", slot, 2):
+            clients[source].execute_command(
+                "MIGRATE", "127.0.0.1", target, "", 0, 5000, "KEYS", *keys
+            )
+            time.sleep(0.02)
+        for client in clients.values():
+            client.execute_command("CLUSTER SETSLOT", slot, "NODE", ids[target])
+
+    @staticmethod
+    def _owner(client: Any, slot: int) -> int:
+        """The port of the primary that serves ``slot``."""
+        for low, high, primary, *_ in client.execute_command("CLUSTER SLOTS"):
+            if low <= slot <= high:
+                return int(primary[1])
+        raise LookupError(f"no node serves slot {slot}")
+
     def reshard(self, source: str, target: str, slots: int) -> subprocess.Popen[bytes]:
         """Move ``slots`` slots (and their keys) from node ``source`` to ``target``, started
         in the background."""

@@ -108,8 +108,17 @@ class Servers:
             await server.process.wait()
 
 
+#: the takeover, hand-off and stop tests run on one redis-server and on a Redis Cluster
+ON_A_CLUSTER_TOO = pytest.mark.parametrize("servers", ["server", "cluster"], indirect=True)
+
+
 @pytest.fixture
-async def servers(emulator: Emulator, redis_url: str, tmp_path: Path) -> AsyncIterator[Servers]:
+async def servers(
+    emulator: Emulator, redis_url: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Servers]:
+    """Hypercorn workers on one redis-server; ``cluster`` (indirect): on a Redis Cluster."""
+    if getattr(request, "param", "server") == "cluster":
+        redis_url = request.getfixturevalue("redis_cluster").url
     group = Servers(emulator, redis_url, tmp_path)
     try:
         yield group
@@ -254,6 +263,7 @@ async def open_mid_answer(
     return posts, followers
 
 
+@ON_A_CLUSTER_TOO
 async def test_a_sigkilled_producer_is_taken_over_exactly(
     servers: Servers, emulator: Emulator
 ) -> None:
@@ -481,6 +491,7 @@ async def test_a_paused_producer_appends_nothing_after_the_takeover(
     assert "taken over by another worker; stopping here" in a.output()
 
 
+@ON_A_CLUSTER_TOO
 async def test_sigterm_hands_every_stream_to_the_others(
     servers: Servers, emulator: Emulator
 ) -> None:
@@ -631,6 +642,7 @@ def test_the_shipped_systemd_unit_verifies(tmp_path: Path) -> None:
     assert "--workers 0" in unit and "Restart=always" in unit
 
 
+@ON_A_CLUSTER_TOO
 async def test_identity_and_stop_hold_across_a_takeover(
     servers: Servers, emulator: Emulator
 ) -> None:

@@ -45,13 +45,38 @@ def storage_for(link: RedisLink | None) -> Storage:
     if parts.scheme.startswith("rediss"):
         options["ssl"] = True
     uri = f"async+redis+cluster://{parts.netloc}"
-    return RedisClusterStorage(uri, implementation="redispy", **options)
+    storage = RedisClusterStorage(uri, implementation="redispy", **options)
+    _own_client(storage)  # checked now: a limits release that moved it fails the start
+    return storage
+
+
+def _own_client(storage: Storage) -> Any:
+    """The cluster client ``limits`` built for ``storage`` (None: it shares ours), which it
+    never closes and has no public way to. A private name (``bridge.storage``), checked on
+    limits 5.0 to 5.8 (pinned ``<6`` in pyproject.toml) and by tests/test_redis_cluster.py."""
+    if not isinstance(storage, RedisClusterStorage):
+        return None
+    client = getattr(getattr(storage, "bridge", None), "storage", None)
+    if client is None or not hasattr(client, "aclose"):
+        raise RuntimeError(
+            "this limits release keeps its Redis Cluster client elsewhere: quart-claude was "
+            "checked on limits 5.0 to 5.8 (pip install 'limits>=5,<6')"
+        )
+    return client
 
 
 class RateLimiter:
     def __init__(self, items: tuple[RateLimitItem, ...], storage: Storage) -> None:
         self.items = items
+        self.storage = storage
         self._limiter = MovingWindowRateLimiter(storage)
+
+    async def aclose(self) -> None:
+        """Close the client ``limits`` made for a cluster (the store's own is closed with
+        the store)."""
+        client = _own_client(self.storage)
+        if client is not None:
+            await client.aclose()
 
     async def hit(self, key: str) -> tuple[bool, dict[str, str]]:
         """Count one request for ``key``: whether it is allowed, and the headers to send

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .redis_link import RedisLink, key
@@ -63,6 +64,20 @@ return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0
 """
 
 REMOTE_SCRIPTS = {"claim": _CLAIM}
+
+#: A remote read that fails is tried again from its position this many times (0.05 s, 0.1 s,
+#: ... apart: under half a second), so a slot migrating or a replica promoted is a retry.
+_READ_RETRIES = 4
+
+
+@dataclass(slots=True)
+class _Poll:
+    """What one wait on a remote stream found."""
+
+    entries: list[Any] = field(default_factory=list)
+    done: bool = False
+    closing: bool = False
+    claimed: Claim | str | None = None
 
 
 class RedisRemote:
@@ -130,7 +145,6 @@ class RedisRemote:
         worker drains.
         """
         assert self.store is not None
-        link = self.link
         events_key = key(stream_id, "ev")
         position = f"0-{after + 1}" if after >= 0 else "0-0"
         block_ms = max(1, int(min(heartbeat, self.timings.liveness_interval) * 1000))
@@ -138,52 +152,45 @@ class RedisRemote:
         loop = asyncio.get_running_loop()
         ping_at = loop.time() + heartbeat
         closing = asyncio.ensure_future(self.store.closing.wait())
+        failures = 0
         try:
             while True:
-                claimed: Claim | str | None = None
                 try:
-                    await link.redis.set(key(stream_id, "readers"), b"1", ex=presence)
-                    xread = asyncio.ensure_future(
-                        link.blocking.xread({events_key: position}, count=1000, block=block_ms)
-                    )
-                    await asyncio.wait({xread, closing}, return_when=asyncio.FIRST_COMPLETED)
-                    if closing.done():
-                        xread.cancel()
-                        partial = position not in ("0-0", "0-1")  # text may have been sent
-                        yield error_frame("shutdown", partial=partial)
+                    poll = await self._poll(stream_id, position, block_ms, presence, closing)
+                except Exception:  # a slot moving, a node failing over, or Redis gone
+                    failures += 1
+                    if failures > _READ_RETRIES:  # gone: say so, retryably, not a cut
+                        log.exception("stream %s: Redis failed while reading", stream_id)
+                        yield UNAVAILABLE
                         return
-                    reply = xread.result()
-                    if not reply:  # silence: is anyone still producing this stream?
-                        alive, done = await self._alive(stream_id)
-                        if not alive and not done:
-                            claimed = await self._claim(stream_id)
-                except Exception:  # Redis went away: say so, retryably, instead of cutting off
-                    log.exception("stream %s: Redis failed while reading", stream_id)
-                    yield UNAVAILABLE
+                    log.warning("stream %s: a read from Redis failed; again", stream_id)
+                    await asyncio.sleep(0.05 * failures)  # from the same position
+                    continue
+                failures = 0
+                if poll.closing:
+                    partial = position not in ("0-0", "0-1")  # text may have been sent
+                    yield error_frame("shutdown", partial=partial)
                     return
-                if reply:
-                    entries = reply[0][1]
+                # finished: what the primary holds after this reader's position (XREAD may
+                # have read a stale node, a primary that just failed over)
+                entries = poll.entries or (
+                    await self._rest(events_key, position) if poll.done else []
+                )
+                if entries:
                     position = entries[-1][0].decode()
                     ping_at = loop.time() + heartbeat
                     yield b"".join(fields[b"e"] for _, fields in entries)
                     if b"f" in entries[-1][1]:
                         return
                     continue
-                if done:  # finished: what the primary holds after this reader's position
-                    rest = await self._rest(events_key, position)
-                    if rest:  # XREAD read a stale node (a primary just failed over)
-                        position = rest[-1][0].decode()
-                        yield b"".join(fields[b"e"] for _, fields in rest)
-                        if b"f" in rest[-1][1]:
-                            return
-                        continue
+                if poll.done:
                     return
-                if claimed == "unavailable":
+                if poll.claimed == "unavailable":
                     yield UNAVAILABLE
                     return
-                if isinstance(claimed, Claim):
+                if isinstance(poll.claimed, Claim):
                     take_over = self.store.take_over
-                    if take_over is None or not await take_over(claimed):
+                    if take_over is None or not await take_over(poll.claimed):
                         yield UNAVAILABLE  # e.g. at capacity: the claim is let go
                         return
                 if loop.time() >= ping_at:
@@ -191,6 +198,33 @@ class RedisRemote:
                     yield PING
         finally:
             closing.cancel()
+
+    async def _poll(
+        self,
+        stream_id: str,
+        position: str,
+        block_ms: int,
+        presence: int,
+        closing: asyncio.Future[Any],
+    ) -> _Poll:
+        """One wait for the events after ``position``: what came, or (in silence) whether the
+        stream is done or this worker claimed it."""
+        link = self.link
+        await link.redis.set(key(stream_id, "readers"), b"1", ex=presence)
+        xread = asyncio.ensure_future(
+            link.blocking.xread({key(stream_id, "ev"): position}, count=1000, block=block_ms)
+        )
+        await asyncio.wait({xread, closing}, return_when=asyncio.FIRST_COMPLETED)
+        if closing.done():
+            xread.cancel()
+            return _Poll(closing=True)
+        reply = xread.result()
+        if reply:
+            return _Poll(entries=reply[0][1])
+        alive, done = await self._alive(stream_id)  # silence: is anyone still producing it?
+        if done:
+            return _Poll(done=True)
+        return _Poll(claimed=None if alive else await self._claim(stream_id))
 
     async def _rest(self, events_key: str, position: str) -> list[Any]:
         """The entries after ``position`` on the primary (the blocking reads' connection may

@@ -476,6 +476,8 @@ class ClaudeState:
             self._purger = None
         if self.turns.conversations is not None:
             await self.turns.conversations.close()
+        if self.rate_limiter is not None:
+            await self.rate_limiter.aclose()
         await self.store.close()
 
 
