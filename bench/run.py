@@ -43,7 +43,7 @@ class Scenario:
     first_token_delay: float = 0.0
     systems: tuple[str, ...] = ("quart_claude",)
     resume_every: int | None = None
-    redis: bool = False
+    redis: str = ""  # "server": a redis-server; "cluster": a 3-primary Redis Cluster
     ramp: float = 0.0  # seconds over which streams start
 
 
@@ -89,7 +89,15 @@ def scenarios(quick: bool) -> list[Scenario]:
             100 // (scale // 5 or 1),
             100 // scale if quick else 200,
             0.1,
-            redis=True,
+            redis="server",
+            ramp=1.0,
+        ),
+        Scenario(
+            "paced-cluster",
+            100 // (scale // 5 or 1),
+            100 // scale if quick else 200,
+            0.1,
+            redis="cluster",
             ramp=1.0,
         ),
     ]
@@ -356,6 +364,82 @@ def redis_server() -> Iterator[str]:
             process.wait(10)
 
 
+@contextlib.contextmanager
+def redis_cluster() -> Iterator[str]:
+    """Three redis-server primaries (``--cluster-enabled yes``) on loopback ports, joined by
+    ``redis-cli --cluster create`` and pinned beside the load; yields the store URL."""
+    binary, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if binary is None or cli is None:
+        raise RuntimeError("redis-server and redis-cli are needed (apt-get install redis-server)")
+    with tempfile.TemporaryDirectory(prefix="qc-bench-cluster-") as folder:
+        ports = _cluster_ports(3)
+        processes = []
+        for port in ports:
+            node = Path(folder) / str(port)
+            node.mkdir()
+            command = [
+                binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+                "--save", "", "--appendonly", "no", "--dir", str(node),
+            ]  # fmt: skip
+            processes.append(
+                subprocess.Popen(pinned(LOAD_CORE, command), stdout=subprocess.DEVNULL)
+            )
+        try:
+            for port in ports:
+                _wait_for_port(port)
+            nodes = [f"127.0.0.1:{port}" for port in ports]
+            subprocess.run(
+                [cli, "--cluster", "create", *nodes, "--cluster-yes"],
+                check=True,
+                capture_output=True,
+                timeout=60,
+            )
+            deadline = time.monotonic() + 30
+            while not all(_cluster_ok(cli, port) for port in ports):
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the Redis Cluster did not form")
+                time.sleep(0.1)
+            yield "redis+cluster://" + ",".join(nodes)
+        finally:
+            for process in processes:
+                process.terminate()
+            for process in processes:
+                process.wait(10)
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus port (+10000) is free too."""
+    ports: list[int] = []
+    while len(ports) < count:
+        with listener() as sock:
+            port = port_of(sock)
+        if port + 10000 > 65535 or port in ports:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+def _wait_for_port(port: int) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"redis-server on {port} did not start")
+        time.sleep(0.05)
+
+
+def _cluster_ok(cli: str, port: int) -> bool:
+    info = subprocess.run([cli, "-p", str(port), "CLUSTER", "INFO"], capture_output=True)
+    return b"cluster_state:ok" in info.stdout
+
+
 def _pong(path: Path) -> bool:
     try:
         with socket.socket(socket.AF_UNIX) as sock:
@@ -408,7 +492,10 @@ def main() -> None:
             direct = statistics.median(
                 asyncio.run(direct_ttft("127.0.0.1", emulator_port)) for _ in range(5)
             )
-            redis_url = stack.enter_context(redis_server()) if scenario.redis else None
+            redis_url = None
+            if scenario.redis:
+                store = redis_cluster if scenario.redis == "cluster" else redis_server
+                redis_url = stack.enter_context(store())
             for system in args.systems or scenario.systems:
                 m = measure(scenario, system, emulator_port, redis_url, direct, args.profile)
                 measurements.append(m)
