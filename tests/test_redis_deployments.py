@@ -1,5 +1,7 @@
 """Redis as production runs it (issue 26): a server that requires TLS and an ACL user, whose
-password appears in no log line, error or ``/ready``."""
+password appears in no log line, error or ``/ready``; and a primary with a replica under
+three Sentinels, failed over while 20 answers stream. (The Redis Cluster:
+tests/test_redis_cluster.py.)"""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx2
 import pytest
@@ -18,7 +21,7 @@ from quart import Quart
 from quart_claude.testing import Emulator, Reply
 
 from . import binaries
-from .helpers import certificates, serving, stream_chat
+from .helpers import certificates, eventually, serving, stream_chat
 
 pytestmark = pytest.mark.server
 
@@ -100,3 +103,166 @@ async def test_a_wrong_password_on_tls_redis_fails_the_start_naming_no_secret(
     everything += "\n".join(r.getMessage() for r in caplog.records)
     assert "invalid username-password" in everything.lower() or "auth" in everything.lower()
     assert wrong not in everything and PASSWORD not in everything
+
+
+@dataclass
+class SentinelGroup:
+    """A primary, its replica and three sentinels watching them, as service ``mymaster``."""
+
+    primary: int
+    replica: int
+    sentinels: list[int]
+    primary_process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        where = ",".join(f"127.0.0.1:{port}" for port in self.sentinels)
+        return f"redis+sentinel://{where}/mymaster/0"
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
+    import redis
+
+    binary = binaries.need("redis")
+    primary, replica = _free_port(), _free_port()
+    sentinels = [_free_port() for _ in range(3)]
+    base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+    processes = [
+        subprocess.Popen([binary, "--port", str(primary), *base, "--dir", str(tmp_path)], **quiet),
+        subprocess.Popen(
+            [binary, "--port", str(replica), *base, "--dir", str(tmp_path),
+             "--replicaof", "127.0.0.1", str(primary)], **quiet,
+        ),
+    ]  # fmt: skip
+    try:
+        for index, port in enumerate(sentinels):
+            conf = tmp_path / f"sentinel-{index}.conf"
+            conf.write_text(
+                f"port {port}\nbind 127.0.0.1\ndir {tmp_path}\n"
+                f"sentinel monitor mymaster 127.0.0.1 {primary} 2\n"
+                "sentinel down-after-milliseconds mymaster 1000\n"
+                "sentinel failover-timeout mymaster 5000\n"
+            )
+            processes.append(subprocess.Popen([binary, str(conf), "--sentinel"], **quiet))
+        replica_client = redis.Redis(port=replica)
+        _wait(
+            lambda: replica_client.info("replication").get("master_link_status") == "up",
+            "the replica to sync",
+        )
+        watcher = redis.Redis(port=sentinels[0])
+        # sentinels learn of replicas from the primary's INFO (every 10 s): a failover
+        # before that finds nobody to promote
+        _wait(lambda: bool(watcher.sentinel_slaves("mymaster")), "the sentinels to see the replica")
+        yield SentinelGroup(primary, replica, sentinels, processes[0])
+    finally:
+        for process in processes:
+            process.kill()
+        for process in processes:
+            process.wait(10)
+
+
+async def _read(
+    http: httpx2.AsyncClient, method: str, url: str, body: Any, opened: Callable[[str], None]
+) -> tuple[str, list[str | None]]:
+    """One reader to the end: its text and its event ids (``opened`` gets the stream id)."""
+    from quart_claude import SSEParser
+
+    text, ids = [], []
+    async with http.stream(method, url, json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        opened(response.headers["x-stream-id"])
+        parser = SSEParser()
+        async for chunk in response.aiter_raw():
+            for event in parser.feed(chunk):
+                payload = event.json()
+                ids.append(event.id)
+                if payload["type"] == "delta":
+                    text.append(payload["text"])
+                last = payload
+    assert last["type"] == "done", last
+    return "".join(text), ids
+
+
+@pytest.mark.parametrize("failover", ["asked", "frozen primary"])
+async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing(
+    failover: str,
+    sentinel_group: SentinelGroup,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+) -> None:
+    """20 answers mid-stream when the primary fails over to its replica, asked for
+    (``SENTINEL FAILOVER``: the old primary is demoted at once) or because it froze (SIGSTOP:
+    the sentinels find it down after a second; every connection to it hangs until the
+    store sees the new primary): every reader, on the producing worker and on another one,
+    ends with the exact text, ids contiguous."""
+    import asyncio
+    import signal
+
+    import redis.asyncio as aioredis
+
+    frozen = failover == "frozen primary"
+    words = " ".join(f"w{index:03d}" for index in range(200 if frozen else 60))
+    emulator.default = Reply(words, token_delay=0.05)
+    options = {
+        "stream_store": sentinel_group.url,
+        # a primary that froze is found down and replaced within a few seconds: within a
+        # lease, so no live producer's stream is taken for a dead one's
+        "stream_lease": 10 if frozen else 3,
+        "resume_grace": 20,
+        "rate_limit": "1000/minute",  # counted on the primary too, through the failover
+        "budget": "100000000 tokens/day",
+    }
+    producer, other = make_app(**options), make_app(**options)
+    stream_ids: list[str] = []
+    async with serving(producer) as one, serving(other) as two:
+        posts = [
+            asyncio.create_task(
+                _read(http, "POST", one + "/chat/stream", {"message": f"q{i}"}, stream_ids.append)
+            )
+            for i in range(20)
+        ]
+        await eventually(lambda: len(stream_ids) == 20, within=20)
+        await asyncio.sleep(0.5)  # a few words into every answer
+        followers = [
+            asyncio.create_task(
+                _read(http, "GET", f"{two}/chat/stream/{sid}", None, lambda _: None)
+            )
+            for sid in list(stream_ids)
+        ]
+        await asyncio.sleep(0.3)
+        sentinel = aioredis.Redis(port=sentinel_group.sentinels[0])
+        if frozen:  # it stays frozen until the answers end: nothing may wait on it
+            sentinel_group.primary_process.send_signal(signal.SIGSTOP)
+        else:
+            assert await sentinel.sentinel_failover("mymaster")
+        await sentinel.aclose()
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*posts, *followers), 60)
+        finally:
+            sentinel_group.primary_process.send_signal(signal.SIGCONT)
+    for text, ids in results:
+        assert text == words
+        assert ids == [str(n) for n in range(len(ids))]
+    promoted = aioredis.Redis(port=sentinel_group.replica)
+    assert await promoted.keys("LIMITS*")  # the rate limits live on the primary it became
+
+    role = (await promoted.info("replication"))["role"]
+    await promoted.aclose()
+    assert role == "master"  # the failover happened, under the streams

@@ -495,6 +495,9 @@ async def test_a_paused_producer_appends_nothing_after_the_takeover(
 async def test_sigterm_hands_every_stream_to_the_others(
     servers: Servers, emulator: Emulator
 ) -> None:
+    # a hand-off is claimed at once, whatever the lease; the shipped one keeps a worker that
+    # just took ten streams over (and is slow to renew on this loaded machine) their producer
+    servers.env["CLAUDE_STREAM_LEASE"] = "3"
     a, b, c = await servers.start_many(3)
     emulator.default = Reply(ANSWER, token_delay=0.04, on_continue="repeat_whitespace")
     streams = 20

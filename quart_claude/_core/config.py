@@ -230,14 +230,25 @@ def _store_url(key: str, value: Any) -> str:
         return "memory"
     if text.startswith(("redis://", "rediss://", "unix://")):
         return text
+    if text.startswith("redis+sentinel://"):
+        parts = urlsplit(text)
+        hosts = parts.netloc.rpartition("@")[2].split(",")
+        if not all(re.fullmatch(r"[^:/]+:\d+", host) for host in hosts) or not parts.path.strip(
+            "/"
+        ):
+            raise ConfigError(
+                f"{key}: a Sentinel URL names the sentinels and the service, "
+                "redis+sentinel://host:port,host:port/mymaster"
+            )
+        return text
     if text.startswith(("redis+cluster://", "rediss+cluster://")):
         hosts = urlsplit(text).netloc.rpartition("@")[2].split(",")
         if not all(re.fullmatch(r"[^:/]+:\d+", host) for host in hosts):
             raise ConfigError(f"{key}: a cluster URL names its nodes, host:port,host:port")
         return text
     raise ConfigError(
-        f"{key} must be 'memory', a redis:// (rediss://, unix://) URL or a Redis Cluster's "
-        "redis+cluster://host:port,host:port"
+        f"{key} must be 'memory', a redis:// (rediss://, unix://) URL, a Redis Cluster's "
+        "redis+cluster://host:port,host:port or redis+sentinel://host:port,host:port/service"
     )
 
 

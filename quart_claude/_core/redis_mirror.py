@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .protocol import UpstreamError
-from .redis_link import RedisLink, ScriptCall, key
+from .redis_link import NotReplicated, RedisLink, ScriptCall, key
 from .sse import data_line, frame
 from .store import Claim, Registry, Timings
 from .stream import Cancel, StoreUnavailable, Stream
@@ -60,9 +60,10 @@ UNAVAILABLE = error_frame("unavailable", partial=True)
 # KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
 # live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, steps JSON (a
 # tool loop's, when they changed), this worker, lease milliseconds, then the encoded events
-# from ``start`` on. A write from 0 (the first, or a rewrite after Redis lost the stream)
-# takes the lease too: a rewritten stream is never left without one for another worker to
-# claim while its producer is alive.
+# from ``start`` on. Every write that is not the last renews the lease (a producer that
+# writes is alive, even while its renewals wait behind a busy event loop); a write from 0
+# (the first, or a rewrite after Redis lost the stream) takes it: a rewritten stream is never
+# left without one for another worker to claim while its producer is alive.
 # Returns 1; 0 (writing nothing) when the stream in Redis is not what this worker left there
 # (the caller rewrites it from 0); -1 when another producer holds the stream (the caller
 # stops).
@@ -84,7 +85,10 @@ else
     'producer', ARGV[11], 'seen', redis.call('TIME')[1], 'renewed', now_ms())
   redis.call('EXPIRE', KEYS[2], ARGV[5])
   if ARGV[8] ~= '' then redis.call('SET', KEYS[4], ARGV[8], 'EX', ARGV[5]) end
-  if ARGV[3] ~= '1' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[12]) end
+end
+if ARGV[3] ~= '1' then
+  redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[12])
+  redis.call('HSET', KEYS[2], 'renewed', now_ms())
 end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[2], 'usage', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[2], 'steps', ARGV[10]) end
@@ -385,8 +389,11 @@ class RedisMirror:
             renewals: list[ScriptCall] = [
                 ("renew", [key(r.stream.id, p) for p in parts], [r.fence, lease_ms]) for r in live
             ]
-            try:
-                replies = await self.link.run_many(renewals)
+            try:  # durable: the primary a failover promotes knows these producers live
+                replies = await self.link.run_many(renewals, durable=True)
+            except NotReplicated as lag:
+                log.warning("stream leases renewed, but %s", lag)
+                continue
             except Exception:
                 log.exception("could not renew stream leases in Redis")
                 continue
