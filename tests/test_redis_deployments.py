@@ -218,7 +218,7 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
     import redis.asyncio as aioredis
 
     frozen = failover == "frozen primary"
-    words = " ".join(f"w{index:03d}" for index in range(200 if frozen else 60))
+    words = " ".join(f"w{index:03d}" for index in range(100 if frozen else 60))
     emulator.default = Reply(words, token_delay=0.05)
     options = {
         "stream_store": sentinel_group.url,
