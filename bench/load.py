@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
 import time
 from dataclasses import dataclass, field
 
@@ -123,10 +124,11 @@ async def chat(
     return result
 
 
-async def direct_ttft(host: str, port: int) -> float:
-    """Time to the first text delta reading the emulator directly (no relay)."""
+async def direct_ttft(host: str, port: int, context: ssl.SSLContext | None = None) -> float:
+    """Time to the first text delta reading the emulator directly (no relay; over TLS with
+    ``context``)."""
     started = time.time()
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection(host, port, ssl=context)
     body = json.dumps(
         {
             "model": "claude-sonnet-5-5",

@@ -18,6 +18,7 @@ import os
 import resource
 import shutil
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -26,6 +27,8 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from quart_claude.testing import certificates
 
 from .load import StreamResult, chat, direct_ttft
 
@@ -84,6 +87,9 @@ def scenarios(quick: bool) -> list[Scenario]:
         Scenario(
             "setup", 500 // scale, 1, 0.0, systems=("quart_claude", "conversations", "budget")
         ),
+        # a worker that served one stream and now idles: its RSS (and, printed after the
+        # table, what importing the package takes)
+        Scenario("idle-worker", 0, 1, 0.0, systems=("bare", "quart_claude")),
         Scenario(
             "paced-redis",
             100 // (scale // 5 or 1),
@@ -233,21 +239,23 @@ def measure(
     redis_url: str | None,
     direct: float,
     profile: Path | None = None,
+    tls_ca: Path | None = None,
 ) -> Measurement:
     sock = listener()
     port = port_of(sock)
+    upstream = f"{'https' if tls_ca else 'http'}://127.0.0.1:{emulator_port}"
     args = [
         sys.executable,
         "-m",
         "bench.servers",
         system,
         f"fd://{sock.fileno()}",
-        f"http://127.0.0.1:{emulator_port}",
+        upstream,
     ]
     if redis_url:
         args.append(redis_url)
     if system == "flask":  # Gunicorn's gthread worker, one worker, a thread per stream
-        app = f'bench.servers:flask_app("http://127.0.0.1:{emulator_port}", {redis_url!r})'
+        app = f"bench.servers:flask_app({upstream!r}, {redis_url!r})"
         args = [
             str(Path(sys.executable).with_name("gunicorn")),
             "-k",
@@ -270,7 +278,10 @@ def measure(
             "/dev/null",
             app,
         ]
-    server = subprocess.Popen(pinned(SERVER_CORE, args), cwd=ROOT, pass_fds=(sock.fileno(),))
+    env = {**os.environ, "SSL_CERT_FILE": str(tls_ca)} if tls_ca else None  # trusts the CA
+    server = subprocess.Popen(
+        pinned(SERVER_CORE, args), cwd=ROOT, pass_fds=(sock.fileno(),), env=env
+    )
     sock.close()  # the server holds its own copy
     spy = None
     if profile is not None:  # sample the server with py-spy until it exits
@@ -292,12 +303,17 @@ def measure(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    result = Measurement(scenario.name, system, scenario.streams)
+    name = scenario.name + ("+tls" if tls_ca else "")
+    result = Measurement(name, system, scenario.streams)
     try:
         wait_port(port)
         # warm up: one stream, so imports and first-request costs are not counted
         asyncio.run(chat("127.0.0.1", port, "warm up"))
         pid = worker_of(server.pid) if system == "flask" else server.pid
+        if scenario.streams == 0:  # idle: what a worker holds once it has served one stream
+            time.sleep(2)
+            result.peak_rss_mib = rss_kib(pid) / 1024
+            return result
         rss_before = rss_kib(pid)
         cpu_before = cpu_seconds(pid)
         started = time.monotonic()
@@ -463,6 +479,9 @@ def main() -> None:
     parser.add_argument(
         "--streams", type=int, help="concurrent streams instead of each scenario's (find a limit)"
     )
+    parser.add_argument(
+        "--tls", action="store_true", help="the emulator serves TLS (as production's upstream)"
+    )
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(0, {int(LOAD_CORE)})
@@ -470,6 +489,9 @@ def main() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
     measurements: list[Measurement] = []
+    tls_folder = tempfile.TemporaryDirectory(prefix="qc-bench-tls-")
+    tls = certificates(Path(tls_folder.name)) if args.tls else None
+    tls_args = ["--tls-cert", str(tls[1]), "--tls-key", str(tls[2])] if tls else []
     for scenario in scenarios(args.quick):
         if args.only and scenario.name not in args.only:
             continue
@@ -484,20 +506,25 @@ def main() -> None:
                 "--first-token-delay",
                 str(scenario.first_token_delay),
                 "--stamp",
+                *tls_args,
             ]
         )
         with contextlib.ExitStack() as stack:
             stack.callback(emulator.wait, 10)
             stack.callback(emulator.terminate)
+            context = ssl.create_default_context(cafile=str(tls[0])) if tls else None
             direct = statistics.median(
-                asyncio.run(direct_ttft("127.0.0.1", emulator_port)) for _ in range(5)
+                asyncio.run(direct_ttft("127.0.0.1", emulator_port, context)) for _ in range(5)
             )
             redis_url = None
             if scenario.redis:
                 store = redis_cluster if scenario.redis == "cluster" else redis_server
                 redis_url = stack.enter_context(store())
             for system in args.systems or scenario.systems:
-                m = measure(scenario, system, emulator_port, redis_url, direct, args.profile)
+                m = measure(
+                    scenario, system, emulator_port, redis_url, direct, args.profile,
+                    tls[0] if tls else None,
+                )  # fmt: skip
                 measurements.append(m)
                 print(
                     f"{m.scenario:13} {m.system:13} events={m.events} failures={m.failures}"
@@ -507,11 +534,28 @@ def main() -> None:
                     flush=True,
                 )
 
+    tls_folder.cleanup()
     print(table(measurements))
+    if not args.only or "idle-worker" in args.only:
+        print(f"\nimporting quart_claude: {import_seconds():.2f} s (median of 5 fresh processes)")
     out = args.results
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"{stamp}.json").write_text(json.dumps([m.__dict__ for m in measurements], indent=2))
+
+
+def import_seconds() -> float:
+    """Wall time of ``import quart_claude`` in a fresh interpreter (past the interpreter's
+    own start), the median of five."""
+    script = (
+        "import time; t = time.perf_counter(); import quart_claude; print(time.perf_counter() - t)"
+    )
+    runs = [
+        float(subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                             text=True, check=True).stdout)
+        for _ in range(5)
+    ]  # fmt: skip
+    return statistics.median(runs)
 
 
 def _fmt(value: float | None, digits: int = 0) -> str:

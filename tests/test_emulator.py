@@ -11,9 +11,8 @@ import anthropic
 import pytest
 
 from quart_claude import DEFAULT_MODEL
-from quart_claude.testing import CONTINUE_MARKER, Emulator, ErrorReply, Hangup, Reply
+from quart_claude.testing import CONTINUE_MARKER, Emulator, ErrorReply, Hangup, Reply, certificates
 
-from .helpers import certificates
 from .models import CURRENT_MODELS, DEPRECATED_MODEL, NO_PREFILL_MODEL, PREFILL_MODEL
 
 pytestmark = pytest.mark.server

@@ -18,10 +18,10 @@ import httpx2
 import pytest
 from quart import Quart
 
-from quart_claude.testing import Emulator, Reply
+from quart_claude.testing import Emulator, Reply, certificates
 
 from . import binaries
-from .helpers import certificates, eventually, serving, stream_chat
+from .helpers import eventually, serving, stream_chat
 
 pytestmark = pytest.mark.server
 
@@ -127,8 +127,16 @@ def _free_port() -> int:
 
 
 def _wait(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
+    """Until ``check()``; a server still starting (refusing connections) is not yet."""
+    import redis
+
     deadline = time.monotonic() + within
-    while not check():
+    while True:
+        try:
+            if check():
+                return
+        except redis.ConnectionError:
+            pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}")
         time.sleep(0.1)
@@ -158,16 +166,17 @@ def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
                 f"sentinel monitor mymaster 127.0.0.1 {primary} 2\n"
                 "sentinel down-after-milliseconds mymaster 1000\n"
                 "sentinel failover-timeout mymaster 5000\n"
+                # told, not learnt from the primary's INFO (every 10 s): ready in a second
+                f"sentinel known-replica mymaster 127.0.0.1 {replica}\n"
             )
             processes.append(subprocess.Popen([binary, str(conf), "--sentinel"], **quiet))
-        replica_client = redis.Redis(port=replica)
+        replica_client = redis.Redis(host="127.0.0.1", port=replica)
         _wait(
             lambda: replica_client.info("replication").get("master_link_status") == "up",
             "the replica to sync",
         )
-        watcher = redis.Redis(port=sentinels[0])
-        # sentinels learn of replicas from the primary's INFO (every 10 s): a failover
-        # before that finds nobody to promote
+        watcher = redis.Redis(host="127.0.0.1", port=sentinels[0])
+        # a failover before the sentinels know the replica finds nobody to promote
         _wait(lambda: bool(watcher.sentinel_slaves("mymaster")), "the sentinels to see the replica")
         yield SentinelGroup(primary, replica, sentinels, processes[0])
     finally:
@@ -247,7 +256,7 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
             for sid in list(stream_ids)
         ]
         await asyncio.sleep(0.3)
-        sentinel = aioredis.Redis(port=sentinel_group.sentinels[0])
+        sentinel = aioredis.Redis(host="127.0.0.1", port=sentinel_group.sentinels[0])
         if frozen:  # it stays frozen until the answers end: nothing may wait on it
             sentinel_group.primary_process.send_signal(signal.SIGSTOP)
         else:
@@ -260,7 +269,7 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
     for text, ids in results:
         assert text == words
         assert ids == [str(n) for n in range(len(ids))]
-    promoted = aioredis.Redis(port=sentinel_group.replica)
+    promoted = aioredis.Redis(host="127.0.0.1", port=sentinel_group.replica)
     assert await promoted.keys("LIMITS*")  # the rate limits live on the primary it became
 
     role = (await promoted.info("replication"))["role"]

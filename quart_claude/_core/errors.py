@@ -14,11 +14,12 @@ import logging
 import math
 import time
 from collections.abc import Mapping
-
-import anthropic
-import httpx2
+from typing import TYPE_CHECKING
 
 from .protocol import ERROR_CLASSES, UpstreamError
+
+if TYPE_CHECKING:
+    import anthropic
 
 __all__ = [
     "ERROR_CLASSES",
@@ -266,6 +267,9 @@ def classify_exception(exc: BaseException) -> UpstreamError:
     """Map anything the SDK or the transport raises to an :class:`UpstreamError`."""
     if isinstance(exc, UpstreamError):
         return exc
+    import anthropic  # loaded by now: whatever raised came through the SDK's client
+    import httpx2
+
     if isinstance(exc, anthropic.APIStatusError):
         return _status_error(exc)
     if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):

@@ -16,14 +16,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anthropic
-import httpx2
-
 from .framing import EventStreamFramer, Framer, UpstreamFramer
 from .model_ids import canonical_model
 
 if TYPE_CHECKING:  # config reads this module's PROVIDERS: it is imported where it is used
+    import httpx2
+
     from .config import ClaudeConfig
+
+# The SDK (a second of import, most of it its types) is imported where a client is built, at
+# startup: importing quart_claude, or reading its config, does not pay for it.
 
 __all__ = [
     "CREDENTIAL_ENV",
@@ -208,6 +210,8 @@ def make_upstream(
 ) -> Upstream:
     """The endpoint's client on the shared HTTP client, or a :class:`ConfigError` that names
     what is missing (an extra, a setting, a credential)."""
+    import anthropic
+
     from .config import ConfigError
 
     require_extra(endpoint)
@@ -238,6 +242,8 @@ def _common(endpoint: Endpoint, http: httpx2.AsyncClient) -> dict[str, Any]:
 
 
 def _anthropic(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import anthropic
+
     from .config import ConfigError
 
     if not api_key:
@@ -249,17 +255,23 @@ def _anthropic(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient
 
 
 def _bedrock(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import anthropic
+
     # boto3's chain signs (SigV4), or AWS_BEARER_TOKEN_BEDROCK, read by the SDK, is a bearer
     return anthropic.AsyncAnthropicBedrock(aws_region=endpoint.region, **_common(endpoint, http))
 
 
 def _mantle(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import anthropic
+
     return anthropic.AsyncAnthropicBedrockMantle(
         aws_region=endpoint.region, **_common(endpoint, http)
     )
 
 
 def _vertex(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import anthropic
+
     # google-auth's Application Default Credentials, refreshed by the SDK in a thread
     options = _common(endpoint, http)
     if endpoint.region is not None:
@@ -270,6 +282,8 @@ def _vertex(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -
 
 
 def _foundry(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import anthropic
+
     options = _common(endpoint, http)
     if endpoint.base_url is None:
         del options["base_url"]  # the SDK refuses a base_url beside a resource
@@ -302,12 +316,16 @@ def _entra_token_provider() -> Callable[[], Any]:
 
 
 def _aws(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import anthropic
+
     return anthropic.AsyncAnthropicAWS(
         aws_region=endpoint.region, workspace_id=endpoint.workspace_id, **_common(endpoint, http)
     )
 
 
 def _google_cloud(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) -> SdkClient:
+    import anthropic
+
     return anthropic.AsyncAnthropicGoogleCloud(
         project=endpoint.project,
         location=endpoint.region,

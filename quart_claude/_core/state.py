@@ -16,9 +16,6 @@ import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
-import anthropic
-import httpx2
-
 from .budget import BudgetRefused, Limit, Spend, parse_budget
 from .config import ClaudeConfig, ConfigError, load_config
 from .ledger import LedgerStore
@@ -38,6 +35,7 @@ from .tools import Show, ToolBox, ToolScope
 from .turns import TurnHook, TurnKeeper, TurnRef
 
 if TYPE_CHECKING:
+    import httpx2
     from opentelemetry.trace import TracerProvider
     from pydantic import BaseModel
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -517,6 +515,9 @@ def _http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
     """The SDK's upstream transport: aiohttp when available (a quarter less CPU per relayed
     event in bench/, same behaviour under every fault), else the SDK's default httpx2 one.
     Pools hold one connection per allowed concurrent stream."""
+    import anthropic  # at startup, not at import (see providers)
+    import httpx2
+
     timeout = httpx2.Timeout(config.timeout, connect=config.connect_timeout)
     limits = httpx2.Limits(
         max_connections=config.max_concurrent_streams + 16, max_keepalive_connections=100

@@ -20,6 +20,7 @@ from ._emulator import (
     Scripted,
     ToolUse,
 )
+from ._tls import certificates
 
 __all__ = [
     "CONTINUE_MARKER",
@@ -31,4 +32,5 @@ __all__ = [
     "Reply",
     "Scripted",
     "ToolUse",
+    "certificates",
 ]
