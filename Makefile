@@ -71,7 +71,10 @@ test-fast: install
 test-quick: install
 	$(BIN)/pytest -q -n $(PYTEST_WORKERS) -m "core or server" $(PYTEST_ARGS)
 
-test: lint typecheck docs pytest
+# The checks run beside the suite (-j: mypy and the docs build take a core for under a
+# minute, while the suite mostly waits on real servers); -Oline keeps each line whole.
+test: install
+	@$(MAKE) --no-print-directory -j4 -Oline lint typecheck docs pytest
 
 bench: install
 	$(BIN)/python -m bench.run

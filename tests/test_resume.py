@@ -206,8 +206,9 @@ async def test_finished_streams_expire_after_the_ttl(
 
 
 async def test_memory_registry_stays_bounded_under_load() -> None:
-    """10,000 finished streams past the cap: the count and the memory stop growing."""
-    registry = memory_store(Timings(ttl=300), max_finished=1000, max_bytes=256 << 20)
+    """5,000 finished streams past the cap (ten times it): the count and the memory stop
+    growing."""
+    registry = memory_store(Timings(ttl=300), max_finished=500, max_bytes=256 << 20)
 
     async def finish_many(count: int) -> None:
         for index in range(count):
@@ -219,17 +220,17 @@ async def test_memory_registry_stays_bounded_under_load() -> None:
 
     tracemalloc.start()
     try:
-        await finish_many(2000)  # past the cap: the registry now holds its 1000 newest
+        await finish_many(1000)  # past the cap: the registry now holds its 500 newest
         gc.collect()
         at_cap = tracemalloc.get_traced_memory()[0]
-        await finish_many(10_000)
+        await finish_many(5000)
         gc.collect()
         after = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()
-    assert len(registry) == 1000
-    assert at_cap > 1000 * 20 * 40  # the retained streams really are measured
-    assert after - at_cap < 0.05 * at_cap  # flat: not 10,000 more streams' worth
+    assert len(registry) == 500
+    assert at_cap > 500 * 20 * 40  # the retained streams really are measured
+    assert after - at_cap < 0.05 * at_cap  # flat: not 5,000 more streams' worth
 
 
 @pytest.mark.parametrize("ttl", [0.05])
