@@ -113,6 +113,7 @@ class SentinelGroup:
     replica: int
     sentinels: list[int]
     primary_process: subprocess.Popen[bytes]
+    replica_process: subprocess.Popen[bytes]
 
     @property
     def url(self) -> str:
@@ -178,7 +179,7 @@ def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
         watcher = redis.Redis(host="127.0.0.1", port=sentinels[0])
         # a failover before the sentinels know the replica finds nobody to promote
         _wait(lambda: bool(watcher.sentinel_slaves("mymaster")), "the sentinels to see the replica")
-        yield SentinelGroup(primary, replica, sentinels, processes[0])
+        yield SentinelGroup(primary, replica, sentinels, processes[0], processes[1])
     finally:
         for process in processes:
             process.kill()
@@ -275,3 +276,34 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
     role = (await promoted.info("replication"))["role"]
     await promoted.aclose()
     assert role == "master"  # the failover happened, under the streams
+
+
+async def test_with_the_replica_down_renewals_still_carry_a_stop_from_another_worker(
+    sentinel_group: SentinelGroup,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Lease renewals wait for a replica (``WAIT 1``); with none to wait for they still ran on
+    the primary, and what they answer (a stop asked on another worker) is acted on."""
+    import asyncio
+
+    sentinel_group.replica_process.kill()
+    sentinel_group.replica_process.wait(10)
+    emulator.script(Reply(" ".join(f"w{i:03d}" for i in range(200)), token_delay=0.05))
+    options = {"stream_store": sentinel_group.url}
+    producer, other = make_app(**options), make_app(**options)
+    async with serving(producer) as one, serving(other) as two:
+        async with http.stream("POST", one + "/chat/stream", json={"message": "hi"}) as response:
+            stream_id = response.headers["x-stream-id"]
+            await emulator.wait_for_requests(1)
+            await asyncio.sleep(0.5)
+            stopped = await http.delete(f"{two}/chat/stream/{stream_id}")
+            body = await asyncio.wait_for(response.aread(), 10)
+    assert stopped.json()["status"] == "cancelled"
+    assert b'"stop_reason":"cancelled"' in body
+    upstream = emulator.requests[0]
+    assert upstream.disconnected  # its upstream request was stopped, not run to the end
+    lag = [r for r in caplog.records if "no replica acknowledged" in r.getMessage()]
+    assert len(lag) == 1  # said once, not every half second

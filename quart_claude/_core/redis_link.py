@@ -53,7 +53,12 @@ ScriptCall = tuple[str, Sequence[str], Sequence[Any]]
 
 
 class NotReplicated(Exception):
-    """A durable write that no replica acknowledged in time (a failover may lose it)."""
+    """Durable writes that no replica acknowledged in time (a failover may lose them); they
+    ran on the primary, and ``replies`` are their replies."""
+
+    def __init__(self, message: str, replies: list[Any]) -> None:
+        super().__init__(message)
+        self.replies = replies
 
 
 def key(stream_id: str, part: str) -> str:
@@ -212,7 +217,7 @@ class RedisLink:
         if wait:
             acknowledged = replies.pop()
             if not isinstance(acknowledged, int) or acknowledged < 1:
-                raise NotReplicated(f"no replica acknowledged within {WAIT_MS} ms")
+                raise NotReplicated(f"no replica acknowledged within {WAIT_MS} ms", replies)
         return replies
 
     async def call(self, name: str, keys: Sequence[str], args: Sequence[Any]) -> Any:

@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -174,6 +175,7 @@ class RedisMirror:
         self._dirty: dict[str, _Record] = {}  # the ones with something to write, in order
         self._flush_wanted = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._lag_said_at = -60.0
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -391,14 +393,22 @@ class RedisMirror:
             ]
             try:  # durable: the primary a failover promotes knows these producers live
                 replies = await self.link.run_many(renewals, durable=True)
-            except NotReplicated as lag:
-                log.warning("stream leases renewed, but %s", lag)
-                continue
+            except NotReplicated as lag:  # renewed on the primary: act on the replies
+                replies = lag.replies
+                self._lagging(lag)
             except Exception:
                 log.exception("could not renew stream leases in Redis")
                 continue
             for record, reply in zip(live, replies, strict=True):
                 self._renewed(record, reply)
+
+    def _lagging(self, lag: NotReplicated) -> None:
+        """Say so once a minute: a replica that lags holds nothing up, but a failover then
+        may lose the renewals it did not get."""
+        now = time.monotonic()
+        if now - self._lag_said_at >= 60:
+            self._lag_said_at = now
+            log.warning("stream leases renewed, but %s", lag)
 
     def _renewed(self, record: _Record, reply: Any) -> None:
         stream = record.stream
