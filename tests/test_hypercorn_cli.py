@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,9 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 HYPERCORN = str(Path(sys.executable).with_name("hypercorn"))
 
 
-async def wait_ready(url: str, process: asyncio.subprocess.Process) -> None:
+async def wait_ready(url: str, process: asyncio.subprocess.Process, within: float = 60) -> None:
+    """Until ``url`` answers 200 (a server starting on a loaded machine may take a while:
+    only one that exits, or is not ready after ``within`` seconds, fails)."""
+    deadline = time.monotonic() + within
     async with httpx2.AsyncClient() as http:
-        for _ in range(300):
+        while time.monotonic() < deadline:
             if process.returncode is not None:
                 raise RuntimeError(f"server exited with {process.returncode}")
             try:
