@@ -201,3 +201,23 @@ def test_betas_are_names() -> None:
     assert Claude.state(app).config.betas == ("a-2025-01-01", "b-2026-02-02")
     with pytest.raises(ConfigError, match="CLAUDE_BETAS"):
         make(api_key=KEY, betas="bad name\r\nX-Injected: 1")
+
+
+def test_the_store_refuses_a_sharded_redis_on_a_redis_py_older_than_checked() -> None:
+    """redis-py 5.2's cluster client loses a remote read while slots migrate; the store
+    refuses a cluster below 8.1, at init_app, naming the key and the fix. (The lowest-versions
+    leg runs without the cluster tests, which this refusal stands for there.)"""
+    from importlib.metadata import version
+
+    from quart_claude._core.config import cluster_refusal
+
+    assert cluster_refusal("8.1.0") is None and cluster_refusal("9.0.0b1") is None
+    refused = cluster_refusal("5.2.0")
+    assert refused is not None and "redis>=8.1" in refused and "5.2.0" in refused
+    assert cluster_refusal(None) is not None
+    url = "redis+cluster://127.0.0.1:7000,127.0.0.1:7001"
+    if cluster_refusal(version("redis")) is None:
+        Claude(Quart(__name__), api_key="sk-test", stream_store=url)
+    else:
+        with pytest.raises(ConfigError, match="CLAUDE_STREAM_STORE: a Redis Cluster needs"):
+            Claude(Quart(__name__), api_key="sk-test", stream_store=url)

@@ -224,6 +224,34 @@ def _betas(key: str, value: Any) -> tuple[str, ...]:
     return names
 
 
+#: The redis-py a Redis Cluster store was checked on: 5.2's cluster client loses a remote
+#: read and leaks nodes while slots migrate (tests/test_redis_cluster.py), 8.1's does not.
+CLUSTER_REDIS_PY = (8, 1)
+
+
+def cluster_refusal(version: str | None) -> str | None:
+    """Why a Redis Cluster store cannot run on redis-py ``version`` (None: it can)."""
+    if version is None:
+        return "a Redis Cluster needs redis-py: pip install 'quart-claude[redis]'"
+    parts = tuple(int(p) for p in re.findall(r"\d+", version)[:2])
+    if parts < CLUSTER_REDIS_PY:
+        wanted = ".".join(map(str, CLUSTER_REDIS_PY))
+        return (
+            f"a Redis Cluster needs redis-py {wanted} or later (installed: {version}): "
+            f"pip install 'redis>={wanted}'"
+        )
+    return None
+
+
+def _installed(distribution: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
 def _store_url(key: str, value: Any) -> str:
     text = _str(key, value).strip()
     if text in ("", "memory"):
@@ -245,6 +273,9 @@ def _store_url(key: str, value: Any) -> str:
         hosts = urlsplit(text).netloc.rpartition("@")[2].split(",")
         if not all(re.fullmatch(r"[^:/]+:\d+", host) for host in hosts):
             raise ConfigError(f"{key}: a cluster URL names its nodes, host:port,host:port")
+        refusal = cluster_refusal(_installed("redis"))
+        if refusal:
+            raise ConfigError(f"{key}: {refusal}")
         return text
     raise ConfigError(
         f"{key} must be 'memory', a redis:// (rediss://, unix://) URL, a Redis Cluster's "
