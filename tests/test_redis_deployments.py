@@ -250,13 +250,15 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
         ]
         await eventually(lambda: len(stream_ids) == 20, within=20)
         await asyncio.sleep(0.5)  # a few words into every answer
+        following: list[str] = []
         followers = [
             asyncio.create_task(
-                _read(http, "GET", f"{two}/chat/stream/{sid}", None, lambda _: None)
+                _read(http, "GET", f"{two}/chat/stream/{sid}", None, following.append)
             )
             for sid in list(stream_ids)
         ]
-        await asyncio.sleep(0.3)
+        # every follower found its stream (a lookup while the primary is frozen is a 503)
+        await eventually(lambda: len(following) == 20, within=20)
         sentinel = aioredis.Redis(host="127.0.0.1", port=sentinel_group.sentinels[0])
         if frozen:  # it stays frozen until the answers end: nothing may wait on it
             sentinel_group.primary_process.send_signal(signal.SIGSTOP)
