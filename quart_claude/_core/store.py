@@ -308,6 +308,8 @@ class StreamStore:
         self._chats: OrderedDict[str, str] = OrderedDict()
         self._chat_limit = chats
         self._background: set[asyncio.Task[None]] = set()
+        #: the hot path (one per appended event) goes straight to the mirror
+        self.changed: Callable[[Stream], None] = mirror.changed
         remote.bind(self)
 
     def __len__(self) -> int:
@@ -408,9 +410,6 @@ class StreamStore:
         return shared if shared is not None else self._chats.get(key)
 
     # -- a stream's listener -------------------------------------------------------------
-    def changed(self, stream: Stream) -> None:
-        self.mirror.changed(stream)
-
     def finished(self, stream: Stream) -> None:
         self._cancel_grace(stream)
         self.registry.finished(stream)
