@@ -5,6 +5,7 @@ tests/test_redis_cluster.py.)"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import subprocess
@@ -188,12 +189,19 @@ def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
 
 
 async def _read(
-    http: httpx2.AsyncClient, method: str, url: str, body: Any, opened: Callable[[str], None]
+    http: httpx2.AsyncClient,
+    method: str,
+    url: str,
+    body: Any,
+    opened: Callable[[str], None],
+    seen: list[dict[str, Any]] | None = None,
 ) -> tuple[str, list[str | None]]:
-    """One reader to the end: its text and its event ids (``opened`` gets the stream id)."""
+    """One reader to the end: its text and its event ids (``opened`` gets the stream id;
+    ``seen``, when given, each event as it comes, for a failure to show where it stood)."""
     from quart_claude import SSEParser
 
     text, ids = [], []
+    seen = [] if seen is None else seen
     async with http.stream(method, url, json=body) as response:
         assert response.status_code == 200, await response.aread()
         opened(response.headers["x-stream-id"])
@@ -201,12 +209,29 @@ async def _read(
         async for chunk in response.aiter_raw():
             for event in parser.feed(chunk):
                 payload = event.json()
+                seen.append(payload)
                 ids.append(event.id)
                 if payload["type"] == "delta":
                     text.append(payload["text"])
-                last = payload
-    assert last["type"] == "done", last
+    assert seen and seen[-1]["type"] == "done", seen[-1:]
     return "".join(text), ids
+
+
+async def _all_end(readers: dict[str, tuple[asyncio.Task[Any], list[dict[str, Any]]]]) -> list[Any]:
+    """Every reader's result, within a minute; one that hangs fails the test naming it and
+    the last events it got (a bare TimeoutError says nothing of which stream stalled)."""
+    tasks = [task for task, _ in readers.values()]
+    _, pending = await asyncio.wait(tasks, timeout=60)
+    if pending:
+        stuck = {
+            name: [event["type"] for event in seen[-3:]] + [f"({len(seen)} events)"]
+            for name, (task, seen) in readers.items()
+            if task in pending
+        }
+        for task in pending:
+            task.cancel()
+        raise AssertionError(f"{len(pending)} readers did not end within 60 s: {stuck}")
+    return [task.result() for task in tasks]
 
 
 @pytest.mark.parametrize("failover", ["asked", "frozen primary"])
@@ -222,7 +247,6 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
     the sentinels find it down after a second; every connection to it hangs until the
     store sees the new primary): every reader, on the producing worker and on another one,
     ends with the exact text, ids contiguous."""
-    import asyncio
     import signal
 
     import redis.asyncio as aioredis
@@ -241,24 +265,24 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
     }
     producer, other = make_app(**options), make_app(**options)
     stream_ids: list[str] = []
+    readers: dict[str, tuple[asyncio.Task[Any], list[dict[str, Any]]]] = {}
+
+    def reader(name: str, method: str, url: str, body: Any, opened: Callable[[str], None]) -> None:
+        seen: list[dict[str, Any]] = []
+        task = asyncio.create_task(_read(http, method, url, body, opened, seen))
+        readers[name] = (task, seen)
+
     async with serving(producer) as one, serving(other) as two:
-        posts = [
-            asyncio.create_task(
-                _read(http, "POST", one + "/chat/stream", {"message": f"q{i}"}, stream_ids.append)
-            )
-            for i in range(20)
-        ]
-        await eventually(lambda: len(stream_ids) == 20, within=20)
+        for i in range(20):
+            body = {"message": f"q{i}"}
+            reader(f"post {i}", "POST", one + "/chat/stream", body, stream_ids.append)
+        await eventually(lambda: len(stream_ids) == 20, within=30)
         await asyncio.sleep(0.5)  # a few words into every answer
         following: list[str] = []
-        followers = [
-            asyncio.create_task(
-                _read(http, "GET", f"{two}/chat/stream/{sid}", None, following.append)
-            )
-            for sid in list(stream_ids)
-        ]
+        for sid in list(stream_ids):
+            reader(f"follower {sid}", "GET", f"{two}/chat/stream/{sid}", None, following.append)
         # every follower found its stream (a lookup while the primary is frozen is a 503)
-        await eventually(lambda: len(following) == 20, within=20)
+        await eventually(lambda: len(following) == 20, within=30)
         sentinel = aioredis.Redis(host="127.0.0.1", port=sentinel_group.sentinels[0])
         if frozen:  # it stays frozen until the answers end: nothing may wait on it
             sentinel_group.primary_process.send_signal(signal.SIGSTOP)
@@ -266,7 +290,7 @@ async def test_a_sentinel_failover_during_live_streams_loses_and_repeats_nothing
             assert await sentinel.sentinel_failover("mymaster")
         await sentinel.aclose()
         try:
-            results = await asyncio.wait_for(asyncio.gather(*posts, *followers), 60)
+            results = await _all_end(readers)
         finally:
             sentinel_group.primary_process.send_signal(signal.SIGCONT)
     for text, ids in results:
@@ -289,7 +313,6 @@ async def test_with_the_replica_down_renewals_still_carry_a_stop_from_another_wo
 ) -> None:
     """Lease renewals wait for a replica (``WAIT 1``); with none to wait for they still ran on
     the primary, and what they answer (a stop asked on another worker) is acted on."""
-    import asyncio
 
     sentinel_group.replica_process.kill()
     sentinel_group.replica_process.wait(10)

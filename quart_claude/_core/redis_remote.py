@@ -65,9 +65,15 @@ return {fence, m[6] or '', m[7] or '', request, m[8] or '{}', handoff and 1 or 0
 
 REMOTE_SCRIPTS = {"claim": _CLAIM}
 
-#: A remote read that fails is tried again from its position this many times (0.05 s, 0.1 s,
-#: ... apart: under half a second), so a slot migrating or a replica promoted is a retry.
-_READ_RETRIES = 4
+#: A remote read that fails is tried again from its position, this far apart at first, then
+#: twice as far each time up to a second, for as long as a lease lasts: a slot migrating or a
+#: replica being promoted is a retry, not an ``unavailable``.
+_READ_RETRY_FIRST = 0.05
+
+
+def _retry_delay(failing_for: float) -> float:
+    """0.05 s after a first failure, doubling with how long reads have failed, at most 1 s."""
+    return min(1.0, max(_READ_RETRY_FIRST, failing_for))
 
 
 @dataclass(slots=True)
@@ -152,21 +158,25 @@ class RedisRemote:
         loop = asyncio.get_running_loop()
         ping_at = loop.time() + heartbeat
         closing = asyncio.ensure_future(self.store.closing.wait())
-        failures = 0
+        failing_since: float | None = None
         try:
             while True:
                 try:
                     poll = await self._poll(stream_id, position, block_ms, presence, closing)
                 except Exception:  # a slot moving, a node failing over, or Redis gone
-                    failures += 1
-                    if failures > _READ_RETRIES:  # gone: say so, retryably, not a cut
+                    now = loop.time()
+                    failing_since = now if failing_since is None else failing_since
+                    if now - failing_since > self.timings.lease:  # gone: retryably, not a cut
                         log.exception("stream %s: Redis failed while reading", stream_id)
                         yield UNAVAILABLE
                         return
                     log.warning("stream %s: a read from Redis failed; again", stream_id)
-                    await asyncio.sleep(0.05 * failures)  # from the same position
+                    await asyncio.sleep(_retry_delay(now - failing_since))  # same position
+                    if loop.time() >= ping_at:  # the reader's proxy still hears from us
+                        ping_at = loop.time() + heartbeat
+                        yield PING
                     continue
-                failures = 0
+                failing_since = None
                 if poll.closing:
                     partial = position not in ("0-0", "0-1")  # text may have been sent
                     yield error_frame("shutdown", partial=partial)
