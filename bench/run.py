@@ -74,7 +74,29 @@ def scenarios(quick: bool) -> list[Scenario]:
             10 // (2 if quick else 1),
             1.0,
             first_token_delay=5.0 / (5 if quick else 1),
+            systems=("bare", "quart_claude"),
             ramp=2.0,
+        ),
+        # 1,000 streams opened within a second, the first token 200 ms after each request:
+        # setup under a burst, against floors on both HTTP clients
+        Scenario(
+            "burst",
+            1000 // scale,
+            10,
+            0.05,
+            first_token_delay=0.2,
+            systems=("bare-aiohttp", "bare", "quart_claude", "flask"),
+            ramp=1.0,
+        ),
+        # 5,000 streams open together on one worker (opened over 20 s, each a minute long),
+        # an event a second each
+        Scenario(
+            "5000-streams",
+            5000 // scale,
+            60 // (6 if quick else 1),
+            1.0,
+            systems=("bare-aiohttp", "quart_claude"),
+            ramp=20.0 / (4 if quick else 1),
         ),
         Scenario(
             "resume-heavy",
@@ -196,6 +218,8 @@ class Measurement:
     latency_p50_ms: float | None = None
     latency_p99_ms: float | None = None
     ttft_overhead_ms: float | None = None
+    ttft_p50_ms: float | None = None
+    ttft_p99_ms: float | None = None
     events_per_s: float | None = None
     peak_rss_mib: float | None = None
     rss_per_stream_kib: float | None = None
@@ -334,6 +358,8 @@ def measure(
         ttfts = [r.ttft for r in results if r.ttft is not None]
         if ttfts:
             result.ttft_overhead_ms = (statistics.median(ttfts) - direct) * 1e3
+            result.ttft_p50_ms = (percentile(ttfts, 0.5) or 0.0) * 1e3
+            result.ttft_p99_ms = (percentile(ttfts, 0.99) or 0.0) * 1e3
         result.peak_rss_mib = rss_kib(pid, "VmHWM") / 1024
         result.rss_per_stream_kib = (peak - rss_before) / scenario.streams
     finally:
@@ -567,9 +593,9 @@ def table(measurements: list[Measurement]) -> str:
     common = {m.scenario: m.cpu_us_per_event or 0.0 for m in measurements if m.system == "common"}
     rows = [
         "| scenario | system | streams | events | failures | CPU µs/event | vs floor | "
-        "vs common | latency p50 / p99 ms | TTFT overhead ms | events/s | peak RSS MiB | "
-        "RSS KiB/stream | CPU ms/stream |",
-        "|" + "---|" * 14,
+        "vs common | latency p50 / p99 ms | TTFT overhead ms | TTFT p50 / p99 ms | events/s | "
+        "peak RSS MiB | RSS KiB/stream | CPU ms/stream |",
+        "|" + "---|" * 15,
     ]
     for m in measurements:
         ratio = (
@@ -586,7 +612,8 @@ def table(measurements: list[Measurement]) -> str:
             f"| {m.scenario} | {m.system} | {m.streams} | {m.events} | {m.failures} | "
             f"{_fmt(m.cpu_us_per_event)} | {ratio} | {vs_common} | "
             f"{_fmt(m.latency_p50_ms, 1)} / {_fmt(m.latency_p99_ms, 1)} | "
-            f"{_fmt(m.ttft_overhead_ms, 1)} | {_fmt(m.events_per_s)} | "
+            f"{_fmt(m.ttft_overhead_ms, 1)} | {_fmt(m.ttft_p50_ms)} / {_fmt(m.ttft_p99_ms)} | "
+            f"{_fmt(m.events_per_s)} | "
             f"{_fmt(m.peak_rss_mib, 1)} | {_fmt(m.rss_per_stream_kib, 1)} | "
             f"{_fmt(m.cpu_ms_per_stream, 2)} |"
         )

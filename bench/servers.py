@@ -2,8 +2,8 @@
 
     python -m bench.servers SYSTEM BIND UPSTREAM_URL [REDIS_URL]
 
-(``SYSTEM``: ``quart_claude``, ``conversations``, ``budget``, ``bedrock``, ``bare`` or
-``common``.)
+(``SYSTEM``: ``quart_claude``, ``conversations``, ``budget``, ``bedrock``, ``bare``,
+``bare-aiohttp`` or ``common``.)
 
 (``BIND`` as Hypercorn takes it: ``127.0.0.1:8000``, or ``fd://N`` for an inherited socket.)
 
@@ -17,6 +17,8 @@
   framing, decoded with its CRCs by the relay.
 - ``bare``: the floor; a raw ASGI app (no framework) that forwards each upstream text delta
   as one SSE event, through httpx2 line iteration.
+- ``bare-aiohttp``: the same floor on aiohttp's client (the transport quart-claude uses by
+  default), with one connector for every stream, as the burst's floor.
 - ``common``: the usual design; a Quart view iterating ``client.messages.stream().text_stream``.
 - ``flask``: this project's Flask front end under Gunicorn's gthread worker (``flask_app``,
   started by ``bench.run`` with the ``gunicorn`` command, one worker, a thread per stream).
@@ -32,13 +34,11 @@ import sys
 import tempfile
 from typing import Any
 
-import anthropic
-import httpx2
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
-from quart import Quart, Response, request
 
-from quart_claude import Claude
+# Each system imports what it needs when it is built: the floor's idle worker holds no
+# framework and no SDK, as its own deployment would.
 
 MODEL = "claude-sonnet-5-5"
 BEDROCK_MODEL = "global.anthropic.claude-sonnet-4-6"
@@ -62,7 +62,11 @@ def quart_claude_app(
     database: str | None = None,
     budget: str | None = None,
     provider: str | None = None,
-) -> Quart:
+) -> Any:
+    from quart import Quart
+
+    from quart_claude import Claude
+
     app = Quart(__name__)
     options: dict[str, Any] = {
         "api_key": "sk-bench",
@@ -107,7 +111,10 @@ def flask_app(upstream: str, redis_url: str | None = None) -> Any:
     return app
 
 
-def common_app(upstream: str) -> Quart:
+def common_app(upstream: str) -> Any:
+    import anthropic
+    from quart import Quart, Response, request
+
     app = Quart(__name__)
     clients: list[anthropic.AsyncAnthropic] = []
 
@@ -140,7 +147,80 @@ def common_app(upstream: str) -> Quart:
     return app
 
 
+def _payload(raw: bytes) -> dict[str, Any]:
+    body = json.loads(raw)
+    return {
+        "model": MODEL,
+        "max_tokens": body.get("max_tokens", 8192),
+        "stream": True,
+        "messages": [{"role": "user", "content": body["message"]}],
+    }
+
+
+_UPSTREAM_HEADERS = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}
+_SSE_START = {
+    "type": "http.response.start",
+    "status": 200,
+    "headers": [(b"content-type", b"text/event-stream")],
+}
+
+
+async def _body(receive: Any) -> bytes:
+    raw = b""
+    while True:
+        message = await receive()
+        raw += bytes(message.get("body", b""))
+        if not message.get("more_body"):
+            return raw
+
+
+def _delta(line: str) -> bytes | None:
+    """The SSE event the floor sends for one upstream line (None for all but text deltas)."""
+    if line.startswith("data: ") and '"text_delta"' in line:
+        text = json.loads(line[6:])["delta"]["text"]
+        return ("data: " + _dumps({"type": "delta", "text": text}) + "\n\n").encode()
+    return None
+
+
+def bare_aiohttp_app(upstream: str) -> Any:
+    import aiohttp
+
+    state: dict[str, aiohttp.ClientSession] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    state["client"] = aiohttp.ClientSession(
+                        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(60)
+                    )
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await state["client"].close()
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["path"] == "/ready":
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+            return
+        payload = _payload(await _body(receive))
+        async with state["client"].post(
+            upstream + "/v1/messages", json=payload, headers=_UPSTREAM_HEADERS
+        ) as upstream_response:
+            await send(_SSE_START)
+            async for raw_line in upstream_response.content:
+                event = _delta(raw_line.decode().rstrip("\r\n"))
+                if event is not None:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b'data: {"type":"done"}\n\n'})
+
+    return app
+
+
 def bare_app(upstream: str) -> Any:
+    import httpx2
+
     state: dict[str, httpx2.AsyncClient] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
@@ -160,37 +240,15 @@ def bare_app(upstream: str) -> Any:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
             return
-        raw = b""
-        while True:
-            message = await receive()
-            raw += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        body = json.loads(raw)
-        payload = {
-            "model": MODEL,
-            "max_tokens": body.get("max_tokens", 8192),
-            "stream": True,
-            "messages": [{"role": "user", "content": body["message"]}],
-        }
-        headers = {"x-api-key": "sk-bench", "anthropic-version": "2023-06-01"}
+        payload = _payload(await _body(receive))
         async with state["client"].stream(
-            "POST", upstream + "/v1/messages", json=payload, headers=headers
+            "POST", upstream + "/v1/messages", json=payload, headers=_UPSTREAM_HEADERS
         ) as upstream_response:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream")],
-                }
-            )
+            await send(_SSE_START)
             async for line in upstream_response.aiter_lines():
-                if line.startswith("data: ") and '"text_delta"' in line:
-                    text = json.loads(line[6:])["delta"]["text"]
-                    event = "data: " + _dumps({"type": "delta", "text": text}) + "\n\n"
-                    await send(
-                        {"type": "http.response.body", "body": event.encode(), "more_body": True}
-                    )
+                event = _delta(line)
+                if event is not None:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b'data: {"type":"done"}\n\n'})
 
     return app
@@ -213,6 +271,8 @@ def main() -> None:
         app = quart_claude_app(upstream, redis_url, database)
     elif name == "common":
         app = common_app(upstream)
+    elif name == "bare-aiohttp":
+        app = bare_aiohttp_app(upstream)
     else:
         app = bare_app(upstream)
     config = Config()
