@@ -193,7 +193,8 @@ def bare_aiohttp_app(upstream: str) -> Any:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
                     state["client"] = aiohttp.ClientSession(
-                        connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(60)
+                        connector=aiohttp.TCPConnector(limit=0),
+                        timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
                     )
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
