@@ -264,7 +264,10 @@ def measure(
     direct: float,
     profile: Path | None = None,
     tls_ca: Path | None = None,
-) -> Measurement:
+    waves: int = 1,
+) -> list[Measurement]:
+    """The scenario on a fresh server of ``system``: one measurement, or one per wave (the
+    same load again on the same server: what a worker keeps after streams come and go)."""
     sock = listener()
     port = port_of(sock)
     upstream = f"{'https' if tls_ca else 'http'}://127.0.0.1:{emulator_port}"
@@ -328,7 +331,6 @@ def measure(
             stderr=subprocess.DEVNULL,
         )
     name = scenario.name + ("+tls" if tls_ca else "")
-    result = Measurement(name, system, scenario.streams)
     try:
         wait_port(port)
         # warm up: one stream, so imports and first-request costs are not counted
@@ -336,32 +338,14 @@ def measure(
         pid = worker_of(server.pid) if system == "flask" else server.pid
         if scenario.streams == 0:  # idle: what a worker holds once it has served one stream
             time.sleep(2)
-            result.peak_rss_mib = rss_kib(pid) / 1024
-            return result
-        rss_before = rss_kib(pid)
-        cpu_before = cpu_seconds(pid)
-        started = time.monotonic()
-        results, peak = asyncio.run(run_load(scenario, port, pid))
-        result.wall = time.monotonic() - started
-        cpu = cpu_seconds(pid) - cpu_before
-        result.events = sum(r.events for r in results)
-        result.failures = sum(1 for r in results if not r.ok)
-        result.errors = sorted({r.error or "" for r in results if not r.ok})[:5]
-        latencies = [lat for r in results for lat in r.latencies]
-        if result.events:
-            result.cpu_us_per_event = cpu / result.events * 1e6
-            result.events_per_s = result.events / result.wall
-        result.cpu_ms_per_stream = cpu / scenario.streams * 1e3
-        p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
-        result.latency_p50_ms = p50 * 1e3 if p50 is not None else None
-        result.latency_p99_ms = p99 * 1e3 if p99 is not None else None
-        ttfts = [r.ttft for r in results if r.ttft is not None]
-        if ttfts:
-            result.ttft_overhead_ms = (statistics.median(ttfts) - direct) * 1e3
-            result.ttft_p50_ms = (percentile(ttfts, 0.5) or 0.0) * 1e3
-            result.ttft_p99_ms = (percentile(ttfts, 0.99) or 0.0) * 1e3
-        result.peak_rss_mib = rss_kib(pid, "VmHWM") / 1024
-        result.rss_per_stream_kib = (peak - rss_before) / scenario.streams
+            idle = Measurement(name, system, 0, peak_rss_mib=rss_kib(pid) / 1024)
+            return [idle]
+        results_of_waves = []
+        for n in range(1, waves + 1):
+            if n > 1:
+                time.sleep(1)  # the last wave's connections close before this one's RSS is read
+            wave = Measurement(name + (f" wave {n}" if waves > 1 else ""), system, scenario.streams)
+            results_of_waves.append(_wave(scenario, port, pid, direct, wave))
     finally:
         server.terminate()
         try:
@@ -370,6 +354,37 @@ def measure(
             server.kill()
         if spy is not None:
             spy.wait(30)
+    return results_of_waves
+
+
+def _wave(
+    scenario: Scenario, port: int, pid: int, direct: float, result: Measurement
+) -> Measurement:
+    """One run of the scenario's streams on a server that is up (and may have run others)."""
+    rss_before = rss_kib(pid)
+    cpu_before = cpu_seconds(pid)
+    started = time.monotonic()
+    results, peak = asyncio.run(run_load(scenario, port, pid))
+    result.wall = time.monotonic() - started
+    cpu = cpu_seconds(pid) - cpu_before
+    result.events = sum(r.events for r in results)
+    result.failures = sum(1 for r in results if not r.ok)
+    result.errors = sorted({r.error or "" for r in results if not r.ok})[:5]
+    latencies = [lat for r in results for lat in r.latencies]
+    if result.events:
+        result.cpu_us_per_event = cpu / result.events * 1e6
+        result.events_per_s = result.events / result.wall
+    result.cpu_ms_per_stream = cpu / scenario.streams * 1e3
+    p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
+    result.latency_p50_ms = p50 * 1e3 if p50 is not None else None
+    result.latency_p99_ms = p99 * 1e3 if p99 is not None else None
+    ttfts = [r.ttft for r in results if r.ttft is not None]
+    if ttfts:
+        result.ttft_overhead_ms = (statistics.median(ttfts) - direct) * 1e3
+        result.ttft_p50_ms = (percentile(ttfts, 0.5) or 0.0) * 1e3
+        result.ttft_p99_ms = (percentile(ttfts, 0.99) or 0.0) * 1e3
+    result.peak_rss_mib = rss_kib(pid, "VmHWM") / 1024
+    result.rss_per_stream_kib = (peak - rss_before) / scenario.streams
     return result
 
 
@@ -508,6 +523,9 @@ def main() -> None:
     parser.add_argument(
         "--tls", action="store_true", help="the emulator serves TLS (as production's upstream)"
     )
+    parser.add_argument(
+        "--waves", type=int, default=1, help="run each load this many times on one server"
+    )
     args = parser.parse_args()
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(0, {int(LOAD_CORE)})
@@ -547,18 +565,19 @@ def main() -> None:
                 store = redis_cluster if scenario.redis == "cluster" else redis_server
                 redis_url = stack.enter_context(store())
             for system in args.systems or scenario.systems:
-                m = measure(
+                waves = measure(
                     scenario, system, emulator_port, redis_url, direct, args.profile,
-                    tls[0] if tls else None,
+                    tls[0] if tls else None, args.waves,
                 )  # fmt: skip
-                measurements.append(m)
-                print(
-                    f"{m.scenario:13} {m.system:13} events={m.events} failures={m.failures}"
-                    f" cpu/event={_fmt(m.cpu_us_per_event)}us",
-                    *(f"\n  failed: {error}" for error in m.errors),
-                    file=sys.stderr,
-                    flush=True,
-                )
+                measurements.extend(waves)
+                for m in waves:
+                    print(
+                        f"{m.scenario:13} {m.system:13} events={m.events} failures={m.failures}"
+                        f" cpu/event={_fmt(m.cpu_us_per_event)}us",
+                        *(f"\n  failed: {error}" for error in m.errors),
+                        file=sys.stderr,
+                        flush=True,
+                    )
 
     tls_folder.cleanup()
     print(table(measurements))

@@ -18,7 +18,7 @@ from quart_claude._core.store import Timings, memory_store
 from quart_claude._core.stream import Stream
 from quart_claude.testing import Emulator, Reply
 
-from .helpers import serving, stream_chat
+from .helpers import eventually, serving, stream_chat
 
 pytestmark = pytest.mark.server
 
@@ -203,6 +203,47 @@ async def test_finished_streams_expire_after_the_ttl(
         assert (await http.get(path)).status_code == 200
         await asyncio.sleep(0.7)
         assert (await http.get(path)).status_code == 404
+
+
+def _reaches(start: object, target: object, limit: int = 20_000) -> bool:
+    """Whether ``target`` is reachable from ``start`` through references (breadth-first)."""
+    seen, frontier = {id(start)}, [start]
+    while frontier and len(seen) < limit:
+        step = []
+        for obj in frontier:
+            for ref in gc.get_referents(obj):
+                if ref is target:
+                    return True
+                if id(ref) not in seen and not isinstance(ref, type | str | bytes | int):
+                    seen.add(id(ref))
+                    step.append(ref)
+        frontier = step
+    return False
+
+
+async def test_a_finished_stream_kept_for_resume_holds_nothing_of_its_request(
+    make_app: Callable[..., Quart], http: httpx2.AsyncClient
+) -> None:
+    """Kept for ``CLAUDE_STREAM_TTL``, a finished stream holds its events, not the request
+    that opened it (its producer task held the request's context, and with it the Quart
+    request, its headers and the connection's state)."""
+    app = make_app()
+    requests: list[Any] = []
+
+    @app.before_request
+    async def keep() -> None:
+        from quart import request
+
+        requests.append(request._get_current_object())  # type: ignore[attr-defined]
+
+    async with serving(app) as url:
+        done = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
+        assert done.types[-1] == "done"
+        stream = Claude.state(app).store.get(done.headers["x-stream-id"])
+        assert stream is not None and stream.finished
+        (opened,) = [r for r in requests if r.method == "POST"]
+        # the producer task ends (and lets go) just after the last event is sent
+        await eventually(lambda: not _reaches(stream, opened), within=5)
 
 
 async def test_memory_registry_stays_bounded_under_load() -> None:

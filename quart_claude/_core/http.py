@@ -377,10 +377,10 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
     if isinstance(opened, Reply):
         return opened
     stream, headers = opened
-    producer = stream.producer
-    assert producer is not None
+    producer = stream.producer  # None: it is done already
     try:
-        await asyncio.shield(producer)
+        if producer is not None:
+            await asyncio.shield(producer)
     except asyncio.CancelledError:  # the client left: nobody will read this answer
         stream.cancel(Cancel.DISCONNECTED)
         raise

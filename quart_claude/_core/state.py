@@ -162,6 +162,11 @@ class ClaudeState:
 
         def done(task: asyncio.Task[None]) -> None:
             self.producers.discard(task)
+            # a finished stream is kept for resume (CLAUDE_STREAM_TTL); its task is not: the
+            # task holds the context it was created in, and so the whole request (Quart's
+            # request context, its headers, the server's connection state)
+            if stream.producer is task:
+                stream.producer = None
             left = self._per_client.pop(client, 1) - 1
             if left:
                 self._per_client[client] = left

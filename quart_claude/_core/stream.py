@@ -157,7 +157,7 @@ class Stream:
         self.created_at: float = time.monotonic()
         self.readers: set[Reader] = set()
         self.listener: StreamListener = _UNLISTED  # set by the store that holds it
-        self.producer: asyncio.Task[None] | None = None  # set by the state that starts it
+        self.producer: asyncio.Task[None] | None = None  # the state sets it; None once done
         self.cancel_reason: Cancel | None = None
         #: fields the ``start`` event carries besides the answer's (a conversation's ids)
         self.start_fields: dict[str, Any] = {}
