@@ -234,7 +234,7 @@ async def test_a_finished_stream_kept_for_resume_holds_nothing_of_its_request(
     async def keep() -> None:
         from quart import request
 
-        requests.append(request._get_current_object())  # type: ignore[attr-defined]
+        requests.append(request._get_current_object())  # type: ignore[attr-defined,unused-ignore]
 
     async with serving(app) as url:
         done = await stream_chat(http, url + "/chat/stream", {"message": "hi"})

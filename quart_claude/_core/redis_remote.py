@@ -151,7 +151,6 @@ class RedisRemote:
         worker drains.
         """
         assert self.store is not None
-        events_key = key(stream_id, "ev")
         position = f"0-{after + 1}" if after >= 0 else "0-0"
         block_ms = max(1, int(min(heartbeat, self.timings.liveness_interval) * 1000))
         presence = max(2, int(heartbeat * 2) + 1)
@@ -181,11 +180,7 @@ class RedisRemote:
                     partial = position not in ("0-0", "0-1")  # text may have been sent
                     yield error_frame("shutdown", partial=partial)
                     return
-                # finished: what the primary holds after this reader's position (XREAD may
-                # have read a stale node, a primary that just failed over)
-                entries = poll.entries or (
-                    await self._rest(events_key, position) if poll.done else []
-                )
+                entries = poll.entries
                 if entries:
                     position = entries[-1][0].decode()
                     ping_at = loop.time() + heartbeat
@@ -193,7 +188,7 @@ class RedisRemote:
                     if b"f" in entries[-1][1]:
                         return
                     continue
-                if poll.done:
+                if poll.done:  # nothing after this position (a Last-Event-ID past the end)
                     return
                 if poll.claimed == "unavailable":
                     yield UNAVAILABLE
@@ -232,18 +227,15 @@ class RedisRemote:
         if reply:
             return _Poll(entries=reply[0][1])
         alive, done = await self._alive(stream_id)  # silence: is anyone still producing it?
-        if done:
-            return _Poll(done=True)
+        if done:  # what the primary holds after this position (XREAD may have read a stale
+            # node, a primary that just failed over); a failure here is retried like any read
+            return _Poll(entries=await self._rest(key(stream_id, "ev"), position), done=True)
         return _Poll(claimed=None if alive else await self._claim(stream_id))
 
     async def _rest(self, events_key: str, position: str) -> list[Any]:
         """The entries after ``position`` on the primary (the blocking reads' connection may
         have read a node that is a replica now, after a failover)."""
-        try:
-            entries: list[Any] = await self.link.redis.xrange(events_key, min="(" + position)
-        except Exception:
-            log.exception("could not read the end of %s from Redis", events_key)
-            return []
+        entries: list[Any] = await self.link.redis.xrange(events_key, min="(" + position)
         return entries
 
     async def _alive(self, stream_id: str) -> tuple[bool, bool]:
