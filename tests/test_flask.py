@@ -20,7 +20,7 @@ import pytest
 from quart_claude.testing import Emulator, Reply
 
 from .conftest import API_KEY
-from .helpers import GUNICORN, ROOT, free_port, gunicorn_serving, stream_chat
+from .helpers import GUNICORN, ROOT, free_port, gunicorn_serving, listener, stream_chat
 from .test_hypercorn_cli import HYPERCORN, start, stop, wait_ready
 
 pytestmark = [pytest.mark.system, pytest.mark.deps]
@@ -103,10 +103,14 @@ async def test_sigterm_drains_open_streams_with_a_retryable_shutdown(
 async def test_without_the_gunicorn_hook_a_warning_says_so(
     emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
-    port = free_port()
+    sock = listener()  # inherited: no other test's server can answer on this port
+    port = sock.getsockname()[1]
     env = {"CLAUDE_API_KEY": API_KEY, "CLAUDE_BASE_URL": emulator.url}
-    args = [GUNICORN, "-k", "gthread", "--threads", "4", "-b", f"127.0.0.1:{port}"]
-    process = await start([*args, "tests.flask_host_app:app"], env)
+    args = [GUNICORN, "-k", "gthread", "--threads", "4", "-b", f"fd://{sock.fileno()}"]
+    try:
+        process = await start([*args, "tests.flask_host_app:app"], env, (sock.fileno(),))
+    finally:
+        sock.close()
     try:
         await wait_ready(f"http://127.0.0.1:{port}/ready", process)
     finally:

@@ -41,13 +41,16 @@ async def wait_ready(url: str, process: asyncio.subprocess.Process, within: floa
     raise RuntimeError(f"{url} never became ready")
 
 
-async def start(args: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
+async def start(
+    args: list[str], env: dict[str, str], pass_fds: tuple[int, ...] = ()
+) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
         *args,
         cwd=ROOT,
         env={**os.environ, **env},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
+        pass_fds=pass_fds,
     )
 
 
