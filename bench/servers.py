@@ -27,11 +27,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import resource
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from hypercorn.asyncio import serve
@@ -174,31 +177,41 @@ async def _body(receive: Any) -> bytes:
             return raw
 
 
-def _delta(line: str) -> bytes | None:
-    """The SSE event the floor sends for one upstream line (None for all but text deltas)."""
+def _delta(line: str | bytes) -> bytes | None:
+    """The SSE event the floor sends for one upstream line (None for all but text deltas);
+    aiohttp gives a line as bytes with its line end, httpx2 as text without."""
+    if isinstance(line, bytes):
+        line = line.decode().rstrip("\r\n")
     if line.startswith("data: ") and '"text_delta"' in line:
         text = json.loads(line[6:])["delta"]["text"]
         return ("data: " + _dumps({"type": "delta", "text": text}) + "\n\n").encode()
     return None
 
 
-def bare_aiohttp_app(upstream: str) -> Any:
-    import aiohttp
+#: a floor's HTTP client (made at startup), and the lines of one streamed request: an async
+#: context manager around an async iterator of lines
+Client = Any
+Lines = Callable[[Client, str, dict[str, Any]], AbstractAsyncContextManager[AsyncIterator[Any]]]
 
-    state: dict[str, aiohttp.ClientSession] = {}
+
+def _floor_app(
+    open_client: Callable[[], Client],
+    close: Callable[[Client], Awaitable[None]],
+    lines: Lines,
+    upstream: str,
+) -> Any:
+    """A raw ASGI app, no framework: each upstream text delta forwarded as one SSE event."""
+    state: dict[str, Client] = {}
 
     async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while True:
                 message = await receive()
                 if message["type"] == "lifespan.startup":
-                    state["client"] = aiohttp.ClientSession(
-                        connector=aiohttp.TCPConnector(limit=0),
-                        timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
-                    )
+                    state["client"] = open_client()
                     await send({"type": "lifespan.startup.complete"})
                 elif message["type"] == "lifespan.shutdown":
-                    await state["client"].close()
+                    await close(state["client"])
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         if scope["path"] == "/ready":
@@ -206,53 +219,46 @@ def bare_aiohttp_app(upstream: str) -> Any:
             await send({"type": "http.response.body", "body": b"ok"})
             return
         payload = _payload(await _body(receive))
-        async with state["client"].post(
-            upstream + "/v1/messages", json=payload, headers=_UPSTREAM_HEADERS
-        ) as upstream_response:
+        async with lines(state["client"], upstream + "/v1/messages", payload) as upstream_lines:
             await send(_SSE_START)
-            async for raw_line in upstream_response.content:
-                event = _delta(raw_line.decode().rstrip("\r\n"))
-                if event is not None:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-        await send({"type": "http.response.body", "body": b'data: {"type":"done"}\n\n'})
-
-    return app
-
-
-def bare_app(upstream: str) -> Any:
-    import httpx2
-
-    state: dict[str, httpx2.AsyncClient] = {}
-
-    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    state["client"] = httpx2.AsyncClient(
-                        timeout=60, limits=httpx2.Limits(max_connections=10_000)
-                    )
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await state["client"].aclose()
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["path"] == "/ready":
-            await send({"type": "http.response.start", "status": 200, "headers": []})
-            await send({"type": "http.response.body", "body": b"ok"})
-            return
-        payload = _payload(await _body(receive))
-        async with state["client"].stream(
-            "POST", upstream + "/v1/messages", json=payload, headers=_UPSTREAM_HEADERS
-        ) as upstream_response:
-            await send(_SSE_START)
-            async for line in upstream_response.aiter_lines():
+            async for line in upstream_lines:
                 event = _delta(line)
                 if event is not None:
                     await send({"type": "http.response.body", "body": event, "more_body": True})
         await send({"type": "http.response.body", "body": b'data: {"type":"done"}\n\n'})
 
     return app
+
+
+def bare_aiohttp_app(upstream: str) -> Any:
+    import aiohttp
+
+    @contextlib.asynccontextmanager
+    async def lines(client: Any, url: str, payload: dict[str, Any]) -> AsyncIterator[Any]:
+        async with client.post(url, json=payload, headers=_UPSTREAM_HEADERS) as response:
+            yield response.content
+
+    def open_client() -> Any:
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            timeout=aiohttp.ClientTimeout(total=None, sock_read=60),
+        )
+
+    return _floor_app(open_client, aiohttp.ClientSession.close, lines, upstream)
+
+
+def bare_app(upstream: str) -> Any:
+    import httpx2
+
+    @contextlib.asynccontextmanager
+    async def lines(client: Any, url: str, payload: dict[str, Any]) -> AsyncIterator[Any]:
+        async with client.stream("POST", url, json=payload, headers=_UPSTREAM_HEADERS) as response:
+            yield response.aiter_lines()
+
+    def open_client() -> Any:
+        return httpx2.AsyncClient(timeout=60, limits=httpx2.Limits(max_connections=10_000))
+
+    return _floor_app(open_client, httpx2.AsyncClient.aclose, lines, upstream)
 
 
 def main() -> None:
