@@ -160,6 +160,9 @@ class RedisRemote:
         failing_since: float | None = None
         try:
             while True:
+                if loop.time() >= ping_at:  # silence (or Redis failing): the proxy hears us
+                    ping_at = loop.time() + heartbeat
+                    yield PING
                 try:
                     poll = await self._poll(stream_id, position, block_ms, presence, closing)
                 except Exception:  # a slot moving, a node failing over, or Redis gone
@@ -171,9 +174,6 @@ class RedisRemote:
                         return
                     log.warning("stream %s: a read from Redis failed; again", stream_id)
                     await asyncio.sleep(_retry_delay(now - failing_since))  # same position
-                    if loop.time() >= ping_at:  # the reader's proxy still hears from us
-                        ping_at = loop.time() + heartbeat
-                        yield PING
                     continue
                 failing_since = None
                 if poll.closing:
@@ -198,9 +198,6 @@ class RedisRemote:
                     if take_over is None or not await take_over(poll.claimed):
                         yield UNAVAILABLE  # e.g. at capacity: the claim is let go
                         return
-                if loop.time() >= ping_at:
-                    ping_at = loop.time() + heartbeat
-                    yield PING
         finally:
             closing.cancel()
 
@@ -229,14 +226,9 @@ class RedisRemote:
         alive, done = await self._alive(stream_id)  # silence: is anyone still producing it?
         if done:  # what the primary holds after this position (XREAD may have read a stale
             # node, a primary that just failed over); a failure here is retried like any read
-            return _Poll(entries=await self._rest(key(stream_id, "ev"), position), done=True)
+            rest = await link.redis.xrange(key(stream_id, "ev"), min="(" + position)
+            return _Poll(entries=rest, done=True)
         return _Poll(claimed=None if alive else await self._claim(stream_id))
-
-    async def _rest(self, events_key: str, position: str) -> list[Any]:
-        """The entries after ``position`` on the primary (the blocking reads' connection may
-        have read a node that is a replica now, after a failover)."""
-        entries: list[Any] = await self.link.redis.xrange(events_key, min="(" + position)
-        return entries
 
     async def _alive(self, stream_id: str) -> tuple[bool, bool]:
         async with self.link.redis.pipeline(transaction=False) as pipe:
