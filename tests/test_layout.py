@@ -52,7 +52,7 @@ CORE_MODULES = sorted(path.stem for path in CORE.glob("*.py") if path.stem != "_
 
 
 def test_the_import_reader_sees_imports() -> None:
-    assert {"anthropic", ".protocol"} <= imports_of("errors")
+    assert {"anthropic", ".first_party"} <= imports_of("providers")
     assert "anthropic" in closure("relay")
 
 

@@ -290,9 +290,12 @@ async def test_a_library_warning_raised_as_an_error_never_fails_the_stream(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     # pytest runs with warnings as errors, as `python -W error` would: the SDK's deprecation
-    # warning for this model is raised inside the relay's upstream call.
+    # warning for this model is raised inside the relay's upstream call (the SDK's client,
+    # as the clouds' requests and CLAUDE_HTTP_CLIENT=httpx's go; the first-party client
+    # raises no warning)
     emulator.script(Reply(ANSWER), Reply(ANSWER))
-    async with serving(make_app(model=DEPRECATED_MODEL, max_retries=0)) as url:
+    app = make_app(model=DEPRECATED_MODEL, max_retries=0, http_client="httpx")
+    async with serving(app) as url:
         for _ in range(2):  # the second stream finds the warning already tolerated
             result = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
             assert result.text == ANSWER and result.types[-1] == "done"

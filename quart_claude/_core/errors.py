@@ -12,20 +12,18 @@ from __future__ import annotations
 import email.utils
 import logging
 import math
+import sys
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
 
 from .protocol import ERROR_CLASSES, UpstreamError
-
-if TYPE_CHECKING:
-    import anthropic
 
 __all__ = [
     "ERROR_CLASSES",
     "UpstreamError",
     "classify_aws",
     "classify_exception",
+    "classify_response",
     "classify_status",
 ]
 
@@ -233,48 +231,76 @@ def _aws_message(body: object) -> str:
     return ""
 
 
-def _status_error(exc: anthropic.APIStatusError) -> UpstreamError:
-    headers = exc.response.headers
+def classify_response(
+    status: int, headers: Mapping[str, str], body: object, request_id: str | None
+) -> UpstreamError:
+    """An error response: its status, headers and body (JSON, or text), from the SDK's
+    ``APIStatusError`` or read by :mod:`.first_party`. Bedrock's and Google's shapes are
+    told by their header and body; the API's by ``error.type`` and ``error.message``."""
     aws = headers.get("x-amzn-errortype")
     if aws:
-        request_id = exc.request_id or headers.get("x-amzn-requestid")
         return classify_aws(
             aws,
-            _aws_message(exc.body),
-            status=exc.status_code,
+            _aws_message(body),
+            status=status,
             headers=headers,
-            request_id=request_id,
+            request_id=request_id or headers.get("x-amzn-requestid"),
         )
-    google = _google_error(exc.body)
+    google = _google_error(body)
     if google is not None:
         error_class = _GOOGLE_CLASSES.get(str(google["status"]))
         if error_class is None:
-            error_class = _STATUS_CLASSES.get(exc.status_code) or "server_error"
+            error_class = _STATUS_CLASSES.get(status) or "server_error"
         message = str(google.get("message") or "")
-        status = str(google["status"])
-        return _classified(error_class, exc.status_code, status, message, headers, exc.request_id)
+        return _classified(error_class, status, str(google["status"]), message, headers, request_id)
+    error = body.get("error") if isinstance(body, dict) else None
+    error = error if isinstance(error, dict) else {}
+    details = error.get("details")
+    code = details.get("error_code") if isinstance(details, dict) else None
     return classify_status(
-        exc.status_code,
-        exc.type,
-        exc.api_message or "",
-        exc.error_code,
-        exc.response.headers,
-        exc.request_id,
+        status,
+        _str(error.get("type")),
+        _str(error.get("message")) or "",
+        _str(code),
+        headers,
+        request_id,
     )
 
 
+def _str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def classify_exception(exc: BaseException) -> UpstreamError:
-    """Map anything the SDK or the transport raises to an :class:`UpstreamError`."""
+    """Map anything the SDK or the transport raises to an :class:`UpstreamError`. A library
+    that was never imported raised nothing: the SDK is not loaded for the first-party API."""
     if isinstance(exc, UpstreamError):
         return exc
-    import anthropic  # loaded by now: whatever raised came through the SDK's client
-    import httpx2
-
-    if isinstance(exc, anthropic.APIStatusError):
-        return _status_error(exc)
-    if isinstance(exc, anthropic.APITimeoutError | httpx2.TimeoutException):
-        return UpstreamError("timeout", detail=type(exc).__name__)
-    if isinstance(exc, anthropic.APIConnectionError | httpx2.TransportError):
-        return UpstreamError("network_error", detail=f"{type(exc).__name__}: {exc}")
+    anthropic = sys.modules.get("anthropic")
+    if anthropic is not None:
+        if isinstance(exc, anthropic.APIStatusError):
+            return classify_response(
+                exc.status_code, exc.response.headers, exc.body, exc.request_id
+            )
+        if isinstance(exc, anthropic.APITimeoutError):
+            return UpstreamError("timeout", detail=type(exc).__name__)
+        if isinstance(exc, anthropic.APIConnectionError):
+            return _network(exc)
+    for name in ("httpx2", "aiohttp"):  # the SDK's transport, and ours (:mod:`.first_party`)
+        library = sys.modules.get(name)
+        if library is None:
+            continue
+        base = library.TransportError if name == "httpx2" else library.ClientError
+        if isinstance(exc, base):
+            timed_out = isinstance(exc, TimeoutError) or (
+                name == "httpx2" and isinstance(exc, library.TimeoutException)
+            )
+            if timed_out:
+                return UpstreamError("timeout", detail=type(exc).__name__)
+            return _network(exc)
     log.error("unclassified upstream failure", exc_info=exc)
     return UpstreamError("unknown", detail=type(exc).__name__)
+
+
+def _network(exc: BaseException) -> UpstreamError:
+    return UpstreamError("network_error", detail=f"{type(exc).__name__}: {exc}")

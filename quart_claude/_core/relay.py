@@ -1,7 +1,8 @@
 """The relay: one producer task per stream, turning upstream Claude events into our events.
 
-The SDK builds and sends the request (auth, headers, HTTP status errors), with its own
-retries off; the relay reads the raw SSE bytes itself, which costs a fraction of building SDK
+Each endpoint's :class:`~.providers.Upstream` sends the request and raises on an HTTP error
+(:mod:`.first_party` for the first-party API; the SDK's client, with its retries off, for the
+clouds); the relay reads the raw SSE bytes itself, which costs a fraction of building SDK
 models per event, and owns the retry policy, mid-stream recovery and cancellation.
 
 Upstream event in -> our event out (the hot path) is :meth:`Relay._relay`; each answer's state
@@ -518,10 +519,9 @@ class Relay:
         meter = answer.spend.metered if answer.spend is not None else None
         upstream = self.upstreams[self._endpoint(answer)]
         framer = upstream.framer(MAX_UPSTREAM_EVENT)
-        create = upstream.client.messages.with_streaming_response.create
-        async with create(**upstream.params(params)) as response:
+        async with upstream.open(upstream.params(params)) as response:
             turn.request_id = answer.outcome.request_id = response.request_id
-            async for chunk in response.http_response.aiter_bytes():
+            async for chunk in response.chunks:
                 for name, data in framer.events(chunk):
                     if name != b"content_block_delta":
                         turn.control(name, data)  # a budget may cut it at message_start

@@ -35,7 +35,6 @@ from .tools import Show, ToolBox, ToolScope
 from .turns import TurnHook, TurnKeeper, TurnRef
 
 if TYPE_CHECKING:
-    import httpx2
     from opentelemetry.trace import TracerProvider
     from pydantic import BaseModel
     from sqlalchemy.ext.asyncio import AsyncEngine
@@ -354,10 +353,8 @@ class ClaudeState:
 
     async def startup(self) -> None:
         config = self.config
-        # each endpoint's SDK client, on one HTTP client (max_retries=0: the retries are ours)
-        upstreams = Upstreams(
-            endpoints(config), config.api_key, _http_client(config), config.server_fallbacks
-        )
+        # how each endpoint is sent to (the SDK's max_retries=0: the retries are ours)
+        upstreams = Upstreams(config)
         self.store = _create_store(config)
         self.store.take_over = self.take_over
         await self.store.start()
@@ -514,29 +511,6 @@ def _metrics(config: ClaudeConfig) -> Metrics:
             f"does not write to {directory!r}: set it in the environment the server starts with"
         )
     return metrics
-
-
-def _http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
-    """The SDK's upstream transport: aiohttp when available (a quarter less CPU per relayed
-    event in bench/, same behaviour under every fault), else the SDK's default httpx2 one.
-    Pools hold one connection per allowed concurrent stream."""
-    import anthropic  # at startup, not at import (see providers)
-    import httpx2
-
-    timeout = httpx2.Timeout(config.timeout, connect=config.connect_timeout)
-    limits = httpx2.Limits(
-        max_connections=config.max_concurrent_streams + 16, max_keepalive_connections=100
-    )
-    choice = config.http_client
-    if choice in ("auto", "aiohttp"):
-        try:
-            return anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits)
-        except RuntimeError:  # aiohttp is not installed
-            if choice == "aiohttp":
-                raise ConfigError(
-                    "CLAUDE_HTTP_CLIENT=aiohttp needs aiohttp: pip install 'anthropic[aiohttp]'"
-                ) from None
-    return anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
 def create_state(
