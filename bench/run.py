@@ -316,7 +316,7 @@ def measure(
         out = profile / f"{scenario.name}-{system}.txt"
         spy = subprocess.Popen(
             [
-                "py-spy",
+                py_spy(),
                 "record",
                 "--format",
                 "raw",
@@ -587,6 +587,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (out / f"{stamp}.json").write_text(json.dumps([m.__dict__ for m in measurements], indent=2))
+
+
+def py_spy() -> str:
+    """py-spy beside this interpreter (the venv's), else on PATH: a loud stop without it."""
+    found = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
+    if found is None:
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    return found
 
 
 def import_seconds() -> float:

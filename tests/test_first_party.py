@@ -16,6 +16,7 @@ import json
 import ssl
 import subprocess
 import sys
+import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -251,3 +252,52 @@ def test_with_httpx_chosen_the_first_party_api_goes_through_the_sdk() -> None:
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"done": True, "loaded": ["anthropic", "httpx2"]}
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    finally:
+        writer.close()
+
+
+@pytest.fixture
+async def forward_proxy() -> AsyncIterator[tuple[str, list[str]]]:
+    """A plain-HTTP forward proxy: it records each request line it is asked to forward."""
+    seen: list[str] = []
+
+    async def forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        line, _, rest = head.partition(b"\r\n")
+        method, target, version = line.decode().split(" ")
+        seen.append(f"{method} {target}")
+        where = urllib.parse.urlsplit(target)
+        up_reader, up_writer = await asyncio.open_connection(where.hostname, where.port)
+        up_writer.write(f"{method} {where.path} {version}\r\n".encode() + rest)
+        await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
+
+    server = await asyncio.start_server(forward, "127.0.0.1", 0)
+    async with server:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", seen
+
+
+@pytest.mark.parametrize("exempt", [False, True], ids=["through-the-proxy", "no-proxy"])
+async def test_the_environments_proxy_is_used_unless_no_proxy_exempts_the_host(
+    emulator: Emulator,
+    forward_proxy: tuple[str, list[str]],
+    monkeypatch: pytest.MonkeyPatch,
+    exempt: bool,
+) -> None:
+    proxy, seen = forward_proxy
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proxy)
+    if exempt:
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    emulator.script(Reply("Proxied."))
+    assert b"event: message_stop" in await _ours(emulator.url, PARAMS[0])
+    assert len(emulator.requests) == 1
+    assert seen == ([] if exempt else [f"POST {emulator.url}/v1/messages"])

@@ -66,6 +66,9 @@ class FirstPartyClient:
         }
         self._timeouts = (timeout, connect_timeout)
         self._max_connections = max_connections
+        #: read once: aiohttp's trust_env looks the proxy and .netrc up for every request,
+        #: in a thread (two executor hops per stream, the setup's costliest part under a burst)
+        self.proxy = proxy_for(self.url)
         self._session: aiohttp.ClientSession | None = None
 
     def _open_session(self) -> aiohttp.ClientSession:
@@ -83,7 +86,6 @@ class FirstPartyClient:
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=connect, sock_read=timeout, connect=timeout
             ),
-            trust_env=True,  # HTTPS_PROXY and NO_PROXY, as the SDK's client honours them
         )
         return self._session
 
@@ -93,7 +95,8 @@ class FirstPartyClient:
         body, extra_headers = request_body(params)
         headers = {**self._headers, **extra_headers} if extra_headers else self._headers
         session = self._session or self._open_session()
-        async with session.post(self.url, data=body, headers=headers) as response:
+        post = session.post(self.url, data=body, headers=headers, proxy=self.proxy)
+        async with post as response:
             request_id = response.headers.get("request-id")
             if not 200 <= response.status < 300:
                 raw = await response.content.read(_MAX_ERROR_BODY)
@@ -115,6 +118,20 @@ def request_body(params: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
     body.update(params.get("extra_body") or {})
     encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return encoded.encode(), dict(params.get("extra_headers") or {})
+
+
+def proxy_for(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``, ``HTTP_PROXY``,
+    ``ALL_PROXY``; ``NO_PROXY`` exempts a host), as the SDK's client reads them."""
+    import urllib.parse
+    import urllib.request  # loaded by aiohttp already; not by importing quart_claude
+
+    parts = urllib.parse.urlsplit(url)
+    proxies = urllib.request.getproxies()
+    proxy = proxies.get(parts.scheme) or proxies.get("all")
+    if proxy is None or urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return proxy
 
 
 def _decoded(raw: bytes) -> object:
