@@ -74,7 +74,7 @@ def scenarios(quick: bool) -> list[Scenario]:
             10 // (2 if quick else 1),
             1.0,
             first_token_delay=5.0 / (5 if quick else 1),
-            systems=("bare", "quart_claude"),
+            systems=("bare-aiohttp", "bare", "quart_claude"),
             ramp=2.0,
         ),
         # 1,000 streams opened within a second, the first token 200 ms after each request:
