@@ -71,6 +71,11 @@ REMOTE_SCRIPTS = {"claim": _CLAIM}
 _READ_RETRY_FIRST = 0.05
 
 
+def _shutdown(position: str) -> bytes:
+    """The retryable ``shutdown`` error a reader ends with when this worker's store closes."""
+    return error_frame("shutdown", partial=position not in ("0-0", "0-1"))  # text was sent?
+
+
 def _retry_delay(failing_for: float) -> float:
     """0.05 s after a first failure, doubling with how long reads have failed, at most 1 s."""
     return min(1.0, max(_READ_RETRY_FIRST, failing_for))
@@ -166,6 +171,9 @@ class RedisRemote:
                 try:
                     poll = await self._poll(stream_id, position, block_ms, presence, closing)
                 except Exception:  # a slot moving, a node failing over, or Redis gone
+                    if closing.done():  # the store closed under the read: no retry
+                        yield _shutdown(position)
+                        return
                     now = loop.time()
                     failing_since = now if failing_since is None else failing_since
                     if now - failing_since > self.timings.lease:  # gone: retryably, not a cut
@@ -173,12 +181,12 @@ class RedisRemote:
                         yield UNAVAILABLE
                         return
                     log.warning("stream %s: a read from Redis failed; again", stream_id)
-                    await asyncio.sleep(_retry_delay(now - failing_since))  # same position
+                    # the same position again, soon: sooner if the store closes meanwhile
+                    await asyncio.wait({closing}, timeout=_retry_delay(now - failing_since))
                     continue
                 failing_since = None
                 if poll.closing:
-                    partial = position not in ("0-0", "0-1")  # text may have been sent
-                    yield error_frame("shutdown", partial=partial)
+                    yield _shutdown(position)
                     return
                 entries = poll.entries
                 if entries:
