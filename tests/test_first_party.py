@@ -12,10 +12,7 @@ imports the SDK.
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
-import subprocess
-import sys
 import urllib.parse
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -210,48 +207,6 @@ async def test_tls_is_verified_against_the_cas_the_environment_names(
     assert "CERTIFICATE_VERIFY_FAILED" in str(untrusted.value)
     monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # as httpx2 (the SDK's default) reads it
     assert b"event: message_stop" in await _ours(emulator.url, PARAMS[0])
-
-
-_NO_SDK_APP = """
-import asyncio, json, sys
-from quart import Quart
-from quart_claude import Claude
-from quart_claude.testing import Emulator
-
-async def main():
-    async with Emulator() as emu:
-        app = Quart("no_sdk")
-        Claude(app, api_key="sk-test", base_url=emu.url)
-        async with app.test_app():
-            client = app.test_client()
-            response = await client.post("/chat/stream", json={"message": "hi"})
-            body = await response.get_data()
-    print(json.dumps({"done": b'"type":"done"' in body,
-                      "loaded": sorted(m for m in ("anthropic", "httpx2") if m in sys.modules)}))
-
-asyncio.run(main())
-"""
-
-
-def test_an_app_that_reaches_only_the_first_party_api_never_imports_the_sdk() -> None:
-    """The SDK is half an idle worker's memory and most of its import time: the first-party
-    path has no use for it (the emulator itself imports neither)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _NO_SDK_APP], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"done": True, "loaded": []}
-
-
-def test_with_httpx_chosen_the_first_party_api_goes_through_the_sdk() -> None:
-    code = _NO_SDK_APP.replace("base_url=emu.url)", 'base_url=emu.url, http_client="httpx")')
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"done": True, "loaded": ["anthropic", "httpx2"]}
 
 
 async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
