@@ -34,22 +34,25 @@ asyncio.run(main())
 """
 
 
-def test_an_app_that_reaches_only_the_first_party_api_never_imports_the_sdk() -> None:
-    """The SDK is half an idle worker's memory and most of its import time: the first-party
-    path has no use for it (the emulator itself imports neither)."""
-    result = subprocess.run(
-        [sys.executable, "-c", _NO_SDK_APP], capture_output=True, text=True, timeout=60
+def _serve_one_chat(http_client: str) -> dict[str, object]:
+    """One chat through an app in a fresh interpreter: whether it ended ``done``, and which
+    of the SDK and httpx2 it loaded."""
+    code = _NO_SDK_APP.replace(
+        "base_url=emu.url)", f"base_url=emu.url, http_client={http_client!r})"
     )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"done": True, "loaded": []}
-
-
-def test_with_httpx_chosen_the_first_party_api_goes_through_the_sdk() -> None:
-    code = _NO_SDK_APP.replace("base_url=emu.url)", 'base_url=emu.url, http_client="httpx")')
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"done": True, "loaded": ["anthropic", "httpx2"]}
+    report: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+    return report
+
+
+def test_an_app_that_reaches_only_the_first_party_api_never_imports_the_sdk() -> None:
+    """The SDK is half an idle worker's memory and most of its import time: the first-party
+    path has no use for it (the emulator itself imports neither)."""
+    assert _serve_one_chat("auto") == {"done": True, "loaded": []}
+
+
+def test_with_httpx_chosen_the_first_party_api_goes_through_the_sdk() -> None:
+    assert _serve_one_chat("httpx") == {"done": True, "loaded": ["anthropic", "httpx2"]}

@@ -283,23 +283,21 @@ def classify_exception(exc: BaseException) -> UpstreamError:
                 exc.status_code, exc.response.headers, exc.body, exc.request_id
             )
         if isinstance(exc, anthropic.APITimeoutError):
-            return UpstreamError("timeout", detail=type(exc).__name__)
+            return _timeout(exc)
         if isinstance(exc, anthropic.APIConnectionError):
             return _network(exc)
-    for name in ("httpx2", "aiohttp"):  # the SDK's transport, and ours (:mod:`.first_party`)
-        library = sys.modules.get(name)
-        if library is None:
-            continue
-        base = library.TransportError if name == "httpx2" else library.ClientError
-        if isinstance(exc, base):
-            timed_out = isinstance(exc, TimeoutError) or (
-                name == "httpx2" and isinstance(exc, library.TimeoutException)
-            )
-            if timed_out:
-                return UpstreamError("timeout", detail=type(exc).__name__)
-            return _network(exc)
+    httpx2 = sys.modules.get("httpx2")  # the SDK's transport, raw mid-stream
+    if httpx2 is not None and isinstance(exc, httpx2.TransportError):
+        return _timeout(exc) if isinstance(exc, httpx2.TimeoutException) else _network(exc)
+    aiohttp = sys.modules.get("aiohttp")  # :mod:`.first_party`'s
+    if aiohttp is not None and isinstance(exc, aiohttp.ClientError):
+        return _timeout(exc) if isinstance(exc, TimeoutError) else _network(exc)
     log.error("unclassified upstream failure", exc_info=exc)
     return UpstreamError("unknown", detail=type(exc).__name__)
+
+
+def _timeout(exc: BaseException) -> UpstreamError:
+    return UpstreamError("timeout", detail=type(exc).__name__)
 
 
 def _network(exc: BaseException) -> UpstreamError:

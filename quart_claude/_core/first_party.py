@@ -92,10 +92,10 @@ class FirstPartyClient:
     @asynccontextmanager
     async def open(self, params: Mapping[str, Any]) -> AsyncIterator[Opened]:
         """The request sent; a non-2xx answer raised as its :class:`UpstreamError`."""
-        body, extra_headers = request_body(params)
+        extra_headers = params.get("extra_headers")
         headers = {**self._headers, **extra_headers} if extra_headers else self._headers
         session = self._session or self._open_session()
-        post = session.post(self.url, data=body, headers=headers, proxy=self.proxy)
+        post = session.post(self.url, data=request_body(params), headers=headers, proxy=self.proxy)
         async with post as response:
             request_id = response.headers.get("request-id")
             if not 200 <= response.status < 300:
@@ -111,13 +111,13 @@ class FirstPartyClient:
             self._session = None
 
 
-def request_body(params: Mapping[str, Any]) -> tuple[bytes, dict[str, str]]:
-    """The JSON body and the extra headers of the SDK's ``create(**params)``: its
-    ``extra_body`` merged over the parameters, ``extra_headers`` beside its own."""
+def request_body(params: Mapping[str, Any]) -> bytes:
+    """The JSON body of the SDK's ``create(**params)``: its ``extra_body`` merged over the
+    parameters (``extra_headers`` go beside the client's own headers)."""
     body = {k: v for k, v in params.items() if k not in ("extra_body", "extra_headers")}
     body.update(params.get("extra_body") or {})
     encoded = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    return encoded.encode(), dict(params.get("extra_headers") or {})
+    return encoded.encode()
 
 
 def proxy_for(url: str) -> str | None:

@@ -41,6 +41,7 @@ __all__ = [
     "canonical_model",
     "endpoints",
     "make_upstream",
+    "missing_api_key",
     "primary_endpoint",
     "require_extra",
 ]
@@ -189,7 +190,7 @@ class Upstreams:
 
     def _upstream(self, endpoint: Endpoint) -> Upstream:
         config = self._config
-        if endpoint.provider == "anthropic" and _direct(config.http_client):
+        if endpoint.provider == "anthropic" and _on_aiohttp(config.http_client):
             client = self._first_party.get(endpoint.base_url)
             if client is None:
                 client = self._first_party[endpoint.base_url] = _first_party(config, endpoint)
@@ -205,8 +206,10 @@ class Upstreams:
             await self._sdk_http.aclose()
 
 
-def _direct(choice: str) -> bool:
-    """Whether the first-party API goes on :mod:`.first_party` (aiohttp, no SDK)."""
+def _on_aiohttp(choice: str) -> bool:
+    """Whether the upstream goes on aiohttp (``CLAUDE_HTTP_CLIENT``: ``auto`` when it is
+    installed, ``aiohttp`` or a :class:`ConfigError`, never with ``httpx``): the first-party
+    API on :mod:`.first_party`, the clouds on the SDK's aiohttp transport."""
     if choice == "httpx":
         return False
     if importlib.util.find_spec("aiohttp") is not None:
@@ -222,7 +225,7 @@ def _first_party(config: ClaudeConfig, endpoint: Endpoint) -> FirstPartyClient:
     from .. import __version__
 
     if not config.api_key:
-        raise _no_api_key()
+        raise missing_api_key()
     return FirstPartyClient(
         config.api_key,
         endpoint.base_url,
@@ -239,27 +242,21 @@ def _max_connections(config: ClaudeConfig) -> int:
 
 
 def _sdk_http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
-    """The SDK's transport for the clouds: aiohttp when available (a quarter less CPU per
-    relayed event than its httpx2 default, the same behaviour under every fault)."""
+    """The SDK's transport (the clouds, or everything with ``httpx``): aiohttp when chosen
+    (a quarter less CPU per relayed event than its httpx2 default, the same behaviour under
+    every fault)."""
     import anthropic  # at startup, and only for an endpoint that needs it
     import httpx2
 
     timeout = httpx2.Timeout(config.timeout, connect=config.connect_timeout)
     limits = httpx2.Limits(max_connections=_max_connections(config), max_keepalive_connections=100)
-    if config.http_client != "httpx":
-        try:
-            return anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits)
-        except RuntimeError:  # aiohttp is not installed
-            if config.http_client == "aiohttp":
-                from .config import ConfigError
-
-                raise ConfigError(
-                    "CLAUDE_HTTP_CLIENT=aiohttp needs aiohttp: pip install 'anthropic[aiohttp]'"
-                ) from None
+    if _on_aiohttp(config.http_client):
+        return anthropic.DefaultAioHttpClient(timeout=timeout, limits=limits)
     return anthropic.DefaultAsyncHttpxClient(timeout=timeout, limits=limits)
 
 
-def _no_api_key() -> Exception:
+def missing_api_key() -> Exception:
+    """The :class:`ConfigError` of a first-party endpoint without an API key."""
     from .config import ConfigError
 
     return ConfigError(
@@ -341,7 +338,7 @@ def _anthropic(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient
     import anthropic
 
     if not api_key:
-        raise _no_api_key()
+        raise missing_api_key()
     return anthropic.AsyncAnthropic(api_key=api_key, **_common(endpoint, http))
 
 

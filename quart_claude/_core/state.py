@@ -22,7 +22,7 @@ from .ledger import LedgerStore
 from .metrics import MULTIPROC_ENV, Metrics, metrics_for
 from .prices import price_of
 from .protocol import ERROR_CLASSES
-from .providers import CREDENTIAL_ENV, Upstreams, endpoints, require_extra
+from .providers import CREDENTIAL_ENV, Upstreams, endpoints, missing_api_key, require_extra
 from .redact import install as install_redaction
 from .redact import register_secret
 from .relay import Prior, Relay
@@ -528,10 +528,7 @@ def create_state(
         require_extra(endpoint)  # fails at init_app, naming the extra to install
     first_party = any(e.provider == "anthropic" for e in endpoints(config))
     if first_party and not config.api_key:
-        raise ConfigError(
-            "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
-            "CLAUDE_BASE_URL at the emulator (quart_claude.testing) with any key"
-        )
+        raise missing_api_key()
     if config.api_key:
         register_secret(config.api_key)
     for name in CREDENTIAL_ENV:  # the cloud credential chains' secrets, where they are set
