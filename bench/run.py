@@ -527,6 +527,8 @@ def main() -> None:
         "--waves", type=int, default=1, help="run each load this many times on one server"
     )
     args = parser.parse_args()
+    if args.profile is not None:
+        py_spy()  # a loud stop now, not with a server started
     if hasattr(os, "sched_setaffinity") and os.cpu_count() and os.cpu_count() > 1:  # type: ignore[operator]
         os.sched_setaffinity(0, {int(LOAD_CORE)})
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

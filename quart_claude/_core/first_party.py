@@ -13,7 +13,6 @@ the body against the SDK's own request. The cloud providers, whose signing the S
 from __future__ import annotations
 
 import json
-import ssl
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -78,7 +77,9 @@ class FirstPartyClient:
         connector = aiohttp.TCPConnector(
             limit=self._max_connections,
             keepalive_timeout=_KEEPALIVE,
-            ssl=ssl.create_default_context(),  # the system's CAs, or SSL_CERT_FILE / _DIR
+            # aiohttp's default context (the system's CAs, or SSL_CERT_FILE / _DIR), made
+            # once when aiohttp is imported: a context of our own would load the CAs again
+            ssl=True,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

@@ -27,7 +27,7 @@ from .redact import install as install_redaction
 from .redact import register_secret
 from .relay import Prior, Relay
 from .request import ChatRequest
-from .schema import chat_body_model, openapi_document
+from .schema import chat_body_model
 from .store import Claim, Found, StreamStore, Timings, memory_store
 from .stream import Cancel, StoreUnavailable, Stream
 from .telemetry import Telemetry, parent_context
@@ -131,7 +131,9 @@ class ClaudeState:
 
     @property
     def openapi(self) -> dict[str, Any]:
-        if self._openapi is None:
+        if self._openapi is None:  # its models are made the first time it is asked for
+            from .openapi import openapi_document
+
             self._openapi = openapi_document(self.config, self.conversations_on)
         return self._openapi
 
