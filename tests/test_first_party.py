@@ -187,6 +187,49 @@ async def test_a_stalled_body_is_a_timeout_and_a_refused_connection_a_network_er
     assert classify_exception(refused.value).error_class == "network_error"
 
 
+async def test_a_body_that_keeps_coming_is_never_cut_however_long_it_takes(
+    emulator: Emulator,
+) -> None:
+    """The stall watchdog counts reads: a token every 0.15 s, for more than twice the 0.3 s
+    timeout in all, reaches its end."""
+    emulator.script(Reply("steady " * 6, token_delay=0.15))
+    client = _client(emulator.url, timeout=0.3)
+    try:
+        async with client.open(PARAMS[0]) as response:
+            body = b"".join([chunk async for chunk in response.chunks])
+    finally:
+        await client.close()
+    assert body.count(b"steady") == 6 and body.endswith(
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+
+
+async def test_a_response_head_that_never_comes_is_a_timeout() -> None:
+    """A server that reads the request and never answers: the wait for the head is bounded by
+    the timeout, and classified as the SDK's read timeout was."""
+    requests: list[bytes] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        requests.append(await reader.readuntil(b"\r\n\r\n"))
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    client = _client(url, timeout=0.3)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with server:
+        try:
+            with pytest.raises(Exception) as waited:
+                async with client.open(PARAMS[0]):
+                    pass
+        finally:
+            await client.close()
+    assert requests and classify_exception(waited.value).error_class == "timeout"
+    assert 0.3 <= loop.time() - started < 4  # the timeout, not the server's 5 s
+
+
 @pytest.fixture
 async def tls_emulator(tmp_path: Path) -> AsyncIterator[tuple[Emulator, Path]]:
     ca, cert, key = certificates(tmp_path)
