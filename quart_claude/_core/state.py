@@ -191,9 +191,9 @@ class ClaudeState:
         relay = self.relay
         assert relay is not None, "open_stream before startup"
         stream = Stream(stream_id, retry_ms=self.config.sse_retry, owner=owner)
-        fields = {**dataclasses.asdict(chat), "client": client}
+        fields = {**_shallow(chat), "client": client}
         if turn is not None:
-            fields["turn"] = dataclasses.asdict(turn)
+            fields["turn"] = _shallow(turn)
             stream.start_fields = {
                 "conversation_id": turn.conversation_id,
                 "user_message_id": turn.user_message_id,
@@ -696,3 +696,9 @@ def state_of(extensions: Mapping[str, Any]) -> ClaudeState:
             "claude.init_app(app)?"
         ) from None
     return state
+
+
+def _shallow(record: Any) -> dict[str, Any]:
+    """A dataclass's fields as a dict, not copied: a store encodes it at once (asdict's deep
+    copy of every message was most of a stream's registration)."""
+    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
