@@ -125,11 +125,26 @@ class LoopThread:
             asyncio.run_coroutine_threadsafe(self.state.shutdown(), loop).result(grace)
         except (concurrent.futures.TimeoutError, RuntimeError):
             log.warning("the Claude backend did not shut down within %ss", grace)
+        try:  # as asyncio.run ends: what is still pending is cancelled and let finish
+            asyncio.run_coroutine_threadsafe(_cancel_the_rest(), loop).result(5)
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            log.warning("tasks of the Claude backend's loop did not end when cancelled")
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(5)
             if not self._thread.is_alive():
                 loop.close()  # its selector and self-pipe, not left to the collector
+
+
+async def _cancel_the_rest() -> None:
+    """Cancel every other task of this loop and wait for them (their ``finally`` blocks close
+    what they hold: a Redis connection, a socket), then close its async generators."""
+    current = asyncio.current_task()
+    rest = [task for task in asyncio.all_tasks() if task is not current]
+    for task in rest:
+        task.cancel()
+    await asyncio.gather(*rest, return_exceptions=True)
+    await asyncio.get_running_loop().shutdown_asyncgens()
 
 
 _running: weakref.WeakSet[LoopThread] = weakref.WeakSet()
