@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from pathlib import Path
 
@@ -14,18 +15,32 @@ from .test_hypercorn_cli import start, stop, wait_ready
 pytestmark = pytest.mark.system
 
 
+async def _serving(flag: list[str], tmp_path: Path) -> tuple[asyncio.subprocess.Process, str]:
+    """The example app, ready on a free port. A port taken between choosing and binding it
+    (an outgoing connection's ephemeral port, with four test workers) is chosen again, up to
+    three times; any other failure to start fails with the server's output."""
+    for _ in range(3):
+        port = free_port()
+        env = {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005"}
+        env["EXAMPLE_INSTANCE_PATH"] = str(tmp_path)
+        process = await start([sys.executable, "-m", "example_app", *flag], env)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            await wait_ready(url + "/health", process)
+            return process, url
+        except RuntimeError:
+            output = await stop(process)
+            if b"already in use" not in output.lower():
+                raise RuntimeError(output.decode("utf-8", "replace")) from None
+    raise RuntimeError("three free ports were taken before the example app could bind them")
+
+
 @pytest.mark.parametrize("flag", [[], ["--flask"]], ids=["quart", "flask"])
 async def test_example_app_in_demo_mode(
     http: httpx2.AsyncClient, flag: list[str], tmp_path: Path
 ) -> None:
-    port = free_port()
-    process = await start(
-        [sys.executable, "-m", "example_app", *flag],
-        {"PORT": str(port), "DEMO_TOKEN_DELAY": "0.005", "EXAMPLE_INSTANCE_PATH": str(tmp_path)},
-    )
-    url = f"http://127.0.0.1:{port}"
+    process, url = await _serving(flag, tmp_path)
     try:
-        await wait_ready(url + "/health", process)
         page = await http.get(url + "/")
         assert page.status_code == 200
         assert "Demo mode" in page.text and "const DEMO = true;" in page.text
