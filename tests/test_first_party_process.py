@@ -20,8 +20,8 @@ from quart_claude.testing._tls import certificates
 
 pytestmark = [pytest.mark.system, pytest.mark.deps]
 
-_NO_SDK_APP = """
-import asyncio, json, sys
+_ONE_CHAT = """
+import asyncio, json, ssl, sys
 from quart import Quart
 from quart_claude import Claude
 from quart_claude.testing import Emulator
@@ -30,32 +30,41 @@ from quart_claude.testing import Emulator
 _WATCHED = ("anthropic", "httpx2", "quart_claude._core.openapi")
 
 async def main():
-    async with Emulator() as emu:
-        app = Quart("no_sdk")
-        Claude(app, api_key="sk-test", base_url=emu.url)
+    served = None
+    if len(sys.argv) > 2:  # a certificate and its key: the emulator serves TLS
+        served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        served.load_cert_chain(sys.argv[1], sys.argv[2])
+    async with Emulator(ssl=served) as emu:
+        app = Quart("one_chat")
+        Claude(app, api_key="sk-test", base_url=emu.url, http_client=HTTP_CLIENT)
         async with app.test_app():
-            client = app.test_client()
-            response = await client.post("/chat/stream", json={"message": "hi"})
+            response = await app.test_client().post("/chat/stream", json={"message": "hi"})
             body = await response.get_data()
-    print(json.dumps({"done": b'"type":"done"' in body,
+    print(json.dumps({"body": body.decode(),
                       "loaded": sorted(m for m in _WATCHED if m in sys.modules)}))
 
 asyncio.run(main())
 """
 
 
-def _serve_one_chat(http_client: str) -> dict[str, object]:
-    """One chat through an app in a fresh interpreter: whether it ended ``done``, and which
-    of the SDK and httpx2 it loaded."""
-    code = _NO_SDK_APP.replace(
-        "base_url=emu.url)", f"base_url=emu.url, http_client={http_client!r})"
-    )
+def _one_chat(
+    http_client: str = "auto", *tls: str, env: dict[str, str] | None = None
+) -> tuple[str, list[str]]:
+    """One chat through an app in a fresh interpreter (over TLS when given a certificate and
+    its key): its body, and which of the watched modules it loaded."""
+    code = _ONE_CHAT.replace("HTTP_CLIENT", repr(http_client))
     result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code, *tls], capture_output=True, text=True, timeout=60, env=env
     )
     assert result.returncode == 0, result.stderr
-    report: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
-    return report
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    return report["body"], report["loaded"]
+
+
+def _serve_one_chat(http_client: str) -> dict[str, object]:
+    """Whether one chat ended ``done``, and which of the SDK and httpx2 it loaded."""
+    body, loaded = _one_chat(http_client)
+    return {"done": '"type":"done"' in body, "loaded": loaded}
 
 
 def test_an_app_that_reaches_only_the_first_party_api_never_imports_the_sdk() -> None:
@@ -68,39 +77,13 @@ def test_with_httpx_chosen_the_first_party_api_goes_through_the_sdk() -> None:
     assert _serve_one_chat("httpx") == {"done": True, "loaded": ["anthropic", "httpx2"]}
 
 
-_TLS_APP = """
-import asyncio, ssl, sys
-from quart import Quart
-from quart_claude import Claude
-from quart_claude.testing import Emulator
-
-async def main():
-    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    served.load_cert_chain(sys.argv[1], sys.argv[2])
-    async with Emulator(ssl=served) as emu:
-        app = Quart("tls")
-        Claude(app, api_key="sk-test", base_url=emu.url)
-        async with app.test_app():
-            response = await app.test_client().post("/chat/stream", json={"message": "hi"})
-            body = await response.get_data()
-    print(repr(body))  # one line
-
-asyncio.run(main())
-"""
-
-
 @pytest.mark.parametrize("trusted", [True, False], ids=["ca-named", "ca-not-named"])
 def test_the_upstream_is_trusted_through_the_cas_ssl_cert_file_names(
     tmp_path: Path, trusted: bool
 ) -> None:
     ca, cert, key = certificates(tmp_path)
     env = {**os.environ, "SSL_CERT_FILE": str(ca) if trusted else os.devnull}
-    result = subprocess.run(
-        [sys.executable, "-c", _TLS_APP, str(cert), str(key)],
-        capture_output=True, text=True, timeout=60, env=env,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    body = result.stdout.strip().splitlines()[-1]
+    body, _loaded = _one_chat("auto", str(cert), str(key), env=env)
     if trusted:
         assert '"type":"done"' in body, body
     else:  # the stream's error event: the certificate was not trusted
