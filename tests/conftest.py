@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 import tempfile
@@ -112,6 +113,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             )
         rank[item.nodeid] = -TIERS.index(tiers.pop())
     items.sort(key=lambda item: rank[item.nodeid])  # stable: a module's tests stay together
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """What is alive now (the modules, the collected tests) lives for the session: frozen,
+    the collector skips it, so a full collection after each test costs about 2 ms, not 170."""
+    gc.freeze()
+
+
+@pytest.fixture(autouse=True)
+def _collect_its_garbage() -> Iterator[None]:
+    """Collect the test's garbage once its other fixtures (its event loop too) are gone,
+    before pytest gathers unraisable exceptions: a socket or stream a test left open is
+    reported against that test, under its warning filters, not against whichever test on
+    the same worker the collector happens to run in next."""
+    yield
+    gc.collect()
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pytest.Config) -> None:
