@@ -77,7 +77,7 @@ test: install
 	@$(MAKE) --no-print-directory -j4 -Oline lint typecheck docs pytest
 
 bench: install
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run  # the upstream over TLS, as production's (--plain: HTTP)
 	$(BIN)/python -m bench.takeover
 	$(BIN)/python -m bench.tool_loop
 

@@ -1,11 +1,12 @@
-"""``make bench``: every scenario against quart-claude and the two baselines.
+"""``make bench``: every scenario against quart-claude and the two baselines, with the
+emulator serving TLS as production's upstream does (``--plain`` for plain HTTP).
 
 The server runs pinned to core 0, the emulator and this load generator to core 1 (on a
 2-core machine). Server CPU comes from ``/proc/<pid>/stat`` (user + system) over the load,
 RSS from ``/proc/<pid>/status``. Results: a Markdown table on stdout and JSON in
 ``bench/results/``.
 
-    python -m bench.run [--quick] [--only SCENARIO ...]
+    python -m bench.run [--quick] [--plain] [--only SCENARIO ...] [--systems SYSTEM ...]
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -48,6 +50,9 @@ class Scenario:
     resume_every: int | None = None
     redis: str = ""  # "server": a redis-server; "cluster": a 3-primary Redis Cluster
     ramp: float = 0.0  # seconds over which streams start
+    #: a system run with fewer streams than the scenario's (the Flask front end is a thread
+    #: per stream: one gthread worker holds hundreds, not thousands)
+    streams_of: dict[str, int] = field(default_factory=dict)
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -74,8 +79,9 @@ def scenarios(quick: bool) -> list[Scenario]:
             10 // (2 if quick else 1),
             1.0,
             first_token_delay=5.0 / (5 if quick else 1),
-            systems=("bare-aiohttp", "bare", "quart_claude"),
+            systems=("bare-aiohttp", "bare", "quart_claude", "flask"),
             ramp=2.0,
+            streams_of={"flask": 500 // scale},
         ),
         # 1,000 streams opened within a second, the first token 200 ms after each request:
         # setup under a burst, against floors on both HTTP clients
@@ -111,7 +117,9 @@ def scenarios(quick: bool) -> list[Scenario]:
         ),
         # a worker that served one stream and now idles: its RSS (and, printed after the
         # table, what importing the package takes)
-        Scenario("idle-worker", 0, 1, 0.0, systems=("bare", "quart_claude")),
+        Scenario(
+            "idle-worker", 0, 1, 0.0, systems=("bare", "bare-aiohttp", "quart_claude", "flask")
+        ),
         Scenario(
             "paced-redis",
             100 // (scale // 5 or 1),
@@ -330,7 +338,7 @@ def measure(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-    name = scenario.name + ("+tls" if tls_ca else "")
+    name = scenario.name + ("" if tls_ca else "+plain")
     try:
         wait_port(port)
         # warm up: one stream, so imports and first-request costs are not counted
@@ -521,7 +529,9 @@ def main() -> None:
         "--streams", type=int, help="concurrent streams instead of each scenario's (find a limit)"
     )
     parser.add_argument(
-        "--tls", action="store_true", help="the emulator serves TLS (as production's upstream)"
+        "--plain",
+        action="store_true",
+        help="the emulator serves plain HTTP (default: TLS, as production's upstream)",
     )
     parser.add_argument(
         "--waves", type=int, default=1, help="run each load this many times on one server"
@@ -536,7 +546,7 @@ def main() -> None:
 
     measurements: list[Measurement] = []
     tls_folder = tempfile.TemporaryDirectory(prefix="qc-bench-tls-")
-    tls = certificates(Path(tls_folder.name)) if args.tls else None
+    tls = None if args.plain else certificates(Path(tls_folder.name))
     tls_args = ["--tls-cert", str(tls[1]), "--tls-key", str(tls[2])] if tls else []
     for scenario in scenarios(args.quick):
         if args.only and scenario.name not in args.only:
@@ -567,8 +577,11 @@ def main() -> None:
                 store = redis_cluster if scenario.redis == "cluster" else redis_server
                 redis_url = stack.enter_context(store())
             for system in args.systems or scenario.systems:
+                sized = scenario
+                if system in scenario.streams_of and not args.streams:
+                    sized = dataclasses.replace(scenario, streams=scenario.streams_of[system])
                 waves = measure(
-                    scenario, system, emulator_port, redis_url, direct, args.profile,
+                    sized, system, emulator_port, redis_url, direct, args.profile,
                     tls[0] if tls else None, args.waves,
                 )  # fmt: skip
                 measurements.extend(waves)
