@@ -55,6 +55,11 @@ class Scenario:
     #: per stream: one gthread worker holds hundreds, not thousands)
     streams_of: dict[str, int] = field(default_factory=dict)
 
+    def for_system(self, system: str) -> Scenario:
+        """The scenario as ``system`` runs it: with its own stream count, if it has one."""
+        streams = self.streams_of.get(system)
+        return self if streams is None else dataclasses.replace(self, streams=streams)
+
 
 def scenarios(quick: bool) -> list[Scenario]:
     scale = 10 if quick else 1
@@ -553,8 +558,8 @@ def main() -> None:
     for scenario in scenarios(args.quick):
         if args.only and scenario.name not in args.only:
             continue
-        if args.streams:
-            scenario.streams = args.streams
+        if args.streams:  # every system at this count
+            scenario.streams, scenario.streams_of = args.streams, {}
         emulator, emulator_port = emulator_process(
             [
                 "--tokens",
@@ -579,12 +584,9 @@ def main() -> None:
                 store = redis_cluster if scenario.redis == "cluster" else redis_server
                 redis_url = stack.enter_context(store())
             for system in args.systems or scenario.systems:
-                sized = scenario
-                if system in scenario.streams_of and not args.streams:
-                    sized = dataclasses.replace(scenario, streams=scenario.streams_of[system])
                 waves = measure(
-                    sized, system, emulator_port, redis_url, direct, args.profile,
-                    tls[0] if tls else None, args.waves,
+                    scenario.for_system(system), system, emulator_port, redis_url, direct,
+                    args.profile, tls[0] if tls else None, args.waves,
                 )  # fmt: skip
                 measurements.extend(waves)
                 for m in waves:

@@ -33,9 +33,9 @@ import os
 import resource
 import sys
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import AbstractAsyncContextManager
-from typing import Any
+from typing import Any, TypeVar
 
 from hypercorn.asyncio import serve
 from hypercorn.config import Config
@@ -52,6 +52,7 @@ _FAKE_AWS = {
     "AWS_SHARED_CREDENTIALS_FILE": "/dev/null",
     "AWS_EC2_METADATA_DISABLED": "true",
 }
+T = TypeVar("T")
 SSE = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
@@ -282,17 +283,27 @@ def main() -> None:
         app = bare_aiohttp_app(upstream)
     else:
         app = bare_app(upstream)
+    run(serve(app, config_for(bind)))
+
+
+def config_for(bind: str) -> Config:
+    """Hypercorn's settings for every system: no access log, a backlog for a burst, and
+    keep-alive past a scenario's pauses."""
     config = Config()
     config.bind = [bind]
     config.accesslog = None
     config.backlog = 4096
     config.keep_alive_timeout = 120
+    return config
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """``main`` on uvloop, as production serves (asyncio's loop without it)."""
     try:
         import uvloop
     except ImportError:
-        asyncio.run(serve(app, config))
-    else:
-        uvloop.run(serve(app, config))
+        return asyncio.run(main)
+    return uvloop.run(main)
 
 
 if __name__ == "__main__":
