@@ -18,17 +18,16 @@ import asyncio
 import collections
 import gc
 import os
-import socket
-import subprocess
-import sys
 import tempfile
 import tracemalloc
 from pathlib import Path
 
+from quart_claude import Claude
 from quart_claude.testing import certificates
 
 from .load import chat
-from .servers import quart_claude_app
+from .run import emulator_process, listener, port_of
+from .servers import config_for, quart_claude_app, run
 
 
 def owner(traceback: tracemalloc.Traceback) -> str:
@@ -47,18 +46,12 @@ def owner(traceback: tracemalloc.Traceback) -> str:
 
 async def measure(upstream: str, streams: int) -> collections.Counter[str]:
     from hypercorn.asyncio import serve
-    from hypercorn.config import Config
 
-    app = quart_claude_app(upstream, None)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(4096)
-    port = sock.getsockname()[1]
-    config = Config()
-    config.bind = [f"fd://{sock.fileno()}"]
-    config.accesslog = None
-    config.keep_alive_timeout = 120
+    sock = listener()
+    port = port_of(sock)
     stop = asyncio.Event()
+    app = quart_claude_app(upstream, None)
+    config = config_for(f"fd://{sock.fileno()}")
     server = asyncio.ensure_future(serve(app, config, shutdown_trigger=stop.wait))
     try:
         for _ in range(2):  # warm up: imports, the session, first-request costs
@@ -67,7 +60,10 @@ async def measure(upstream: str, streams: int) -> collections.Counter[str]:
         tracemalloc.start(40)
         before = tracemalloc.take_snapshot()
         tasks = [asyncio.ensure_future(chat("127.0.0.1", port, f"s{i}")) for i in range(streams)]
-        await asyncio.sleep(3)  # every stream open, its first token in, the next 60 s away
+        state = Claude.state(app)
+        while state.live_streams() < streams:  # noqa: ASYNC110 (a count, with no event to wait on)
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(1)  # and its first token in (0.05 s after), the next 60 s away
         gc.collect()
         after = tracemalloc.take_snapshot()
         tracemalloc.stop()
@@ -88,27 +84,19 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=200)
     parser.add_argument("--plain", action="store_true", help="the emulator serves plain HTTP")
     args = parser.parse_args()
-    folder = Path(tempfile.mkdtemp(prefix="qc-bench-heap-"))
-    ca, cert, key = certificates(folder)
-    command = [sys.executable, "-m", "quart_claude.testing", "--port", "0", "--tokens", "2"]
-    command += ["--token-delay", "60", "--first-token-delay", "0.05"]
-    if not args.plain:
-        command += ["--tls-cert", str(cert), "--tls-key", str(key)]
-        os.environ["SSL_CERT_FILE"] = str(ca)  # the server trusts the run's certificate
-    emulator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    try:
-        assert emulator.stdout is not None
-        port = int(emulator.stdout.readline().rsplit(":", 1)[1])
-        scheme = "http" if args.plain else "https"
+    emulator_args = ["--tokens", "2", "--token-delay", "60", "--first-token-delay", "0.05"]
+    with tempfile.TemporaryDirectory(prefix="qc-bench-heap-") as folder:
+        if not args.plain:
+            ca, cert, key = certificates(Path(folder))
+            emulator_args += ["--tls-cert", str(cert), "--tls-key", str(key)]
+            os.environ["SSL_CERT_FILE"] = str(ca)  # the server trusts the run's certificate
+        emulator, port = emulator_process(emulator_args)
         try:
-            import uvloop
-        except ImportError:
-            owners = asyncio.run(measure(f"{scheme}://127.0.0.1:{port}", args.streams))
-        else:
-            owners = uvloop.run(measure(f"{scheme}://127.0.0.1:{port}", args.streams))
-    finally:
-        emulator.terminate()
-        emulator.wait(10)
+            scheme = "http" if args.plain else "https"
+            owners = run(measure(f"{scheme}://127.0.0.1:{port}", args.streams))
+        finally:
+            emulator.terminate()
+            emulator.wait(10)
     total = sum(owners.values())
     print(f"Python heap per open stream ({'plain' if args.plain else 'TLS'} upstream, "
           f"{args.streams} streams): {total / args.streams / 1024:.1f} KiB")  # fmt: skip
