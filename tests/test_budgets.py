@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,25 +80,178 @@ async def test_a_spent_budget_is_a_429_before_any_stream_starts(
     assert other["limits"][0]["used_tokens"] == 0 and other["days"][-1]["requests"] == 0
 
 
-async def test_a_budget_that_runs_out_mid_answer_cuts_it_and_keeps_the_text(
+async def test_a_budget_too_small_for_max_tokens_lowers_it_so_the_api_stops_there(
     make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:
-    app = app_with(make_app, budget="200 tokens/day")
+    app = app_with(make_app, budget="200 tokens/day", max_tokens=1000)
     words = [f"w{n} " for n in range(400)]
     emulator.script(Reply(tokens=words, input_tokens=20, token_delay=0.002))
+    async with serving(app) as url:
+        answer = await chat(http, url)
+        entries = await ledger_of(app).entries(ident(ALICE))
+    done = answer.events[-1]
+    assert done["type"] == "done" and done["stop_reason"] == "budget_exhausted"
+    assert answer.text and "".join(words).startswith(answer.text)  # intact, in order
+    (request,) = emulator.requests
+    assert request.body["max_tokens"] < 200  # what the grant left after the input estimate
+    assert len(answer.text.split()) == request.body["max_tokens"]  # the API stopped there
+    assert sum(e.input_tokens + e.output_tokens for e in entries) <= 200
+
+
+async def test_real_input_beyond_the_estimate_takes_more_and_cuts_at_the_limit_with_text(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    # the estimate of "hi" is ~25 tokens: 25 + 1000 is reserved; message_start says 1,111
+    app = app_with(make_app, budget="1200 tokens/day", max_tokens=1000)
+    words = [f"w{n} " for n in range(400)]
+    emulator.script(Reply(tokens=words, input_tokens=1111, token_delay=0.002))
     async with serving(app) as url:
         answer = await chat(http, url)
         cut_at = time.time()
         entries = await ledger_of(app).entries(ident(ALICE))
     done = answer.events[-1]
     assert done["type"] == "done" and done["stop_reason"] == "budget_exhausted"
-    assert answer.text and "".join(words).startswith(answer.text)  # intact, in order
-    assert len(answer.text.split()) < 200
+    assert answer.text and "".join(words).startswith(answer.text)
+    assert 60 < len(answer.text.split()) <= 89  # 1200 - 1111 left for output
     (request,) = await emulator.wait_for_requests(1)
     await asyncio.wait_for(request.ended.wait(), 1.0)  # the upstream request closed at once
     assert request.disconnected and request.ended_at is not None
     assert request.ended_at - cut_at < 1.0
-    assert sum(e.input_tokens + e.output_tokens for e in entries) <= 200
+    (entry,) = entries
+    assert entry.input_tokens == 1111 and entry.output_tokens == len(answer.text.split())
+    assert entry.input_tokens + entry.output_tokens <= 1200
+
+
+@pytest.mark.parametrize("store", ["memory", "redis", "sqlite"])
+async def test_real_input_beyond_the_estimate_streams_whole_under_a_vast_budget(
+    store: str,
+    tmp_path: Path,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    request: pytest.FixtureRequest,
+) -> None:
+    options: dict[str, Any] = {"budget": "1000000 tokens/day", "max_tokens": 100}
+    if store == "redis":
+        options["stream_store"] = request.getfixturevalue("redis_url") + "/13"
+    elif store == "sqlite":
+        options["database_url"] = f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"
+    app = app_with(make_app, **options)
+    words = [f"w{n} " for n in range(60)]
+    emulator.script(
+        Reply(tokens=words, input_tokens=1111),
+        Reply(tokens=words, input_tokens=873, cache_read_input_tokens=94000),
+    )
+    async with serving(app) as url:
+        first = await chat(http, url)
+        cached = await chat(http, url)
+        entries = await ledger_of(app).entries(ident(ALICE))
+    for answer in (first, cached):
+        assert answer.events[-1]["stop_reason"] == "end_turn"
+        assert answer.text == "".join(words)
+    assert [(e.input_tokens, e.cache_read_tokens, e.output_tokens) for e in entries[-2:]] == [
+        (1111, 0, 60),
+        (873, 94000, 60),
+    ]
+
+
+async def test_a_budget_that_cannot_hold_even_the_real_input_ends_before_any_text(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = app_with(make_app, budget="1000 tokens/day", max_tokens=100)
+    emulator.script(Reply("never shown", input_tokens=1111))
+    async with serving(app) as url:
+        answer = await chat(http, url)
+        usage = (await http.get(url + "/usage", headers=ALICE)).json()
+    assert answer.status == 200  # admitted on the estimate
+    assert answer.events[-1]["stop_reason"] == "budget_exhausted"
+    assert answer.text == "" and not [e for e in answer.events if e["type"] == "delta"]
+    assert usage["limits"][0]["used_tokens"] >= 1111  # the API billed the input anyway
+
+
+async def test_a_cjk_conversation_under_a_budget_streams_whole(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient, tmp_path: Path
+) -> None:
+    """Chinese is about a token a character, three bytes each in UTF-8: the estimate (a
+    token per four bytes) is low by more than max_tokens, on every send of a long chat."""
+    database = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+    app = app_with(make_app, budget="200000 tokens/day", database_url=database, max_tokens=200)
+    sentence = "我们今天讨论一下这个问题的各个方面并且给出详细的分析"
+    pieces = ["这是", "一个", "很长的", "回答"] * 6
+    reply = "".join(pieces)
+    emulator.default = Reply(tokens=pieces)  # the emulator counts as the API: by character
+    async with serving(app) as url:
+        first = await chat(http, url, sentence * 40)
+        cid = first.events[0]["conversation_id"]
+        answers = [first]
+        for _ in range(3):
+            body = {"message": sentence * 40, "conversation_id": cid}
+            answers.append(await stream_chat(http, url + "/chat/stream", body, headers=ALICE))
+        entries = await ledger_of(app).entries(ident(ALICE))
+    for answer in answers:
+        assert answer.events[-1]["stop_reason"] == "end_turn", answer.events[-1]
+        assert answer.text == reply
+    estimates = [
+        len(json.dumps(r.body["messages"], ensure_ascii=False).encode()) // 4 + 8
+        for r in emulator.requests
+    ]
+    billed = [e.input_tokens for e in entries]
+    assert all(b > e + 200 for b, e in zip(billed, estimates, strict=True))  # beats the grant
+
+
+async def test_usage_and_the_429_give_micro_dollars_beside_dollars(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = app_with(make_app, budget="0.001 usd/day", model="claude-sonnet-4-6", max_tokens=8)
+    emulator.default = Reply("one two three", input_tokens=20)
+    async with serving(app) as url:
+        answers = [await chat(http, url)]
+        while answers[-1].status == 200 and len(answers) < 12:
+            answers.append(await chat(http, url))
+        usage = (await http.get(url + "/usage", headers=ALICE)).json()
+    refused = answers[-1]
+    assert refused.status == 429
+    spent = 20 * 3 + 3 * 15  # µ$: $3/MTok in, $15/MTok out
+    assert refused.body["used_micro_usd"] == spent * (len(answers) - 1)
+    assert refused.body["limit_micro_usd"] == 1000
+    assert refused.body["used_usd"] == refused.body["used_micro_usd"] / 1_000_000
+    (limit,) = usage["limits"]
+    assert limit["used_micro_usd"] == refused.body["used_micro_usd"]
+    assert limit["limit_micro_usd"] == 1000
+    assert usage["days"][-1]["micro_usd"] == limit["used_micro_usd"]
+
+
+@pytest.mark.parametrize("home", ["sqlite", "redis", "memory"])
+async def test_the_ledger_records_without_any_budget_wherever_it_has_a_home(
+    home: str,
+    tmp_path: Path,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    request: pytest.FixtureRequest,
+) -> None:
+    options: dict[str, Any] = {}
+    if home == "redis":
+        options["stream_store"] = request.getfixturevalue("redis_url") + "/12"
+    elif home == "sqlite":
+        options["database_url"] = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    unset = app_with(make_app, **options)
+    recorded = app_with(make_app, ledger=True, **options)
+    emulator.default = Reply("one two three", input_tokens=20)
+    async with serving(unset) as url:
+        assert (await chat(http, url)).status == 200
+        unset_ledger = ledger_of(unset)
+        unset_entries = await unset_ledger.entries(ident(ALICE)) if unset_ledger else None
+    async with serving(recorded) as url:
+        assert (await chat(http, url)).status == 200
+        entries = await ledger_of(recorded).entries(ident(ALICE))
+        usage = (await http.get(url + "/usage", headers=ALICE)).json()
+    if home == "memory":  # no home: only CLAUDE_LEDGER=true keeps it, in the worker
+        assert unset_ledger is None
+    else:
+        assert unset_entries and unset_entries[-1].output_tokens == 3
+    assert entries[-1].input_tokens == 20 and entries[-1].output_tokens == 3
+    assert usage["unlimited"] is True and usage["days"][-1]["requests"] >= 1
 
 
 async def test_a_budget_that_runs_out_between_tool_steps_ends_before_the_next_request(
@@ -105,7 +259,7 @@ async def test_a_budget_that_runs_out_between_tool_steps_ends_before_the_next_re
 ) -> None:
     app = Quart(__name__)
     claude = Claude(
-        app, api_key="sk-test", base_url=emulator.url, api_tokens=TOKENS, budget="400 tokens/day"
+        app, api_key="sk-test", base_url=emulator.url, api_tokens=TOKENS, budget="800 tokens/day"
     )
 
     @claude.tool
@@ -115,7 +269,7 @@ async def test_a_budget_that_runs_out_between_tool_steps_ends_before_the_next_re
 
     emulator.script(
         Reply(
-            "Looking.", tool_calls=[ToolUse("order_status", {"order_id": "A-1"})], input_tokens=380
+            "Looking.", tool_calls=[ToolUse("order_status", {"order_id": "A-1"})], input_tokens=780
         ),
         Reply("must never be asked"),
     )
@@ -319,3 +473,102 @@ async def test_a_refused_turn_leaves_no_trace_in_the_conversation(
     assert [m["role"] for m in read["messages"]] == ["user", "assistant"]  # as before
     assert again.body["error"] == "budget_exceeded"  # not conversation_busy: it was freed
     assert [c["id"] for c in listed["conversations"]] == [cid]  # none made for the refusal
+
+
+def thoughts(count: int) -> str:
+    return "".join(f"t{n} " for n in range(count))
+
+
+@pytest.mark.parametrize("hidden", [0, 1500], ids=["shown", "summarized"])
+@pytest.mark.parametrize("thinking", [1024, "adaptive"])
+async def test_thinking_is_held_to_the_limit(
+    thinking: int | str,
+    hidden: int,
+    make_app: Callable[..., Quart],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+) -> None:
+    """Thinking is billed output; a summarized one bills far more than readers see, so the
+    meter alone cannot hold it: the request's max_tokens is what the grant leaves."""
+    app = app_with(make_app, budget="2000 tokens/day", max_tokens=4096, thinking=thinking)
+    shown = 100 if hidden else 2600
+    emulator.script(
+        Reply(
+            tokens=[f"w{n} " for n in range(400)],
+            thinking=thoughts(shown),
+            hidden_thinking_tokens=hidden,
+        )
+    )
+    async with serving(app) as url:
+        answer = await chat(http, url)
+        entries = await ledger_of(app).entries(ident(ALICE))
+    assert answer.events[-1]["stop_reason"] == "budget_exhausted"
+    (request,) = emulator.requests
+    assert request.usage is not None  # the API itself stopped at the lowered max_tokens
+    billed = request.usage["input_tokens"] + request.usage["output_tokens"]
+    assert billed <= 2000
+    assert [(e.input_tokens, e.output_tokens) for e in entries] == [
+        (request.usage["input_tokens"], request.usage["output_tokens"])
+    ]
+    if hidden:  # the summary, then some text, within what was left
+        assert answer.text and len(answer.text.split()) < 400
+    else:
+        assert answer.text == ""
+
+
+async def test_thinking_the_request_cannot_be_lowered_for_is_cut_by_the_meter(
+    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    # 1000 tokens leave less than the API's smallest thinking budget (1,024): only the meter
+    app = app_with(make_app, budget="1000 tokens/day", max_tokens=4096, thinking=1024)
+    emulator.script(Reply(tokens=["never "] * 10, thinking=thoughts(2600), token_delay=0.001))
+    async with serving(app) as url:
+        answer = await chat(http, url)
+        entries = await ledger_of(app).entries(ident(ALICE))
+    assert answer.events[-1]["stop_reason"] == "budget_exhausted"
+    assert answer.text == ""
+    thinking = "".join(e["text"] for e in answer.events if e["type"] == "thinking")
+    assert thoughts(2600).startswith(thinking) and 900 < len(thinking.split()) < 1000
+    (request,) = await emulator.wait_for_requests(1)
+    await asyncio.wait_for(request.ended.wait(), 1.0)
+    assert request.disconnected and request.body["max_tokens"] == 4096 + 1024
+    (entry,) = entries
+    assert entry.input_tokens + entry.output_tokens <= 1000
+
+
+async def test_a_tool_call_cut_mid_input_never_runs(
+    emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    app = Quart(__name__)
+    claude = Claude(
+        app,
+        api_key="sk-test",
+        base_url=emulator.url,
+        api_tokens=TOKENS,
+        budget="2000 tokens/day",
+        max_tokens=4096,
+    )
+    saved: list[str] = []
+
+    @claude.tool
+    def save_document(text: str) -> str:
+        """Save a document."""
+        saved.append(text)
+        return "saved"
+
+    document = "lorem ipsum " * 625  # 7,500 characters: 2,500 tokens of tool input
+    emulator.script(
+        Reply("Saving.", tool_calls=[ToolUse("save_document", {"text": document})]),
+        Reply("must never be asked"),
+    )
+    async with serving(app) as url:
+        answer = await chat(http, url)
+        entries = await ledger_of(app).entries(ident(ALICE))
+    assert answer.events[-1]["stop_reason"] == "budget_exhausted"
+    assert answer.text == "Saving."
+    assert not [e for e in answer.events if e["type"].startswith("tool")]
+    assert saved == [] and len(emulator.requests) == 1
+    (request,) = emulator.requests
+    if request.usage is not None:  # stopped by the API at the lowered max_tokens
+        assert request.usage["input_tokens"] + request.usage["output_tokens"] <= 2000
+    assert sum(e.input_tokens + e.output_tokens for e in entries) <= 2000

@@ -17,7 +17,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from quart_claude._core.ledger import RedisLedger
-from quart_claude.testing import Emulator, Reply
+from quart_claude.testing import Emulator, Reply, ToolUse
 
 from .helpers import stream_chat
 from .test_takeover import Servers
@@ -75,7 +75,7 @@ async def test_200_concurrent_requests_over_3_workers_never_pass_the_limit(
 
 
 async def test_a_sigkilled_workers_reservation_lapses(workers: Servers, emulator: Emulator) -> None:
-    workers.env["CLAUDE_BUDGET"] = "200 tokens/day"
+    workers.env["CLAUDE_BUDGET"] = "600 tokens/day"  # one request (its tools' prompt too)
     doomed, other = await workers.start_many(2)
     emulator.default = Reply(
         tokens=[f"w{n} " for n in range(300)], token_delay=0.1, input_tokens=20
@@ -102,3 +102,36 @@ async def test_a_sigkilled_workers_reservation_lapses(workers: Servers, emulator
             await asyncio.sleep(0.25)
     assert admitted is not None, "the dead worker's reservation never lapsed"
     assert admitted >= 1.5  # not before its expiry: CLAUDE_BUDGET_HOLD_TTL after it was made
+
+
+async def test_thinking_and_long_tool_inputs_over_3_workers_stay_within_the_limit(
+    workers: Servers, emulator: Emulator, redis_server: Any
+) -> None:
+    """Output readers never see the whole of (summarized thinking) or see only at its end
+    (a tool call's input) is held to the limit across workers: summed from what the
+    emulator itself billed, every request it answered."""
+    workers.env.update(
+        CLAUDE_BUDGET="9000 tokens/day", CLAUDE_THINKING="adaptive", CLAUDE_MAX_TOKENS="2048"
+    )
+    servers = await workers.start_many(3)
+    words = [f"w{n} " for n in range(300)]
+    thinking = Reply(tokens=words, thinking="t " * 100, hidden_thinking_tokens=900)
+    tool = Reply(tokens=words[:3], tool_calls=[ToolUse("fast_lookup", {"key": "k" * 4000})])
+    emulator.script(*[thinking, tool] * 8)
+    emulator.default = Reply(tokens=words)
+    async with httpx2.AsyncClient(timeout=60) as http:
+        answers = await asyncio.gather(
+            *(
+                stream_chat(http, servers[n % 3].url + "/chat/stream", {"message": "hi"})
+                for n in range(12)
+            )
+        )
+    entries = await ledger_entries(redis_server.url)
+    billed = [r.usage for r in emulator.requests]
+    assert None not in billed  # each stopped by the API at the max_tokens its grant left
+    spent = sum(u["input_tokens"] + u["output_tokens"] for u in billed if u is not None)
+    assert 0 < spent <= 9000
+    assert sum(e.input_tokens + e.output_tokens for e in entries) == spent
+    ends = [a.events[-1]["stop_reason"] for a in answers if a.status == 200]
+    assert "budget_exhausted" in ends
+    assert {a.status for a in answers} <= {200, 429}

@@ -574,7 +574,11 @@ async def test_clearing_old_tool_uses_is_asked_for_and_reported(
         return {"order_id": order_id, "status": "shipped " * 40}
 
     calls = [
-        Reply("Looking.", tool_calls=[ToolUse("order_status", {"order_id": f"A-{n}"})])
+        Reply(
+            "Looking.",
+            tool_calls=[ToolUse("order_status", {"order_id": f"A-{n}"})],
+            input_tokens=10,
+        )
         for n in range(4)
     ]
     emulator.script(*calls, Reply("All shipped.", input_tokens=120_000))
@@ -585,7 +589,7 @@ async def test_clearing_old_tool_uses_is_asked_for_and_reported(
     assert last.headers["anthropic-beta"] == "context-management-2025-06-27"
     assert last.body["context_management"] == {"edits": [{"type": "clear_tool_uses_20250919"}]}
     # four results, the default keeps three: the API cleared one, from fewer input tokens
-    assert answer.events[-1]["usage"]["input_tokens"] < 120_000
+    assert answer.events[-1]["usage"]["input_tokens"] < 4 * 10 + 120_000
     await eventually(lambda: len(made.turns) == 1)
     assert made.turns[0].stop_reason == "end_turn"
 

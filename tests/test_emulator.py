@@ -36,7 +36,7 @@ async def test_sdk_stream_helper_accumulates_the_reply(emulator: Emulator) -> No
         assert stream.request_id is not None and stream.request_id.startswith("req_")
     assert message.stop_reason == "end_turn"
     assert message.model == "claude-opus-5"
-    assert message.usage.output_tokens == len(texts)
+    assert message.usage.output_tokens == len(texts) + 1  # thinking is billed output ("hmm")
     assert message.usage.cache_read_input_tokens == 12
     assert [block.type for block in message.content] == ["thinking", "text"]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import calendar
 import json
+import logging
 import math
 import re
 import secrets
@@ -23,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .config import MIN_THINKING_BUDGET
 from .prices import Price, cost_of
 
 if TYPE_CHECKING:
@@ -40,8 +42,12 @@ __all__ = [
     "parse_budget",
 ]
 
+log = logging.getLogger("quart_claude")
+
 #: the meter's estimate of a delta's tokens (the exact count comes with ``message_delta``)
 BYTES_PER_TOKEN = 4
+#: what the API adds to a request with tools: its tool-use system prompt (Claude 4 and later)
+TOOLS_PROMPT_TOKENS = 346
 #: a request is admitted when its input and this much output fit in what remains
 MIN_OUTPUT = 16
 #: how long a reservation outlives a worker that died holding it (seconds)
@@ -148,8 +154,10 @@ class Refusal:
             "limit": limit.text(),
             "limit_tokens": limit.tokens,
             "limit_usd": None if limit.micro_usd is None else limit.micro_usd / 1_000_000,
+            "limit_micro_usd": limit.micro_usd,
             "used_tokens": self.used.tokens,
             "used_usd": self.used.micro_usd / 1_000_000,
+            "used_micro_usd": self.used.micro_usd,
             "period": limit.period.name,
             "retry_after": self.retry_after(now),
         }
@@ -165,8 +173,9 @@ class BudgetRefused(Exception):
 
 @dataclass(slots=True)
 class Spend:
-    """The budget of one answer: reserves before each upstream request, meters it, settles
-    it. A unit of work owning its own state (like redis-py's ``Lock``)."""
+    """The budget of one answer: reserves before each upstream request, meters it, tops the
+    reservation up when the request needs more, settles it. A unit of work owning its own
+    state (like redis-py's ``Lock``). With no limits it only records (the ledger)."""
 
     store: LedgerStore
     identity: str
@@ -183,37 +192,63 @@ class Spend:
     spent: Amount = field(default_factory=Amount)  # the answer's, settled so far
     warn_at: int = 0  # percent of a limit past which start and done carry a warning (0: off)
     hold_ttl: float = HOLD_TTL  # how long a reservation outlives a worker that died holding it
+    max_output: int = 0  # the request in flight's max_tokens, as sent
+    lowered: bool = False  # that max_tokens is the budget's (what the grant left)
     _cap: int = 0  # the output tokens the request in flight may still stream
+    _usage: dict[str, Any] = field(default_factory=dict)  # its input usage (message_start's)
     warning: dict[str, Any] | None = None  # the last one seen
 
     async def reserve(self, params: dict[str, Any]) -> Refusal | None:
         """Reserve the next request's share; a refusal when even its input does not fit."""
         estimate = estimate_input(params)
-        worst = estimate + int(params.get("max_tokens") or 0)
+        self.max_output = int(params.get("max_tokens") or 0)
+        self.input_tokens, self.output_estimate, self.lowered = estimate, 0, False
+        self._usage = {"input_tokens": estimate}
+        hold = secrets.token_hex(8)
+        if not self.limits:  # recorded, never refused
+            self.hold, self.granted, self._cap = hold, Amount(), _UNLIMITED
+            return None
         if self.money and self.price is None:
             limit = next(limit for limit in self.limits if limit.micro_usd is not None)
             return Refusal(limit, Amount(), int(time.time()), reason="no_price")
-        hold = secrets.token_hex(8)
         granted = await self.store.reserve(
             self.identity,
             self.limits,
             hold,
-            ask=self._amount(estimate, worst - estimate),
-            floor=self._amount(estimate, MIN_OUTPUT),
+            ask=self._amount(self.max_output),
+            floor=self._amount(MIN_OUTPUT),
             ttl=self.hold_ttl,
             now=time.time(),
         )
         if isinstance(granted, Refusal):
             return granted
         self.hold, self.granted = hold, granted
-        self.input_tokens, self.output_estimate = estimate, 0
-        self._cap = self._output_cap({"input_tokens": estimate})
+        self._cap = self._output_cap()
         return None
+
+    def fitted(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The request as it is sent: when the grant leaves less output than its
+        ``max_tokens``, ``max_tokens`` is lowered to what it leaves, so the API itself stops
+        there (output the meter cannot see, such as summarized thinking, is then bounded
+        too). A thinking budget is lowered with it, down to the API's 1,024; below that the
+        meter alone cuts the request."""
+        room = self._cap
+        if room >= int(params.get("max_tokens") or 0):
+            return params
+        fitted = {**params, "max_tokens": room}
+        thinking = params.get("thinking")
+        if isinstance(thinking, dict) and thinking.get("type") == "enabled":
+            budget = min(int(thinking.get("budget_tokens") or 0), room - MIN_OUTPUT)
+            if budget < MIN_THINKING_BUDGET:
+                return params
+            fitted["thinking"] = {**thinking, "budget_tokens": budget}
+        self.max_output, self.lowered = room, True
+        return fitted
 
     async def check(self) -> dict[str, Any] | None:
         """The soft threshold: a warning when a limit is ``warn_at`` percent used or more
         (the tightest one), for the ``start`` and ``done`` events."""
-        if not self.warn_at:
+        if not self.warn_at or not self.limits:
             return None
         used = await self.store.used(self.identity, self.limits, time.time())
         worst: dict[str, Any] | None = None
@@ -233,36 +268,78 @@ class Spend:
         """Give the reservation back unused (the stream never started)."""
         if self.hold is not None:
             hold, self.hold = self.hold, None
-            await self.store.settle(self.identity, self.limits, hold, Amount(), time.time())
+            if self.limits:
+                await self.store.settle(self.identity, self.limits, hold, Amount(), time.time())
 
-    def _amount(self, input_tokens: int, output_tokens: int) -> Amount:
-        usage = {"input_tokens": input_tokens, "output_tokens": output_tokens}
+    def _amount(self, output_tokens: int) -> Amount:
+        """The request's input as known (the estimate, or ``message_start``'s, its cache
+        reads and writes priced) and ``output_tokens`` of output."""
+        usage = {**self._usage, "output_tokens": output_tokens}
         cost = cost_of(usage, self.price) if self.price is not None else 0
-        return Amount(input_tokens + output_tokens, cost)
+        return Amount(self.input_tokens + output_tokens, cost)
 
     @property
     def money(self) -> bool:
         return any(limit.micro_usd is not None for limit in self.limits)
 
     def started(self, usage: dict[str, Any]) -> bool:
-        """``message_start``'s usage: the exact input. True when it alone passes the grant."""
+        """``message_start``'s usage: the exact input. True when the grant no longer covers
+        the request's worst case (real input beat the estimate): a top-up is due."""
         self.input_tokens = _input(usage)
-        self._cap = self._output_cap(usage)
-        return self.input_tokens > self.granted.tokens or self._cap <= 0
+        self._usage = {key: value for key, value in usage.items() if key != "output_tokens"}
+        self._cap = self._output_cap()
+        return self._cap < self.max_output
 
-    def metered(self, nbytes: int, usage: dict[str, Any]) -> bool:
-        """One text delta of ``nbytes``: True when the request must stop here, at its grant
-        (not past it: what is spent passes the grant only by the estimate's error on the
-        delta that reached it). One addition and one comparison per delta."""
-        self.output_estimate += (nbytes >> 2) or 1  # BYTES_PER_TOKEN
+    def metered(self, literal: bytes) -> bool:
+        """One text delta (its JSON string literal): True when the request reached its grant,
+        and must be topped up or cut. One token per :data:`BYTES_PER_TOKEN` bytes of ASCII,
+        per two bytes of anything else (a CJK character is three bytes in UTF-8 and a token
+        or more), at least one a delta: one addition and one comparison per delta."""
+        size = len(literal)
+        self.output_estimate += ((size >> 2) if literal.isascii() else (size >> 1)) or 1
         return self.output_estimate >= self._cap
 
-    def _output_cap(self, usage: dict[str, Any]) -> int:
+    def metered_block(self, text: str, *, json_text: bool = False) -> bool:
+        """Any other output delta (thinking, a tool call's input, any block the model
+        writes), as :meth:`metered`; JSON (a tool's input) at one token per three bytes."""
+        size = len(text.encode())
+        per = 3 if json_text else BYTES_PER_TOKEN
+        self.output_estimate += (size // per if text.isascii() else size >> 1) or 1
+        return self.output_estimate >= self._cap
+
+    async def top_up(self) -> bool:
+        """The request needs more than it was granted: take more of what the budget has
+        left, atomically as the first reservation was (its worst case again, or room to go
+        on), at least one more token. False at the hard limit: nothing more to take."""
+        if self.hold is None or not self.limits:
+            return True
+        if self.lowered and self._cap >= self.max_output:
+            return True  # the API stops at the max_tokens the grant left: its count is exact
+        output = max(self.max_output, self.output_estimate + MIN_OUTPUT)
+        granted = await self.store.reserve(
+            self.identity,
+            self.limits,
+            self.hold,
+            ask=self._amount(output),
+            floor=self._amount(self.output_estimate + 1),
+            ttl=self.hold_ttl,
+            now=time.time(),
+        )
+        if isinstance(granted, Refusal):
+            return self.output_estimate < self._cap
+        self.granted = granted
+        self._cap = self._output_cap()
+        return self.output_estimate < self._cap
+
+    def _output_cap(self) -> int:
         """The output tokens the grant leaves after the input: by tokens, and by money at the
         output rate once the input's cost (cache reads and writes priced) is known."""
+        if not self.limits:
+            return _UNLIMITED
         cap = self.granted.tokens - self.input_tokens
         if self.price is not None and self.money and self.price.output > 0:
-            left = self.granted.micro_usd * 1_000_000 - cost_of(usage, self.price) * 1_000_000
+            input_cost = cost_of(self._usage, self.price)
+            left = self.granted.micro_usd * 1_000_000 - input_cost * 1_000_000
             cap = min(cap, left // self.price.output)
         return cap
 
@@ -280,13 +357,21 @@ class Spend:
             cost_of(final, self.price) if self.price is not None else 0,
         )
         hold, self.hold = self.hold, None
-        await self.store.settle(self.identity, self.limits, hold, spent, time.time())
-        await self.store.record(self, final, spent)
+        if self.limits:
+            await self.store.settle(self.identity, self.limits, hold, spent, time.time())
+        try:
+            await self.store.record(self, final, spent)
+        except Exception:  # counted above; a lost ledger line must not fail the answer
+            log.warning("stream %s: its usage could not be recorded", self.stream_id, exc_info=True)
         self.step += 1
         self.spent = Amount(
             self.spent.tokens + spent.tokens, self.spent.micro_usd + spent.micro_usd
         )
         return spent
+
+
+#: the cap of a request no limit holds (it is only recorded)
+_UNLIMITED = 1 << 62
 
 
 def _input(usage: dict[str, Any]) -> int:
@@ -297,13 +382,15 @@ def _input(usage: dict[str, Any]) -> int:
 
 
 def estimate_input(params: dict[str, Any]) -> int:
-    """A request's input tokens, over-estimated: one per four bytes of its JSON (messages,
-    system, tools), plus a little for the framing the API adds."""
+    """A request's input tokens, estimated: one per four bytes of its JSON (messages,
+    system, tools), plus the framing the API adds (its tool-use system prompt with tools).
+    Text of other scripts, PDFs and server tools' results can beat it: the grant is topped
+    up when ``message_start`` says so."""
     size = len(json.dumps(params.get("messages") or [], ensure_ascii=False).encode())
     for name in ("system", "tools"):
         if params.get(name):
             size += len(json.dumps(params[name], ensure_ascii=False).encode())
-    return size // 4 + 8
+    return size // 4 + 8 + (TOOLS_PROMPT_TOKENS if params.get("tools") else 0)
 
 
 def usage_view(limits: Sequence[Limit], used: Sequence[Amount], now: float) -> list[dict[str, Any]]:
@@ -319,8 +406,10 @@ def usage_view(limits: Sequence[Limit], used: Sequence[Amount], now: float) -> l
                 "resets_at": end,
                 "limit_tokens": limit.tokens,
                 "limit_usd": None if limit.micro_usd is None else limit.micro_usd / 1_000_000,
+                "limit_micro_usd": limit.micro_usd,
                 "used_tokens": amount.tokens,
                 "used_usd": amount.micro_usd / 1_000_000,
+                "used_micro_usd": amount.micro_usd,
             }
         )
     return out

@@ -85,6 +85,13 @@ def _bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key} must be a boolean (true/false), got {value!r}")
 
 
+def _auto_bool(key: str, value: Any) -> bool | None:
+    """A boolean, or None (``auto``, the default: the extension decides)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in {"", "auto"}):
+        return None
+    return _bool(key, value)
+
+
 def _str(key: str, value: Any) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{key} must be a string, got {type(value).__name__}")
@@ -445,6 +452,7 @@ _KEYS: dict[str, _Key] = {
     "budget": _Key(_budget, ()),
     "budget_warn_at": _Key(_percent, 80),
     "budget_hold_ttl": _Key(_positive_seconds, 600.0),
+    "ledger": _Key(_auto_bool, None),
     "prices": _Key(_prices, PRICES),
 }
 
@@ -517,6 +525,9 @@ class ClaudeConfig:
     budget: tuple[Any, ...]  # budget.Limit: the default per identity (none: unlimited)
     budget_warn_at: int  # percent of a limit used past which start and done warn (0: off)
     budget_hold_ttl: float  # seconds a reservation outlives a worker killed while holding it
+    #: record every upstream request's usage: None (auto) where the database or Redis keeps
+    #: it, or with a budget; True also in this worker's memory; False only with a budget
+    ledger: bool | None
     prices: dict[str, Any]  # prices.Price by model: the shipped table and CLAUDE_PRICES
 
     @staticmethod

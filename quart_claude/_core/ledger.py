@@ -4,7 +4,9 @@
 :class:`RedisLedger` is shared by every worker and host on the stream store's Redis, each
 reservation one Lua script, so concurrent requests can never reserve past a limit together.
 A reservation (a *hold*) carries its expiry: a worker killed mid-request leaves one that the
-next reservation sweeps away after ``CLAUDE_BUDGET_HOLD_TTL``. All of one identity's keys share a
+next reservation sweeps away after ``CLAUDE_BUDGET_HOLD_TTL``. A reservation under the id of
+a hold that exists replaces it (a top-up: the hold grows, checked against what is left as the
+first one was). All of one identity's keys share a
 hash tag, so each script runs in one slot of a Redis Cluster.
 """
 
@@ -142,7 +144,10 @@ class LedgerStore(Protocol):
         floor: Amount,
         ttl: float,
         now: float,
-    ) -> Amount | Refusal: ...
+    ) -> Amount | Refusal:
+        """Hold up to ``ask`` (at least ``floor``) of what every limit leaves, atomically;
+        under the id of an existing hold, replace it (that hold is not counted as taken).
+        A refusal leaves an existing hold as it was."""
 
     async def settle(
         self, identity: str, limits: Sequence[Limit], hold: str, spent: Amount, now: float
@@ -193,7 +198,7 @@ class MemoryLedger:
         open_windows = windows(limits, now)
         for window in open_windows:
             counters = self._window(identity, window, now)
-            holds = [amount for amount, _ in counters.holds.values()]
+            holds = [amount for other, (amount, _) in counters.holds.items() if other != hold]
             held = Amount(sum(a.tokens for a in holds), sum(a.micro_usd for a in holds))
             fitted = window.fit(counters.used, held, granted, floor)
             if fitted is None:
@@ -242,6 +247,7 @@ def day_view(day: int, tokens: int, micro: int, requests: int) -> dict[str, Any]
         "date": time.strftime("%Y-%m-%d", time.gmtime(day * DAY_SECONDS)),
         "tokens": tokens,
         "usd": micro / 1_000_000,
+        "micro_usd": micro,
         "requests": requests,
     }
 
@@ -258,7 +264,7 @@ for i, key in ipairs(KEYS) do
     local name, value = fields[j], fields[j + 1]
     if name == 'used_t' then used_t = tonumber(value)
     elseif name == 'used_m' then used_m = tonumber(value)
-    else
+    elseif name ~= 'h:' .. hold then  -- a top-up replaces its own hold
       local t, m, expiry = string.match(value, '^(%d+):(%d+):(%d+)$')
       if tonumber(expiry) < now then
         redis.call('HDEL', key, name)
@@ -281,20 +287,24 @@ end
 return {1, grant_t, grant_m}
 """
 
-# KEYS: the windows, then the day; ARGV: hold, tokens, µ$, then each window's expiry (ms)
+# KEYS: the windows; ARGV: hold, tokens, µ$, then each window's expiry (ms)
 _SETTLE = """
-local n = #KEYS - 1
-for i = 1, n do
+for i = 1, #KEYS do
   redis.call('HDEL', KEYS[i], 'h:' .. ARGV[1])
   redis.call('HINCRBY', KEYS[i], 'used_t', ARGV[2])
   redis.call('HINCRBY', KEYS[i], 'used_m', ARGV[3])
   redis.call('PEXPIREAT', KEYS[i], tonumber(ARGV[3 + i]))
 end
-local day = KEYS[n + 1]
-redis.call('HINCRBY', day, 'used_t', ARGV[2])
-redis.call('HINCRBY', day, 'used_m', ARGV[3])
-redis.call('HINCRBY', day, 'requests', 1)
-redis.call('EXPIRE', day, 40 * 86400)
+return 1
+"""
+
+# KEYS: the ledger stream, the day; ARGV: tokens, µ$, the cap, then the entry's fields
+_RECORD = """
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
+redis.call('HINCRBY', KEYS[2], 'used_t', ARGV[1])
+redis.call('HINCRBY', KEYS[2], 'used_m', ARGV[2])
+redis.call('HINCRBY', KEYS[2], 'requests', 1)
+redis.call('EXPIRE', KEYS[2], 40 * 86400)
 return 1
 """
 
@@ -307,6 +317,7 @@ class RedisLedger:
         self.prefix = prefix
         self._reserve = redis.register_script(_RESERVE)
         self._settle = redis.register_script(_SETTLE)
+        self._record = redis.register_script(_RECORD)
 
     def _tag(self, identity: str) -> str:
         digest = hashlib.sha256(identity.encode()).hexdigest()[:20]
@@ -342,20 +353,23 @@ class RedisLedger:
         self, identity: str, limits: Sequence[Limit], hold: str, spent: Amount, now: float
     ) -> None:
         open_windows = windows(limits, now)
-        keys = [*self._keys(identity, open_windows), self._day_key(identity, now)]
         args: list[Any] = [hold, spent.tokens, spent.micro_usd]
         args += [(window.end + DAY_SECONDS) * 1000 for window in open_windows]
-        await self._settle(keys=keys, args=args)
+        await self._settle(keys=self._keys(identity, open_windows), args=args)
 
     def _day_key(self, identity: str, now: float) -> str:
         return f"{self._tag(identity)}:d:{int(now) // DAY_SECONDS}"
 
     async def record(self, spend: Spend, usage: dict[str, Any], spent: Amount) -> None:
+        """The entry and the day's counts, in one script (one slot: the identity's tag)."""
         entry = LedgerEntry.of(spend, usage, spent)
-        fields = {k: ("" if v is None else str(v)) for k, v in asdict(entry).items()}
-        await self.redis.xadd(
-            f"{self._tag(spend.identity)}:ledger", fields, maxlen=KEEP_ENTRIES, approximate=True
-        )
+        fields = [
+            part
+            for name, value in asdict(entry).items()
+            for part in (name, "" if value is None else str(value))
+        ]
+        keys = [f"{self._tag(spend.identity)}:ledger", self._day_key(spend.identity, entry.at)]
+        await self._record(keys=keys, args=[spent.tokens, spent.micro_usd, KEEP_ENTRIES, *fields])
 
     async def used(self, identity: str, limits: Sequence[Limit], now: float) -> list[Amount]:
         out = []

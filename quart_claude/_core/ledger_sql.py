@@ -38,9 +38,13 @@ _SWEEP = delete(budget_holds).where(
     _h.window == bindparam("b_window"),
     _h.expires_at < bindparam("b_now"),
 )
-_HELD = select(
+_HELD = select(  # every hold but the one being taken or topped up
     func.coalesce(func.sum(_h.tokens), 0), func.coalesce(func.sum(_h.micro_usd), 0)
-).where(_h.identity == bindparam("b_identity"), _h.window == bindparam("b_window"))
+).where(
+    _h.identity == bindparam("b_identity"),
+    _h.window == bindparam("b_window"),
+    _h.id != bindparam("b_hold"),
+)
 _UNHOLD = delete(budget_holds).where(_h.id == bindparam("b_hold"))
 _SPEND = (
     update(budget_windows)
@@ -88,11 +92,12 @@ def _reserve(
         )
         used = Amount(*(int(n) for n in conn.execute(_LOCK, key).one()))
         conn.execute(_SWEEP, {**key, "b_now": now_ms})
-        held = Amount(*(int(n) for n in conn.execute(_HELD, key).one()))
+        held = Amount(*(int(n) for n in conn.execute(_HELD, {**key, "b_hold": hold}).one()))
         fitted = window.fit(used, held, granted, floor)
         if fitted is None:
             return Refusal(window.limit, used, window.end)
         granted = fitted
+    conn.execute(_UNHOLD, {"b_hold": hold})  # a top-up replaces the hold it grows
     conn.execute(
         budget_holds.insert(),
         [

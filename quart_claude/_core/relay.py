@@ -473,7 +473,10 @@ class Relay:
         if spend.hold is None and await spend.reserve(params) is not None:
             raise OutOfBudget
         try:
-            await self._request(answer, params, guard, turn)
+            await self._request(answer, spend.fitted(params), guard, turn)
+            if spend.lowered and turn.stop_reason == "max_tokens":  # the budget's max_tokens
+                self.telemetry.budget_cut()
+                turn.stop_reason = "budget_exhausted"
         finally:
             spent = await spend.settle(turn.usage, ended=turn.ended)
             self.telemetry.spent(spend.model, spent.micro_usd)
@@ -516,7 +519,8 @@ class Relay:
         texts = answer.texts
         append_data = answer.stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
-        meter = answer.spend.metered if answer.spend is not None else None
+        spend = answer.spend
+        meter = spend.metered if spend is not None and spend.limits else None
         upstream = self.upstreams[self._endpoint(answer)]
         framer = upstream.framer(MAX_UPSTREAM_EVENT)
         async with upstream.open(upstream.params(params)) as response:
@@ -524,13 +528,13 @@ class Relay:
             async for chunk in response.chunks:
                 for name, data in framer.events(chunk):
                     if name != b"content_block_delta":
-                        turn.control(name, data)  # a budget may cut it at message_start
+                        await turn.control(name, data)  # message_start: the real input
                         continue
                     match = None if guard is not None else text_delta(data)
                     if match is not None:  # hot path: splice the JSON string as is
                         literal = match.group(1)
                     else:
-                        literal, guard = turn.slow_delta(data, guard)
+                        literal, guard = await turn.slow_delta(data, guard)  # metered there
                         if literal is None:
                             continue
                     if not texts:
@@ -538,8 +542,8 @@ class Relay:
                     turn.deltas += 1
                     texts.append(literal)
                     append_data(DELTA_PREFIX + literal + b"}")
-                    if meter is not None and meter(len(literal), turn.usage):
-                        raise OutOfBudget  # leaving the block closes the upstream request
+                    if meter is not None and meter(literal):
+                        await turn.top_up()  # cut (leaving the block closes the request)
         if not turn.ended:
             raise UpstreamError("network_error", detail="upstream ended without message_stop")
 
@@ -573,6 +577,7 @@ class _Turn:
         "blocks",
         "completed",
         "deltas",
+        "due",
         "expose_thinking",
         "inputs",
         "model",
@@ -593,7 +598,8 @@ class _Turn:
     def __init__(self, answer: Answer, expose_thinking: bool, rethinking: bool) -> None:
         self.stream = answer.stream
         self.answer = answer
-        self.spend = answer.spend
+        self.spend = answer.spend if answer.spend is not None and answer.spend.limits else None
+        self.due = False  # the request passed its grant: a top-up, or the cut, comes next
         self.outcome = answer.outcome
         self.texts = answer.texts  # the step's text literals; the hot path appends to it
         self.spans: dict[int, int] = {}  # a text block's index -> where its text starts
@@ -613,11 +619,13 @@ class _Turn:
         self.request_id: str | None = None
         self.model = ""  # the model asked (the hop's)
 
-    def control(self, name: bytes, data: bytes) -> None:
+    async def control(self, name: bytes, data: bytes) -> None:
         """Any event but a content delta (pings and unknown events: nothing to do)."""
         handler = _CONTROL.get(name)
         if handler is not None:
             handler(self, data)
+            if self.due:  # message_start: the real input passes the grant
+                await self.top_up()
 
     def _block_started(self, data: bytes) -> None:
         body = json.loads(data)
@@ -651,8 +659,16 @@ class _Turn:
         self.answer.served_by = message.get("model")
         while self.answer.after_start:  # a fallback before the first event, after start
             self.stream.append(self.answer.after_start.pop(0))
-        if self.spend is not None and self.spend.started(self.usage):
-            raise OutOfBudget  # its input alone passes what the budget granted
+        if self.spend is not None:  # the real input may beat the estimate: more is taken
+            self.due = self.spend.started(self.usage)
+
+    async def top_up(self) -> None:
+        """The request passed its grant: take more of the budget, or cut it here (raises
+        :class:`OutOfBudget`: the hard limit)."""
+        self.due = False
+        assert self.spend is not None
+        if not await self.spend.top_up():
+            raise OutOfBudget
 
     def _message_delta(self, data: bytes) -> None:
         body = json.loads(data)
@@ -776,17 +792,19 @@ class _Turn:
             ]
         return content
 
-    def slow_delta(
+    async def slow_delta(
         self, data: bytes, guard: ContinuationGuard | None
     ) -> tuple[bytes | None, ContinuationGuard | None]:
         """A delta off the fast path: text decoded, passed through a continuation's guard
-        (None once it has decided) and re-encoded; any other delta builds its block.
-        ``None`` when there is no text to send."""
+        (None once it has decided) and re-encoded; any other delta builds its block, and is
+        metered. ``None`` when there is no text to send."""
         body = json.loads(data)
         delta = body["delta"]
         if delta.get("type") == "text_delta":
             return _guarded(delta.get("text"), guard)
         self._block_delta(body.get("index", 0), delta)
+        if self.due:
+            await self.top_up()
         return None, guard
 
     def _block_delta(self, index: int, delta: dict[str, Any]) -> None:
@@ -795,13 +813,23 @@ class _Turn:
         kind = delta.get("type")
         block = self.blocks.get(index)
         if kind == "input_json_delta":
+            piece = delta.get("partial_json") or ""
             parts = self.inputs.get(index)
             if parts is not None:
-                parts.append(delta.get("partial_json") or "")
+                parts.append(piece)
+            self._meter(piece, json_text=True)
             return
         if kind == "thinking_delta":
             self._thinking(delta.get("thinking") or "")
         _accumulate(block, delta)
+        for name, value in delta.items():  # everything the model writes is billed output
+            if name not in _UNBILLED and isinstance(value, str):
+                self._meter(value)
+
+    def _meter(self, text: str, *, json_text: bool = False) -> None:
+        spend = self.spend
+        if spend is not None and text and spend.metered_block(text, json_text=json_text):
+            self.due = True
 
     def _thinking(self, text: str) -> None:
         if not self.expose_thinking or not text:
@@ -857,6 +885,10 @@ _CONTROL: dict[bytes, Callable[[_Turn, bytes], None]] = {
     b"message_stop": _Turn._message_stopped,
     b"error": _Turn._error,
 }
+
+
+#: a delta's fields that are not output the model wrote (a signature is opaque)
+_UNBILLED = frozenset({"type", "signature"})
 
 
 def _accumulate(block: dict[str, Any] | None, delta: dict[str, Any]) -> None:

@@ -241,9 +241,7 @@ class ClaudeState:
         ``CLAUDE_BUDGET``'s; None when it has none (unlimited)."""
         if self.ledger is None:
             return None
-        limits = await self.limits_for(identity)
-        if not limits:
-            return None
+        limits = await self.limits_for(identity)  # none: recorded only
         return Spend(
             self.ledger,
             identity,
@@ -375,11 +373,21 @@ class ClaudeState:
             lambda: self.extension.turn_hooks,
             lambda: self.tool_scope,
         )
-        if config.budget or self.extension.budget_hook is not None:
+        if self._ledger_on():
             self.ledger = self._ledger()
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
+
+    def _ledger_on(self) -> bool:
+        """Budgets need the ledger; without one it records wherever the database or Redis
+        gives it a home (``CLAUDE_LEDGER`` true: in memory too; false: only for budgets)."""
+        config = self.config
+        if config.budget or self.extension.budget_hook is not None:
+            return True
+        if config.ledger is None:
+            return self.conversations is not None or self.store.redis is not None
+        return config.ledger
 
     def _ledger(self) -> LedgerStore:
         """Where budgets count: the database with conversations on, else Redis when it is

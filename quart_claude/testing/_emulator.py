@@ -136,6 +136,9 @@ class Reply:
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     thinking: str | None = None  # a thinking block streamed before the text, word by word
+    #: thinking billed as output but never shown: Claude 4 models stream a summary of their
+    #: thinking and bill the whole of it
+    hidden_thinking_tokens: int = 0
     redacted_thinking: bool = False  # a redacted_thinking block (encrypted: no text) first
     stamp: bool = False  # each delta carries its send time: "<unix seconds> " (benchmarks)
     #: How a continuation request is answered, as real models do: ``"rest"`` the text after
@@ -219,6 +222,8 @@ class RecordedRequest:
     ended: asyncio.Event
     outcome: str = "pending"  # completed | disconnected | dropped | hung_up | error
     ended_at: float | None = None
+    #: the usage the emulator reported in ``message_delta`` (None: it never got that far)
+    usage: dict[str, Any] | None = None
     #: the provider it came through (``anthropic``, ``bedrock``, ``vertex``...); ``body`` is
     #: then its first-party form and ``sent`` the body as the provider received it
     provider: str = "anthropic"
@@ -590,13 +595,16 @@ class Emulator:
         }
 
     def _usage(self, reply: Reply, body: dict[str, Any]) -> dict[str, int]:
-        """Four characters a token. A prefix ending in a ``cache_control`` block is written to
-        the cache the first time and read from it on every repeat, as prompt caching does
-        (a reply's own cache counts, when set, win)."""
+        """Counted as the API does, not as a client's estimate would hope: four ASCII
+        characters a token, but a CJK character 1.25 tokens (three UTF-8 bytes) and any
+        other non-ASCII one half; tools add their definitions and the API's own tool-use
+        system prompt (:data:`TOOLS_PROMPT_TOKENS`). A prefix ending in a ``cache_control``
+        block is written to the cache the first time and read from it on every repeat, as
+        prompt caching does (a reply's own cache counts, when set, win)."""
         blocks = _blocks(body)
-        total = sum(len(text) for text, _ in blocks)
+        total = sum(_quarters(text) for text, _ in blocks) + _tools_quarters(body)
         marked = [i for i, (_, cached) in enumerate(blocks) if cached]
-        cached_size = sum(len(text) for text, _ in blocks[: marked[-1] + 1]) if marked else 0
+        cached_size = sum(_quarters(text) for text, _ in blocks[: marked[-1] + 1]) if marked else 0
         write = read = 0
         if marked:
             key = json.dumps(blocks[: marked[-1] + 1])
@@ -619,10 +627,12 @@ class Emulator:
         self, record: RecordedRequest, writer: asyncio.StreamWriter, reply: Reply, text: str
     ) -> bool:
         body: dict[str, Any] = record.body
-        tokens = _tokenize(reply, text)
         stop_reason = reply.stop_reason
-        if len(tokens) > body["max_tokens"]:
-            tokens = tokens[: body["max_tokens"]]
+        reply = _thinking_reply(reply, body)
+        room, reply = _thought_within(reply, body["max_tokens"])  # max_tokens counts thinking
+        tokens = _tokenize(reply, text)
+        if billed(tokens) > room:
+            tokens = _within(tokens, room)
             stop_reason = "max_tokens"
         delay = reply.token_delay if reply.token_delay is not None else self.token_delay
         usage = self._usage(reply, body)
@@ -657,7 +667,6 @@ class Emulator:
                 },
             },
         )
-        reply = _thinking_reply(reply, body)
         index = 0
         if context is not None and context.compaction is not None:
             index = await _compaction_block(event, context.compaction)
@@ -669,7 +678,6 @@ class Emulator:
             if call.server:  # the API runs its tools before it writes the answer
                 await _tool_block(event, index, call)
                 index += 2
-        pieces = 0
         if (tokens or not calls or reply.fault is not None) and stop_reason != "compaction":
             faulted = await self._text_block(
                 record, writer, event, chunk, reply, tokens, index, delay or 0.0
@@ -677,18 +685,18 @@ class Emulator:
             if faulted is not None:
                 return faulted
             index += 1
-        for number, call in enumerate(c for c in calls if not c.server):
-            fault_at = reply.fault_in_input if number == 0 and reply.fault is not None else None
-            sent = await _tool_block(event, index, call, fault_at)
-            if sent is None:
-                return await self._fault(record, writer, event, reply)
-            pieces += sent
-            index += 1
-        if any(not call.server for call in calls) and stop_reason == "end_turn":
+        sent = await _tool_calls(event, index, calls, reply, room - billed(tokens))
+        if sent is None:
+            return await self._fault(record, writer, event, reply)
+        pieces, stopped = sent
+        if stopped:  # max_tokens stopped a call mid-input
+            stop_reason = "max_tokens"
+        elif any(not call.server for call in calls) and stop_reason == "end_turn":
             stop_reason = "tool_use"
-        await event(
-            "message_delta", _message_delta(reply, stop_reason, len(tokens) + pieces, context)
-        )
+        output = billed(tokens) + pieces + _thought(reply)
+        delta = _message_delta(reply, stop_reason, output, context)
+        record.usage = {**usage, **delta["usage"]}
+        await event("message_delta", delta)
         if reply.fault is not None and reply.fault_before_stop:
             return await self._fault(record, writer, event, reply)
         await event("message_stop", {"type": "message_stop"})
@@ -1256,9 +1264,11 @@ async def _tool_block(
     index: int,
     call: ToolUse,
     fault_at: int | None = None,
+    limit: int | None = None,
 ) -> int | None:
     """A tool call's block (and a server tool's result block after it): the input pieces
-    sent, or None at ``fault_at`` pieces (the caller ends the response there)."""
+    sent, or None at ``fault_at`` pieces (the caller ends the response there); ``limit``:
+    the characters of input sent before the block stops unfinished (``max_tokens``)."""
     kind = "server_tool_use" if call.server else "tool_use"
     block: dict[str, Any] = {"type": kind, "id": call.id, "name": call.name, "input": {}}
     await event(
@@ -1269,6 +1279,10 @@ async def _tool_block(
     for sent, piece in enumerate(pieces):
         if sent == fault_at:
             return None
+        if limit is not None:
+            if limit <= 0:
+                break
+            piece, limit = piece[:limit], limit - len(piece)
         await event(*_delta(index, "input_json_delta", partial_json=piece))
     await event("content_block_stop", {"type": "content_block_stop", "index": index})
     if call.server:
@@ -1283,6 +1297,30 @@ async def _tool_block(
         )
         await event("content_block_stop", {"type": "content_block_stop", "index": index + 1})
     return len(pieces)
+
+
+async def _tool_calls(
+    event: Callable[[str, dict[str, Any]], Awaitable[None]],
+    index: int,
+    calls: Sequence[ToolUse],
+    reply: Reply,
+    room: int,
+) -> tuple[int, bool] | None:
+    """The app's tool calls after the text, within ``room`` output tokens: the tokens their
+    input billed, and whether ``max_tokens`` stopped one mid-input; None at the reply's
+    fault in the first one's input."""
+    spent = 0
+    for number, call in enumerate(c for c in calls if not c.server):
+        fault_at = reply.fault_in_input if number == 0 and reply.fault is not None else None
+        cost = _json_tokens(call.input)
+        limit = room * 3 if cost > room else None  # max_tokens stops it mid-input
+        if await _tool_block(event, index + number, call, fault_at, limit) is None:
+            return None
+        spent += min(cost, room)
+        room -= min(cost, room)
+        if limit is not None:
+            return spent, True
+    return spent, False
 
 
 def _thinking_problem(body: Mapping[str, Any], model: str) -> str | None:
@@ -1577,6 +1615,66 @@ def _tokenize(reply: Reply, text: str) -> list[str]:
     if pieces and skip:
         pieces[0] = pieces[0][skip:]  # the continuation starts inside this piece
     return pieces
+
+
+#: what the API adds to the input of a request with tools: its tool-use system prompt
+TOOLS_PROMPT_TOKENS = 346
+
+
+def _quarters(text: str) -> int:
+    """Quarter tokens: an ASCII character one, a CJK one five, any other non-ASCII two."""
+    if text.isascii():
+        return len(text)
+    wide = sum(1 for char in text if char >= "\u2e80")
+    other = sum(1 for char in text if "\x7f" < char < "\u2e80")
+    return len(text) + 4 * wide + other
+
+
+def _tools_quarters(body: Mapping[str, Any]) -> int:
+    tools = body.get("tools")
+    if not tools:
+        return 0
+    return 4 * TOOLS_PROMPT_TOKENS + len(json.dumps(tools, ensure_ascii=False))
+
+
+def billed(pieces: Iterable[str]) -> int:
+    """The output tokens of delta pieces as the API bills them: a word (an ASCII piece) one,
+    any other piece by character (:func:`_quarters`), rounded up."""
+    return sum(1 if piece.isascii() else max(1, -(-_quarters(piece) // 4)) for piece in pieces)
+
+
+def _within(pieces: Sequence[str], room: int) -> list[str]:
+    """The pieces that fit in ``room`` output tokens."""
+    kept: list[str] = []
+    for piece in pieces:
+        room -= billed((piece,))
+        if room < 0:
+            break
+        kept.append(piece)
+    return kept
+
+
+def _json_tokens(value: Any) -> int:
+    """A tool call's input as billed: JSON is dense, a token every three characters."""
+    return -(-len(json.dumps(dict(value), ensure_ascii=False)) // 3)
+
+
+def _thought(reply: Reply) -> int:
+    """The thinking billed: what is shown, and what only a summary of was."""
+    shown = billed(_TOKEN.findall(reply.thinking)) if reply.thinking is not None else 0
+    return shown + reply.hidden_thinking_tokens
+
+
+def _thought_within(reply: Reply, max_tokens: int) -> tuple[int, Reply]:
+    """``max_tokens`` counts thinking: what it leaves for the text, and the reply with its
+    thinking cut where it runs out (the answer then has no text)."""
+    thought = _thought(reply)
+    if thought <= max_tokens:
+        return max_tokens - thought, reply
+    shown = max(0, max_tokens - reply.hidden_thinking_tokens)
+    kept = "".join(_within(_TOKEN.findall(reply.thinking or ""), shown))
+    hidden = min(reply.hidden_thinking_tokens, max_tokens)
+    return 0, replace(reply, thinking=kept, hidden_thinking_tokens=hidden)
 
 
 def _demo_thought(messages: Iterable[Mapping[str, Any]]) -> str:
