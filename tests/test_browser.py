@@ -396,20 +396,21 @@ async def test_edit_regenerate_and_switching_branches(
 async def test_the_page_shows_the_budget_left_and_a_cut_answer(
     page: Page, emulator: Emulator
 ) -> None:
-    app = create_example_app(api_key=API_KEY, base_url=emulator.url, budget="300 tokens/day")
+    # the example's tool adds the API's tool-use prompt (346 tokens) to each input estimate
+    app = create_example_app(api_key=API_KEY, base_url=emulator.url, budget="1000 tokens/day")
     emulator.script(
         Reply("one two three four five", input_tokens=20),
-        Reply(tokens=[f"w{n} " for n in range(400)], input_tokens=20),
+        Reply(tokens=[f"w{n} " for n in range(1000)], input_tokens=20),
     )
     async with serving(app) as url:
         await page.goto(url + "/")
         await wait_until(page, "!document.querySelector('#budget').hidden")
-        assert await page.inner_text("#budget") == "Budget: 300 tokens left of 300 tokens/day"
+        assert await page.inner_text("#budget") == "Budget: 1000 tokens left of 1000 tokens/day"
         await page.fill("#input", "hi")
         await page.press("#input", "Enter")
-        await wait_until(page, "document.querySelector('#budget').dataset.left === '275'")
+        await wait_until(page, "document.querySelector('#budget').dataset.left === '975'")
         await page.fill("#input", "more")
         await page.press("#input", "Enter")
-        await wait_until(page, "document.querySelector('#budget').dataset.left !== '275'")
+        await wait_until(page, "document.querySelector('#budget').dataset.left !== '975'")
         meta = await page.locator(".assistant .meta").last.inner_text()
     assert "your budget ran out" in meta

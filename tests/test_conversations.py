@@ -617,3 +617,64 @@ async def test_a_send_while_another_process_holds_the_write_lock_waits_off_the_l
     assert answer.text == "Stored after the lock."
     await eventually(lambda: len(made.turns) == 2)
     assert made.turns[1].status == "complete"
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["stream", "whole"])
+async def test_a_turn_whose_worker_died_before_its_stream_started_is_answered_again(
+    whole: bool,
+    host: tuple[Host, str],
+    emulator: Emulator,
+    http: httpx2.AsyncClient,
+    tmp_path: Path,
+) -> None:
+    """The turn's row was written, then its worker was killed before its stream started
+    (issue 36): the state it left, made here exactly. A retry with the same
+    ``client_message_id`` is answered (never a 503 forever), the orphan closed as an error,
+    and the conversation takes new sends."""
+    import hashlib
+
+    from sqlalchemy import update
+
+    from quart_claude._core.db import Conversations, Opened, Send, create_engine, now_ms
+    from quart_claude._core.tables import messages
+
+    _, url = host
+    owner = "token:" + hashlib.sha256(b"tok-alice-0123456789").hexdigest()[:16]
+    dead = Conversations(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"), owned=True)
+    try:
+        orphan = Send(owner, None, "hello", "the-stream-that-never-started", "claude-sonnet-5-5")
+        orphan.client_message_id = "c-orphan"
+        opened = await dead.open_turn(orphan)
+        assert isinstance(opened, Opened)
+        ref = opened.ref
+        too_old = now_ms() - 10_000  # a whole lease (3 s) and more ago
+        stamp = update(messages).where(messages.c.conversation_id == ref.conversation_id)
+        await dead.runner.write(lambda conn: conn.execute(stamp.values(created_at=too_old)))
+    finally:
+        await dead.close()
+    emulator.script(Reply("answered at last"), Reply("and the next one"))
+    body = {"message": "hello", "client_message_id": "c-orphan"}
+    if whole:
+        reply = await http.post(url + "/chat", json=body, headers=ALICE)
+        assert reply.status_code == 200, reply.text
+        assert "answered at last" in json.dumps(reply.json())
+    else:
+        again = await send_retry(http, url, body)
+        assert again.status == 200, again.body
+        assert again.events[-1]["stop_reason"] == "end_turn" and again.text == "answered at last"
+    retried = await send_retry(http, url, body)  # the same message once more: the new answer
+    assert retried.status == 200 and retried.text == "answered at last"
+    following = await send(http, url, message="next", conversation_id=ref.conversation_id)
+    assert following.status == 200 and following.text == "and the next one"
+    assert len(emulator.requests) == 2
+    where = f"{url}/conversations/{ref.conversation_id}"
+    read = (await http.get(where, headers=ALICE)).json()
+    assert read["streaming"] is None
+    assert [m["status"] for m in read["messages"]] == ["complete", "complete"] * 2
+    assert ref.message_id in read["messages"][1]["siblings"]  # answered again beside it
+    orphan_branch = (await http.get(where, params={"leaf": ref.message_id}, headers=ALICE)).json()
+    assert orphan_branch["messages"][-1]["status"] == "error"  # the orphan, closed
+
+
+async def send_retry(http: httpx2.AsyncClient, url: str, body: dict[str, Any]) -> Any:
+    return await stream_chat(http, url + "/chat/stream", body, headers=ALICE)

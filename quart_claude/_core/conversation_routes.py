@@ -24,6 +24,7 @@ from .db import (
     Opened,
     Send,
     branch_to,
+    now_ms,
 )
 from .history import api_messages
 from .http import (
@@ -97,6 +98,20 @@ async def open_turn(
         create=options.create,
     )
     opened = await _opened(state, conversations, send, owner)
+    if isinstance(opened, Existing) and await _orphaned(state, opened.answer, owner):
+        # its worker died between opening the turn and starting its stream: the turn is
+        # closed (an error) and the same message answered again, under a stream of its own
+        await _abandon(conversations, opened.ref.conversation_id, opened.answer.stream_id or "")
+        log.warning("turn %s: its stream never started; answered again", opened.answer.id)
+        again = dataclasses.replace(
+            send,
+            conversation_id=opened.ref.conversation_id,
+            parent_id=opened.ref.user_message_id,
+            parent_given=True,
+            regenerate=True,
+            client_message_id=None,
+        )
+        opened = await _opened(state, conversations, again, owner)
     if isinstance(opened, Reply):
         return opened
     if isinstance(opened, Existing):
@@ -161,6 +176,16 @@ async def _where(state: ClaudeState, stream_id: str, owner: str | None) -> str:
         return "gone"
     done = found.done if isinstance(found, RemoteStream) else found.finished
     return "ending" if done else "running"
+
+
+async def _orphaned(state: ClaudeState, answer: MessageRow, owner: str | None) -> bool:
+    """A turn left ``streaming`` by a worker that died before its stream started: no store
+    knows its stream a whole lease after it was opened (before that it may yet start)."""
+    if answer.status != "streaming" or not answer.stream_id:
+        return False
+    if now_ms() - answer.created_at < state.config.stream_lease * 1000:
+        return False
+    return await _where(state, answer.stream_id, owner) == "gone"
 
 
 async def _abandon(conversations: Conversations, cid: str, stream_id: str) -> None:

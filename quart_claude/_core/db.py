@@ -688,7 +688,9 @@ def _existing(conn: Connection, send: Send) -> Existing | None:
     if user is None:
         return None
     answers = conn.execute(
-        select(messages).where(m.parent_id == user.id, m.role == "assistant").order_by(m.created_at)
+        select(messages)  # the newest: a turn answered again after its worker died
+        .where(m.parent_id == user.id, m.role == "assistant")
+        .order_by(m.created_at.desc())
     )
     answer = answers.first()
     if answer is None:

@@ -45,7 +45,7 @@ from .sse import data_line, frame
 from .store import Claim, Registry, Timings
 from .stream import Cancel, StoreUnavailable, Stream
 
-__all__ = ["MIRROR_SCRIPTS", "UNAVAILABLE", "RedisMirror", "error_frame"]
+__all__ = ["MIRROR_SCRIPTS", "UNAVAILABLE", "RedisMirror", "error_frame", "handoff_frame"]
 
 log = logging.getLogger("quart_claude")
 
@@ -57,6 +57,12 @@ def error_frame(error_class: str, *, partial: bool, **extra: Any) -> bytes:
 
 #: What a reader is sent when the stream can no longer be followed.
 UNAVAILABLE = error_frame("unavailable", partial=True)
+
+
+def handoff_frame(stream_id: str, *, partial: bool, error_class: str = "shutdown") -> bytes:
+    """What a reader is sent when the stream goes on elsewhere: resume it there (the
+    project's clients reconnect with ``Last-Event-ID`` on ``resume: true``)."""
+    return error_frame(error_class, partial=partial, stream_id=stream_id, resume=True)
 
 # KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
 # live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, steps JSON (a
@@ -255,8 +261,10 @@ class RedisMirror:
         stop the upstream request, and send this worker's readers to resume elsewhere."""
         log.warning("stream %s: taken over by another worker; stopping here", stream.id)
         self._drop(stream)
+        stream.superseded = True
         stream.cancel(Cancel.SUPERSEDED)
-        stream.close(UNAVAILABLE)
+        partial = any(b'"type":"delta"' in event for event in stream.events[: stream.visible])
+        stream.close(handoff_frame(stream.id, partial=partial, error_class="unavailable"))
 
     def _lost(self, record: _Record) -> None:
         """Redis lost (part of) the stream: rewrite it whole from memory."""
@@ -288,7 +296,7 @@ class RedisMirror:
         for record in leaving:
             stream = record.stream
             partial = any(b'"type":"delta"' in event for event in stream.events)
-            stream.close(error_frame("shutdown", partial=partial, stream_id=stream.id, resume=True))
+            stream.close(handoff_frame(stream.id, partial=partial))
             self._drop(stream)
 
     # -- writing -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from .redis_link import RedisLink, key
-from .redis_mirror import UNAVAILABLE, error_frame
+from .redis_mirror import UNAVAILABLE, handoff_frame
 from .sse import PING
 from .store import Claim, RemoteStream, Timings
 from .stream import StoreUnavailable
@@ -71,9 +71,10 @@ REMOTE_SCRIPTS = {"claim": _CLAIM}
 _READ_RETRY_FIRST = 0.05
 
 
-def _shutdown(position: str) -> bytes:
-    """The retryable ``shutdown`` error a reader ends with when this worker's store closes."""
-    return error_frame("shutdown", partial=position not in ("0-0", "0-1"))  # text was sent?
+def _shutdown(stream_id: str, position: str) -> bytes:
+    """What a reader of another worker's stream ends with when this worker drains: the
+    stream goes on there, so the hand-off event (resume it elsewhere)."""
+    return handoff_frame(stream_id, partial=position not in ("0-0", "0-1"))  # text was sent?
 
 
 def _retry_delay(failing_for: float) -> float:
@@ -172,7 +173,7 @@ class RedisRemote:
                     poll = await self._poll(stream_id, position, block_ms, presence, closing)
                 except Exception:  # a slot moving, a node failing over, or Redis gone
                     if closing.done():  # the store closed under the read: no retry
-                        yield _shutdown(position)
+                        yield _shutdown(stream_id, position)
                         return
                     now = loop.time()
                     failing_since = now if failing_since is None else failing_since
@@ -186,7 +187,7 @@ class RedisRemote:
                     continue
                 failing_since = None
                 if poll.closing:
-                    yield _shutdown(position)
+                    yield _shutdown(stream_id, position)
                     return
                 entries = poll.entries
                 if entries:

@@ -266,6 +266,11 @@ class ClaudeState:
         """The producer task: the answer, then the turn kept (stored, and the hooks told)."""
         assert self.relay is not None
         ended = await self.relay.produce(stream, chat, parent, prior, spend)
+        if ended.status is not None and not await stream.settled(self.config.stream_lease):
+            # taken over while this worker was paused: the stream's end, its turn and its
+            # hooks are the successor's (what every reader saw)
+            log.warning("stream %s: superseded at its end; its turn is kept elsewhere", stream.id)
+            return
         await self.turns.keep(stream, chat, ended, turn)
 
     async def take_over(self, claim: Claim) -> bool:

@@ -137,6 +137,7 @@ class Stream:
         "start_fields",
         "steps",
         "steps_version",
+        "superseded",
         "usage",
         "visible",
     )
@@ -168,6 +169,8 @@ class Stream:
         #: tools' results, kept with the stream (and mirrored) so nothing runs twice
         self.steps: list[dict[str, Any]] = []
         self.steps_version: int = 0  # counts changes to ``steps``, for the store to mirror
+        #: another worker took the stream over: this one's end is not the stream's
+        self.superseded: bool = False
         self._retry_ms = retry_ms
         self._waiters: list[asyncio.Future[bool]] = []
 
@@ -231,6 +234,22 @@ class Stream:
             self.closed = True
             self.epilogue = epilogue
             self._wake()
+
+    async def settled(self, within: float) -> bool:
+        """Wait until nothing more is published here: the last event is in the store, or
+        another worker took the stream over (its end is then that worker's). Whether this
+        producer's end is the stream's: True too when the store could not say in
+        ``within`` seconds (then no other worker can claim it either)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        while not self.closed:
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            waiter: asyncio.Future[bool] = loop.create_future()
+            self._waiters.append(waiter)
+            await asyncio.wait({waiter}, timeout=left)
+        return not self.superseded
 
     def cancel(self, reason: Cancel) -> bool:
         """Ask the producer to stop; it ends the stream with an event saying why."""

@@ -103,7 +103,8 @@ class TurnKeeper:
         if ended.status is None:
             return  # it goes on in another worker, which keeps it
         if ref is not None and self.conversations is not None:
-            await self._store(stream, ended, ref)
+            if await self._store(stream, ended, ref) is False:
+                return  # fenced out (its successor keeps it) or stored already: hooks ran
         turn = Turn(
             identity=stream.owner,
             stream_id=stream.id,
@@ -127,7 +128,9 @@ class TurnKeeper:
         for hook in self._hooks():
             await self._call(hook, turn)
 
-    async def _store(self, stream: Stream, ended: Ended, ref: TurnRef) -> None:
+    async def _store(self, stream: Stream, ended: Ended, ref: TurnRef) -> bool | None:
+        """Commit the turn: True when stored, False when refused (fenced out or stored
+        already), None when the database never took it (the hooks still run)."""
         assert self.conversations is not None and ended.status is not None
         content = {"messages": ended.messages, "view": reader_view(stream.events)}
         loop = asyncio.get_running_loop()
@@ -152,7 +155,7 @@ class TurnKeeper:
                         ref.message_id,
                         type(exc).__name__,
                     )
-                    return
+                    return None
                 log.warning(
                     "stream %s: storing its turn failed (%s), again in %.1fs",
                     stream.id,
@@ -163,7 +166,8 @@ class TurnKeeper:
                 continue
             if not stored:
                 log.warning("stream %s: turn %s fenced out or stored already", stream.id, ref)
-            return
+            return bool(stored)
+        return None
 
     async def _call(self, hook: TurnHook, turn: Turn) -> None:
         """One hook: awaited, or in a thread when it is sync; what it raises is logged."""
