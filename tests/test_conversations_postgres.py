@@ -189,3 +189,46 @@ async def test_budgets_on_postgresql_hold_across_two_apps_at_once(
     assert len(entries) == len(emulator.requests)
     assert usage["limits"][0]["used_tokens"] == spent  # the other app sees the same counts
     assert PASSWORD not in str(usage)
+
+
+async def test_a_turn_whose_worker_died_before_its_stream_started_is_answered_again(
+    postgres: PostgresServer, emulator: Emulator, http: httpx2.AsyncClient
+) -> None:
+    """Issue 36 on PostgreSQL: the orphan a worker killed between the turn's row and its
+    stream leaves (made here exactly) is closed, and its retried send answered."""
+    from sqlalchemy import update
+
+    from quart_claude._core.db import Conversations, Opened, Send, create_engine, now_ms
+    from quart_claude._core.tables import messages
+
+    migrate(postgres.url)
+    owner = "token:" + hashlib.sha256(b"tok-pg-0123456789").hexdigest()[:16]
+    dead = Conversations(create_engine(postgres.url), owned=True)
+    try:
+        orphan = Send(owner, None, "hello", "the-stream-that-never-started", "claude-sonnet-5-5")
+        orphan.client_message_id = "c-orphan"
+        opened = await dead.open_turn(orphan)
+        assert isinstance(opened, Opened)
+        ref = opened.ref
+        stamp = update(messages).where(messages.c.conversation_id == ref.conversation_id)
+        await dead.runner.write(
+            lambda conn: conn.execute(stamp.values(created_at=now_ms() - 10_000))
+        )
+    finally:
+        await dead.close()
+    emulator.script(Reply("answered at last"))
+    turns: list[Turn] = []
+    async with serving(make_app(emulator, postgres.url, turns)) as url:
+        body = {"message": "hello", "client_message_id": "c-orphan"}
+        again = await stream_chat(http, url + "/chat/stream", body, headers=TOKEN)
+        assert again.status == 200, again.body
+        assert again.text == "answered at last"
+        await eventually(lambda: len(turns) == 1)
+        where = f"{url}/conversations/{ref.conversation_id}"
+        read = (await http.get(where, headers=TOKEN)).json()
+        orphan_branch = (
+            await http.get(where, params={"leaf": ref.message_id}, headers=TOKEN)
+        ).json()
+    assert read["streaming"] is None
+    assert [m["status"] for m in read["messages"]] == ["complete", "complete"]
+    assert orphan_branch["messages"][-1]["status"] == "error"

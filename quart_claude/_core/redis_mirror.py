@@ -64,6 +64,7 @@ def handoff_frame(stream_id: str, *, partial: bool, error_class: str = "shutdown
     project's clients reconnect with ``Last-Event-ID`` on ``resume: true``)."""
     return error_frame(error_class, partial=partial, stream_id=stream_id, resume=True)
 
+
 # KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
 # live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, steps JSON (a
 # tool loop's, when they changed), this worker, lease milliseconds, then the encoded events
