@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import os
 import signal
@@ -14,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx2
 from hypercorn.config import Config
@@ -24,6 +25,9 @@ from werkzeug.serving import WSGIRequestHandler, make_server
 from quart_claude import Claude, SSEParser
 from quart_claude.flask import Claude as FlaskClaude
 from quart_claude.serving import serve_app
+
+if TYPE_CHECKING:
+    from quart_claude._core.turns import TurnRef
 
 
 @dataclass
@@ -126,6 +130,30 @@ async def serving(app: Quart) -> AsyncIterator[str]:
         stop.set()
         await asyncio.wait_for(task, 15)
         sock.detach()  # Hypercorn owns and has closed the descriptor
+
+
+async def orphaned_turn(database_url: str, token: str, client_message_id: str) -> TurnRef:
+    """The turn a worker killed between its row and its stream leaves behind, made exactly:
+    ``streaming``, a stream no store knows, opened a whole lease (3 s) and more ago, for the
+    identity of bearer ``token``."""
+    from sqlalchemy import update
+
+    from quart_claude._core.db import Conversations, Opened, Send, create_engine, now_ms
+    from quart_claude._core.tables import messages
+
+    owner = "token:" + hashlib.sha256(token.encode()).hexdigest()[:16]
+    dead = Conversations(create_engine(database_url), owned=True)
+    try:
+        orphan = Send(owner, None, "hello", "the-stream-that-never-started", "claude-sonnet-5-5")
+        orphan.client_message_id = client_message_id
+        opened = await dead.open_turn(orphan)
+        assert isinstance(opened, Opened)
+        stamp = update(messages).where(messages.c.conversation_id == opened.ref.conversation_id)
+        too_old = now_ms() - 10_000
+        await dead.runner.write(lambda conn: conn.execute(stamp.values(created_at=too_old)))
+    finally:
+        await dead.close()
+    return opened.ref
 
 
 async def eventually(check: Callable[[], Any], within: float = 5.0) -> None:

@@ -43,6 +43,18 @@ def app_with(make_app: Callable[..., Quart], **options: Any) -> Quart:
     return make_app(**options)
 
 
+def stored_in(
+    store: str, request: pytest.FixtureRequest, tmp_path: Path, db: int
+) -> dict[str, Any]:
+    """The options that keep the ledger in ``store``: ``memory``, ``redis`` (database
+    ``db`` of the session's redis-server) or ``sqlite`` (conversations on)."""
+    if store == "redis":
+        return {"stream_store": request.getfixturevalue("redis_url") + f"/{db}"}
+    if store == "sqlite":
+        return {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"}
+    return {}
+
+
 def ledger_of(app: Quart) -> Any:
     return app.extensions["claude"].ledger
 
@@ -131,12 +143,8 @@ async def test_real_input_beyond_the_estimate_streams_whole_under_a_vast_budget(
     http: httpx2.AsyncClient,
     request: pytest.FixtureRequest,
 ) -> None:
-    options: dict[str, Any] = {"budget": "1000000 tokens/day", "max_tokens": 100}
-    if store == "redis":
-        options["stream_store"] = request.getfixturevalue("redis_url") + "/13"
-    elif store == "sqlite":
-        options["database_url"] = f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"
-    app = app_with(make_app, **options)
+    options = stored_in(store, request, tmp_path, 13)
+    app = app_with(make_app, budget="1000000 tokens/day", max_tokens=100, **options)
     words = [f"w{n} " for n in range(60)]
     emulator.script(
         Reply(tokens=words, input_tokens=1111),
@@ -230,11 +238,7 @@ async def test_the_ledger_records_without_any_budget_wherever_it_has_a_home(
     http: httpx2.AsyncClient,
     request: pytest.FixtureRequest,
 ) -> None:
-    options: dict[str, Any] = {}
-    if home == "redis":
-        options["stream_store"] = request.getfixturevalue("redis_url") + "/12"
-    elif home == "sqlite":
-        options["database_url"] = f"sqlite+aiosqlite:///{tmp_path / 'ledger.db'}"
+    options = stored_in(home, request, tmp_path, 12)
     unset = app_with(make_app, **options)
     recorded = app_with(make_app, ledger=True, **options)
     emulator.default = Reply("one two three", input_tokens=20)
@@ -293,14 +297,9 @@ async def test_concurrent_requests_never_spend_past_the_limit(
     http: httpx2.AsyncClient,
     request: pytest.FixtureRequest,
 ) -> None:
-    options: dict[str, Any] = {"budget": "2000 tokens/day", "max_tokens": 64}
-    if store == "redis":
-        options["stream_store"] = (
-            request.getfixturevalue("redis_url") + f"/{int(time.time() * 1000) % 15 + 1}"
-        )
-    elif store == "sqlite":  # with conversations on, the database keeps the counts
-        options["database_url"] = f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"
-    app = app_with(make_app, **options)
+    # with conversations on, the database keeps the counts
+    options = stored_in(store, request, tmp_path, int(time.time() * 1000) % 15 + 1)
+    app = app_with(make_app, budget="2000 tokens/day", max_tokens=64, **options)
     emulator.default = Reply(
         tokens=[f"w{n} " for n in range(30)], input_tokens=20, token_delay=0.001
     )

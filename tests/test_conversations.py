@@ -17,7 +17,7 @@ from quart import Quart
 from quart_claude import Claude, Turn
 from quart_claude.testing import Emulator, Reply, ToolUse
 
-from .helpers import eventually, serving, stream_chat
+from .helpers import eventually, orphaned_turn, serving, stream_chat
 
 pytestmark = pytest.mark.server
 
@@ -631,27 +631,9 @@ async def test_a_turn_whose_worker_died_before_its_stream_started_is_answered_ag
     (issue 36): the state it left, made here exactly. A retry with the same
     ``client_message_id`` is answered (never a 503 forever), the orphan closed as an error,
     and the conversation takes new sends."""
-    import hashlib
-
-    from sqlalchemy import update
-
-    from quart_claude._core.db import Conversations, Opened, Send, create_engine, now_ms
-    from quart_claude._core.tables import messages
-
     _, url = host
-    owner = "token:" + hashlib.sha256(b"tok-alice-0123456789").hexdigest()[:16]
-    dead = Conversations(create_engine(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"), owned=True)
-    try:
-        orphan = Send(owner, None, "hello", "the-stream-that-never-started", "claude-sonnet-5-5")
-        orphan.client_message_id = "c-orphan"
-        opened = await dead.open_turn(orphan)
-        assert isinstance(opened, Opened)
-        ref = opened.ref
-        too_old = now_ms() - 10_000  # a whole lease (3 s) and more ago
-        stamp = update(messages).where(messages.c.conversation_id == ref.conversation_id)
-        await dead.runner.write(lambda conn: conn.execute(stamp.values(created_at=too_old)))
-    finally:
-        await dead.close()
+    database = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
+    ref = await orphaned_turn(database, "tok-alice-0123456789", "c-orphan")
     emulator.script(Reply("answered at last"), Reply("and the next one"))
     body = {"message": "hello", "client_message_id": "c-orphan"}
     if whole:
@@ -659,10 +641,12 @@ async def test_a_turn_whose_worker_died_before_its_stream_started_is_answered_ag
         assert reply.status_code == 200, reply.text
         assert "answered at last" in json.dumps(reply.json())
     else:
-        again = await send_retry(http, url, body)
+        again = await send(http, url, message="hello", client_message_id="c-orphan")
         assert again.status == 200, again.body
         assert again.events[-1]["stop_reason"] == "end_turn" and again.text == "answered at last"
-    retried = await send_retry(http, url, body)  # the same message once more: the new answer
+    retried = await send(
+        http, url, message="hello", client_message_id="c-orphan"
+    )  # the same message once more: the new answer
     assert retried.status == 200 and retried.text == "answered at last"
     following = await send(http, url, message="next", conversation_id=ref.conversation_id)
     assert following.status == 200 and following.text == "and the next one"
@@ -674,7 +658,3 @@ async def test_a_turn_whose_worker_died_before_its_stream_started_is_answered_ag
     assert ref.message_id in read["messages"][1]["siblings"]  # answered again beside it
     orphan_branch = (await http.get(where, params={"leaf": ref.message_id}, headers=ALICE)).json()
     assert orphan_branch["messages"][-1]["status"] == "error"  # the orphan, closed
-
-
-async def send_retry(http: httpx2.AsyncClient, url: str, body: dict[str, Any]) -> Any:
-    return await stream_chat(http, url + "/chat/stream", body, headers=ALICE)

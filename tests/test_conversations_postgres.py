@@ -21,7 +21,7 @@ from quart_claude import Claude, ConfigError, Turn
 from quart_claude.testing import Emulator, Reply, ToolUse
 
 from . import binaries
-from .helpers import eventually, serving, stream_chat
+from .helpers import eventually, orphaned_turn, serving, stream_chat
 from .postgres import PASSWORD, PostgresServer
 
 pytestmark = pytest.mark.system
@@ -196,26 +196,8 @@ async def test_a_turn_whose_worker_died_before_its_stream_started_is_answered_ag
 ) -> None:
     """Issue 36 on PostgreSQL: the orphan a worker killed between the turn's row and its
     stream leaves (made here exactly) is closed, and its retried send answered."""
-    from sqlalchemy import update
-
-    from quart_claude._core.db import Conversations, Opened, Send, create_engine, now_ms
-    from quart_claude._core.tables import messages
-
     migrate(postgres.url)
-    owner = "token:" + hashlib.sha256(b"tok-pg-0123456789").hexdigest()[:16]
-    dead = Conversations(create_engine(postgres.url), owned=True)
-    try:
-        orphan = Send(owner, None, "hello", "the-stream-that-never-started", "claude-sonnet-5-5")
-        orphan.client_message_id = "c-orphan"
-        opened = await dead.open_turn(orphan)
-        assert isinstance(opened, Opened)
-        ref = opened.ref
-        stamp = update(messages).where(messages.c.conversation_id == ref.conversation_id)
-        await dead.runner.write(
-            lambda conn: conn.execute(stamp.values(created_at=now_ms() - 10_000))
-        )
-    finally:
-        await dead.close()
+    ref = await orphaned_turn(postgres.url, "tok-pg-0123456789", "c-orphan")
     emulator.script(Reply("answered at last"))
     turns: list[Turn] = []
     async with serving(make_app(emulator, postgres.url, turns)) as url:

@@ -22,7 +22,16 @@ from quart_claude import SSEParser
 from quart_claude.testing import Emulator, Reply
 
 from .helpers import eventually
-from .test_takeover import ANSWER, Reading, Servers, follow, read, servers, stream_id_of
+from .test_takeover import (
+    ANSWER,
+    Reading,
+    Servers,
+    follow,
+    post_mid_answer,
+    read,
+    servers,
+    stream_id_of,
+)
 
 pytestmark = pytest.mark.system
 
@@ -49,19 +58,7 @@ async def test_a_paused_producer_and_its_successor_keep_one_turn(
         Reply(ANSWER, token_delay=0.05, input_tokens=50),  # the successor's: still streaming
     )
     async with httpx2.AsyncClient(timeout=60) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(
-                http,
-                reading,
-                [a.url, b.url],
-                "",
-                post={"message": "a question"},
-                on_event=mid,
-                deltas_before_signal=10,
-            )
-        )
-        await asyncio.wait_for(mid.wait(), 30)
+        reading, post = await post_mid_answer(http, [a.url, b.url], "a question", 10)
         follower = await follow(http, b.url, stream_id_of(reading))
         a.process.send_signal(signal.SIGSTOP)
         await emulator.wait_for_requests(2, within=20)  # b took it over and continued it
@@ -103,19 +100,7 @@ async def test_a_follower_on_a_draining_worker_is_handed_off_and_finishes(
     a, b, c = await servers.start_many(3)
     emulator.default = Reply(ANSWER, token_delay=0.04)
     async with httpx2.AsyncClient(timeout=60) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(
-                http,
-                reading,
-                [a.url],
-                "",
-                post={"message": "hi"},
-                on_event=mid,
-                deltas_before_signal=10,
-            )
-        )
-        await asyncio.wait_for(mid.wait(), 30)
+        reading, post = await post_mid_answer(http, [a.url], "hi", 10)
         stream_id = stream_id_of(reading)
         last: list[dict[str, Any]] = []  # every payload b sent the follower, in order
         ids: list[int] = []

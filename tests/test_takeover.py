@@ -199,6 +199,27 @@ async def read(
     return reading
 
 
+async def post_mid_answer(
+    http: httpx2.AsyncClient, urls: list[str], message: str, deltas: int
+) -> tuple[Reading, asyncio.Task[Reading]]:
+    """POST ``message`` to ``urls[0]`` (reconnecting on the next ones after a cut or a
+    hand-off), returned once it has ``deltas`` deltas: what it has read, and its task."""
+    reading, mid = Reading(), asyncio.Event()
+    post = asyncio.create_task(
+        read(
+            http,
+            reading,
+            urls,
+            "",
+            post={"message": message},
+            on_event=mid,
+            deltas_before_signal=deltas,
+        )
+    )
+    await asyncio.wait_for(mid.wait(), 30)
+    return reading, post
+
+
 async def follow(
     http: httpx2.AsyncClient, url: str, stream_id: str, reading: Reading | None = None
 ) -> asyncio.Task[Reading]:
@@ -394,19 +415,7 @@ async def test_a_conversation_turn_taken_over_is_stored_once(
     a, b = await servers.start_many(2)
     emulator.default = Reply(ANSWER, token_delay=0.03)
     async with httpx2.AsyncClient(timeout=60) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(
-                http,
-                reading,
-                [a.url, b.url],
-                "",
-                post={"message": "a stored question"},
-                on_event=mid,
-                deltas_before_signal=10,
-            )
-        )
-        await asyncio.wait_for(mid.wait(), 30)
+        _, post = await post_mid_answer(http, [a.url, b.url], "a stored question", 10)
         a.process.send_signal(getattr(signal, signal_name))
         await asyncio.wait_for(a.process.wait(), SHUTDOWN_GRACE + 5)
         result = await asyncio.wait_for(post, 60)
@@ -431,19 +440,7 @@ async def test_takeover_sums_usage_over_every_request(servers: Servers, emulator
     a, b = await servers.start_many(2)
     emulator.default = Reply(ANSWER, token_delay=0.04, input_tokens=100)
     async with httpx2.AsyncClient(timeout=60) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(
-                http,
-                reading,
-                [a.url, b.url],
-                "",
-                post={"message": "hi"},
-                on_event=mid,
-                deltas_before_signal=20,
-            )
-        )
-        await asyncio.wait_for(mid.wait(), 30)
+        _, post = await post_mid_answer(http, [a.url, b.url], "hi", 20)
         a.process.kill()
         result = await asyncio.wait_for(post, 60)
     result.check_exact()
@@ -459,19 +456,7 @@ async def test_a_paused_producer_appends_nothing_after_the_takeover(
     long_answer = " ".join(f"p{i:03d}" for i in range(400))
     emulator.default = Reply(long_answer, token_delay=0.03)  # 12 s
     async with httpx2.AsyncClient(timeout=60) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(
-                http,
-                reading,
-                [a.url],
-                "",
-                post={"message": "hi"},
-                on_event=mid,
-                deltas_before_signal=10,
-            )
-        )
-        await asyncio.wait_for(mid.wait(), 30)
+        reading, post = await post_mid_answer(http, [a.url], "hi", 10)
         stream_id = stream_id_of(reading)
         follower = await follow(http, b.url, stream_id)
         a.process.send_signal(signal.SIGSTOP)  # a long GC, a stalled host
@@ -533,19 +518,7 @@ async def test_two_crashes_are_survived_and_a_third_is_unavailable(
     emulator.default = Reply(long_answer, token_delay=0.05)
     a, b = await servers.start_many(2)
     async with httpx2.AsyncClient(timeout=60) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(
-                http,
-                reading,
-                [a.url],
-                "",
-                post={"message": "hi"},
-                on_event=mid,
-                deltas_before_signal=5,
-            )
-        )
-        await asyncio.wait_for(mid.wait(), 30)
+        reading, post = await post_mid_answer(http, [a.url], "hi", 5)
         stream_id = stream_id_of(reading)
         survivor = Reading()
 
@@ -663,12 +636,7 @@ async def test_identity_and_stop_hold_across_a_takeover(
     emulator.default = Reply(long_answer, token_delay=0.03)
     a, b = await servers.start_many(2)
     async with httpx2.AsyncClient(timeout=60, headers=alice) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(http, reading, [a.url], "", post={"message": "hi"}, on_event=mid,
-                 deltas_before_signal=5)
-        )  # fmt: skip
-        await asyncio.wait_for(mid.wait(), 30)
+        reading, post = await post_mid_answer(http, [a.url], "hi", 5)
         stream_id = stream_id_of(reading)
         follower = await follow(http, b.url, stream_id)
         a.process.kill()
@@ -698,12 +666,7 @@ async def test_nobody_pays_for_a_stream_nobody_came_back_for(
     emulator.default = Reply(ANSWER, token_delay=0.05)
     a, b = await servers.start_many(2)
     async with httpx2.AsyncClient(timeout=60) as http:
-        reading, mid = Reading(), asyncio.Event()
-        post = asyncio.create_task(
-            read(http, reading, [a.url], "", post={"message": "hi"}, on_event=mid,
-                 deltas_before_signal=5)
-        )  # fmt: skip
-        await asyncio.wait_for(mid.wait(), 30)
+        reading, post = await post_mid_answer(http, [a.url], "hi", 5)
         a.process.kill()
         await asyncio.sleep(LEASE + 1 + 1.5)  # the lease, the grace, and a second of slack
         late = await asyncio.wait_for(read(http, Reading(), [b.url], stream_id_of(reading)), 20)

@@ -5,10 +5,13 @@ A budget is one or more limits, each tokens or money per calendar period in UTC
 first, each tool step, each continuation) a :class:`Spend` reserves what the request may use,
 atomically across workers (:mod:`.ledger`): its worst case (an input estimate plus
 ``max_tokens``) when that fits, else what remains, as long as the input and
-:data:`MIN_OUTPUT` tokens fit. While the answer streams, the meter counts output as it
-arrives (one token per :data:`BYTES_PER_TOKEN` bytes of each delta's JSON text, at least one
-per delta) and cuts the request when it would pass its reservation. The request then settles
-at its exact usage (``message_delta``), or, cut or cancelled, at what the meter saw.
+:data:`MIN_OUTPUT` tokens fit; a request granted less than its worst case goes out with its
+``max_tokens`` lowered to the grant, so the API itself stops there. While the answer streams,
+the meter counts every output delta as it arrives (text, thinking, tool input: one token per
+:data:`BYTES_PER_TOKEN` bytes of ASCII, at least one per delta); when the real input or the
+meter passes the reservation, it is topped up against what the budget has left, and the
+request is cut only at the hard limit. The request then settles at its exact usage
+(``message_delta``), or, cut or cancelled, at what the meter saw.
 """
 
 from __future__ import annotations
@@ -206,7 +209,7 @@ class Spend:
         self._usage = {"input_tokens": estimate}
         hold = secrets.token_hex(8)
         if not self.limits:  # recorded, never refused
-            self.hold, self.granted, self._cap = hold, Amount(), _UNLIMITED
+            self.hold, self._cap = hold, self._output_cap()
             return None
         if self.money and self.price is None:
             limit = next(limit for limit in self.limits if limit.micro_usd is not None)
@@ -299,19 +302,19 @@ class Spend:
         self.output_estimate += ((size >> 2) if literal.isascii() else (size >> 1)) or 1
         return self.output_estimate >= self._cap
 
-    def metered_block(self, text: str, *, json_text: bool = False) -> bool:
-        """Any other output delta (thinking, a tool call's input, any block the model
-        writes), as :meth:`metered`; JSON (a tool's input) at one token per three bytes."""
-        size = len(text.encode())
-        per = 3 if json_text else BYTES_PER_TOKEN
-        self.output_estimate += (size // per if text.isascii() else size >> 1) or 1
+    def metered_json(self, piece: str) -> bool:
+        """A piece of a tool call's input, as :meth:`metered` meters text (thinking and any
+        other block the model writes go there, encoded): JSON is dense, a token per three
+        bytes of ASCII."""
+        size = len(piece.encode())
+        self.output_estimate += (size // 3 if piece.isascii() else size >> 1) or 1
         return self.output_estimate >= self._cap
 
     async def top_up(self) -> bool:
         """The request needs more than it was granted: take more of what the budget has
         left, atomically as the first reservation was (its worst case again, or room to go
         on), at least one more token. False at the hard limit: nothing more to take."""
-        if self.hold is None or not self.limits:
+        if self.hold is None:
             return True
         if self.lowered and self._cap >= self.max_output:
             return True  # the API stops at the max_tokens the grant left: its count is exact

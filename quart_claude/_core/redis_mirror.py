@@ -65,6 +65,13 @@ def handoff_frame(stream_id: str, *, partial: bool, error_class: str = "shutdown
     return error_frame(error_class, partial=partial, stream_id=stream_id, resume=True)
 
 
+def _hand_readers_off(stream: Stream, error_class: str) -> None:
+    """This worker's readers of ``stream`` send what they may see, then the hand-off event:
+    the stream goes on elsewhere (``partial``: they were sent some of its text)."""
+    partial = any(b'"type":"delta"' in event for event in stream.events[: stream.visible])
+    stream.close(handoff_frame(stream.id, partial=partial, error_class=error_class))
+
+
 # KEYS: events, meta, lease, request. ARGV: start index, owner, final (0/1), finished TTL,
 # live TTL, MAXLEN, fence, request JSON (written when start is 0), usage JSON, steps JSON (a
 # tool loop's, when they changed), this worker, lease milliseconds, then the encoded events
@@ -264,8 +271,7 @@ class RedisMirror:
         self._drop(stream)
         stream.superseded = True
         stream.cancel(Cancel.SUPERSEDED)
-        partial = any(b'"type":"delta"' in event for event in stream.events[: stream.visible])
-        stream.close(handoff_frame(stream.id, partial=partial, error_class="unavailable"))
+        _hand_readers_off(stream, "unavailable")
 
     def _lost(self, record: _Record) -> None:
         """Redis lost (part of) the stream: rewrite it whole from memory."""
@@ -295,10 +301,8 @@ class RedisMirror:
             return
         log.info("handed off %d stream(s) to other workers", len(leaving))
         for record in leaving:
-            stream = record.stream
-            partial = any(b'"type":"delta"' in event for event in stream.events)
-            stream.close(handoff_frame(stream.id, partial=partial))
-            self._drop(stream)
+            _hand_readers_off(record.stream, "shutdown")
+            self._drop(record.stream)
 
     # -- writing -------------------------------------------------------------------------
     async def _flusher(self) -> None:

@@ -519,8 +519,7 @@ class Relay:
         texts = answer.texts
         append_data = answer.stream.append_data
         text_delta = _TEXT_DELTA.fullmatch
-        spend = answer.spend
-        meter = spend.metered if spend is not None and spend.limits else None
+        meter = turn.spend.metered if turn.spend is not None else None
         upstream = self.upstreams[self._endpoint(answer)]
         framer = upstream.framer(MAX_UPSTREAM_EVENT)
         async with upstream.open(upstream.params(params)) as response:
@@ -598,6 +597,7 @@ class _Turn:
     def __init__(self, answer: Answer, expose_thinking: bool, rethinking: bool) -> None:
         self.stream = answer.stream
         self.answer = answer
+        #: the answer's budget, when it has limits to meter against (else it only records)
         self.spend = answer.spend if answer.spend is not None and answer.spend.limits else None
         self.due = False  # the request passed its grant: a top-up, or the cut, comes next
         self.outcome = answer.outcome
@@ -817,19 +817,16 @@ class _Turn:
             parts = self.inputs.get(index)
             if parts is not None:
                 parts.append(piece)
-            self._meter(piece, json_text=True)
+            if self.spend is not None and piece and self.spend.metered_json(piece):
+                self.due = True
             return
         if kind == "thinking_delta":
             self._thinking(delta.get("thinking") or "")
         _accumulate(block, delta)
-        for name, value in delta.items():  # everything the model writes is billed output
-            if name not in _UNBILLED and isinstance(value, str):
-                self._meter(value)
-
-    def _meter(self, text: str, *, json_text: bool = False) -> None:
-        spend = self.spend
-        if spend is not None and text and spend.metered_block(text, json_text=json_text):
-            self.due = True
+        if self.spend is not None:  # everything the model writes is billed output
+            for name, value in delta.items():
+                if name not in _UNBILLED and isinstance(value, str) and value:
+                    self.due = self.spend.metered(value.encode()) or self.due
 
     def _thinking(self, text: str) -> None:
         if not self.expose_thinking or not text:

@@ -688,12 +688,12 @@ class Emulator:
         sent = await _tool_calls(event, index, calls, reply, room - billed(tokens))
         if sent is None:
             return await self._fault(record, writer, event, reply)
-        pieces, stopped = sent
+        tool_tokens, stopped = sent
         if stopped:  # max_tokens stopped a call mid-input
             stop_reason = "max_tokens"
         elif any(not call.server for call in calls) and stop_reason == "end_turn":
             stop_reason = "tool_use"
-        output = billed(tokens) + pieces + _thought(reply)
+        output = billed(tokens) + tool_tokens + _thought(reply)
         delta = _message_delta(reply, stop_reason, output, context)
         record.usage = {**usage, **delta["usage"]}
         await event("message_delta", delta)
