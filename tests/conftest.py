@@ -176,12 +176,10 @@ class RedisServer:
     (losing everything, as a Redis without persistence does)."""
 
     def __init__(self, binary: str) -> None:
-        import socket
+        from .helpers import free_port
 
         self.binary = binary
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port: int = sock.getsockname()[1]
+        self.port: int = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import os
 import signal
@@ -12,7 +13,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,11 +185,45 @@ def listener() -> socket.socket:
     return sock
 
 
+def _ephemeral_start() -> int:
+    """Where the kernel's ephemeral ports begin: what a bind to port 0 (an emulator, an
+    in-process server) or an outgoing connection is given comes from there up."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range", encoding="ascii") as ranges:
+            return int(ranges.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+#: the ports free_port() hands out, one slice per pytest-xdist worker, all below the
+#: ephemeral range: no other worker's free_port() and no bind to port 0 can take one
+#: between its choosing and its server's bind (they did: a `flask run` found its port taken
+#: by another test's emulator, and its readiness probe asked that emulator for /ready)
+_PORTS_FROM, _SLICES = 20000, 32  # a Redis Cluster's bus ports (+10000) stay below it too
+_ports: Iterator[int] | None = None
+
+
+def _port_slice() -> Iterator[int]:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    size = max(1, (_ephemeral_start() - _PORTS_FROM) // _SLICES)
+    first = _PORTS_FROM + (int(worker) % _SLICES if worker.isdigit() else 0) * size
+    return itertools.cycle(range(first, first + size))
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A loopback port for a server process to bind: this test worker's own, free now.
+    (Where the server can inherit a socket, :func:`listener` is surer still.)"""
+    global _ports
+    if _ports is None:
+        _ports = _port_slice()
+    for port in itertools.islice(_ports, 2000):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # in use (or still closing): the next one
+            return port
+    raise RuntimeError("no free port in this test worker's slice")
 
 
 class CuttingProxy:

@@ -15,15 +15,14 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from . import binaries
+from .helpers import free_port
 
 
 def _free_ports(count: int) -> list[int]:
     """Ports whose cluster bus port (+10000) is free too."""
     ports: list[int] = []
     while len(ports) < count:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         if port + 10000 > 65535 or port in ports:
             continue
         with socket.socket() as bus:

@@ -22,7 +22,7 @@ from quart import Quart
 from quart_claude.testing import Emulator, Reply, certificates
 
 from . import binaries
-from .helpers import eventually, serving, stream_chat
+from .helpers import eventually, free_port, serving, stream_chat
 
 pytestmark = pytest.mark.server
 
@@ -43,9 +43,7 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     """A redis-server that speaks only TLS, with the default user off and one ACL user."""
     binary = binaries.need("redis")
     ca, cert, key = certificates(tmp_path)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [
         binary, "--port", "0", "--tls-port", str(port), "--bind", "127.0.0.1",
         "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(ca),
@@ -122,12 +120,6 @@ class SentinelGroup:
         return f"redis+sentinel://{where}/mymaster/0"
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _wait(check: Callable[[], bool], what: str, within: float = 30.0) -> None:
     """Until ``check()``; a server still starting (refusing connections) is not yet."""
     import redis
@@ -149,8 +141,8 @@ def sentinel_group(tmp_path: Path) -> Iterator[SentinelGroup]:
     import redis
 
     binary = binaries.need("redis")
-    primary, replica = _free_port(), _free_port()
-    sentinels = [_free_port() for _ in range(3)]
+    primary, replica = free_port(), free_port()
+    sentinels = [free_port() for _ in range(3)]
     base = ["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     processes = [
