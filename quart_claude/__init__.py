@@ -15,6 +15,7 @@ from ._core.state import ClaudeState
 from ._core.tools import ToolContext
 from ._core.turns import Turn
 from ._quart import Claude
+from ._version import __version__ as __version__
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -30,5 +31,3 @@ __all__ = [
     "Turn",
     "UpstreamError",
 ]
-
-__version__ = "0.1.0"

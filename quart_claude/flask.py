@@ -176,7 +176,7 @@ class Claude(ExtensionBase[Flask]):
             try:
                 from flask_cors import CORS
             except ImportError:
-                from ._core.config import ConfigError
+                from ._core.config_error import ConfigError
 
                 raise ConfigError(
                     "CLAUDE_CORS_ORIGINS on Flask needs flask-cors: "

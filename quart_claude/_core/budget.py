@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .config import MIN_THINKING_BUDGET
 from .prices import Price, cost_of
 
 if TYPE_CHECKING:
@@ -51,6 +50,8 @@ log = logging.getLogger("quart_claude")
 BYTES_PER_TOKEN = 4
 #: what the API adds to a request with tools: its tool-use system prompt (Claude 4 and later)
 TOOLS_PROMPT_TOKENS = 346
+#: the smallest thinking budget the API accepts
+MIN_THINKING_BUDGET = 1024
 #: a request is admitted when its input and this much output fit in what remains
 MIN_OUTPUT = 16
 #: how long a reservation outlives a worker that died holding it (seconds)

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from .budget import MIN_THINKING_BUDGET
+from .config_error import ConfigError
 from .fallback import DEFAULT_ON
 from .prices import PRICES
 
@@ -23,10 +25,6 @@ __all__ = ["ClaudeConfig", "ConfigError", "DEFAULT_MODEL", "load_config"]
 
 #: A current model id (the SDK does not warn that it is deprecated; a test checks).
 DEFAULT_MODEL = "claude-sonnet-5-5"
-
-
-class ConfigError(ValueError):
-    """A configuration value is missing or invalid; the message names the key."""
 
 
 def _positive_int(key: str, value: Any) -> int:
@@ -150,10 +148,6 @@ def _http_client(key: str, value: Any) -> str:
     if text not in ("auto", "httpx", "aiohttp"):
         raise ConfigError(f"{key} must be 'auto', 'httpx' or 'aiohttp', got {value!r}")
     return text
-
-
-#: The smallest thinking budget the API accepts.
-MIN_THINKING_BUDGET = 1024
 
 
 def _thinking(key: str, value: Any) -> str | int:

@@ -27,7 +27,12 @@ from .db import (
     now_ms,
 )
 from .history import api_messages
-from .http import (
+from .request import ChatRequest, RequestError, SendOptions
+from .sse import data_line, frame
+from .state import ClaudeState, Unauthorized
+from .store import RemoteStream
+from .stream import StoreUnavailable, Stream
+from .web import (
     HttpRequest,
     Reply,
     Route,
@@ -40,11 +45,6 @@ from .http import (
     store_unavailable,
     unauthorized,
 )
-from .request import ChatRequest, RequestError, SendOptions
-from .sse import data_line, frame
-from .state import ClaudeState, Unauthorized
-from .store import RemoteStream
-from .stream import StoreUnavailable, Stream
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client import multiprocess as prometheus_multiprocess
 from prometheus_client.exposition import choose_encoder
 
+from .config_error import ConfigError
+
 __all__ = ["MULTIPROC_ENV", "TOKEN_KINDS", "Metrics", "metrics_for"]
 
 #: prometheus-client's own switch for multiprocess mode (read when it is imported).
@@ -226,8 +228,6 @@ def metrics_for(key: str) -> Metrics:
     if directory is None:
         return Metrics(CollectorRegistry(auto_describe=True), None)
     if not Path(directory).is_dir():
-        from .config import ConfigError
-
         raise ConfigError(
             f"{MULTIPROC_ENV}={directory!r} is not a directory: create it (empty) before the "
             f"server starts, or unset it (or set {key}=false)"

@@ -473,6 +473,6 @@ def _conversation_paths(prefix: str, guarded: dict[str, Any]) -> dict[str, Any]:
 
 
 def _version() -> str:
-    from .. import __version__
+    from .._version import __version__
 
     return __version__

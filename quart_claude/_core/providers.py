@@ -19,6 +19,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from .config_error import ConfigError
 from .first_party import FirstPartyClient, Opened
 from .framing import EventStreamFramer, Framer, UpstreamFramer
 from .model_ids import canonical_model
@@ -215,14 +216,12 @@ def _on_aiohttp(choice: str) -> bool:
     if importlib.util.find_spec("aiohttp") is not None:
         return True
     if choice == "aiohttp":
-        from .config import ConfigError
-
         raise ConfigError("CLAUDE_HTTP_CLIENT=aiohttp needs aiohttp: pip install aiohttp")
     return False
 
 
 def _first_party(config: ClaudeConfig, endpoint: Endpoint) -> FirstPartyClient:
-    from .. import __version__
+    from .._version import __version__
 
     if not config.api_key:
         raise missing_api_key()
@@ -257,7 +256,6 @@ def _sdk_http_client(config: ClaudeConfig) -> httpx2.AsyncClient:
 
 def missing_api_key() -> Exception:
     """The :class:`ConfigError` of a first-party endpoint without an API key."""
-    from .config import ConfigError
 
     return ConfigError(
         "CLAUDE_API_KEY is not set (nor ANTHROPIC_API_KEY): set one, or point "
@@ -279,7 +277,6 @@ def _sdk_open(client: SdkClient) -> Send:
 
 def require_extra(endpoint: Endpoint) -> None:
     """A :class:`ConfigError` when the provider's client lacks the library it signs with."""
-    from .config import ConfigError
 
     extra = PROVIDERS[endpoint.provider]
     module = _EXTRA_MODULES.get(extra or "")
@@ -299,8 +296,6 @@ def make_upstream(
     """The endpoint's client on the shared HTTP client, or a :class:`ConfigError` that names
     what is missing (an extra, a setting, a credential)."""
     import anthropic
-
-    from .config import ConfigError
 
     require_extra(endpoint)
     build = _BUILDERS[endpoint.provider]
@@ -382,7 +377,6 @@ def _foundry(endpoint: Endpoint, api_key: str | None, http: httpx2.AsyncClient) 
 
 
 def _entra_token_provider() -> Callable[[], Any]:
-    from .config import ConfigError
 
     if (
         importlib.util.find_spec("azure") is None
