@@ -8,6 +8,7 @@ Claude(app)            # POST /chat/stream, GET /health, GET /ready
 """
 
 from ._core.config import DEFAULT_MODEL, ClaudeConfig, ConfigError
+from ._core.guards import Blocked, InputCheck, OutputCheck
 from ._core.protocol import ERROR_CLASSES, UpstreamError
 from ._core.retry import RetryPolicy
 from ._core.sse import SSEEvent, SSEParser
@@ -20,10 +21,13 @@ from ._version import __version__ as __version__
 __all__ = [
     "DEFAULT_MODEL",
     "ERROR_CLASSES",
+    "Blocked",
     "Claude",
     "ClaudeConfig",
     "ClaudeState",
     "ConfigError",
+    "InputCheck",
+    "OutputCheck",
     "RetryPolicy",
     "SSEEvent",
     "SSEParser",

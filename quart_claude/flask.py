@@ -34,11 +34,12 @@ import threading
 import weakref
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from types import FrameType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
+from ._core.guards import Blocked, InputCheck, OutputCheck
 from ._core.http import (
     CORS_ALLOW_HEADERS,
     CORS_EXPOSE_HEADERS,
@@ -56,10 +57,15 @@ from ._core.state import ClaudeState, ExtensionBase, Unauthorized, state_of
 from ._core.tools import ToolContext
 from ._core.turns import Turn
 
-if TYPE_CHECKING:
-    pass
-
-__all__ = ["Claude", "ToolContext", "Turn", "post_worker_init"]
+__all__ = [
+    "Blocked",
+    "Claude",
+    "InputCheck",
+    "OutputCheck",
+    "ToolContext",
+    "Turn",
+    "post_worker_init",
+]
 
 log: logging.Logger = logging.getLogger("quart_claude")
 

@@ -12,10 +12,13 @@ PUBLIC = {
     "quart_claude": {
         "DEFAULT_MODEL",
         "ERROR_CLASSES",
+        "Blocked",
         "Claude",
         "ClaudeConfig",
         "ClaudeState",
         "ConfigError",
+        "InputCheck",
+        "OutputCheck",
         "RetryPolicy",
         "SSEEvent",
         "SSEParser",
@@ -23,7 +26,15 @@ PUBLIC = {
         "Turn",
         "UpstreamError",
     },
-    "quart_claude.flask": {"Claude", "ToolContext", "Turn", "post_worker_init"},
+    "quart_claude.flask": {
+        "Blocked",
+        "Claude",
+        "InputCheck",
+        "OutputCheck",
+        "ToolContext",
+        "Turn",
+        "post_worker_init",
+    },
 }
 
 

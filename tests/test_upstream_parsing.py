@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from quart_claude._core.attempt import joined as _joined
 from quart_claude._core.framing import parse_block as _parse_block
-from quart_claude._core.relay import _TEXT_DELTA, _joined
+from quart_claude._core.relay import _TEXT_DELTA
 
 pytestmark = pytest.mark.core
 

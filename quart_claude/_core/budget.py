@@ -23,17 +23,24 @@ import math
 import re
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .prices import Price, cost_of
+from .policy import Policy, Stop
+from .prices import Price, cost_of, price_of
 
 if TYPE_CHECKING:
+    from .answer import Answer
+    from .attempt import Attempt
+    from .config import ClaudeConfig
     from .ledger import LedgerStore
+    from .policy import AnswerContext
+    from .telemetry import Telemetry
 
 __all__ = [
     "BYTES_PER_TOKEN",
+    "Budgets",
     "MIN_OUTPUT",
     "Amount",
     "BudgetRefused",
@@ -417,3 +424,128 @@ def usage_view(limits: Sequence[Limit], used: Sequence[Amount], now: float) -> l
             }
         )
     return out
+
+
+class Budgets:
+    """Each answer's :class:`Spend`, as a policy: metered against the identity's limits
+    (``@claude.budget``, else ``CLAUDE_BUDGET``), or only recorded when it has none."""
+
+    def __init__(
+        self,
+        ledger: LedgerStore,
+        config: ClaudeConfig,
+        telemetry: Telemetry,
+        limits_for: Callable[[str], Awaitable[tuple[Limit, ...]]],
+    ) -> None:
+        self.ledger = ledger
+        self.config = config
+        self.telemetry = telemetry
+        self.limits_for = limits_for
+
+    async def for_answer(self, answer: Answer, context: AnswerContext) -> Policy | None:
+        try:
+            limits = await self.limits_for(context.identity)  # none: recorded only
+        except Exception:
+            if context.prior is None:
+                raise  # a new answer: the send is a 503
+            log.exception("stream %s: its budget could not be read; unmetered", context.stream_id)
+            return None
+        request, config = context.request, self.config
+        spend = Spend(
+            self.ledger,
+            context.identity,
+            limits,
+            price_of(request.model, config.prices),
+            request.model,
+            context.stream_id,
+            context.conversation_id,
+            warn_at=config.budget_warn_at,
+            hold_ttl=config.budget_hold_ttl,
+        )
+        if not limits:
+            return Recorded(spend, self.telemetry)
+        return Metered(spend, self.telemetry, opening=context.prior is None)
+
+
+class Recorded(Policy):
+    """An answer's requests reserved, settled and recorded in the ledger (no limits)."""
+
+    def __init__(self, spend: Spend, telemetry: Telemetry) -> None:
+        self.spend = spend
+        self.telemetry = telemetry
+
+    async def before_request(self, answer: Answer, attempt: Attempt) -> None:
+        await self.spend.reserve(attempt.params)
+
+    async def after_request(self, answer: Answer, attempt: Attempt) -> None:
+        spend = self.spend
+        spent = await spend.settle(attempt.usage, ended=attempt.ended)
+        self.telemetry.spent(spend.model, spent.micro_usd)
+        answer.cost_micro_usd = spend.spent.micro_usd
+
+    async def release(self) -> None:
+        await self.spend.release()
+
+
+class Metered(Recorded):
+    """An answer with limits: each request reserved before it is made (the first one's
+    refusal is the send's 429), fitted to its grant, metered as it streams, topped up or cut,
+    settled after; a warning near a limit on ``start`` and ``done``."""
+
+    def __init__(self, spend: Spend, telemetry: Telemetry, *, opening: bool) -> None:
+        super().__init__(spend, telemetry)
+        self.first = opening  # the next reservation is the send's first
+        self.due = False  # the request passed its grant: a top-up, or the cut, comes next
+
+    async def before_request(self, answer: Answer, attempt: Attempt) -> None:
+        spend = self.spend
+        refusal = await spend.reserve(attempt.params)
+        opening, self.first = self.first, False
+        if refusal is not None:
+            if opening:
+                self.telemetry.budget_rejected()
+                raise BudgetRefused(refusal)
+            self.telemetry.budget_cut()
+            raise Stop("budget_exhausted")
+        if opening:
+            warning = await spend.check()
+            if warning is not None:
+                answer.start_fields["budget_warning"] = warning
+        attempt.params = spend.fitted(attempt.params)
+
+    def started(self, attempt: Attempt) -> bool:
+        self.due = self.spend.started(attempt.usage) or self.due
+        return self.due
+
+    def wrote(self, literal: bytes) -> bool:
+        if self.spend.metered(literal):
+            self.due = True
+        return self.due
+
+    def wrote_other(self, piece: str, *, json: bool) -> bool:
+        spend = self.spend
+        if spend.metered_json(piece) if json else spend.metered(piece.encode()):
+            self.due = True
+        return self.due
+
+    async def checkpoint(self, answer: Answer, attempt: Attempt) -> None:
+        if not self.due:
+            return  # another policy's checkpoint
+        self.due = False
+        if not await self.spend.top_up():
+            self.telemetry.budget_cut()
+            raise Stop("budget_exhausted")  # leaving the block closes the request
+
+    async def after_request(self, answer: Answer, attempt: Attempt) -> None:
+        self.due = False
+        if self.spend.lowered and attempt.stop_reason == "max_tokens":  # the budget's
+            self.telemetry.budget_cut()
+            attempt.stop_reason = "budget_exhausted"
+            answer.stopped = True
+        await super().after_request(answer, attempt)
+        if attempt.ended and attempt.stop_reason != "tool_use":  # the answer's last: done's
+            await self.spend.check()
+
+    async def ending(self, answer: Answer, event: dict[str, Any]) -> None:
+        if event["type"] == "done" and self.spend.warning is not None:
+            event["budget_warning"] = self.spend.warning

@@ -370,6 +370,13 @@ def _context_strategy(key: str, value: Any) -> str:
     return text
 
 
+def _guard_mode(key: str, value: Any) -> str:
+    text = _str(key, value).strip().lower()
+    if text not in ("cut", "hold"):
+        raise ConfigError(f"{key} must be 'cut' or 'hold', got {value!r}")
+    return text
+
+
 def _days(key: str, value: Any) -> float:
     return _seconds(key, value)  # the same rules: a non-negative finite number
 
@@ -448,6 +455,9 @@ _KEYS: dict[str, _Key] = {
     "budget_hold_ttl": _Key(_positive_seconds, 600.0),
     "ledger": _Key(_auto_bool, None),
     "prices": _Key(_prices, PRICES),
+    "output_guard_every": _Key(_positive_int, 200),
+    "output_guard_mode": _Key(_guard_mode, "cut"),
+    "guard_timeout": _Key(_positive_seconds, 10.0),
 }
 
 
@@ -523,6 +533,9 @@ class ClaudeConfig:
     #: it, or with a budget; True also in this worker's memory; False only with a budget
     ledger: bool | None
     prices: dict[str, Any]  # prices.Price by model: the shipped table and CLAUDE_PRICES
+    output_guard_every: int  # characters of new text between two output guard calls
+    output_guard_mode: str  # "cut": text flows, a block cuts; "hold": text waits for the guard
+    guard_timeout: float  # seconds a guard may take before it fails closed
 
     @staticmethod
     def key(name: str) -> str:

@@ -26,6 +26,7 @@ from .db import (
     branch_to,
     now_ms,
 )
+from .guards import Blocked
 from .history import api_messages
 from .request import ChatRequest, RequestError, SendOptions
 from .sse import data_line, frame
@@ -36,6 +37,7 @@ from .web import (
     HttpRequest,
     Reply,
     Route,
+    blocked_reply,
     budget_exceeded,
     identity_of,
     json_error,
@@ -125,11 +127,13 @@ async def open_turn(
     except StoreUnavailable:
         await _abandon(conversations, ref.conversation_id, stream_id)
         return store_unavailable()
-    except BudgetRefused as refused:  # the turn never started: it leaves no trace
+    except (BudgetRefused, Blocked) as refused:  # the turn never started: it leaves no trace
         try:
             await conversations.retract(opened, stream_id)
         except Exception:
             log.warning("stream %s: its refused turn could not be taken back", stream_id)
+        if isinstance(refused, Blocked):
+            return blocked_reply(refused)
         return budget_exceeded(refused.refusal)
     return stream, {"X-Conversation-Id": ref.conversation_id}
 

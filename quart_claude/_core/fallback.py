@@ -19,16 +19,25 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .answer import Target
+from .params import without_thinking
+from .policy import Policy
 from .protocol import ERROR_CLASSES, UpstreamError
 from .providers import SETTING_FIELDS, Endpoint
 
 if TYPE_CHECKING:
+    from .answer import Answer
+    from .config import ClaudeConfig
+    from .policy import AnswerContext
     from .request import ChatRequest
+    from .telemetry import Telemetry
 
 __all__ = [
     "DEFAULT_ON",
     "Chain",
     "Cooldowns",
+    "FallbackPolicy",
+    "Fallbacks",
     "Hop",
     "MemoryCooldowns",
     "RedisCooldowns",
@@ -36,7 +45,6 @@ __all__ = [
     "parse_fallback_on",
     "parse_server_fallbacks",
     "parse_fallbacks",
-    "without_thinking",
 ]
 
 log = logging.getLogger("quart_claude")
@@ -253,17 +261,6 @@ class Chain:
         return None
 
 
-_THINKING = frozenset({"thinking", "redacted_thinking"})
-
-
-def without_thinking(content: Any) -> Any:
-    """A message's content without its thinking blocks (another model wrote them)."""
-    if not isinstance(content, list):
-        return content
-    kept = [b for b in content if not (isinstance(b, dict) and b.get("type") in _THINKING)]
-    return kept or content  # a message of thinking alone (never seen) is left as it is
-
-
 def on_hop(request: ChatRequest, chain: Chain | None) -> ChatRequest:
     """The request as the chain's current hop takes it: its model, its ``max_tokens``, and
     no thinking the requested model wrote (the history's thinking is bound to it)."""
@@ -277,3 +274,96 @@ def on_hop(request: ChatRequest, chain: Chain | None) -> ChatRequest:
     return dataclasses.replace(
         request, model=hop.model, max_tokens=hop.max_tokens or request.max_tokens, messages=messages
     )
+
+
+class Fallbacks:
+    """``CLAUDE_FALLBACKS``: each answer's walk along the chain, as a policy. ``cooldowns``:
+    this worker's, or Redis's (the state sets them at startup)."""
+
+    def __init__(self, config: ClaudeConfig, primary: Endpoint, telemetry: Telemetry) -> None:
+        self.config = config
+        self.primary = primary
+        self.telemetry = telemetry
+        self.cooldowns: Cooldowns = MemoryCooldowns()
+
+    async def for_answer(self, answer: Answer, context: AnswerContext) -> Policy | None:
+        config, request = self.config, context.request
+        chain = Chain(
+            (Hop(request.model), *config.fallbacks),
+            config.fallback_on,
+            config.max_fallbacks,
+            config.fallback_cooldown,
+            config.retry_max_delay,
+            self.primary,
+        )
+        try:
+            await chain.start(self.cooldowns)
+        except Exception:  # the shared cooldowns are unreachable: start at the first hop
+            log.warning("the fallback cooldowns are unavailable", exc_info=True)
+            chain.tried = [request.model]
+        prior = context.prior
+        if prior is not None and prior.moves:  # a takeover goes on at the last move's hop
+            moves = prior.moves
+            chain.resume(
+                int(moves[-1].get("hop", 0)),
+                [str(moves[0]["from"])] + [str(move["to"]) for move in moves],
+            )
+        policy = FallbackPolicy(self, chain, request)
+        policy.place(answer)
+        return policy
+
+
+class FallbackPolicy(Policy):
+    """One answer's chain: a request that failed past its retries moves the answer to the
+    next hop that may take it (announced by a ``fallback`` event, after ``start``)."""
+
+    def __init__(self, fallbacks: Fallbacks, chain: Chain, request: ChatRequest) -> None:
+        self.fallbacks = fallbacks
+        self.chain = chain
+        self.request = request  # as asked, before any hop rewrote it
+
+    def place(self, answer: Answer) -> None:
+        """Put the answer on the chain's current hop."""
+        chain = self.chain
+        hop = chain.hop
+        thinking = hop.thinking if hop.thinking is not None else self.fallbacks.config.thinking
+        target = Target(hop.model, chain.endpoint, thinking, chain.at)
+        if target != answer.target:
+            answer.move(target, on_hop(self.request, chain))
+
+    async def failed(self, answer: Answer, error: UpstreamError) -> bool:
+        chain, telemetry = self.chain, self.fallbacks.telemetry
+        failed = chain.hop.model
+        try:
+            hop = await chain.next_hop(error, self.fallbacks.cooldowns)
+        except Exception:
+            log.warning("the fallback cooldowns are unavailable", exc_info=True)
+            return False
+        if hop is None:
+            return False
+        phase = "mid_answer" if answer.texts else "before_text"
+        event: dict[str, Any] = {"type": "fallback", "from": failed, "to": hop.model}
+        event.update(reason=error.error_class, phase=phase, hop=chain.at)
+        log.warning(
+            "stream %s: %s -> %s after %s (%s)",
+            answer.stream.id,
+            failed,
+            hop.model,
+            error.error_class,
+            phase,
+        )
+        telemetry.fell_back(failed, hop.model, error.error_class, phase)
+        if chain.cooled is not None:
+            telemetry.cooled(*chain.cooled)
+        self.place(answer)
+        if answer.stream.events:
+            answer.tell(event)
+        else:  # readers see start first: it follows the next hop's message_start
+            answer.after_start.append(event)
+        return True
+
+    async def ending(self, answer: Answer, event: dict[str, Any]) -> None:
+        if event["type"] == "done":  # which hop finished it
+            event["model"] = answer.served_by
+        elif len(self.chain.tried) > 1:
+            event["hops"] = list(self.chain.tried)  # every hop tried, in order

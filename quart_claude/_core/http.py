@@ -29,6 +29,7 @@ from .aisdk import (
 )
 from .budget import BudgetRefused, usage_view
 from .conversation_routes import CONVERSATION_ROUTES, open_turn
+from .guards import Blocked
 from .request import ChatRequest, RequestError, SendOptions, parse_chat_request, split_send
 from .schema import ValidationError
 from .state import ClaudeState, Unauthorized
@@ -43,6 +44,7 @@ from .web import (
     HttpRequest,
     Reply,
     Route,
+    blocked_reply,
     budget_exceeded,
     identity_of,
     json_error,
@@ -150,6 +152,8 @@ async def _open_stream(
         return store_unavailable()
     except BudgetRefused as refused:
         return budget_exceeded(refused.refusal)
+    except Blocked as blocked:
+        return blocked_reply(blocked)
     return stream, headers
 
 

@@ -145,6 +145,13 @@ class Metrics:
             "Requests refused with a 429 budget_exceeded before any stream started.",
             registry=registry,
         )
+        self.guard_blocks: Counter = Counter(
+            "claude_guard_blocks",
+            "Sends refused by the input guard, and answers ended by the output guard "
+            "(reason guard_error: the guard raised or timed out).",
+            ["guard", "reason"],
+            registry=registry,
+        )
         self.budget_cutoffs: Counter = Counter(
             "claude_budget_cutoffs",
             "Answers ended with stop_reason budget_exhausted (cut mid-answer, or refused a "

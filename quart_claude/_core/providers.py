@@ -17,7 +17,7 @@ import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .config_error import ConfigError
 from .first_party import FirstPartyClient, Opened
@@ -172,6 +172,14 @@ def endpoints(config: ClaudeConfig) -> list[Endpoint]:
     """Every endpoint the app's requests may reach: its own, then its hops' (in order)."""
     primary = primary_endpoint(config)
     return [primary, *(hop.endpoint or primary for hop in config.fallbacks)]
+
+
+class UpstreamSource(Protocol):
+    """Where the relay sends each endpoint's requests: :class:`Upstreams`, or a test's own."""
+
+    def __getitem__(self, endpoint: Endpoint) -> Upstream: ...
+
+    async def close(self) -> None: ...
 
 
 class Upstreams:

@@ -16,16 +16,26 @@ import re
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
-from .budget import BudgetRefused, Limit, Spend, parse_budget
+from .answer import Answer, Prior
+from .budget import BudgetRefused, Budgets, Limit, parse_budget
 from .config import ClaudeConfig, ConfigError, load_config
+from .fallback import Fallbacks
+from .guards import Blocked, Guards, InputGuard, InputGuarding, OutputGuard, OutputGuarding
 from .ledger import LedgerStore
 from .metrics import MULTIPROC_ENV, Metrics, metrics_for
-from .prices import price_of
+from .policy import AnswerContext, PolicyMaker
 from .protocol import ERROR_CLASSES
-from .providers import CREDENTIAL_ENV, Upstreams, endpoints, missing_api_key, require_extra
+from .providers import (
+    CREDENTIAL_ENV,
+    Upstreams,
+    endpoints,
+    missing_api_key,
+    primary_endpoint,
+    require_extra,
+)
 from .redact import install as install_redaction
 from .redact import register_secret
-from .relay import Prior, Relay
+from .relay import Relay
 from .request import ChatRequest
 from .schema import chat_body_model
 from .store import Claim, Found, StreamStore, Timings, memory_store
@@ -72,6 +82,12 @@ class Extension(Protocol):
 
     @property
     def budget_hook(self) -> BudgetHook | None: ...
+
+    @property
+    def input_guard_hook(self) -> InputGuard | None: ...
+
+    @property
+    def output_guard_hook(self) -> OutputGuard | None: ...
 
 
 class ClaudeState:
@@ -187,41 +203,37 @@ class ClaudeState:
         """Register a validated request's stream (in the store too, so any worker finds it at
         once) and start its producer. ``owner``: the identity that may read or stop it;
         ``client``: whom it counts against; ``headers``: the request's, for the trace the
-        stream's span joins. Raises :class:`StoreUnavailable` when the store cannot take it."""
+        stream's span joins. Raises a policy's refusal (``Blocked``, ``BudgetRefused``) before
+        anything is kept, and :class:`StoreUnavailable` when the store (or a budget's) cannot
+        take it."""
         relay = self.relay
         assert relay is not None, "open_stream before startup"
         stream = Stream(stream_id, retry_ms=self.config.sse_retry, owner=owner)
         fields = {**_shallow(chat), "client": client}
+        cid = turn.conversation_id if turn is not None else None
+        context = AnswerContext(owner or client, stream_id, chat, cid)
+        parent = parent_context(headers) if headers is not None else None
+        try:
+            answer = await relay.begin(stream, chat, context, parent)
+        except (Blocked, BudgetRefused):
+            raise
+        except Exception as exc:  # the budget hook raised, or the ledger's store is down
+            log.exception("stream %s: its policies could not admit it", stream_id)
+            raise StoreUnavailable(str(type(exc).__name__)) from None
         if turn is not None:
             fields["turn"] = _shallow(turn)
-            stream.start_fields = {
+            answer.start_fields = {
                 "conversation_id": turn.conversation_id,
                 "user_message_id": turn.user_message_id,
                 "assistant_message_id": turn.message_id,
+                **answer.start_fields,
             }
-        try:
-            spend = await self.spend_for(owner or client, chat, stream_id, turn)
-            # the first request's reservation, before any stream starts
-            refusal = await spend.reserve(relay.first_params(chat)) if spend else None
-        except Exception as exc:  # the budget hook raised, or the ledger's store is down
-            log.exception("stream %s: its budget could not be checked", stream_id)
-            raise StoreUnavailable(str(type(exc).__name__)) from None
-        if spend is not None:
-            if refusal is not None:
-                self.telemetry.budget_rejected()
-                raise BudgetRefused(refusal)
-            warning = await spend.check()
-            if warning is not None:
-                stream.start_fields = {**stream.start_fields, "budget_warning": warning}
         try:
             await self.store.open(stream, fields)
         except BaseException:
-            if spend is not None:
-                await spend.release()
+            await relay.abandon(answer)
             raise
-        parent = parent_context(headers) if headers is not None else None
-        producer = self._produce(stream, chat, parent, None, turn, spend)
-        self.start_producer(stream, producer, client)
+        self.start_producer(stream, self._produce(answer, chat, None, turn), client)
         return stream
 
     async def limits_for(self, identity: str) -> tuple[Limit, ...]:
@@ -234,38 +246,13 @@ class ClaudeState:
             chosen = await chosen
         return _limits(chosen)
 
-    async def spend_for(
-        self, identity: str, chat: ChatRequest, stream_id: str, turn: TurnRef | None
-    ) -> Spend | None:
-        """The answer's budget: the ``@claude.budget`` hook's limits for the identity, else
-        ``CLAUDE_BUDGET``'s; None when it has none (unlimited)."""
-        if self.ledger is None:
-            return None
-        limits = await self.limits_for(identity)  # none: recorded only
-        return Spend(
-            self.ledger,
-            identity,
-            limits,
-            price_of(chat.model, self.config.prices),
-            chat.model,
-            stream_id,
-            turn.conversation_id if turn is not None else None,
-            warn_at=self.config.budget_warn_at,
-            hold_ttl=self.config.budget_hold_ttl,
-        )
-
     async def _produce(
-        self,
-        stream: Stream,
-        chat: ChatRequest,
-        parent: Any,
-        prior: Prior | None,
-        turn: TurnRef | None,
-        spend: Spend | None = None,
+        self, answer: Answer, chat: ChatRequest, prior: Prior | None, turn: TurnRef | None
     ) -> None:
         """The producer task: the answer, then the turn kept (stored, and the hooks told)."""
         assert self.relay is not None
-        ended = await self.relay.produce(stream, chat, parent, prior, spend)
+        stream = answer.stream
+        ended = await self.relay.produce(answer, prior)
         if ended.status is not None and not await stream.settled(self.config.stream_lease):
             # taken over while this worker was paused: the stream's end, its turn and its
             # hooks are the successor's (what every reader saw)
@@ -291,15 +278,10 @@ class ClaudeState:
         self.store.adopt(claim, stream)
         prior = Prior.from_events(claim.events, claim.usage, claim.steps)
         turn = await self.turns.claim(TurnRef(**stored)) if stored else None
-        try:  # its next requests are reserved, metered and settled here
-            spend = await self.spend_for(claim.owner or client, chat, claim.stream_id, turn)
-        except Exception:
-            log.exception(
-                "stream %s: its budget could not be read; taken over unmetered", claim.stream_id
-            )
-            spend = None
-        producer = self._produce(stream, chat, None, prior, turn, spend)
-        self.start_producer(stream, producer, client)
+        cid = turn.conversation_id if turn is not None else None
+        context = AnswerContext(claim.owner or client, claim.stream_id, chat, cid, prior)
+        answer = await relay.resume(stream, chat, context)  # its policies go on here
+        self.start_producer(stream, self._produce(answer, chat, prior, turn), client)
         return True
 
     async def find(self, stream_id: str, identity: str | None) -> Found | None:
@@ -367,12 +349,6 @@ class ClaudeState:
             from .ratelimit import RateLimiter, storage_for
 
             self.rate_limiter = RateLimiter(config.rate_limit, storage_for(self.store.link))
-        self.relay = Relay(upstreams, config, self.telemetry, self.extension.tools, self.tool_scope)
-        redis = self.store.redis
-        if config.fallbacks and redis is not None:  # a hop that failed is skipped by all
-            from .fallback import RedisCooldowns
-
-            self.relay.cooldowns = RedisCooldowns(redis)
         self.turns = TurnKeeper(
             await self._open_conversations(),
             lambda: self.extension.turn_hooks,
@@ -380,9 +356,36 @@ class ClaudeState:
         )
         if self._ledger_on():
             self.ledger = self._ledger()
+        self.relay = Relay(
+            upstreams,
+            config,
+            self.telemetry,
+            self.extension.tools,
+            self.tool_scope,
+            self._policy_makers(),
+        )
         self.draining = False
         if config.send_timeout > 0:
             self._sweeper = asyncio.get_running_loop().create_task(self._sweep_stalled_readers())
+
+    def _policy_makers(self) -> list[PolicyMaker]:
+        """What shapes each answer, in the order the relay calls them: the guards (the input
+        before anything is reserved), the budget, the fallback chain."""
+        config, extension = self.config, self.extension
+        guards = Guards(config, self.telemetry, self.tool_scope)
+        guards.input, guards.output = extension.input_guard_hook, extension.output_guard_hook
+        makers: list[PolicyMaker] = [InputGuarding(guards), OutputGuarding(guards)]
+        if self.ledger is not None:
+            makers.append(Budgets(self.ledger, config, self.telemetry, self.limits_for))
+        if config.fallbacks:
+            fallbacks = Fallbacks(config, primary_endpoint(config), self.telemetry)
+            redis = self.store.redis
+            if redis is not None:  # a hop that failed is skipped by all
+                from .fallback import RedisCooldowns
+
+                fallbacks.cooldowns = RedisCooldowns(redis)
+            makers.append(fallbacks)
+        return makers
 
     def _ledger_on(self) -> bool:
         """Budgets need the ledger; without one it records wherever the database or Redis
@@ -565,6 +568,8 @@ H = TypeVar("H", bound=TurnHook)
 #: ``@claude.budget``: an identity's budget (a CLAUDE_BUDGET string, several, or None)
 BudgetHook = Callable[[str], Any]
 B = TypeVar("B", bound=BudgetHook)
+IG = TypeVar("IG", bound=InputGuard)
+OG = TypeVar("OG", bound=OutputGuard)
 
 
 def _limits(chosen: Any) -> tuple[Limit, ...]:
@@ -596,6 +601,8 @@ class ExtensionBase(Generic[AppT]):
         self.engine = engine
         self.turn_hooks: list[TurnHook] = []
         self.budget_hook: BudgetHook | None = None
+        self.input_guard_hook: InputGuard | None = None
+        self.output_guard_hook: OutputGuard | None = None
         if app is not None:
             self.init_app(app)
 
@@ -630,6 +637,27 @@ class ExtensionBase(Generic[AppT]):
         a ``CLAUDE_BUDGET`` string (``"50000 tokens/day"``), a sequence of them, or None for
         unlimited. It decides over ``CLAUDE_BUDGET``, on every request."""
         self.budget_hook = hook
+        return hook
+
+    def input_guard(self, hook: IG) -> IG:
+        """Decorate the function (sync or async) that looks at each send before anything is
+        reserved or sent to Claude, given an :class:`~quart_claude.InputCheck` (who asked,
+        the conversation, the messages with the new user turn last). It returns None to let
+        the send through, or returns (or raises) :class:`~quart_claude.Blocked` to refuse it:
+        a 400 ``{"error": "blocked", "reason", "message"}``, on every chat route. One that
+        raises anything else, or outlasts ``CLAUDE_GUARD_TIMEOUT``, refuses
+        (``guard_error``)."""
+        self.input_guard_hook = hook
+        return hook
+
+    def output_guard(self, hook: OG) -> OG:
+        """Decorate the function (sync or async) that looks at the answer as it streams,
+        given an :class:`~quart_claude.OutputCheck` each ``CLAUDE_OUTPUT_GUARD_EVERY``
+        characters and once more before ``done`` (``final``). A
+        :class:`~quart_claude.Blocked` ends the answer with ``stop_reason: "blocked"``.
+        ``CLAUDE_OUTPUT_GUARD_MODE``: ``cut`` (text flows as it comes; a block closes the
+        request) or ``hold`` (readers get only text the guard passed)."""
+        self.output_guard_hook = hook
         return hook
 
     @overload

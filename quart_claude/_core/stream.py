@@ -19,7 +19,7 @@ import asyncio
 import enum
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 from .sse import PING, data_line, frame
@@ -134,11 +134,10 @@ class Stream:
         "phase",
         "producer",
         "readers",
-        "start_fields",
         "steps",
         "steps_version",
         "superseded",
-        "usage",
+        "usage_of",
         "visible",
     )
 
@@ -160,13 +159,12 @@ class Stream:
         self.listener: StreamListener = _UNLISTED  # set by the store that holds it
         self.producer: asyncio.Task[None] | None = None  # the state sets it; None once done
         self.cancel_reason: Cancel | None = None
-        #: fields the ``start`` event carries besides the answer's (a conversation's ids)
-        self.start_fields: dict[str, Any] = {}
-        #: upstream usage so far (every request, the current one as last reported), kept
-        #: by the producer, so another worker that takes the stream over can sum it
-        self.usage: dict[str, Any] = {}
-        #: a tool loop's steps so far (see :mod:`.relay`): each message's content and its
-        #: tools' results, kept with the stream (and mirrored) so nothing runs twice
+        #: the producer's answer's usage so far (every request, the current one as last
+        #: reported), which the store mirrors, so another worker that takes the stream over
+        #: can sum it
+        self.usage_of: Callable[[], dict[str, Any]] = dict
+        #: the producer's answer's steps of a tool loop (see :mod:`.answer`): each message's
+        #: content and its tools' results, mirrored so nothing runs twice
         self.steps: list[dict[str, Any]] = []
         self.steps_version: int = 0  # counts changes to ``steps``, for the store to mirror
         #: another worker took the stream over: this one's end is not the stream's
@@ -178,6 +176,10 @@ class Stream:
     def finished(self) -> bool:
         """The producer is done here: it appended its last event, or left (see :meth:`leave`)."""
         return self.phase is not Phase.RUNNING
+
+    @property
+    def usage(self) -> dict[str, Any]:
+        return self.usage_of()
 
     @property
     def left(self) -> bool:

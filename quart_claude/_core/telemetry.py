@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -19,6 +19,9 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode, TracerProvid
 
 from .metrics import TOKEN_KINDS, Metrics
 from .request import ChatRequest
+
+if TYPE_CHECKING:
+    from .answer import Answer
 
 __all__ = ["StreamOutcome", "Telemetry", "parent_context"]
 
@@ -129,25 +132,18 @@ class StreamOutcome:
     __slots__ = (
         "_attempt",
         "_telemetry",
-        "attempts",
-        "error",
         "first_token_at",
         "hop",
         "message_id",
         "model",
         "parent_trace_id",
         "provider",
-        "recoveries",
         "request_id",
         "response_model",
         "resumes",
-        "retries",
         "span",
         "started",
-        "stop_reason",
         "stream_id",
-        "tool_calls",
-        "usage",
     )
 
     def __init__(
@@ -157,18 +153,11 @@ class StreamOutcome:
         self.stream_id: str = stream_id
         self.model: str = request.model  # bounded: CLAUDE_MODEL or one of CLAUDE_ALLOWED_MODELS
         self.started: float = time.monotonic()
-        self.attempts: int = 0
-        self.retries: int = 0
-        self.recoveries: int = 0
-        self.resumes: int = 0
+        self.resumes: int = 0  # readers that came back (they are not the answer's)
         self.first_token_at: float | None = None
         self.request_id: str | None = None
         self.message_id: str | None = None
         self.response_model: str | None = None
-        self.stop_reason: str | None = None
-        self.error: str | None = None
-        self.usage: dict[str, Any] = {}
-        self.tool_calls: int = 0
         self.provider: str = "anthropic"  # the current hop's (set by the relay)
         self.hop: int = 0  # the fallback chain's hop the stream is on
         self._attempt: Span | None = None
@@ -215,9 +204,9 @@ class StreamOutcome:
                 "gen_ai.provider.name", _GEN_AI_PROVIDERS.get(provider, provider)
             )
 
-    def attempt(self, model: str) -> None:
-        """One upstream request begins: its span (GenAI ``chat``, on its provider), a child
-        of the stream's, ended by :meth:`upstream`."""
+    def attempt(self, model: str, number: int) -> None:
+        """The answer's ``number``th upstream request begins: its span (GenAI ``chat``, on its
+        provider), a child of the stream's, ended by :meth:`upstream`."""
         if self._attempt is not None:  # one that never reached upstream (a budget refused it)
             self._attempt.end()
             self._attempt = None
@@ -231,7 +220,7 @@ class StreamOutcome:
                 "gen_ai.operation.name": "chat",
                 "gen_ai.provider.name": _GEN_AI_PROVIDERS.get(self.provider, self.provider),
                 "gen_ai.request.model": model,
-                "quart_claude.attempt": self.attempts,
+                "quart_claude.attempt": number,
                 "quart_claude.hop": self.hop,
             },
         )
@@ -254,13 +243,9 @@ class StreamOutcome:
         if metrics is not None:
             metrics.errors.labels(self.model, error_class).inc()
 
-    def retrying(self, error_class: str, kind: str, delay: float) -> None:
-        """The request is made again after ``delay`` s: a ``retry`` (no text sent yet) or a
-        ``recovery`` (a continuation of the text already sent)."""
-        if kind == "retry":
-            self.retries += 1
-        else:
-            self.recoveries += 1
+    def retrying(self, error_class: str, kind: str, delay: float, attempts: int) -> None:
+        """The request is made again after ``delay`` s (``attempts`` made so far): a ``retry``
+        (no text sent yet) or a ``recovery`` (a continuation of the text already sent)."""
         metrics = self._telemetry.metrics
         if metrics is not None:
             metrics.retries.labels(self.model, error_class, kind).inc()
@@ -270,7 +255,7 @@ class StreamOutcome:
                 {
                     "error.type": error_class,
                     "quart_claude.retry_kind": kind,
-                    "quart_claude.attempt": self.attempts + 1,
+                    "quart_claude.attempt": attempts + 1,
                     "quart_claude.delay_s": delay,
                 },
             )
@@ -290,7 +275,6 @@ class StreamOutcome:
     def tool_ended(self, span: Span, tool: str, outcome: str, seconds: float) -> None:
         """A tool call ended: ``ok`` or how it failed. ``tool``: a bounded label (the
         registered name, or ``_unknown``)."""
-        self.tool_calls += 1
         metrics = self._telemetry.metrics
         if metrics is not None:
             metrics.tool_calls.labels(tool, outcome).inc()
@@ -300,28 +284,37 @@ class StreamOutcome:
             span.set_status(Status(StatusCode.ERROR, outcome))
         span.end()
 
-    def end(self, outcome: str) -> dict[str, Any]:
+    def discard(self) -> None:
+        """The answer never started (a policy refused it): no stream to count."""
+        self._telemetry._ended(self.stream_id)
+        metrics = self._telemetry.metrics
+        if metrics is not None:
+            metrics.streams_active.labels(self.model).dec()
+        self.span.end()
+
+    def end(self, outcome: str, answer: Answer) -> dict[str, Any]:
         """The stream ended with ``outcome`` (``done``, ``cancelled``, ``disconnected`` or an
-        error class): count it, end the span, write the log line; returns the log's fields."""
+        error class): count it, end the span, write the log line, from what the answer holds;
+        returns the log's fields."""
         self._telemetry._ended(self.stream_id)
         if self._attempt is not None:
             self._attempt.end()
             self._attempt = None
         duration = time.monotonic() - self.started
-        usage = self.usage
+        usage, tally = answer.usage, answer.tally
         fields: dict[str, Any] = {
             "stream_id": self.stream_id,
             "model": self.model,
             "provider": self.provider,
             "hop": self.hop or None,
             "outcome": outcome,
-            "stop_reason": self.stop_reason,
-            "error": self.error,
-            "attempts": self.attempts,
-            "retries": self.retries,
-            "recoveries": self.recoveries,
+            "stop_reason": answer.stop_reason,
+            "error": answer.error,
+            "attempts": tally.attempts,
+            "retries": tally.retries,
+            "recoveries": tally.recoveries,
             "resumes": self.resumes,
-            "tool_calls": self.tool_calls or None,
+            "tool_calls": tally.tool_calls or None,
             "ttft_ms": (
                 round((self.first_token_at - self.started) * 1000)
                 if self.first_token_at is not None
@@ -360,10 +353,10 @@ class StreamOutcome:
                     if value is not None and name in _SPAN_ATTRIBUTES
                 }
             )
-            if self.stop_reason is not None:
-                span.set_attribute("gen_ai.response.finish_reasons", [self.stop_reason])
-            if self.error is not None:
-                span.set_status(Status(StatusCode.ERROR, self.error))
+            if answer.stop_reason is not None:
+                span.set_attribute("gen_ai.response.finish_reasons", [answer.stop_reason])
+            if answer.error is not None:
+                span.set_status(Status(StatusCode.ERROR, answer.error))
         span.end()
         log.info(
             "stream_end %s",

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .budget import Refusal
+from .guards import Blocked
 from .request import RequestError
 from .state import ClaudeState, Unauthorized
 
@@ -27,6 +28,7 @@ __all__ = [
     "HttpRequest",
     "Reply",
     "Route",
+    "blocked_reply",
     "budget_exceeded",
     "identity_of",
     "json_error",
@@ -188,6 +190,13 @@ async def read_json(state: ClaudeState, req: HttpRequest) -> Any:
                 400, "invalid_json", "the body holds a lone surrogate (\\ud800-\\udfff)"
             ) from None
     return body
+
+
+def blocked_reply(blocked: Blocked) -> Reply:
+    """The 400 of a send the input guard refused (before any stream started)."""
+    return json_reply(
+        {"error": "blocked", "reason": blocked.reason, "message": blocked.message}, 400
+    )
 
 
 def budget_exceeded(refusal: Refusal) -> Reply:
