@@ -11,8 +11,15 @@ from quart_claude.flask import Claude
 
 
 def create_app(**options: Any) -> Flask:
+    """``input_guard``, ``output_guard``: registered as a user's decorators would."""
     app = Flask(__name__)
+    input_guard = options.pop("input_guard", None)
+    output_guard = options.pop("output_guard", None)
     claude = Claude(app, **options)
+    if input_guard is not None:
+        claude.input_guard(input_guard)
+    if output_guard is not None:
+        claude.output_guard(output_guard)
 
     @claude.tool
     def stock_level(sku: str) -> dict[str, object]:

@@ -6,7 +6,7 @@ import os
 
 from quart import Quart, Response
 
-from quart_claude import Claude
+from quart_claude import Blocked, Claude, OutputCheck
 
 if os.environ.get("HOST_APP_LOG"):  # the extension's INFO lines, for tests that read them
     logging.basicConfig(level=os.environ["HOST_APP_LOG"])
@@ -48,6 +48,21 @@ def kept(turn: object) -> None:
     if path:
         with open(path, "a", encoding="utf-8") as log:
             log.write(f"{getattr(turn, 'message_id', None)} {getattr(turn, 'status', None)}\n")
+
+
+if os.environ.get("HOST_APP_GUARD_WORD"):  # an output guard, for the takeover tests
+
+    @claude.output_guard
+    def guard(check: OutputCheck) -> Blocked | None:
+        """Refuses the window holding ``HOST_APP_GUARD_WORD``; notes each window it sees
+        (``HOST_APP_GUARD_LOG``, a JSON line each)."""
+        import json
+
+        path = os.environ.get("HOST_APP_GUARD_LOG")
+        if path:
+            with open(path, "a", encoding="utf-8") as log:
+                log.write(json.dumps({"pid": os.getpid(), "new": check.new}) + "\n")
+        return Blocked("word") if os.environ["HOST_APP_GUARD_WORD"] in check.new else None
 
 
 @app.after_request

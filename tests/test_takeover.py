@@ -318,6 +318,41 @@ async def test_a_sigkilled_producer_is_taken_over_exactly(
     assert logs.count("taken over") == streams, "one takeover line per stream"
 
 
+async def test_an_output_guard_holds_its_windows_across_a_sigkill_takeover(
+    servers: Servers, emulator: Emulator, tmp_path: Path
+) -> None:
+    """Hold mode, the producer SIGKILLed mid-answer: the taker's windows go on where the
+    stream's text ends, the guard blocks the window holding ``w090`` once, and no reader
+    ever holds a character of it (each window is looked at once, but the one in flight at
+    the kill, which is looked at again)."""
+    every = 40
+    guard_log = tmp_path / "guard.log"
+    servers.env.update(
+        CLAUDE_OUTPUT_GUARD_MODE="hold",
+        CLAUDE_OUTPUT_GUARD_EVERY=str(every),
+        HOST_APP_GUARD_WORD="w090",
+        HOST_APP_GUARD_LOG=str(guard_log),
+    )
+    a, b = await servers.start_many(2)
+    emulator.default = Reply(ANSWER, token_delay=0.03, on_continue="repeat_whitespace")
+    blocked_at = ANSWER.index("w090") // every * every
+    async with httpx2.AsyncClient(timeout=60) as http:
+        reading, post = await post_mid_answer(http, [a.url, b.url], "guarded", deltas=3)
+        a.process.kill()
+        await a.process.wait()
+        reading = await asyncio.wait_for(post, 60)
+    assert reading.last["type"] == "done" and reading.last["stop_reason"] == "blocked"
+    assert reading.last["blocked"] == {"reason": "word"}
+    assert reading.text == ANSWER[:blocked_at]  # no character of the blocked window
+    assert reading.ids == list(range(len(reading.ids)))
+    seen = [json.loads(line) for line in guard_log.read_text().splitlines()]
+    assert {entry["pid"] for entry in seen} == {a.process.pid, b.process.pid}
+    windows = [entry["new"] for entry in seen]
+    once = [w for i, w in enumerate(windows) if i == 0 or w != windows[i - 1]]
+    assert len(windows) - len(once) <= 1  # the window in flight at the kill, at most
+    assert "".join(once) == ANSWER[: blocked_at + every]
+
+
 async def test_a_takeover_goes_on_with_the_hop_the_stream_was_on(
     servers: Servers, emulator: Emulator
 ) -> None:

@@ -39,6 +39,7 @@ _FINISH_REASONS = {
     "model_context_window_exceeded": "length",
     "tool_use": "tool-calls",
     "refusal": "content-filter",
+    "blocked": "content-filter",  # the output guard's
 }
 _DONE = b"data: [DONE]\n\n"
 _REASONING_ID = "reasoning-0"

@@ -14,7 +14,7 @@ import json
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .sse import DELTA_PREFIX
+from .sse import DELTA_PREFIX, payload_of
 
 if TYPE_CHECKING:
     from .db import MessageRow
@@ -104,7 +104,7 @@ def reader_view(events: Iterable[bytes]) -> list[dict[str, Any]]:
         if texts:
             _extend(view, "text", "".join(json.loads(b"[" + b",".join(texts) + b"]")))
             texts.clear()
-        _one(view, calls, json.loads(event[6:end]))
+        _one(view, calls, payload_of(event))
     if texts:
         _extend(view, "text", "".join(json.loads(b"[" + b",".join(texts) + b"]")))
     return view

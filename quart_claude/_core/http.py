@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import logging
 import re
 import time
@@ -32,6 +31,7 @@ from .conversation_routes import CONVERSATION_ROUTES, open_turn
 from .guards import Blocked
 from .request import ChatRequest, RequestError, SendOptions, parse_chat_request, split_send
 from .schema import ValidationError
+from .sse import payload_of
 from .state import ClaudeState, Unauthorized
 from .store import Found
 from .stream import Cancel, StoreUnavailable, Stream, new_stream_id
@@ -251,7 +251,7 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
     except asyncio.CancelledError:  # the client left: nobody will read this answer
         stream.cancel(Cancel.DISCONNECTED)
         raise
-    events = [json.loads(event[6 : event.index(b"\n")]) for event in stream.events]
+    events = [payload_of(event) for event in stream.events]
     final = events[-1]
     if final["type"] == "error":
         if "retry_after" in final:

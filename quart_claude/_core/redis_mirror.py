@@ -41,7 +41,7 @@ from typing import Any
 
 from .protocol import UpstreamError
 from .redis_link import NotReplicated, RedisLink, ScriptCall, key
-from .sse import data_line, frame
+from .sse import DELTA_PREFIX, data_line, frame
 from .store import Claim, Registry, Timings
 from .stream import Cancel, StoreUnavailable, Stream
 
@@ -68,7 +68,7 @@ def handoff_frame(stream_id: str, *, partial: bool, error_class: str = "shutdown
 def _hand_readers_off(stream: Stream, error_class: str) -> None:
     """This worker's readers of ``stream`` send what they may see, then the hand-off event:
     the stream goes on elsewhere (``partial``: they were sent some of its text)."""
-    partial = any(b'"type":"delta"' in event for event in stream.events[: stream.visible])
+    partial = any(event.startswith(DELTA_PREFIX) for event in stream.events[: stream.visible])
     stream.close(handoff_frame(stream.id, partial=partial, error_class=error_class))
 
 
