@@ -52,23 +52,30 @@ def read_recording(name: str) -> Recorded:
         if kind == "content_block_start":
             recorded.blocks.append(event["content_block"])
         elif kind == "content_block_delta":
-            delta = event["delta"]
-            if delta["type"] == "text_delta":
-                recorded.text += delta["text"]
-            elif delta["type"] == "thinking_delta":
-                recorded.thinking += delta["thinking"]
-            elif delta["type"] == "citations_delta":
-                recorded.citations.append(delta["citation"])
+            _delta(recorded, event["delta"])
         elif kind == "message_start":
             recorded.usage = dict(event["message"].get("usage") or {})
         elif kind == "message_delta":
-            recorded.stop_reason = event["delta"].get("stop_reason")
-            recorded.output_tokens = (event.get("usage") or {}).get("output_tokens")
-            recorded.usage.update(event.get("usage") or {})
-            for name in ("stop_details", "container"):
-                if event["delta"].get(name) is not None:
-                    recorded.reported[name] = event["delta"][name]
+            _message_delta(recorded, event)
     return recorded
+
+
+def _delta(recorded: Recorded, delta: dict[str, Any]) -> None:
+    if delta["type"] == "text_delta":
+        recorded.text += delta["text"]
+    elif delta["type"] == "thinking_delta":
+        recorded.thinking += delta["thinking"]
+    elif delta["type"] == "citations_delta":
+        recorded.citations.append(delta["citation"])
+
+
+def _message_delta(recorded: Recorded, event: dict[str, Any]) -> None:
+    recorded.stop_reason = event["delta"].get("stop_reason")
+    recorded.output_tokens = (event.get("usage") or {}).get("output_tokens")
+    recorded.usage.update(event.get("usage") or {})
+    for name in ("stop_details", "container"):
+        if event["delta"].get(name) is not None:
+            recorded.reported[name] = event["delta"][name]
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ import httpx2
 import pytest
 import redis.asyncio as aioredis
 
-from quart_claude import SSEParser
+from quart_claude import SSEEvent, SSEParser
 from quart_claude.testing import Emulator, ErrorReply, RecordedRequest, Reply, ToolUse
 
 from . import binaries
@@ -182,21 +182,26 @@ async def read(
                 parser = SSEParser()
                 async for chunk in response.aiter_bytes():
                     for event in parser.feed(chunk):
-                        payload = event.json()
-                        if payload.get("resume") is True:
-                            raise ConnectionResetError("handed off")
-                        if event.id is not None:
-                            index = int(event.id)
-                            if reading.ids and index <= reading.ids[-1]:
-                                continue  # seen before this reconnect
-                            reading.ids.append(index)
-                        reading.events.append(payload)
+                        _took(reading, event)
                         deltas = sum(1 for e in reading.events if e["type"] == "delta")
                         if on_event is not None and deltas >= deltas_before_signal:
                             on_event.set()
         except (httpx2.TransportError, ConnectionResetError):
             await asyncio.sleep(0.2)
     return reading
+
+
+def _took(reading: Reading, event: SSEEvent) -> None:
+    """One event read: kept unless seen before a reconnect; a hand-off raises."""
+    payload = event.json()
+    if payload.get("resume") is True:
+        raise ConnectionResetError("handed off")
+    if event.id is not None:
+        index = int(event.id)
+        if reading.ids and index <= reading.ids[-1]:
+            return  # seen before this reconnect
+        reading.ids.append(index)
+    reading.events.append(payload)
 
 
 async def post_mid_answer(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .request import RequestError
@@ -163,51 +163,73 @@ class _UIMessage:
         """Append ``event``'s chunks to ``out``; True when it ended the message."""
         kind = event.get("type")
         if kind == "thinking":  # protocol v1.1: the AI SDK's reasoning parts
-            if not self.reasoning:
-                out.append(_data({"type": "reasoning-start", "id": _REASONING_ID}))
-                self.reasoning = True
-            if event.get("text"):
-                delta = {"type": "reasoning-delta", "id": _REASONING_ID, "delta": event["text"]}
-                out.append(_data(delta))
+            self._thinking(event, out)
             return False
         if self.reasoning:
             out.append(_data({"type": "reasoning-end", "id": _REASONING_ID}))
             self.reasoning = False
-        if kind == "delta":
-            if self.text is None:
-                self.text = f"t{self.texts}"
-                self.texts += 1
-                out.append(_data({"type": "text-start", "id": self.text}))
-            out.append(_data({"type": "text-delta", "id": self.text, "delta": event["text"]}))
-        elif kind == "citation":  # v1.2: source parts
-            chunk = _source_chunk(event["citation"], len(self.sources))
-            key = str(chunk.get("url") or chunk.get("title"))
-            if key not in self.sources:
-                self.sources.add(key)
-                out.append(_data(chunk))
-        elif kind == "fallback":  # v1.3: a data part the page may show (not kept in history)
-            data = {key: event.get(key) for key in ("from", "to", "reason", "phase")}
-            out.append(_data({"type": "data-fallback", "data": data, "transient": True}))
-        elif kind in ("tool_call", "tool_result"):  # v1.1: dynamic tool parts
-            self._end_text(out)
-            out.append(_data(_tool_chunk(event)))
-        elif kind == "start":
-            start = {
-                "type": "start",
-                "messageId": event.get("message_id"),
-                "messageMetadata": {"usage": event.get("usage", {})},
-            }
-            out.append(_data(start))
-        elif kind in ("done", "error"):
+        if kind in ("done", "error"):
             self._end_text(out)
             out += (_ending(event), _DONE)
             return True
+        handler = _HANDLERS.get(kind or "")
+        if handler is not None:
+            handler(self, event, out)
         return False
+
+    def _thinking(self, event: dict[str, Any], out: list[bytes]) -> None:
+        if not self.reasoning:
+            out.append(_data({"type": "reasoning-start", "id": _REASONING_ID}))
+            self.reasoning = True
+        if event.get("text"):
+            delta = {"type": "reasoning-delta", "id": _REASONING_ID, "delta": event["text"]}
+            out.append(_data(delta))
+
+    def _delta(self, event: dict[str, Any], out: list[bytes]) -> None:
+        if self.text is None:
+            self.text = f"t{self.texts}"
+            self.texts += 1
+            out.append(_data({"type": "text-start", "id": self.text}))
+        out.append(_data({"type": "text-delta", "id": self.text, "delta": event["text"]}))
+
+    def _citation(self, event: dict[str, Any], out: list[bytes]) -> None:  # v1.2: sources
+        chunk = _source_chunk(event["citation"], len(self.sources))
+        key = str(chunk.get("url") or chunk.get("title"))
+        if key not in self.sources:
+            self.sources.add(key)
+            out.append(_data(chunk))
+
+    def _fallback(self, event: dict[str, Any], out: list[bytes]) -> None:
+        """v1.3: a data part the page may show (not kept in history)."""
+        data = {key: event.get(key) for key in ("from", "to", "reason", "phase")}
+        out.append(_data({"type": "data-fallback", "data": data, "transient": True}))
+
+    def _tool(self, event: dict[str, Any], out: list[bytes]) -> None:  # v1.1: dynamic tools
+        self._end_text(out)
+        out.append(_data(_tool_chunk(event)))
+
+    def _start(self, event: dict[str, Any], out: list[bytes]) -> None:
+        start = {
+            "type": "start",
+            "messageId": event.get("message_id"),
+            "messageMetadata": {"usage": event.get("usage", {})},
+        }
+        out.append(_data(start))
 
     def _end_text(self, out: list[bytes]) -> None:
         if self.text is not None:
             out.append(_data({"type": "text-end", "id": self.text}))
             self.text = None
+
+
+_HANDLERS: dict[str, Callable[[_UIMessage, dict[str, Any], list[bytes]], None]] = {
+    "delta": _UIMessage._delta,
+    "citation": _UIMessage._citation,
+    "fallback": _UIMessage._fallback,
+    "tool_call": _UIMessage._tool,
+    "tool_result": _UIMessage._tool,
+    "start": _UIMessage._start,
+}
 
 
 def _source_chunk(citation: dict[str, Any], number: int) -> dict[str, Any]:

@@ -51,26 +51,35 @@ def check_content(
         at = f"{where}[{index}]"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text":
-            _keys(block, _TEXT_KEYS, at)
-            text = block.get("text")
-            if not isinstance(text, str) or not text.strip():
-                raise ContentError(f"'{at}.text' must be a non-empty string")
+            _text(block, at)
             continue
         if kind not in ("image", "document"):
             raise ContentError(f"'{at}' must be a block of type 'text', 'image' or 'document'")
         if role != "user":
             raise ContentError(f"'{at}': only user messages may hold images and documents")
-        _keys(block, _MEDIA_KEYS if kind == "image" else _DOCUMENT_KEYS, at)
-        for optional in ("title", "context"):
-            if optional in block and not isinstance(block[optional], str):
-                raise ContentError(f"'{at}.{optional}' must be a string")
-        if "citations" in block:
-            _citations(block["citations"], f"{at}.citations")
-        _source(block.get("source"), f"{at}.source", kind, allow_urls)
+        _media(block, at, kind, allow_urls)
         media_seen += 1
         if media_seen > MAX_MEDIA:
             raise ContentError(f"'{at}': at most {MAX_MEDIA} images and documents per request")
     return value, media_seen
+
+
+def _text(block: dict[str, Any], at: str) -> None:
+    _keys(block, _TEXT_KEYS, at)
+    text = block.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise ContentError(f"'{at}.text' must be a non-empty string")
+
+
+def _media(block: dict[str, Any], at: str, kind: str, allow_urls: bool) -> None:
+    """An image or a document block."""
+    _keys(block, _MEDIA_KEYS if kind == "image" else _DOCUMENT_KEYS, at)
+    for optional in ("title", "context"):
+        if optional in block and not isinstance(block[optional], str):
+            raise ContentError(f"'{at}.{optional}' must be a string")
+    if "citations" in block:
+        _citations(block["citations"], f"{at}.citations")
+    _source(block.get("source"), f"{at}.source", kind, allow_urls)
 
 
 def _citations(value: Any, at: str) -> None:
@@ -91,20 +100,13 @@ def _source(source: Any, at: str, kind: str, allow_urls: bool) -> None:
     if not isinstance(source, dict):
         raise ContentError(f"'{at}' must be an object")
     if source.get("type") == "url":
-        if not allow_urls:
-            raise ContentError(f"'{at}': URL sources are turned off (CLAUDE_ALLOW_URL_SOURCES)")
-        _keys(source, {"type", "url"}, at)
-        url = source.get("url")
-        if not isinstance(url, str) or not url.startswith("https://") or len(url) > 2048:
-            raise ContentError(f"'{at}.url' must be an https URL of at most 2048 characters")
+        _url_source(source, at, allow_urls)
         return
     if source.get("type") != "base64":
         raise ContentError(f"'{at}.type' must be 'base64' or 'url'")
     _keys(source, {"type", "media_type", "data"}, at)
     media_type = source.get("media_type")
-    starts = IMAGE_TYPES.get(media_type) if kind == "image" else None  # type: ignore[arg-type]
-    if kind == "document":
-        starts = _PDF if media_type == "application/pdf" else None
+    starts = _magic(kind, media_type)
     if starts is None:
         choices = ", ".join(IMAGE_TYPES) if kind == "image" else "application/pdf"
         raise ContentError(f"'{at}.media_type' must be one of: {choices}")
@@ -118,3 +120,19 @@ def _source(source: Any, at: str, kind: str, allow_urls: bool) -> None:
         raise ContentError(f"'{at}.data' is not valid base64") from None
     if not head.startswith(starts):
         raise ContentError(f"'{at}.data' is not a {media_type} file")
+
+
+def _url_source(source: dict[str, Any], at: str, allow_urls: bool) -> None:
+    if not allow_urls:
+        raise ContentError(f"'{at}': URL sources are turned off (CLAUDE_ALLOW_URL_SOURCES)")
+    _keys(source, {"type", "url"}, at)
+    url = source.get("url")
+    if not isinstance(url, str) or not url.startswith("https://") or len(url) > 2048:
+        raise ContentError(f"'{at}.url' must be an https URL of at most 2048 characters")
+
+
+def _magic(kind: str, media_type: Any) -> tuple[bytes, ...] | None:
+    """The bytes a file of ``media_type`` starts with (None: not a type ``kind`` takes)."""
+    if kind == "document":
+        return _PDF if media_type == "application/pdf" else None
+    return IMAGE_TYPES.get(media_type) if isinstance(media_type, str) else None

@@ -168,14 +168,7 @@ class EventStreamFramer:
         start, size = 0, len(data)
         need = 12
         while size - start >= 12:
-            total, headers_length, prelude_crc = _PRELUDE.unpack_from(data, start)
-            crc = zlib.crc32(view[start : start + 8])
-            if crc != prelude_crc:
-                raise CorruptFrame("prelude CRC mismatch")
-            if total < 16 or headers_length > min(_MAX_HEADERS, total - 16):
-                raise CorruptFrame(f"impossible lengths {total}/{headers_length}")
-            if total > self._max_message:
-                raise EventTooLarge(f"an upstream event exceeded {self._max_message} bytes")
+            total, headers_length, crc = self._prelude(data, view, start)
             end = start + total
             if size < end:
                 need = total
@@ -191,6 +184,19 @@ class EventStreamFramer:
             self._pending.append(data[start:])
             self._size, self._need = size - start, need
         return out
+
+    def _prelude(self, data: bytes, view: memoryview, start: int) -> tuple[int, int, int]:
+        """The message at ``start``: its total length, its headers' length and the CRC so
+        far, its prelude checked."""
+        total, headers_length, prelude_crc = _PRELUDE.unpack_from(data, start)
+        crc = zlib.crc32(view[start : start + 8])
+        if crc != prelude_crc:
+            raise CorruptFrame("prelude CRC mismatch")
+        if total < 16 or headers_length > min(_MAX_HEADERS, total - 16):
+            raise CorruptFrame(f"impossible lengths {total}/{headers_length}")
+        if total > self._max_message:
+            raise EventTooLarge(f"an upstream event exceeded {self._max_message} bytes")
+        return int(total), int(headers_length), crc
 
     def _headers(self, raw: bytes) -> dict[str, object]:
         headers = self._seen.get(raw)

@@ -97,24 +97,68 @@ async def _open_stream(
     except Unauthorized as refused:
         return unauthorized(state, refused)
     client = owner if owner is not None else f"addr:{req.remote_addr}"
-    headers: dict[str, str] = {}
-    if state.rate_limiter is not None:
-        try:
-            allowed, headers = await state.rate_limiter.hit(client)
-        except Exception:
-            log.exception("the rate limit store is unavailable")
-            return store_unavailable()
-        if not allowed:
-            return json_error(
-                429,
-                "rate_limited",
-                "too many requests from this client (CLAUDE_RATE_LIMIT)",
-                headers,
-            )
+    headers = await _rate_limited(state, client)
+    if isinstance(headers, Reply):
+        return headers
     parsed = await _parse(state, req, owner, convert)
     if isinstance(parsed, Reply):
         return parsed
     chat, options = parsed
+    over = _over_capacity(state, client)
+    if over is not None:
+        return over
+    if options is not None:  # a stored conversation's turn
+        opened = await open_turn(
+            state,
+            chat,
+            options,
+            stream_id=new_stream_id(),
+            owner=owner,
+            client=client,
+            headers=req.headers,
+            whole=whole,
+        )
+        if isinstance(opened, Reply):
+            return opened
+        return opened[0], {**headers, **opened[1]}
+    opened_stream = await _opened(state, chat, owner, client, req)
+    return opened_stream if isinstance(opened_stream, Reply) else (opened_stream, headers)
+
+
+async def _opened(
+    state: ClaudeState, chat: ChatRequest, owner: str | None, client: str, req: HttpRequest
+) -> Stream | Reply:
+    """The stream of a request with no conversation, or why it did not open."""
+    try:
+        return await state.open_stream(
+            new_stream_id(), chat, owner=owner, client=client, headers=req.headers
+        )
+    except StoreUnavailable:
+        return store_unavailable()
+    except BudgetRefused as refused:
+        return budget_exceeded(refused.refusal)
+    except Blocked as blocked:
+        return blocked_reply(blocked)
+
+
+async def _rate_limited(state: ClaudeState, client: str) -> dict[str, str] | Reply:
+    """The rate limit's headers, or its 429 (a 503 when its store is down)."""
+    if state.rate_limiter is None:
+        return {}
+    try:
+        allowed, headers = await state.rate_limiter.hit(client)
+    except Exception:
+        log.exception("the rate limit store is unavailable")
+        return store_unavailable()
+    if not allowed:
+        return json_error(
+            429, "rate_limited", "too many requests from this client (CLAUDE_RATE_LIMIT)", headers
+        )
+    return headers
+
+
+def _over_capacity(state: ClaudeState, client: str) -> Reply | None:
+    """This worker's 503, or the client's 429, when one more stream would be too many."""
     if state.live_streams() >= state.config.max_concurrent_streams:
         return json_error(
             503,
@@ -130,31 +174,7 @@ async def _open_stream(
             f"at most {per_client} open streams per client (CLAUDE_MAX_STREAMS_PER_CLIENT)",
             {"Retry-After": "1"},
         )
-    if options is not None:  # a stored conversation's turn
-        opened = await open_turn(
-            state,
-            chat,
-            options,
-            stream_id=new_stream_id(),
-            owner=owner,
-            client=client,
-            headers=req.headers,
-            whole=whole,
-        )
-        if isinstance(opened, Reply):
-            return opened
-        return opened[0], {**headers, **opened[1]}
-    try:
-        stream = await state.open_stream(
-            new_stream_id(), chat, owner=owner, client=client, headers=req.headers
-        )
-    except StoreUnavailable:
-        return store_unavailable()
-    except BudgetRefused as refused:
-        return budget_exceeded(refused.refusal)
-    except Blocked as blocked:
-        return blocked_reply(blocked)
-    return stream, headers
+    return None
 
 
 async def usage(state: ClaudeState, req: HttpRequest) -> Reply:
@@ -258,7 +278,13 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
             headers["Retry-After"] = str(final["retry_after"])
         status = _CHAT_STATUS.get(final["error"], 502)
         return json_error(status, final["error"], final["message"], headers)
+    return json_reply(_whole_answer(events), headers=headers)
+
+
+def _whole_answer(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """``POST /chat``'s body: a finished stream's events as one answer."""
     start = events[0] if events[0]["type"] == "start" else {}
+    final = events[-1]
     reply: dict[str, Any] = {
         "id": start.get("message_id"),
         "model": start.get("model"),
@@ -269,21 +295,27 @@ async def chat(state: ClaudeState, req: HttpRequest) -> Reply:
     for key in ("conversation_id", "user_message_id", "assistant_message_id"):
         if key in start:
             reply[key] = start[key]
-    for reported in ("stop_details", "container"):
+    for reported in ("stop_details", "container", "blocked"):
         if reported in final:
             reply[reported] = final[reported]
-    calls: dict[str, dict[str, Any]] = {}  # tool calls with their results, as readers see them
+    calls = _tool_calls(events)
+    if calls:
+        reply["tool_calls"] = calls
+    citations = [event for event in events if event["type"] == "citation"]
+    if citations:
+        reply["citations"] = citations
+    return reply
+
+
+def _tool_calls(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tool calls with their results, as readers saw them."""
+    calls: dict[str, dict[str, Any]] = {}
     for event in events:
         if event["type"] == "tool_call":
             calls[event["id"]] = {key: value for key, value in event.items() if key != "type"}
         elif event["type"] == "tool_result" and event["id"] in calls:
             calls[event["id"]].update(is_error=event["is_error"], output=event.get("output"))
-    if calls:
-        reply["tool_calls"] = list(calls.values())
-    citations = [event for event in events if event["type"] == "citation"]
-    if citations:
-        reply["citations"] = citations
-    return json_reply(reply, headers=headers)
+    return list(calls.values())
 
 
 _EVENT_ID = re.compile(r"-1|[0-9]{1,18}")  # -1: before the first event (nothing seen yet)

@@ -92,6 +92,23 @@ class _Poll:
     claimed: Claim | str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class _Step:
+    """What a reader does after one poll: send ``chunk`` (if any), then end or read on from
+    ``position``."""
+
+    chunk: bytes | None
+    position: str
+    end: bool
+
+
+@dataclass(slots=True)
+class _Failing:
+    """Since when reads of a stream have failed (None: the last one worked)."""
+
+    since: float | None = None
+
+
 class RedisRemote:
     """Streams other workers produce (see the module doc)."""
 
@@ -163,7 +180,7 @@ class RedisRemote:
         loop = asyncio.get_running_loop()
         ping_at = loop.time() + heartbeat
         closing = asyncio.ensure_future(self.store.closing.wait())
-        failing_since: float | None = None
+        failing = _Failing()
         try:
             while True:
                 if loop.time() >= ping_at:  # silence (or Redis failing): the proxy hears us
@@ -172,43 +189,57 @@ class RedisRemote:
                 try:
                     poll = await self._poll(stream_id, position, block_ms, presence, closing)
                 except Exception:  # a slot moving, a node failing over, or Redis gone
-                    if closing.done():  # the store closed under the read: no retry
-                        yield _shutdown(stream_id, position)
+                    last = await self._failed(stream_id, position, closing, failing)
+                    if last is not None:
+                        yield last
                         return
-                    now = loop.time()
-                    failing_since = now if failing_since is None else failing_since
-                    if now - failing_since > self.timings.lease:  # gone: retryably, not a cut
-                        log.exception("stream %s: Redis failed while reading", stream_id)
-                        yield UNAVAILABLE
-                        return
-                    log.warning("stream %s: a read from Redis failed; again", stream_id)
-                    # the same position again, soon: sooner if the store closes meanwhile
-                    await asyncio.wait({closing}, timeout=_retry_delay(now - failing_since))
                     continue
-                failing_since = None
-                if poll.closing:
-                    yield _shutdown(stream_id, position)
-                    return
-                entries = poll.entries
-                if entries:
-                    position = entries[-1][0].decode()
+                failing.since = None
+                step = await self._step(poll, stream_id, position)
+                if step.chunk:
                     ping_at = loop.time() + heartbeat
-                    yield b"".join(fields[b"e"] for _, fields in entries)
-                    if b"f" in entries[-1][1]:
-                        return
-                    continue
-                if poll.done:  # nothing after this position (a Last-Event-ID past the end)
+                    yield step.chunk
+                if step.end:
                     return
-                if poll.claimed == "unavailable":
-                    yield UNAVAILABLE
-                    return
-                if isinstance(poll.claimed, Claim):
-                    take_over = self.store.take_over
-                    if take_over is None or not await take_over(poll.claimed):
-                        yield UNAVAILABLE  # e.g. at capacity: the claim is let go
-                        return
+                position = step.position
         finally:
             closing.cancel()
+
+    async def _failed(
+        self, stream_id: str, position: str, closing: asyncio.Future[Any], failing: _Failing
+    ) -> bytes | None:
+        """A read failed: the last frame to send when it cannot go on, else None once it
+        is time to read again."""
+        if closing.done():  # the store closed under the read: no retry
+            return _shutdown(stream_id, position)
+        now = asyncio.get_running_loop().time()
+        failing.since = now if failing.since is None else failing.since
+        if now - failing.since > self.timings.lease:  # gone: retryably, not a cut
+            log.exception("stream %s: Redis failed while reading", stream_id)
+            return UNAVAILABLE
+        log.warning("stream %s: a read from Redis failed; again", stream_id)
+        # the same position again, soon: sooner if the store closes meanwhile
+        await asyncio.wait({closing}, timeout=_retry_delay(now - failing.since))
+        return None
+
+    async def _step(self, poll: _Poll, stream_id: str, position: str) -> _Step:
+        """What one poll gives the reader: events, the end, or a stream to take over."""
+        if poll.closing:
+            return _Step(_shutdown(stream_id, position), position, True)
+        entries = poll.entries
+        if entries:
+            chunk = b"".join(fields[b"e"] for _, fields in entries)
+            return _Step(chunk, entries[-1][0].decode(), b"f" in entries[-1][1])
+        if poll.done:  # nothing after this position (a Last-Event-ID past the end)
+            return _Step(None, position, True)
+        if poll.claimed == "unavailable":
+            return _Step(UNAVAILABLE, position, True)
+        if isinstance(poll.claimed, Claim):
+            assert self.store is not None
+            take_over = self.store.take_over
+            if take_over is None or not await take_over(poll.claimed):
+                return _Step(UNAVAILABLE, position, True)  # e.g. at capacity: let go
+        return _Step(None, position, False)
 
     async def _poll(
         self,

@@ -120,44 +120,10 @@ def parse_chat_request(
     """
     if not isinstance(body, dict):
         raise _invalid("the body must be a JSON object")
-    if conversation:
-        messages = _new_turn(body.get("message"), config) if "message" in body else []
-    elif "messages" in body:
-        if "message" in body:
-            raise _invalid("send either 'message' or 'messages', not both")
-        messages = _messages(body["messages"], config.allow_url_sources)
-    elif "message" in body:
-        messages = [{"role": "user", "content": _text(body["message"], "message")}]
-    else:
-        raise _invalid("'message' (a string) or 'messages' (a list) is required")
+    messages = _messages_of(body, config, conversation)
     unknown = sorted(set(body) - _FIELDS)
     if unknown:  # a typo ("max_token") must not be silently ignored
         raise _invalid(f"unknown field(s): {', '.join(map(repr, unknown))[:200]}")
-
-    max_tokens = body.get("max_tokens", config.max_tokens)
-    if type(max_tokens) is not int:
-        raise _invalid("'max_tokens' must be an integer")
-    if not 1 <= max_tokens <= config.max_tokens_limit:
-        raise _invalid(f"'max_tokens' must be between 1 and {config.max_tokens_limit}")
-
-    system = config.system_prompt
-    if "system" in body:  # the operator's prompt, unless the operator lets clients replace it
-        if not config.allow_client_system:
-            raise _invalid(
-                "'system' is set by the server (CLAUDE_SYSTEM_PROMPT); clients may not send "
-                "one unless CLAUDE_ALLOW_CLIENT_SYSTEM is true"
-            )
-        system = body["system"]
-        if not isinstance(system, str):
-            raise _invalid("'system' must be a string")
-
-    model = body.get("model", config.model)
-    if not isinstance(model, str) or not model.strip():
-        raise _invalid("'model' must be a non-empty string")
-    allowed = config.allowed_models
-    if model != config.model and "*" not in allowed and model not in allowed:
-        choices = ", ".join((config.model, *allowed))
-        raise _invalid(f"'model' must be one of: {choices} (CLAUDE_ALLOWED_MODELS)")
     if config.thinking != "off" and body.get("temperature") is not None:
         raise _invalid(
             "'temperature' cannot be set while the server has thinking on (CLAUDE_THINKING): "
@@ -165,13 +131,62 @@ def parse_chat_request(
         )
     return ChatRequest(
         messages=messages,
-        model=model,
-        max_tokens=max_tokens,
-        system=system,
+        model=_model(body, config),
+        max_tokens=_max_tokens(body, config),
+        system=_system(body, config),
         temperature=_temperature(body.get("temperature")),
         stop_sequences=_stop_sequences(body.get("stop_sequences")),
         user_id=identity if identity is not None else _user_id(body.get("metadata")),
     )
+
+
+def _messages_of(
+    body: dict[str, Any], config: ClaudeConfig, conversation: bool
+) -> list[dict[str, Any]]:
+    if conversation:
+        return _new_turn(body.get("message"), config) if "message" in body else []
+    if "messages" in body:
+        if "message" in body:
+            raise _invalid("send either 'message' or 'messages', not both")
+        return _messages(body["messages"], config.allow_url_sources)
+    if "message" in body:
+        return [{"role": "user", "content": _text(body["message"], "message")}]
+    raise _invalid("'message' (a string) or 'messages' (a list) is required")
+
+
+def _max_tokens(body: dict[str, Any], config: ClaudeConfig) -> int:
+    max_tokens = body.get("max_tokens", config.max_tokens)
+    if type(max_tokens) is not int:
+        raise _invalid("'max_tokens' must be an integer")
+    if not 1 <= max_tokens <= config.max_tokens_limit:
+        raise _invalid(f"'max_tokens' must be between 1 and {config.max_tokens_limit}")
+    return max_tokens
+
+
+def _system(body: dict[str, Any], config: ClaudeConfig) -> str:
+    """The operator's prompt, unless the operator lets clients replace it."""
+    if "system" not in body:
+        return config.system_prompt
+    if not config.allow_client_system:
+        raise _invalid(
+            "'system' is set by the server (CLAUDE_SYSTEM_PROMPT); clients may not send "
+            "one unless CLAUDE_ALLOW_CLIENT_SYSTEM is true"
+        )
+    system = body["system"]
+    if not isinstance(system, str):
+        raise _invalid("'system' must be a string")
+    return system
+
+
+def _model(body: dict[str, Any], config: ClaudeConfig) -> str:
+    model = body.get("model", config.model)
+    if not isinstance(model, str) or not model.strip():
+        raise _invalid("'model' must be a non-empty string")
+    allowed = config.allowed_models
+    if model != config.model and "*" not in allowed and model not in allowed:
+        choices = ", ".join((config.model, *allowed))
+        raise _invalid(f"'model' must be one of: {choices} (CLAUDE_ALLOWED_MODELS)")
+    return model
 
 
 def _new_turn(value: Any, config: ClaudeConfig) -> list[dict[str, Any]]:

@@ -115,24 +115,31 @@ class SSEParser:
                 lf = chunk.find(b"\n", start)
             if cr == -1 and lf == -1:
                 break
-            if cr == -1 or (lf != -1 and lf < cr):
-                end, after = lf, lf + 1
-            elif cr + 1 < length:
-                end, after = cr, cr + 2 if chunk[cr + 1] == 10 else cr + 1
-            else:  # a CR at the very end: it ends the line; swallow a following LF later
-                end, after = cr, cr + 1
-                self._pending_cr = True
-            line = chunk[start:end]
-            if self._partial:
-                self._partial.append(line)
-                line = b"".join(self._partial)
-                self._partial = []
-            event = self._line(line.decode("utf-8", "replace"))
+            end, after = self._line_end(chunk, cr, lf)
+            event = self._line(self._whole(chunk[start:end]).decode("utf-8", "replace"))
             if event is not None:
                 yield event
             start = after
         if start < length:
             self._partial.append(chunk[start:])
+
+    def _whole(self, line: bytes) -> bytes:
+        """The line, with its start from earlier chunks."""
+        if not self._partial:
+            return line
+        self._partial.append(line)
+        line = b"".join(self._partial)
+        self._partial = []
+        return line
+
+    def _line_end(self, chunk: bytes, cr: int, lf: int) -> tuple[int, int]:
+        """Where the line ends (the first CR or LF) and the next one starts (after CRLF)."""
+        if cr == -1 or (lf != -1 and lf < cr):
+            return lf, lf + 1
+        if cr + 1 < len(chunk):
+            return cr, cr + 2 if chunk[cr + 1] == 10 else cr + 1
+        self._pending_cr = True  # a CR at the very end: swallow a following LF later
+        return cr, cr + 1
 
     def _line(self, line: str) -> SSEEvent | None:
         if not line:

@@ -283,21 +283,7 @@ class Stream:
         self.readers.add(reader)
         self.listener.returned(self)
         loop = asyncio.get_running_loop()
-        # One heartbeat timer per reader, re-armed lazily: sending an event only moves the
-        # deadline, so the per-event cost is a float store, not a timer.
-        deadline = loop.time() + heartbeat
-        waiting: asyncio.Future[bool] | None = None
-        timer: asyncio.TimerHandle | None = None
-
-        def beat() -> None:
-            nonlocal timer
-            if loop.time() < deadline:
-                timer = loop.call_at(deadline, beat)
-                return
-            timer = None
-            if waiting is not None and not waiting.done():
-                waiting.set_result(True)  # True: silent for a whole interval
-
+        beat = _Heartbeat(loop, heartbeat)
         try:
             while True:
                 count = self.visible
@@ -306,12 +292,10 @@ class Stream:
                     chunk = (
                         events[position]
                         if count - position == 1
-                        else b"".join(events[position:count])
+                        else _joined(events, position, count)
                     )
                     position = count
-                    now = loop.time()
-                    deadline = now + heartbeat
-                    reader.sending_since = now
+                    reader.sending_since = beat.moved()
                     yield chunk
                     reader.sending_since = 0.0
                     continue
@@ -319,19 +303,58 @@ class Stream:
                     if self.epilogue is not None:
                         yield self.epilogue
                     return
-                waiting = loop.create_future()
+                waiting = beat.wait()
                 self._waiters.append(waiting)
-                if timer is None:
-                    timer = loop.call_at(deadline, beat)
                 if await waiting:
-                    now = loop.time()
-                    deadline = now + heartbeat
-                    reader.sending_since = now
+                    reader.sending_since = beat.moved()
                     yield PING
                     reader.sending_since = 0.0
         finally:
-            if timer is not None:
-                timer.cancel()
+            beat.cancel()
             self.readers.discard(reader)
             if not self.readers and not self.finished:
                 self.listener.idle(self)
+
+
+def _joined(events: list[bytes], start: int, end: int) -> bytes:
+    return b"".join(events[start:end])
+
+
+class _Heartbeat:
+    """One reader's heartbeat: one timer, re-armed lazily (sending an event only moves the
+    deadline, so the per-event cost is a float store, not a timer). The future a reader waits
+    on resolves True when it has been silent for a whole interval."""
+
+    __slots__ = ("deadline", "interval", "loop", "timer", "waiting")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float) -> None:
+        self.loop = loop
+        self.interval = interval
+        self.deadline = loop.time() + interval
+        self.waiting: asyncio.Future[bool] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def moved(self) -> float:
+        """Something is sent now: the next ping is an interval away. Returns now."""
+        now = self.loop.time()
+        self.deadline = now + self.interval
+        return now
+
+    def wait(self) -> asyncio.Future[bool]:
+        self.waiting = waiting = self.loop.create_future()
+        if self.timer is None:
+            self.timer = self.loop.call_at(self.deadline, self._fire)
+        return waiting
+
+    def _fire(self) -> None:
+        if self.loop.time() < self.deadline:
+            self.timer = self.loop.call_at(self.deadline, self._fire)
+            return
+        self.timer = None
+        waiting = self.waiting
+        if waiting is not None and not waiting.done():
+            waiting.set_result(True)  # True: silent for a whole interval
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()

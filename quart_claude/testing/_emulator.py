@@ -465,6 +465,22 @@ class Emulator:
             await _write_json(writer, 200, oauth_token(), {})
             return True
         scripted = self._queue.popleft() if self._queue else self.default
+        if not isinstance(scripted, Reply):
+            return await self._send_other(record, writer, scripted)
+        body = record.body
+        scripted, text = self._planned(scripted, body)
+        if body.get("stream") is True and _falls_back(scripted, body):
+            return await self._server_fallback(record, writer, scripted, text)
+        if body.get("stream") is True:
+            return await self._stream(record, writer, scripted, text)
+        record.outcome = "completed"
+        await _write_json(writer, 200, self._message(scripted, body, text), scripted.headers)
+        return True
+
+    async def _send_other(
+        self, record: RecordedRequest, writer: asyncio.StreamWriter, scripted: Scripted
+    ) -> bool:
+        """A scripted hang-up, replay or error response."""
         if isinstance(scripted, Hangup):
             await asyncio.sleep(scripted.delay)
             record.outcome = "hung_up"
@@ -472,20 +488,23 @@ class Emulator:
             return False
         if isinstance(scripted, Replay):
             return await _replay(record, writer, scripted)
-        if isinstance(scripted, ErrorReply):
-            await asyncio.sleep(scripted.delay)
-            error_type = scripted.error_type or _STATUS_TYPES.get(scripted.status, "api_error")
-            await self._error(
-                record,
-                writer,
-                scripted.status,
-                error_type,
-                scripted.message,
-                scripted.headers,
-                scripted.error_code,
-            )
-            return True
-        body = record.body
+        assert isinstance(scripted, ErrorReply)
+        await asyncio.sleep(scripted.delay)
+        error_type = scripted.error_type or _STATUS_TYPES.get(scripted.status, "api_error")
+        await self._error(
+            record,
+            writer,
+            scripted.status,
+            error_type,
+            scripted.message,
+            scripted.headers,
+            scripted.error_code,
+        )
+        return True
+
+    def _planned(self, scripted: Reply, body: dict[str, Any]) -> tuple[Reply, str]:
+        """The reply as the request shapes it (a demo's tool call, a structured output, the
+        first stop sequence it meets), and its text."""
         if scripted.text is None and scripted.tokens is None and not scripted.tool_calls:
             structured = _structured_output(body)
             demo = _demo_tool_call(body)  # demo mode: a prompt that names a tool calls it
@@ -499,18 +518,34 @@ class Emulator:
             first = min(stops, key=text.index)
             text = text[: text.index(first)]
             scripted = replace(scripted, stop_reason="stop_sequence", stop_sequence=first)
-        if body.get("stream") is True and _falls_back(scripted, body):
-            return await self._server_fallback(record, writer, scripted, text)
-        if body.get("stream") is True:
-            return await self._stream(record, writer, scripted, text)
-        record.outcome = "completed"
-        await _write_json(writer, 200, self._message(scripted, body, text), scripted.headers)
-        return True
+        return scripted, text
 
     def _validate(self, record: RecordedRequest) -> tuple[int, str, str] | None:
-        headers = record.headers
         if record.provider == "oauth":
             return None
+        refused = self._auth_problem(record)
+        if refused is not None:
+            return refused
+        body = record.body
+        if not isinstance(body, dict):
+            return 400, "invalid_request_error", "The request body is not valid JSON."
+        problem = _fields_problem(body) or _messages_problem(body, record.headers)
+        if problem is not None:
+            return 400, "invalid_request_error", problem
+        model = body["model"]
+        if not model.startswith("claude-"):
+            return 404, "not_found_error", f"model: {model}"
+        problem = (
+            _thinking_problem(body, model)
+            or _conversation_problem(body)
+            or _last_turn_problem(body["messages"], model)
+        )
+        if problem is not None:
+            return 400, "invalid_request_error", problem
+        return None
+
+    def _auth_problem(self, record: RecordedRequest) -> tuple[int, str, str] | None:
+        headers = record.headers
         key = headers.get("x-api-key") or (
             headers.get("authorization", "")[7:]
             if headers.get("authorization", "").startswith("Bearer ")
@@ -520,36 +555,6 @@ class Emulator:
             return 401, "authentication_error", "x-api-key header is required"
         if record.provider == "anthropic" and self.api_key is not None and key != self.api_key:
             return 401, "authentication_error", "invalid x-api-key"
-        body = record.body
-        if not isinstance(body, dict):
-            return 400, "invalid_request_error", "The request body is not valid JSON."
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return 400, "invalid_request_error", "model: Field required"
-        max_tokens = body.get("max_tokens")
-        if type(max_tokens) is not int or max_tokens < 1:
-            return 400, "invalid_request_error", "max_tokens: Field required"
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            return 400, "invalid_request_error", "messages: Field required"
-        beta = headers.get("anthropic-beta", "")
-        for index, message in enumerate(messages):
-            if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
-                return 400, "invalid_request_error", f"messages.{index}.role: invalid"
-            problem = _content_problem(message, f"messages.{index}.content", beta)
-            if problem is not None:
-                return 400, "invalid_request_error", problem
-        problem = context_problem(body, beta) or _fallbacks_problem(body, beta)
-        if problem is not None:
-            return 400, "invalid_request_error", problem
-        if not model.startswith("claude-"):
-            return 404, "not_found_error", f"model: {model}"
-        problem = _thinking_problem(body, model) or _conversation_problem(body)
-        if problem is not None:
-            return 400, "invalid_request_error", problem
-        last = _last_turn_problem(messages, model)
-        if last is not None:
-            return 400, "invalid_request_error", last
         return None
 
     def _answer_text(self, reply: Reply, body: dict[str, Any]) -> str:
@@ -627,13 +632,7 @@ class Emulator:
         self, record: RecordedRequest, writer: asyncio.StreamWriter, reply: Reply, text: str
     ) -> bool:
         body: dict[str, Any] = record.body
-        stop_reason = reply.stop_reason
-        reply = _thinking_reply(reply, body)
-        room, reply = _thought_within(reply, body["max_tokens"])  # max_tokens counts thinking
-        tokens = _tokenize(reply, text)
-        if billed(tokens) > room:
-            tokens = _within(tokens, room)
-            stop_reason = "max_tokens"
+        reply, tokens, stop_reason, room = _fitted(reply, body, text)
         delay = reply.token_delay if reply.token_delay is not None else self.token_delay
         usage = self._usage(reply, body)
         context = plan(body, usage["input_tokens"] + usage["cache_read_input_tokens"])
@@ -674,10 +673,7 @@ class Emulator:
                 tokens, stop_reason, reply = [], "compaction", replace(reply, tool_calls=())
         index = await _thinking_blocks(event, reply, delay or 0.0, index, body["model"])
         calls = [replace(c, id=c.id or _tool_id(c.server)) for c in reply.tool_calls]
-        for call in calls:
-            if call.server:  # the API runs its tools before it writes the answer
-                await _tool_block(event, index, call)
-                index += 2
+        index = await _server_tool_blocks(event, index, calls)
         if (tokens or not calls or reply.fault is not None) and stop_reason != "compaction":
             faulted = await self._text_block(
                 record, writer, event, chunk, reply, tokens, index, delay or 0.0
@@ -689,10 +685,7 @@ class Emulator:
         if sent is None:
             return await self._fault(record, writer, event, reply)
         tool_tokens, stopped = sent
-        if stopped:  # max_tokens stopped a call mid-input
-            stop_reason = "max_tokens"
-        elif any(not call.server for call in calls) and stop_reason == "end_turn":
-            stop_reason = "tool_use"
+        stop_reason = _after_calls(stop_reason, calls, stopped)
         output = billed(tokens) + tool_tokens + _thought(reply)
         delta = _message_delta(reply, stop_reason, output, context)
         record.usage = {**usage, **delta["usage"]}
@@ -882,6 +875,62 @@ def _events(body: bytes) -> list[dict[str, Any]]:
         if isinstance(payload, dict):
             events.append(payload)
     return events
+
+
+def _fitted(reply: Reply, body: Mapping[str, Any], text: str) -> tuple[Reply, list[str], str, int]:
+    """The reply within the request's ``max_tokens`` (which counts thinking): the reply, its
+    text's tokens, its stop reason, and the room its text and tool input have."""
+    stop_reason = reply.stop_reason
+    reply = _thinking_reply(reply, body)
+    room, reply = _thought_within(reply, body["max_tokens"])
+    tokens = _tokenize(reply, text)
+    if billed(tokens) > room:
+        tokens = _within(tokens, room)
+        stop_reason = "max_tokens"
+    return reply, tokens, stop_reason, room
+
+
+async def _server_tool_blocks(event: Any, index: int, calls: list[ToolUse]) -> int:
+    """The API runs its own tools before it writes the answer: their blocks first."""
+    for call in calls:
+        if call.server:
+            await _tool_block(event, index, call)
+            index += 2
+    return index
+
+
+def _after_calls(stop_reason: str, calls: list[ToolUse], stopped: bool) -> str:
+    if stopped:  # max_tokens stopped a call mid-input
+        return "max_tokens"
+    if any(not call.server for call in calls) and stop_reason == "end_turn":
+        return "tool_use"
+    return stop_reason
+
+
+def _fields_problem(body: Mapping[str, Any]) -> str | None:
+    """The request's required fields, as the API names a missing one."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return "model: Field required"
+    max_tokens = body.get("max_tokens")
+    if type(max_tokens) is not int or max_tokens < 1:
+        return "max_tokens: Field required"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages: Field required"
+    return None
+
+
+def _messages_problem(body: Mapping[str, Any], headers: Mapping[str, str]) -> str | None:
+    """Each message's role and content, the context edits and the fallbacks."""
+    beta = headers.get("anthropic-beta", "")
+    for index, message in enumerate(body["messages"]):
+        if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
+            return f"messages.{index}.role: invalid"
+        problem = _content_problem(message, f"messages.{index}.content", beta)
+        if problem is not None:
+            return problem
+    return context_problem(body, beta) or _fallbacks_problem(body, beta)
 
 
 def _last_turn_problem(messages: Sequence[Mapping[str, Any]], model: str) -> str | None:
@@ -1329,24 +1378,34 @@ def _thinking_problem(body: Mapping[str, Any], model: str) -> str | None:
     if thinking is None:
         return None
     kind = thinking.get("type") if isinstance(thinking, dict) else None
+    if kind == "disabled":
+        return None
+    problem = _thinking_type_problem(thinking, kind, body, model)
+    if problem is not None:
+        return problem
+    if body.get("temperature") not in (None, 1):
+        return "`temperature` may only be set to 1 when thinking is enabled"
+    if body["messages"][-1].get("role") == "assistant" and not _continues_server_tool(
+        body["messages"]
+    ):
+        return "Extended thinking is not compatible with assistant message prefill"
+    return None
+
+
+def _thinking_type_problem(
+    thinking: Any, kind: Any, body: Mapping[str, Any], model: str
+) -> str | None:
     if kind == "adaptive":
         if not _NO_PREFILL.match(model):
             return f"thinking.type: adaptive thinking is not supported on {model}"
-    elif kind == "enabled":
-        budget = thinking.get("budget_tokens")
-        if type(budget) is not int or budget < 1024:
-            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
-        if budget >= body["max_tokens"]:
-            return "`max_tokens` must be greater than `thinking.budget_tokens`"
-    elif kind != "disabled":
+        return None
+    if kind != "enabled":
         return "thinking.type: Input tag does not match any of the expected tags"
-    if kind != "disabled":
-        if body.get("temperature") not in (None, 1):
-            return "`temperature` may only be set to 1 when thinking is enabled"
-        if body["messages"][-1].get("role") == "assistant" and not _continues_server_tool(
-            body["messages"]
-        ):
-            return "Extended thinking is not compatible with assistant message prefill"
+    budget = thinking.get("budget_tokens")
+    if type(budget) is not int or budget < 1024:
+        return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+    if budget >= body["max_tokens"]:
+        return "`max_tokens` must be greater than `thinking.budget_tokens`"
     return None
 
 
