@@ -61,7 +61,7 @@ async def measure(upstream: str, streams: int) -> collections.Counter[str]:
         before = tracemalloc.take_snapshot()
         tasks = [asyncio.ensure_future(chat("127.0.0.1", port, f"s{i}")) for i in range(streams)]
         state = Claude.state(app)
-        while state.live_streams() < streams:  # noqa: ASYNC110 (a count, with no event to wait on)
+        while len(state.producers) < streams:  # noqa: ASYNC110 (a count, with no event to wait on)
             await asyncio.sleep(0.1)
         await asyncio.sleep(1)  # and its first token in (0.05 s after), the next 60 s away
         gc.collect()

@@ -13,7 +13,7 @@ import ssl
 import time
 from dataclasses import dataclass, field
 
-_STAMP = re.compile(rb'"text":"(\d+\.\d+) ')
+_STAMP = re.compile(rb'"text":"(\d{10}\.\d+) ')  # a whole stamp (a hold guard may split one)
 _ID = re.compile(rb"^id: (\d+)$", re.M)
 
 

@@ -76,7 +76,8 @@ def scenarios(quick: bool) -> list[Scenario]:
             100 // (scale // 5 or 1),
             100 // scale if quick else 200,
             0.1,
-            systems=("bare", "common", "quart_claude", "flask"),  # and --systems budget
+            # and --systems budget; guard-cut and guard-hold: an output guard's windows
+            systems=("bare", "common", "quart_claude", "flask", "guard-cut", "guard-hold"),
             ramp=1.0,
         ),
         Scenario(

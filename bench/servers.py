@@ -2,8 +2,8 @@
 
     python -m bench.servers SYSTEM BIND UPSTREAM_URL [REDIS_URL]
 
-(``SYSTEM``: ``quart_claude``, ``conversations``, ``budget``, ``bedrock``, ``bare``,
-``bare-aiohttp`` or ``common``.)
+(``SYSTEM``: ``quart_claude``, ``conversations``, ``budget``, ``guard-cut``, ``guard-hold``,
+``bedrock``, ``bare``, ``bare-aiohttp`` or ``common``.)
 
 (``BIND`` as Hypercorn takes it: ``127.0.0.1:8000``, or ``fd://N`` for an inherited socket.)
 
@@ -12,6 +12,9 @@
   stream is a turn (one write when it opens, one when it ends).
 - ``budget``: ``quart_claude`` with a budget no stream reaches (``CLAUDE_BUDGET``, counted in
   the worker's memory): every request reserved, metered per delta and settled.
+- ``guard-cut``, ``guard-hold``: ``quart_claude`` with an output guard that answers at once
+  (``CLAUDE_OUTPUT_GUARD_MODE`` ``cut`` and ``hold``, a window every 200 characters): what
+  the windows cost, and the latency ``hold`` adds.
 - ``bedrock``: ``quart_claude`` on classic Amazon Bedrock (``CLAUDE_PROVIDER=bedrock``): the
   SDK's Bedrock client signing with SigV4 (fake static keys), the emulator's event-stream
   framing, decoded with its CRCs by the relay.
@@ -66,6 +69,7 @@ def quart_claude_app(
     database: str | None = None,
     budget: str | None = None,
     provider: str | None = None,
+    guard: str | None = None,
 ) -> Any:
     from quart import Quart
 
@@ -90,7 +94,15 @@ def quart_claude_app(
     if database:  # conversations on: each stream is a turn of a new conversation
         options["database_url"] = f"sqlite+aiosqlite:///{database}"
         app.config["SECRET_KEY"] = "bench-secret-key"
-    Claude(app, **options)
+    if guard:
+        options["output_guard_mode"] = guard
+    claude = Claude(app, **options)
+    if guard:
+
+        @claude.output_guard
+        async def passes(check: Any) -> None:  # a guard that answers at once
+            return None
+
     return app
 
 
@@ -272,6 +284,8 @@ def main() -> None:
         app = quart_claude_app(upstream, redis_url)
     elif name == "budget":
         app = quart_claude_app(upstream, redis_url, budget="1000000000000 tokens/day")
+    elif name in ("guard-cut", "guard-hold"):
+        app = quart_claude_app(upstream, redis_url, guard=name.removeprefix("guard-"))
     elif name == "bedrock":
         app = quart_claude_app(upstream, redis_url, provider="bedrock")
     elif name == "conversations":

@@ -111,10 +111,10 @@ def _view(state: ClaudeState, route: Route) -> Callable[..., Awaitable[Response]
     handler = route.answer
 
     async def authorize() -> str | None:
-        identity = state.check_token(request.headers.get("Authorization"))
-        hook = state.authorize_hook
+        identity = state.auth.check_token(request.headers.get("Authorization"))
+        hook = state.auth.hook
         if hook is not None:
-            identity = state.hook_identity(await current_app.ensure_async(hook)(request))
+            identity = state.auth.hook_identity(await current_app.ensure_async(hook)(request))
         return identity
 
     async def view(**params: str) -> Response:

@@ -281,10 +281,10 @@ def _view(state: ClaudeState, runner: LoopThread, route: Route) -> Callable[...,
         refused: Unauthorized | None = None
         if route.asks_identity:  # the hook runs here, in Flask's request context
             try:
-                identity = state.check_token(request.headers.get("Authorization"))
-                hook = state.authorize_hook
+                identity = state.auth.check_token(request.headers.get("Authorization"))
+                hook = state.auth.hook
                 if hook is not None:
-                    identity = state.hook_identity(current_app.ensure_sync(hook)(request))
+                    identity = state.auth.hook_identity(current_app.ensure_sync(hook)(request))
             except Unauthorized as error:
                 refused = error
 

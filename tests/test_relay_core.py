@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from quart_claude._core.answer import Prior
-from quart_claude._core.budget import BudgetRefused, Budgets, parse_budget
+from quart_claude._core.budget import BudgetRefused, Budgets
 from quart_claude._core.fallback import Fallbacks
 from quart_claude._core.guards import Blocked, Guards, InputGuarding, OutputCheck, OutputGuarding
 from quart_claude._core.ledger import MemoryLedger
@@ -91,12 +91,7 @@ async def test_a_fallback_hop_mid_answer_goes_on_with_the_next_model() -> None:
 
 
 def _budget(settings: Any, limit: str) -> Budgets:
-    limits = parse_budget("CLAUDE_BUDGET", limit)
-
-    async def limits_for(identity: str) -> tuple[Any, ...]:
-        return limits
-
-    return Budgets(MemoryLedger(), settings, Telemetry(None, None), limits_for)
+    return Budgets(MemoryLedger(), settings, Telemetry(None, None), lambda: lambda _who: limit)
 
 
 async def test_a_budget_cuts_the_request_when_its_real_input_passes_the_limit() -> None:

@@ -17,13 +17,14 @@ request is cut only at the hard limit. The request then settles at its exact usa
 from __future__ import annotations
 
 import calendar
+import inspect
 import json
 import logging
 import math
 import re
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BYTES_PER_TOKEN",
+    "BudgetHook",
     "Budgets",
     "MIN_OUTPUT",
     "Amount",
@@ -426,21 +428,36 @@ def usage_view(limits: Sequence[Limit], used: Sequence[Amount], now: float) -> l
     return out
 
 
+#: ``@claude.budget``: ``fn(identity) -> a CLAUDE_BUDGET string, a list of them, or None``
+BudgetHook = Callable[[str], Any]
+
+
 class Budgets:
-    """Each answer's :class:`Spend`, as a policy: metered against the identity's limits
-    (``@claude.budget``, else ``CLAUDE_BUDGET``), or only recorded when it has none."""
+    """An app's budgets: the ledger, each identity's limits (the ``@claude.budget`` hook's,
+    read each time, else ``CLAUDE_BUDGET``), and each answer's :class:`Spend` as a policy,
+    metered against them, or only recorded when there are none."""
 
     def __init__(
         self,
         ledger: LedgerStore,
         config: ClaudeConfig,
         telemetry: Telemetry,
-        limits_for: Callable[[str], Awaitable[tuple[Limit, ...]]],
+        hook: Callable[[], BudgetHook | None] = lambda: None,
     ) -> None:
         self.ledger = ledger
         self.config = config
         self.telemetry = telemetry
-        self.limits_for = limits_for
+        self._hook = hook
+
+    async def limits_for(self, identity: str) -> tuple[Limit, ...]:
+        """The identity's budget: the ``@claude.budget`` hook's, else ``CLAUDE_BUDGET``."""
+        hook = self._hook()
+        if hook is None:
+            return self.config.budget
+        chosen = hook(identity)
+        if inspect.isawaitable(chosen):
+            chosen = await chosen
+        return _limits(chosen)
 
     async def for_answer(self, answer: Answer, context: AnswerContext) -> Policy | None:
         try:
@@ -549,3 +566,12 @@ class Metered(Recorded):
     async def ending(self, answer: Answer, event: dict[str, Any]) -> None:
         if event["type"] == "done" and self.spend.warning is not None:
             event["budget_warning"] = self.spend.warning
+
+
+def _limits(chosen: Any) -> tuple[Limit, ...]:
+    """What a budget hook returned, as limits (None or empty: unlimited)."""
+    if not chosen:
+        return ()
+    if isinstance(chosen, str | Limit):
+        return parse_budget("the budget hook's value", chosen)
+    return tuple(limit for item in chosen for limit in _limits(item))

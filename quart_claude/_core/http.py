@@ -159,7 +159,7 @@ async def _rate_limited(state: ClaudeState, client: str) -> dict[str, str] | Rep
 
 def _over_capacity(state: ClaudeState, client: str) -> Reply | None:
     """This worker's 503, or the client's 429, when one more stream would be too many."""
-    if state.live_streams() >= state.config.max_concurrent_streams:
+    if len(state.producers) >= state.config.max_concurrent_streams:
         return json_error(
             503,
             "over_capacity",
@@ -167,7 +167,7 @@ def _over_capacity(state: ClaudeState, client: str) -> Reply | None:
             {"Retry-After": "1"},
         )
     per_client = state.config.max_streams_per_client
-    if per_client and state.streams_of(client) >= per_client:
+    if per_client and state.producers.of(client) >= per_client:
         return json_error(
             429,
             "too_many_streams",
@@ -184,14 +184,14 @@ async def usage(state: ClaudeState, req: HttpRequest) -> Reply:
     except Unauthorized as refused:
         return unauthorized(state, refused)
     identity = owner if owner is not None else f"addr:{req.remote_addr}"
-    ledger = state.ledger
-    if ledger is None:
+    budgets = state.budgets
+    if budgets is None:
         return json_reply({"limits": [], "days": [], "unlimited": True})
     now = time.time()
     try:
-        limits = await state.limits_for(identity)
-        used = await ledger.used(identity, limits, now)
-        days = await ledger.days(identity, 7, now)
+        limits = await budgets.limits_for(identity)
+        used = await budgets.ledger.used(identity, limits, now)
+        days = await budgets.ledger.days(identity, 7, now)
     except Exception:
         log.exception("the usage ledger is unavailable")
         return store_unavailable()
@@ -464,7 +464,7 @@ async def ready(state: ClaudeState, req: HttpRequest) -> Reply:
         conversations = state.conversations
         if conversations is not None and not await conversations.ping():
             return json_reply({"status": "database_unavailable"}, 503)
-        return json_reply({"status": "ready", "streams": state.live_streams()})
+        return json_reply({"status": "ready", "streams": len(state.producers)})
     return json_reply({"status": "draining" if state.draining else "starting"}, 503)
 
 

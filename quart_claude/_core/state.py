@@ -8,22 +8,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import hmac
-import inspect
 import logging
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from .answer import Answer, Prior
-from .budget import BudgetRefused, Budgets, Limit, parse_budget
+from .auth import Auth, Authorize, Unauthorized
+from .budget import BudgetHook, BudgetRefused, Budgets
 from .config import ClaudeConfig, ConfigError, load_config
 from .fallback import Fallbacks
 from .guards import Blocked, Guards, InputGuard, InputGuarding, OutputGuard, OutputGuarding
 from .ledger import LedgerStore
 from .metrics import MULTIPROC_ENV, Metrics, metrics_for
 from .policy import AnswerContext, PolicyMaker
+from .producers import Producers
 from .protocol import ERROR_CLASSES
 from .providers import (
     CREDENTIAL_ENV,
@@ -58,14 +58,6 @@ log = logging.getLogger("quart_claude")
 
 #: Where the state lives: ``app.extensions["claude"]``, on Quart and Flask alike.
 EXTENSION_KEY = "claude"
-
-#: ``fn(request) -> identity | None``, sync or async (sync only on Flask), given the
-#: framework's request object.
-Authorize = Callable[[Any], Any]
-
-
-class Unauthorized(Exception):
-    """The request may not use the routes: answered 401."""
 
 
 class Extension(Protocol):
@@ -107,7 +99,12 @@ class ClaudeState:
         self.relay: Relay | None = None
         #: where streams live (memory, or Redis for every worker): a new one each startup
         self.store: StreamStore = _create_store(config)
-        self.producers: set[asyncio.Task[None]] = set()
+        #: this worker's producer tasks, counted per client
+        self.producers = Producers()
+        #: who is asking: tokens, the authorize hook, the anonymous cookie's key
+        self.auth = Auth(
+            config.api_tokens, lambda: self.extension.authorize_hook, lambda: self.conversations_on
+        )
         self.body_model: type[BaseModel] = chat_body_model(
             config
         )  # validates bodies; the OpenAPI's source
@@ -115,7 +112,6 @@ class ClaudeState:
             _metrics(config) if config.metrics else None, tracer_provider
         )
         self._openapi: dict[str, Any] | None = None
-        self._per_client: dict[str, int] = {}
         self._sweeper: asyncio.Task[None] | None = None
         self.rate_limiter: RateLimiter | None = None
         self.draining: bool = False
@@ -124,12 +120,10 @@ class ClaudeState:
         self.tool_scope: ToolScope | None = None
         #: the host's engine (``Claude(app, engine=...)``), else one made from the URL
         self.engine: AsyncEngine | None = None
-        #: signs the anonymous identity's cookie (the host app's SECRET_KEY)
-        self.secret_key: str | bytes | None = None
         self.turns: TurnKeeper = TurnKeeper(None, lambda: self.extension.turn_hooks, lambda: None)
         self._purger: asyncio.Task[None] | None = None
-        #: budgets' counts and the usage ledger (with a budget configured), while serving
-        self.ledger: LedgerStore | None = None
+        #: budgets and the usage ledger (where the ledger has a home), while serving
+        self.budgets: Budgets | None = None
 
     @property
     def conversations(self) -> Conversations | None:
@@ -141,11 +135,6 @@ class ClaudeState:
         return self.engine is not None or self.config.database_url is not None
 
     @property
-    def anonymous(self) -> bool:
-        """No auth configured: with conversations on, a signed cookie says whose they are."""
-        return self.conversations_on and not self.config.api_tokens and not self.authorize_hook
-
-    @property
     def openapi(self) -> dict[str, Any]:
         if self._openapi is None:  # its models are made the first time it is asked for
             from .openapi import openapi_document
@@ -154,41 +143,13 @@ class ClaudeState:
         return self._openapi
 
     @property
-    def authorize_hook(self) -> Authorize | None:
-        """The extension's ``authorize`` hook (it may be set after ``init_app``); the front
-        end calls it in its own request context."""
-        return self.extension.authorize_hook
+    def ledger(self) -> LedgerStore | None:
+        """Where budgets count and usage is recorded (None: nowhere), while serving."""
+        return self.budgets.ledger if self.budgets is not None else None
 
     @property
     def ready(self) -> bool:
         return self.relay is not None and not self.draining
-
-    def live_streams(self) -> int:
-        return len(self.producers)
-
-    def streams_of(self, client: str) -> int:
-        """Open streams this worker produces for ``client`` (an identity or an address)."""
-        return self._per_client.get(client, 0)
-
-    def start_producer(self, stream: Stream, work: Coroutine[Any, Any, None], client: str) -> None:
-        """Run ``work`` as the stream's producer task, counted per worker and per client."""
-        task = asyncio.get_running_loop().create_task(work)
-        stream.producer = task
-        self.producers.add(task)
-        self._per_client[client] = self._per_client.get(client, 0) + 1
-
-        def done(task: asyncio.Task[None]) -> None:
-            self.producers.discard(task)
-            # a finished stream is kept for resume (CLAUDE_STREAM_TTL); its task is not: the
-            # task holds the context it was created in, and so the whole request (Quart's
-            # request context, its headers, the server's connection state)
-            if stream.producer is task:
-                stream.producer = None
-            left = self._per_client.pop(client, 1) - 1
-            if left:
-                self._per_client[client] = left
-
-        task.add_done_callback(done)
 
     async def open_stream(
         self,
@@ -233,18 +194,8 @@ class ClaudeState:
         except BaseException:
             await relay.abandon(answer)
             raise
-        self.start_producer(stream, self._produce(answer, chat, None, turn), client)
+        self.producers.start(stream, self._produce(answer, chat, None, turn), client)
         return stream
-
-    async def limits_for(self, identity: str) -> tuple[Limit, ...]:
-        """The identity's budget: the ``@claude.budget`` hook's, else ``CLAUDE_BUDGET``."""
-        hook = self.extension.budget_hook
-        if hook is None:
-            return self.config.budget
-        chosen = hook(identity)
-        if inspect.isawaitable(chosen):
-            chosen = await chosen
-        return _limits(chosen)
 
     async def _produce(
         self, answer: Answer, chat: ChatRequest, prior: Prior | None, turn: TurnRef | None
@@ -281,7 +232,7 @@ class ClaudeState:
         cid = turn.conversation_id if turn is not None else None
         context = AnswerContext(claim.owner or client, claim.stream_id, chat, cid, prior)
         answer = await relay.resume(stream, chat, context)  # its policies go on here
-        self.start_producer(stream, self._produce(answer, chat, prior, turn), client)
+        self.producers.start(stream, self._produce(answer, chat, prior, turn), client)
         return True
 
     async def find(self, stream_id: str, identity: str | None) -> Found | None:
@@ -312,32 +263,6 @@ class ClaudeState:
         """The stream answering the chat right now (for ``useChat({resume: true})``)."""
         return await self.store.active_chat(_chat_key(identity, chat_id))
 
-    def check_token(self, authorization: str | None) -> str | None:
-        """The identity a bearer token gives (``CLAUDE_API_TOKENS``), None when no tokens are
-        configured. Raises :class:`Unauthorized` when tokens are configured and none matches.
-
-        Who is asking decides who may use the routes, who owns a stream and the rate-limit
-        key: the ``authorize`` hook's answer when there is a hook (see :meth:`hook_identity`),
-        else the token's, else None (no auth: a stream id is the capability to read or stop
-        it)."""
-        tokens = self.config.api_tokens
-        if not tokens:
-            return None
-        scheme, _, given = (authorization or "").partition(" ")
-        offered = given.strip().encode() if scheme.lower() == "bearer" else b""
-        # every token compared in constant time, none skipped: no timing says which failed
-        matches = [t for t in tokens if hmac.compare_digest(offered, t.encode())]
-        if not offered or not matches:
-            raise Unauthorized("a valid 'Authorization: Bearer <token>' is required")
-        return "token:" + hashlib.sha256(matches[0].encode()).hexdigest()[:16]
-
-    @staticmethod
-    def hook_identity(value: Any) -> str:
-        """The identity of an ``authorize`` hook's answer; None refuses the request."""
-        if value is None:
-            raise Unauthorized("this request is not authorized")
-        return str(value)
-
     async def startup(self) -> None:
         config = self.config
         # how each endpoint is sent to (the SDK's max_retries=0: the retries are ours)
@@ -355,7 +280,9 @@ class ClaudeState:
             lambda: self.tool_scope,
         )
         if self._ledger_on():
-            self.ledger = self._ledger()
+            self.budgets = Budgets(
+                self._ledger(), config, self.telemetry, lambda: self.extension.budget_hook
+            )
         self.relay = Relay(
             upstreams,
             config,
@@ -375,8 +302,8 @@ class ClaudeState:
         guards = Guards(config, self.telemetry, self.tool_scope)
         guards.input, guards.output = extension.input_guard_hook, extension.output_guard_hook
         makers: list[PolicyMaker] = [InputGuarding(guards), OutputGuarding(guards)]
-        if self.ledger is not None:
-            makers.append(Budgets(self.ledger, config, self.telemetry, self.limits_for))
+        if self.budgets is not None:
+            makers.append(self.budgets)
         if config.fallbacks:
             fallbacks = Fallbacks(config, primary_endpoint(config), self.telemetry)
             redis = self.store.redis
@@ -478,7 +405,7 @@ class ClaudeState:
         for stream in store.live():
             stream.cancel(Cancel.HANDOFF if store.hands_off else Cancel.SHUTDOWN)
         if self.producers:
-            await asyncio.wait(list(self.producers), timeout=self.config.shutdown_grace)
+            await asyncio.wait(list(self.producers.tasks), timeout=self.config.shutdown_grace)
         await store.hand_off()
 
     async def shutdown(self) -> None:
@@ -566,19 +493,9 @@ AppT = TypeVar("AppT")
 F = TypeVar("F", bound=Callable[..., Any])
 H = TypeVar("H", bound=TurnHook)
 #: ``@claude.budget``: an identity's budget (a CLAUDE_BUDGET string, several, or None)
-BudgetHook = Callable[[str], Any]
 B = TypeVar("B", bound=BudgetHook)
 IG = TypeVar("IG", bound=InputGuard)
 OG = TypeVar("OG", bound=OutputGuard)
-
-
-def _limits(chosen: Any) -> tuple[Limit, ...]:
-    """What a budget hook returned, as limits (None or empty: unlimited)."""
-    if not chosen:
-        return ()
-    if isinstance(chosen, str | Limit):
-        return parse_budget("the budget hook's value", chosen)
-    return tuple(limit for item in chosen for limit in _limits(item))
 
 
 class ExtensionBase(Generic[AppT]):
@@ -716,8 +633,8 @@ class ExtensionBase(Generic[AppT]):
         state.engine = self.engine
         if self.engine is not None:  # conversations on: the body's fields are theirs
             state.body_model = chat_body_model(state.config, conversations=True)
-        state.secret_key = app_config.get("SECRET_KEY")
-        if state.anonymous and not state.secret_key:
+        state.auth.secret_key = app_config.get("SECRET_KEY")
+        if state.auth.anonymous and not state.auth.secret_key:
             del extensions[EXTENSION_KEY]
             raise ConfigError(
                 "SECRET_KEY is not set: with conversations on (CLAUDE_DATABASE_URL) and no "

@@ -77,7 +77,7 @@ class HttpRequest:
     content_length: int | None
     #: ``read_body(limit)``: the whole body, or :class:`RequestError` (413) past ``limit``
     read_body: Callable[[int], Awaitable[bytes]]
-    #: the identity (``ClaudeState.check_token`` and the ``authorize`` hook), or Unauthorized
+    #: the identity (``Auth.check_token`` and the ``authorize`` hook), or Unauthorized
     authorize: Callable[[], Awaitable[str | None]]
     path_params: dict[str, str] = field(default_factory=dict)
     cookies: Mapping[str, str] = field(default_factory=dict)
@@ -125,12 +125,12 @@ async def identity_of(state: ClaudeState, req: HttpRequest) -> str | None:
     on and no auth, an anonymous one per browser, in a signed HttpOnly cookie (minted on the
     first request without one). Raises :class:`Unauthorized`."""
     owner = await req.authorize()
-    if owner is not None or not state.anonymous:
+    if owner is not None or not state.auth.anonymous:
         return owner
     from itsdangerous import BadSignature, URLSafeSerializer
 
-    assert state.secret_key is not None  # init_app refuses anonymous conversations without
-    signer = URLSafeSerializer(state.secret_key, salt="quart-claude.anonymous")
+    assert state.auth.secret_key is not None  # init_app refuses anonymous conversations without
+    signer = URLSafeSerializer(state.auth.secret_key, salt="quart-claude.anonymous")
     raw = req.cookies.get(_ANONYMOUS_COOKIE)
     if raw:
         try:
