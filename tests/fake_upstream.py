@@ -108,6 +108,7 @@ class Reply:
     drop: bool = False  # the connection drops after the chunks
     status: int = 200
     error_type: str | None = None
+    message: str = "scripted"
 
 
 class ScriptedUpstreams:
@@ -126,7 +127,7 @@ class ScriptedUpstreams:
         self.requests.append(dict(params))
         reply = self.script.pop(0)
         if reply.status != 200:
-            raise classify_status(reply.status, reply.error_type, "scripted", None, {})
+            raise classify_status(reply.status, reply.error_type, reply.message, None, {})
         finished = False
 
         async def body() -> AsyncGenerator[bytes, None]:

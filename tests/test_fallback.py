@@ -84,33 +84,6 @@ async def test_a_failure_mid_answer_continues_on_the_next_hop_exactly(
     assert sum(i["output_tokens"] for i in iterations) == done["usage"]["output_tokens"]
 
 
-async def test_a_chain_that_runs_out_lists_the_hops_tried(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
-) -> None:
-    emulator.script(ErrorReply(529), ErrorReply(529), ErrorReply(529))
-    async with serving(chained(make_app)) as url:
-        answer = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
-    last = answer.events[-1]
-    assert last["type"] == "error" and last["error"] == "overloaded"
-    assert last["hops"] == [PRIMARY, NO_PREFILL_MODEL, PREFILL_MODEL]
-    assert models(emulator) == last["hops"]
-
-
-async def test_invalid_request_never_moves_and_token_limit_moves_only_to_a_larger_context(
-    make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
-) -> None:
-    hops = [{"model": NO_PREFILL_MODEL}, {"model": PREFILL_MODEL, "larger_context": True}]
-    too_long = ErrorReply(400, message="prompt is too long: 250000 tokens > 200000 maximum")
-    emulator.script(ErrorReply(400, message="bad"), too_long, Reply("A larger context."))
-    async with serving(chained(make_app, fallbacks=hops)) as url:
-        invalid = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
-        long = await stream_chat(http, url + "/chat/stream", {"message": "hi"})
-    assert invalid.events[-1]["error"] == "invalid_request"
-    assert "hops" not in invalid.events[-1]
-    assert long.text == "A larger context."
-    assert models(emulator) == [PRIMARY, PRIMARY, PREFILL_MODEL]  # the middle hop skipped
-
-
 async def test_a_hop_that_failed_cools_down_for_the_next_answers(
     make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient
 ) -> None:

@@ -21,7 +21,16 @@ from quart_claude._core.stream import Stream
 from quart_claude._core.telemetry import Telemetry
 from quart_claude._core.tools import ToolBox
 
-from .fake_upstream import ScriptedUpstreams, config, failure, message, relay_for, request, run
+from .fake_upstream import (
+    Reply,
+    ScriptedUpstreams,
+    config,
+    failure,
+    message,
+    relay_for,
+    request,
+    run,
+)
 
 pytestmark = pytest.mark.core
 
@@ -63,6 +72,46 @@ async def test_a_drop_mid_answer_is_continued_from_the_text_sent() -> None:
     assert done.last["type"] == "done" and done.answer.tally.recoveries == 1
     continued = upstreams.requests[1]["messages"]
     assert "The sky is" in str(continued[-1]["content"]) or "The sky is" in str(continued)
+
+
+async def test_recovery_exhausted_ends_in_a_partial_error() -> None:
+    """(Moved from the server tier: the fault matrix keeps the real drops.)"""
+    drops = [message("a", "b", "c", drop_after=2) for _ in range(3)]
+    upstreams = ScriptedUpstreams(*drops, message("never"))
+    done = await run(upstreams, config(max_recoveries=2))
+    assert done.last["type"] == "error" and done.last["partial"] is True
+    assert len(upstreams.requests) == 3 and done.text == "ab"
+    assert done.ended.status == "partial"
+
+
+def _chain(**options: Any) -> tuple[Any, list[PolicyMaker]]:
+    options.setdefault("fallbacks", '[{"model": "claude-haiku-4-5"}, {"model": "claude-opus-5"}]')
+    settings = config(max_retries=0, max_recoveries=0, **options)
+    return settings, [Fallbacks(settings, primary_endpoint(settings), Telemetry(None, None))]
+
+
+async def test_a_chain_that_runs_out_lists_the_hops_tried() -> None:
+    """(Moved from the server tier.)"""
+    settings, makers = _chain()
+    upstreams = ScriptedUpstreams(failure(), failure(), failure())
+    done = await run(upstreams, settings, makers)
+    assert done.last["type"] == "error" and done.last["error"] == "overloaded"
+    assert done.last["hops"] == ["claude-sonnet-5-5", "claude-haiku-4-5", "claude-opus-5"]
+    assert [r["model"] for r in upstreams.requests] == done.last["hops"]
+
+
+async def test_invalid_request_never_moves_and_token_limit_moves_only_to_a_larger_context() -> None:
+    """(Moved from the server tier.)"""
+    hops = '[{"model": "claude-haiku-4-5"}, {"model": "claude-opus-5", "larger_context": true}]'
+    settings, makers = _chain(fallbacks=hops)
+    invalid = await run(ScriptedUpstreams(failure(400, "invalid_request_error")), settings, makers)
+    assert invalid.last["error"] == "invalid_request" and "hops" not in invalid.last
+    too_long = Reply(status=400, error_type="invalid_request_error")
+    too_long.message = "prompt is too long: 250000 tokens > 200000 maximum"
+    upstreams = ScriptedUpstreams(too_long, message("A larger context."))
+    long = await run(upstreams, settings, makers)
+    assert long.text == "A larger context."
+    assert [r["model"] for r in upstreams.requests] == ["claude-sonnet-5-5", "claude-opus-5"]
 
 
 async def test_a_fallback_hop_mid_answer_goes_on_with_the_next_model() -> None:

@@ -371,10 +371,9 @@ def _context_strategy(key: str, value: Any) -> str:
 
 
 def _guard_mode(key: str, value: Any) -> str:
-    text = _str(key, value).strip().lower()
-    if text not in ("cut", "hold"):
-        raise ConfigError(f"{key} must be 'cut' or 'hold', got {value!r}")
-    return text
+    from .guards import parse_guard_mode
+
+    return parse_guard_mode(key, _str(key, value))
 
 
 def _days(key: str, value: Any) -> float:

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .config_error import ConfigError
 from .policy import Policy, Stop
 from .sse import encode_json
 
@@ -44,9 +45,18 @@ __all__ = [
     "OutputCheck",
     "OutputGuard",
     "OutputGuarding",
+    "parse_guard_mode",
 ]
 
 log = logging.getLogger("quart_claude")
+
+
+def parse_guard_mode(key: str, value: str) -> str:
+    """``CLAUDE_OUTPUT_GUARD_MODE``: ``cut`` or ``hold``."""
+    mode = value.strip().lower()
+    if mode not in ("cut", "hold"):
+        raise ConfigError(f"{key} must be 'cut' or 'hold', got {value!r}")
+    return mode
 
 
 class Blocked(Exception):

@@ -27,7 +27,6 @@ from .aisdk import (
     to_ui_message_stream,
 )
 from .budget import BudgetRefused, usage_view
-from .conversation_routes import CONVERSATION_ROUTES, open_turn
 from .guards import Blocked
 from .request import ChatRequest, RequestError, SendOptions, parse_chat_request, split_send
 from .schema import ValidationError
@@ -108,6 +107,9 @@ async def _open_stream(
     if over is not None:
         return over
     if options is not None:  # a stored conversation's turn
+        # conversations' routes load SQLAlchemy: only an app with conversations pays for it
+        from .conversation_routes import open_turn
+
         opened = await open_turn(
             state,
             chat,
@@ -514,6 +516,8 @@ def routes_for(state: ClaudeState) -> list[Route]:
     only with them on)."""
     routes = [r for r in ROUTES if r.path != "/metrics" or state.config.metrics]
     if state.conversations_on:
+        from .conversation_routes import CONVERSATION_ROUTES
+
         routes += CONVERSATION_ROUTES
     return routes
 
