@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from .policy import Policies
+from .policy import NO_POLICIES, Policies
 from .protocol import UpstreamError, done_event
 from .sse import DELTA_PREFIX, data_line, encode_json, payload_of
 from .usage import add_usage
@@ -126,7 +126,7 @@ class Answer:
     ) -> None:
         self.stream = stream
         self.outcome = outcome
-        self.policies = Policies()
+        self.policies: Policies = NO_POLICIES
         #: the first request, built and admitted before the stream opened
         self.prepared: Attempt | None = None
         #: the request as the current target takes it (a fallback hop rewrites it)

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from .protocol import UpstreamError
     from .request import ChatRequest
 
-__all__ = ["AnswerContext", "Policies", "Policy", "PolicyMaker", "Stop"]
+__all__ = ["NO_POLICIES", "AnswerContext", "Policies", "Policy", "PolicyMaker", "Stop"]
 
 
 class Stop(Exception):
@@ -105,8 +105,30 @@ class PolicyMaker(Protocol):
     async def for_answer(self, answer: Answer, context: AnswerContext) -> Policy | None: ...
 
 
-def _overrides(policy: Policy, name: str) -> bool:
-    return getattr(type(policy), name) is not getattr(Policy, name)
+_HOOKS = (
+    "opening",
+    "before_request",
+    "started",
+    "wrote",
+    "wrote_other",
+    "checkpoint",
+    "after_request",
+    "failed",
+    "finishing",
+    "ending",
+)
+
+
+_HOOKS_OF: dict[type[Policy], frozenset[str]] = {}
+
+
+def _hooks_of(kind: type[Policy]) -> frozenset[str]:
+    """The hooks a policy class overrides (once per class: an answer's setup reads it)."""
+    hooks = _HOOKS_OF.get(kind)
+    if hooks is None:
+        hooks = frozenset(n for n in _HOOKS if getattr(kind, n) is not getattr(Policy, n))
+        _HOOKS_OF[kind] = hooks
+    return hooks
 
 
 class Policies:
@@ -126,10 +148,10 @@ class Policies:
     )
 
     def __init__(self, policies: Sequence[Policy] = ()) -> None:
-        self.all = tuple(policies)
+        self.all = all_ = tuple(policies)
 
         def having(name: str) -> tuple[Policy, ...]:
-            return tuple(policy for policy in self.all if _overrides(policy, name))
+            return tuple(policy for policy in all_ if name in _hooks_of(type(policy)))
 
         self._opening = having("opening")
         self._before = having("before_request")
@@ -206,3 +228,7 @@ def _any_of(meters: Sequence[Callable[[bytes], bool]]) -> Callable[[bytes], bool
         return due
 
     return meter
+
+
+#: an answer's policies before its makers have made them (or when it has none)
+NO_POLICIES = Policies()

@@ -145,7 +145,8 @@ class Relay:
         except BaseException:
             answer.outcome.discard()
             raise
-        answer.policies = Policies(made)
+        if made:
+            answer.policies = Policies(made)
         answer.outcome.on_hop(answer.target.hop, answer.target.endpoint.provider)
         return answer
 
