@@ -124,20 +124,26 @@ async def test_the_conversation_cache_breakpoint_goes_on_the_last_block(
 
 
 BAD: list[tuple[str, Any, str]] = [
-    ("unknown type", [{"type": "audio", "data": "x"}], "content[0]' must be a block of type"),
-    ("empty text", [{"type": "text", "text": " "}], "content[0].text' must be a non-empty"),
-    ("media type", [image_block(png(), "image/bmp")], "content[0].source.media_type' must be"),
+    ("unknown type", [{"type": "audio", "data": "x"}],
+     "content[0]': Input tag 'audio' found using 'type' does not match any of the expected tags"),
+    ("empty text", [{"type": "text", "text": " "}], "content[0].text': String should match"),
+    ("media type", [image_block(png(), "image/bmp")],
+     "content[0].source.media_type': Input should be 'image/jpeg'"),
     ("not base64", [{**image_block(png()), "source": {"type": "base64",
-        "media_type": "image/png", "data": "%%%not base64%%%"}}], "is not valid base64"),
-    ("mislabelled", [image_block(png(), "image/jpeg")], "is not a image/jpeg file"),
-    ("a PNG as a PDF", [pdf_block(png())], "is not a application/pdf file"),
+        "media_type": "image/png", "data": "%%%not base64%%%"}}],
+     "content[0].source.data': is not valid base64"),
+    ("mislabelled", [image_block(png(), "image/jpeg")], "data': is not a image/jpeg file"),
+    ("a PNG as a PDF", [pdf_block(png())], "data': is not a application/pdf file"),
     ("http url", [{"type": "image", "source": {"type": "url", "url": "http://x/y.png"}}],
-     "must be an https URL"),
-    ("extra field", [{**pdf_block(), "cache": True}], "unknown field(s) 'cache'"),
-    ("too many", [{"type": "text", "text": "x"}] * 101, "at most 100 blocks"),
-    ("citations", [{**pdf_block(), "citations": {"enabled": "yes"}}], "citations.enabled' must"),
-    ("citations keys", [{**pdf_block(), "citations": {"on": True}}], "citations' must be"),
-    ("empty list", [], "must be a string or a non-empty list"),
+     "source.url': String should match pattern '^https://'"),
+    ("extra field", [{**pdf_block(), "cache": True}],
+     "content[0].cache': Extra inputs are not permitted"),
+    ("too many", [{"type": "text", "text": "x"}] * 101, "content': List should have at most 100"),
+    ("citations", [{**pdf_block(), "citations": {"enabled": "yes"}}],
+     "citations.enabled': Input should be a valid boolean"),
+    ("citations keys", [{**pdf_block(), "citations": {"on": True}}],
+     "citations.enabled': Field required"),
+    ("empty list", [], "content': List should have at least 1 item"),
 ]  # fmt: skip
 
 

@@ -28,8 +28,8 @@ from .aisdk import (
 )
 from .budget import BudgetRefused, usage_view
 from .guards import Blocked
-from .request import ChatRequest, RequestError, SendOptions, parse_chat_request, split_send
-from .schema import ValidationError
+from .request import ChatRequest, RequestError, SendOptions, read_chat
+from .schema import ValidationError, problem
 from .sse import payload_of
 from .state import ClaudeState, Unauthorized
 from .store import Found
@@ -208,25 +208,21 @@ async def _parse(
     owner: str | None,
     convert: Callable[[Any, str | None], Any] | None,
 ) -> tuple[ChatRequest, SendOptions | None] | Reply:
-    """The request, validated (with conversations on, its conversation fields apart)."""
+    """The request, validated once by the app's model (with conversations on, its
+    conversation fields apart)."""
     try:
         body = await read_json(state, req)
         if convert is not None:  # another protocol's request shape (the AI SDK's)
             body = convert(body, owner)
-        options = None
-        fields = body
-        if state.conversations_on:
-            fields, options = split_send(body)
-            if convert is not None:  # useChat names its chats: a new id is a new conversation
-                options = dataclasses.replace(options, create=True)
-        chat = parse_chat_request(fields, state.config, owner, conversation=options is not None)
-        state.body_model.model_validate(body)  # the model the OpenAPI document is made from
+        chat, options = read_chat(
+            body, state.body_model, state.config, owner, conversation=state.conversations_on
+        )
     except RequestError as error:
         return json_error(error.status, error.code, error.message)
     except ValidationError as invalid:
-        first = invalid.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "body"
-        return json_error(400, "invalid_request", f"'{where}': {first['msg']}")
+        return json_error(400, "invalid_request", problem(invalid))
+    if options is not None and convert is not None:  # useChat names its chats: a new id is new
+        options = dataclasses.replace(options, create=True)
     return chat, options
 
 
