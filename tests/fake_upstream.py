@@ -14,7 +14,7 @@ from typing import Any
 from quart_claude._core.answer import Answer
 from quart_claude._core.config import ClaudeConfig, load_config
 from quart_claude._core.errors import UpstreamError, classify_status
-from quart_claude._core.first_party import Opened
+from quart_claude._core.first_party import UpstreamResponse
 from quart_claude._core.framing import UpstreamFramer
 from quart_claude._core.policy import AnswerContext, PolicyMaker
 from quart_claude._core.providers import Endpoint, Upstream
@@ -123,7 +123,7 @@ class ScriptedUpstreams:
         return Upstream(endpoint, self._open, UpstreamFramer)
 
     @asynccontextmanager
-    async def _open(self, params: Mapping[str, Any]) -> AsyncIterator[Opened]:
+    async def _open(self, params: Mapping[str, Any]) -> AsyncIterator[UpstreamResponse]:
         self.requests.append(dict(params))
         reply = self.script.pop(0)
         if reply.status != 200:
@@ -140,7 +140,7 @@ class ScriptedUpstreams:
 
         chunks = body()
         try:
-            yield Opened("req_1", chunks)
+            yield UpstreamResponse("req_1", chunks)
         finally:
             if not finished and not reply.drop:
                 self.closed_early += 1

@@ -25,7 +25,7 @@ from .errors import classify_response
 if TYPE_CHECKING:
     import aiohttp
 
-__all__ = ["API_VERSION", "DEFAULT_BASE_URL", "FirstPartyClient", "Opened"]
+__all__ = ["API_VERSION", "DEFAULT_BASE_URL", "FirstPartyClient", "UpstreamResponse"]
 
 #: the ``anthropic-version`` the SDK sends (tests/test_first_party.py compares them)
 API_VERSION = "2026-10-21"
@@ -37,7 +37,7 @@ _MAX_TICK = 1.0  # the stall watchdog looks at least this often (seconds)
 
 
 @dataclass(frozen=True, slots=True)
-class Opened:
+class UpstreamResponse:
     """A streamed response that answered 2xx: its request id and its raw body."""
 
     request_id: str | None
@@ -96,7 +96,7 @@ class FirstPartyClient:
         return self._session
 
     @asynccontextmanager
-    async def open(self, params: Mapping[str, Any]) -> AsyncIterator[Opened]:
+    async def open(self, params: Mapping[str, Any]) -> AsyncIterator[UpstreamResponse]:
         """The request sent; a non-2xx answer raised as its :class:`UpstreamError`."""
         extra_headers = params.get("extra_headers")
         headers = {**self._headers, **extra_headers} if extra_headers else self._headers
@@ -115,7 +115,7 @@ class FirstPartyClient:
             body = _Body(response)
             self._watchdog.watch(body)
             try:
-                yield Opened(request_id, body)
+                yield UpstreamResponse(request_id, body)
             finally:
                 self._watchdog.drop(body)
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .config_error import ConfigError
-from .first_party import FirstPartyClient, Opened
+from .first_party import FirstPartyClient, UpstreamResponse
 from .framing import EventStreamFramer, Framer, UpstreamFramer
 from .model_ids import canonical_model
 
@@ -127,7 +127,7 @@ class Endpoint:
 
 SdkClient = Any  # one of the SDK's async clients: each has .messages, none is a subclass
 #: how an endpoint sends a request's parameters: an open streamed response (or its error)
-Send = Callable[[Mapping[str, Any]], AbstractAsyncContextManager[Opened]]
+Sender = Callable[[Mapping[str, Any]], AbstractAsyncContextManager[UpstreamResponse]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +135,7 @@ class Upstream:
     """One endpoint: how its requests are sent, and the framing of its streamed responses."""
 
     endpoint: Endpoint
-    open: Send
+    open: Sender
     framer: Callable[[int], Framer]
     #: what the platform's body must carry beyond the SDK's (its documented API version:
     #: the legacy Bedrock endpoint refuses the SDK's default on some models)
@@ -271,14 +271,14 @@ def missing_api_key() -> Exception:
     )
 
 
-def _sdk_open(client: SdkClient) -> Send:
+def _sdk_open(client: SdkClient) -> Sender:
     """An SDK client's streamed ``create``: its HTTP errors are the SDK's to raise."""
     create = client.messages.with_streaming_response.create
 
     @asynccontextmanager
-    async def open(params: Mapping[str, Any]) -> AsyncIterator[Opened]:
+    async def open(params: Mapping[str, Any]) -> AsyncIterator[UpstreamResponse]:
         async with create(**params) as response:
-            yield Opened(response.request_id, response.http_response.aiter_bytes())
+            yield UpstreamResponse(response.request_id, response.http_response.aiter_bytes())
 
     return open
 
@@ -316,7 +316,7 @@ def make_upstream(
     return _upstream(endpoint, _sdk_open(client), server_fallbacks)
 
 
-def _upstream(endpoint: Endpoint, send: Send, server_fallbacks: Any) -> Upstream:
+def _upstream(endpoint: Endpoint, send: Sender, server_fallbacks: Any) -> Upstream:
     """An endpoint's upstream: its framing, and what its platform adds to each body."""
     framer: Callable[[int], Framer] = (
         EventStreamFramer if endpoint.provider == "bedrock" else UpstreamFramer
