@@ -296,3 +296,8 @@ async def test_flask_refuses_and_holds_alike(
     assert answer.events[-1]["blocked"] == {"reason": "forbidden_word"}
     whole = await http.post(flask_url + "/chat", json=CHAT)
     assert whole.json()["stop_reason"] == "blocked" and whole.json()["text"] == answer.text
+    refused = await http.post(flask_url + "/ai-sdk/chat", json=injected(AI_SDK))
+    assert refused.status_code == 400 and refused.json()["error"] == "blocked"
+    ui = (await http.post(flask_url + "/ai-sdk/chat", json=AI_SDK)).text
+    chunks = [json.loads(line[6:]) for line in ui.split("\n\n") if line[6:7] == "{"]
+    assert [c["finishReason"] for c in chunks if c["type"] == "finish"] == ["content-filter"]

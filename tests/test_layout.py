@@ -120,6 +120,29 @@ def cycles() -> list[list[str]]:
     return found
 
 
+def test_the_relay_knows_the_policy_seam_and_no_policy() -> None:
+    """Budgets, fallback and the guards plug in as policies: the relay imports none of them."""
+    policies = {".budget", ".ledger", ".fallback", ".guards"}
+    assert ".policy" in imports_of("relay")
+    assert not imports_of("relay") & policies
+    assert not closure_modules("relay") & policies
+
+
+def closure_modules(module: str) -> set[str]:
+    """Every core module ``module`` reaches (as ``.name``)."""
+    core = f"{PACKAGE.name}._core."
+    seen: set[str] = set()
+    todo = [core + module]
+    while todo:
+        current = todo.pop()
+        if current not in seen:
+            seen.add(current)
+            todo.extend(imported(current)[0])
+    return {"." + name.removeprefix(core) for name in seen if name.startswith(core)} - {
+        "." + module
+    }
+
+
 def test_the_package_has_no_import_cycle() -> None:
     """Every import inside the package, function level too (``TYPE_CHECKING`` aside)."""
     assert cycles() == []

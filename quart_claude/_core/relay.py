@@ -4,7 +4,7 @@ Each endpoint's :class:`~.providers.Upstream` sends the request and raises on an
 (:mod:`.first_party` for the first-party API; the SDK's client, with its retries off, for the
 clouds); the relay reads the raw SSE bytes itself, which costs a fraction of building SDK
 models per event, and owns the retry policy, mid-stream recovery and cancellation. What else
-shapes an answer (a budget, a fallback chain, a guard) is a :class:`~.policy.Policy`, called
+shapes an answer is a :class:`~.policy.Policy` (``ARCHITECTURE.md`` lists them), called
 at the seam's fixed points; the relay knows none of them.
 
 Upstream event in -> our event out (the hot path) is :meth:`Relay._relay`; each answer's state
@@ -99,8 +99,8 @@ class Relay:
         parent: Context | None = None,
     ) -> Answer:
         """A new answer, its first request prepared (built, and admitted by the policies)
-        before its stream opens: a policy's refusal (a guard's ``Blocked``, a budget's
-        ``BudgetRefused``) is raised here, and nothing was sent or kept."""
+        before its stream opens: a policy's refusal is raised here, and nothing was sent or
+        kept."""
         answer = await self._answer(stream, request, context, parent)
         try:
             await answer.policies.opening(answer)
@@ -230,7 +230,7 @@ class Relay:
         return await answer.finish(stop_reason, reported=reported, **fields)
 
     async def _stopped(self, answer: Answer, stop: Stop) -> str:
-        """A policy ended the answer (a budget's cut, a guard's block)."""
+        """A policy ended the answer (its :class:`~.policy.Stop`)."""
         answer.stopped = True
         return await self._finish(answer, stop.stop_reason, reported=False, **stop.fields)
 
@@ -420,8 +420,8 @@ class Relay:
 
     def _wait(self, answer: Answer, error: UpstreamError) -> float | None:
         """How long before the request is made again, or None: a retry while readers have
-        none of the step's text (the retry budget), a continuation after (the recovery
-        budget, when recovery is on and the model did not diverge)."""
+        none of the step's text (``CLAUDE_MAX_RETRIES``), a continuation after
+        (``CLAUDE_MAX_RECOVERIES``, when recovery is on and the model did not diverge)."""
         config, outcome, error_class = self.config, answer.outcome, error.error_class
         outcome.upstream(error_class)
         outcome.failed(error_class)
@@ -439,7 +439,7 @@ class Relay:
             )
             return None
         log.info("stream %s retrying in %.2fs after %s", answer.stream.id, wait, error_class)
-        answer.retried(kind)  # the budget used: only a request made again counts
+        answer.retried(kind)  # counted: only a request made again
         outcome.retrying(error_class, kind, wait, answer.tally.attempts)
         return wait
 
