@@ -292,6 +292,12 @@ class Answer:
         self.tell(event)
         return "done"
 
+    def cancelled(self) -> None:
+        """Stopped (a client's DELETE, or nobody came back): ``done`` with ``stop_reason:
+        cancelled``, after what readers have; nothing a guard holds goes out."""
+        self.gate = None
+        self.stream.append(done_event("cancelled", self.usage))
+
     def ended(self, steps: list[dict[str, Any]], partial_text: str) -> Ended:
         """What is kept of this answer: ``steps`` (the recorded ones) and the last message,
         complete, or what readers have of it (``partial_text``)."""

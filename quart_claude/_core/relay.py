@@ -30,7 +30,6 @@ from .framing import EventTooLarge
 from .params import history, own_thinking, request_params
 from .policy import AnswerContext, Policies, PolicyMaker, Stop
 from .prices import cost_of, price_of
-from .protocol import done_event
 from .providers import Endpoint, UpstreamSource, primary_endpoint
 from .retry import RetryPolicy
 from .sse import encode_json
@@ -191,7 +190,7 @@ class Relay:
         elif reason is Cancel.SHUTDOWN:
             await answer.fail(UpstreamError("shutdown"))
         else:
-            stream.append(done_event("cancelled", answer.usage))
+            answer.cancelled()
         return reason
 
     async def _run(self, answer: Answer) -> str:
