@@ -378,3 +378,13 @@ async def test_a_takeover_goes_on_from_the_text_readers_have() -> None:
     # the window 'abcd' passed on the first worker; this one looks from 'ef' on
     assert watcher.new == "efghij."
     assert events[-1]["type"] == "done"
+
+
+async def test_hold_mode_stores_the_whole_answer_it_released() -> None:
+    """The last window is released at the end: what is kept is what readers got."""
+    settings = config(output_guard_every=4, output_guard_mode="hold")
+    done = await run(
+        ScriptedUpstreams(message("abcdef", "gh", "ijk")), settings, _guards(settings, Watcher())
+    )
+    assert done.text == "abcdefghijk"
+    assert done.ended.messages[-1]["content"] == [{"type": "text", "text": "abcdefghijk"}]

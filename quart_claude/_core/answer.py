@@ -79,6 +79,10 @@ class Gate(Protocol):
         """Text literals held."""
         ...
 
+    def literals(self) -> list[bytes]:
+        """The text literals held, in order."""
+        ...
+
 
 #: the counts of a request's usage an ``iterations`` entry carries
 _COUNTS = (
@@ -188,6 +192,12 @@ class Answer:
         gate = self.gate
         if gate is None or not gate.event(data):
             self.stream.append_data(data)
+
+    def step_texts(self) -> list[bytes]:
+        """This step's text literals: sent, then held."""
+        if self.gate is None or not self.gate.count:
+            return self.texts
+        return [*self.texts, *self.gate.literals()]
 
     @property
     def text_count(self) -> int:

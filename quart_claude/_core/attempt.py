@@ -214,7 +214,7 @@ class Attempt:
     def _cited(self, index: int) -> None:
         """A text block with citations ended: one ``citation`` event for each, after the text
         it supports (protocol v1.2), with that text and the citation as the API gave it."""
-        text = joined(self.texts[self.spans[index] :])
+        text = joined(self.answer.step_texts()[self.spans[index] :])
         for citation in self.blocks[index]["citations"]:
             self.answer.tell({"type": "citation", "citation": citation, "text": text})
 

@@ -295,6 +295,9 @@ class _OutputPolicy(Policy):
     def count(self) -> int:
         return self.texts_held
 
+    def literals(self) -> list[bytes]:
+        return [data for data, is_text in self.held if is_text]
+
     def text(self, literal: bytes) -> None:
         self.held.append((literal, True))
         self.texts_held += 1

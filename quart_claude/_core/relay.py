@@ -204,12 +204,11 @@ class Relay:
             answer.reported.update(attempt.reported)
             calls = self._calls(answer, attempt)
             if not calls and attempt.stop_reason != "pause_turn":
-                answer.final = attempt.content()
-                return await self._finish(answer, attempt.stop_reason)
+                return await self._finish(answer, attempt.stop_reason, last=attempt)
             if len(answer.steps) >= self.config.max_tool_steps:
                 log.info("stream %s: CLAUDE_MAX_TOOL_STEPS reached", answer.stream.id)
-                answer.final = attempt.content()  # its calls are closed as unanswered
-                return await self._finish(answer, "max_tool_steps", reported=False)
+                # its calls are closed as unanswered
+                return await self._finish(answer, "max_tool_steps", last=attempt, reported=False)
             try:
                 await answer.policies.finishing(answer, final=False)
             except Stop as stop:
@@ -218,14 +217,24 @@ class Relay:
             await self._take_step(answer, attempt, calls)
 
     async def _finish(
-        self, answer: Answer, stop_reason: str | None, *, reported: bool = True, **fields: Any
+        self,
+        answer: Answer,
+        stop_reason: str | None,
+        *,
+        last: Attempt | None = None,
+        reported: bool = True,
+        **fields: Any,
     ) -> str:
-        """End with ``done``, after the policies' last look (which may stop it instead)."""
+        """End with ``done``, after the policies' last look (which may stop it instead);
+        ``last``: the message that ended it, kept as readers got it (a hold guard's last
+        window is released, or dropped, by that look)."""
         try:
             await answer.policies.finishing(answer, final=True)
         except Stop as stop:
+            stop_reason, reported, fields = stop.stop_reason, False, stop.fields
             answer.stopped = True
-            return await answer.finish(stop.stop_reason, reported=False, **stop.fields)
+        if last is not None:
+            answer.final = last.content()
         return await answer.finish(stop_reason, reported=reported, **fields)
 
     async def _stopped(self, answer: Answer, stop: Stop) -> str:
