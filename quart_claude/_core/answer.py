@@ -182,7 +182,9 @@ class Answer:
             gate.text(literal)
 
     def released(self, literal: bytes) -> None:
-        """Text the gate lets through."""
+        """Text the gate lets through (the stream's first token, if it is)."""
+        if self.outcome.first_token_at is None:
+            self.outcome.first_token()
         self.texts.append(literal)
         self.stream.append_data(DELTA_PREFIX + literal + b"}")
 

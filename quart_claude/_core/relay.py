@@ -501,7 +501,7 @@ class Relay:
                         literal = await attempt.slow_delta(data)  # metered there
                         if literal is None:
                             continue
-                    if not texts:
+                    if not texts and answer.gate is None:  # a hold gate marks its release
                         attempt.first_text()
                     attempt.deltas += 1
                     say(literal)
