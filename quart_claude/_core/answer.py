@@ -128,14 +128,14 @@ class Answer:
     def __init__(
         self, stream: Stream, request: ChatRequest, target: Target, outcome: StreamOutcome
     ) -> None:
-        self.stream = stream
-        self.outcome = outcome
+        self.stream: Stream = stream
+        self.outcome: StreamOutcome = outcome
         self.policies: Policies = NO_POLICIES
         #: the first request, built and admitted before the stream opened
         self.prepared: Attempt | None = None
         #: the request as the current target takes it (a fallback hop rewrites it)
-        self.request = request
-        self.target = target
+        self.request: ChatRequest = request
+        self.target: Target = target
         #: this step's text readers have, as the JSON string literals relayed (the hot path
         #: appends to it; a continuation continues it)
         self.texts: list[bytes] = []
@@ -152,13 +152,13 @@ class Answer:
         self.continuation: ContinuationGuard | None = None
         self.stop_reason: str | None = None
         self.error: str | None = None
-        self.stopped = False  # a policy ended it (a budget's cut, a guard's block)
-        self.tally = Tally()
+        self.stopped: bool = False  # a policy ended it (a budget's cut, a guard's block)
+        self.tally: Tally = Tally()
         #: what the API said of the answer besides text: ``stop_details``, ``container``
         self.reported: dict[str, Any] = {}
-        self.step_base = 0  # output tokens before this step (a step has its own max_tokens)
+        self.step_base: int = 0  # output tokens before this step (a step has its own max_tokens)
         self._budgets = (0, 0)  # this target's (retries, recoveries) so far
-        self.tolerated = 0  # library warnings turned from errors into log lines
+        self.tolerated: int = 0  # library warnings turned from errors into log lines
         #: the last message's content, once it is complete (the steps before it are recorded)
         self.final: list[dict[str, Any]] | None = None
         self.after_start: list[dict[str, Any]] = []  # events readers get right after start

@@ -57,27 +57,30 @@ class Attempt:
     def __init__(
         self, answer: Answer, params: dict[str, Any], expose_thinking: bool, rethinking: bool
     ) -> None:
-        self.answer = answer
-        self.asked = params  # as built (a retry sends these again, reshaped again)
-        self.params = params  # as sent: the policies may reshape them (a budget's max_tokens)
+        self.answer: Answer = answer
+        #: as built (a retry sends these again, reshaped again), and as sent (the policies
+        #: may reshape them: a budget's max_tokens)
+        self.asked: dict[str, Any] = params
+        self.params: dict[str, Any] = params
         self.model: str = params["model"]  # the model asked (the target's)
         self.target: Target = answer.target
-        self.due = False  # a policy asked for a checkpoint (a budget's top-up, say)
-        self.texts = answer.texts  # the step's text literals; the hot path appends to it
+        self.due: bool = False  # a policy asked for a checkpoint (a budget's top-up, say)
+        #: the step's text literals (the hot path appends to it)
+        self.texts: list[bytes] = answer.texts
         self.spans: dict[int, int] = {}  # a text block's index -> where its text starts
-        self.expose_thinking = expose_thinking
-        self.rethinking = rethinking  # an earlier request of this step showed thinking
-        self.thought = False  # this request streamed thinking
+        self.expose_thinking: bool = expose_thinking
+        self.rethinking: bool = rethinking  # an earlier request of this step showed thinking
+        self.thought: bool = False  # this request streamed thinking
         #: the message's blocks by index (thinking keeps its signature here: for the API,
         #: never for readers; a text block's text is in ``texts``)
         self.blocks: dict[int, dict[str, Any]] = {}
         self.inputs: dict[int, list[str]] = {}  # tool inputs' JSON, as it streams
         self.usage: dict[str, Any] = {}
         self.stop_reason: str | None = None
-        self.completed = False  # saw message_stop: a body that ends without it is truncated
+        self.completed: bool = False  # saw message_stop: a body that ends without it is truncated
         self.open: set[int] = set()  # blocks started and not yet stopped
         self.reported: dict[str, Any] = {}  # message_delta's stop_details and container
-        self.deltas = 0
+        self.deltas: int = 0
         self.request_id: str | None = None
 
     async def control(self, name: bytes, data: bytes) -> None:

@@ -80,7 +80,7 @@ class ContinuationGuard:
         self._sent = sent
         self._whitespace = whitespace  # a prefill lost it; the model may send it again
         self._held = ""
-        self.deciding = True
+        self.deciding: bool = True
 
     def feed(self, text: str) -> str:
         """The part of ``text`` to relay (possibly empty while deciding)."""

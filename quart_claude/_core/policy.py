@@ -148,7 +148,8 @@ class Policies:
     )
 
     def __init__(self, policies: Sequence[Policy] = ()) -> None:
-        self.all = all_ = tuple(policies)
+        self.all: tuple[Policy, ...] = tuple(policies)
+        all_ = self.all
 
         def having(name: str) -> tuple[Policy, ...]:
             return tuple(policy for policy in all_ if name in _hooks_of(type(policy)))

@@ -100,9 +100,9 @@ class ClaudeState:
         #: where streams live (memory, or Redis for every worker): a new one each startup
         self.store: StreamStore = _create_store(config)
         #: this worker's producer tasks, counted per client
-        self.producers = Producers()
+        self.producers: Producers = Producers()
         #: who is asking: tokens, the authorize hook, the anonymous cookie's key
-        self.auth = Auth(
+        self.auth: Auth = Auth(
             config.api_tokens, lambda: self.extension.authorize_hook, lambda: self.conversations_on
         )
         self.body_model: type[BaseModel] = chat_body_model(
