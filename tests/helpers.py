@@ -386,3 +386,18 @@ async def gunicorn_serving(
             output, _ = await process.communicate()
         secret = options.get("api_key")
         assert not secret or str(secret).encode() not in output  # the key is never logged
+
+
+def fresh_redis_db(redis_url: str, db: int) -> str:
+    """Database ``db`` of the worker's redis-server, emptied: a test that counts what is in
+    it (ledger entries, cooldowns) never counts what an earlier test of this worker left.
+    Each test that needs one takes its own number."""
+    import redis
+
+    url = f"{redis_url}/{db}"
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushdb()
+    finally:
+        client.close()
+    return url

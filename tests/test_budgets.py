@@ -23,7 +23,7 @@ from quart_claude._core.ledger import MemoryLedger, RedisLedger
 from quart_claude._core.ledger_sql import SqlLedger
 from quart_claude.testing import Emulator, Reply, ToolUse
 
-from .helpers import eventually, serving, stream_chat
+from .helpers import eventually, fresh_redis_db, serving, stream_chat
 
 pytestmark = pytest.mark.server
 
@@ -47,9 +47,10 @@ def stored_in(
     store: str, request: pytest.FixtureRequest, tmp_path: Path, db: int
 ) -> dict[str, Any]:
     """The options that keep the ledger in ``store``: ``memory``, ``redis`` (database
-    ``db`` of the session's redis-server) or ``sqlite`` (conversations on)."""
+    ``db`` of the session's redis-server, emptied first: an earlier test of this worker may
+    have left entries of the same identity there) or ``sqlite`` (conversations on)."""
     if store == "redis":
-        return {"stream_store": request.getfixturevalue("redis_url") + f"/{db}"}
+        return {"stream_store": fresh_redis_db(request.getfixturevalue("redis_url"), db)}
     if store == "sqlite":
         return {"database_url": f"sqlite+aiosqlite:///{tmp_path / 'budget.db'}"}
     return {}
@@ -298,7 +299,7 @@ async def test_concurrent_requests_never_spend_past_the_limit(
     request: pytest.FixtureRequest,
 ) -> None:
     # with conversations on, the database keeps the counts
-    options = stored_in(store, request, tmp_path, int(time.time() * 1000) % 15 + 1)
+    options = stored_in(store, request, tmp_path, 14)
     app = app_with(make_app, budget="2000 tokens/day", max_tokens=64, **options)
     emulator.default = Reply(
         tokens=[f"w{n} " for n in range(30)], input_tokens=20, token_delay=0.001

@@ -6,7 +6,6 @@ loop's thinking never reaches another model."""
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from quart import Quart
 from quart_claude import Claude
 from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 
-from .helpers import eventually, serving, stream_chat
+from .helpers import eventually, fresh_redis_db, serving, stream_chat
 from .models import NO_PREFILL_MODEL, PREFILL_MODEL
 
 pytestmark = pytest.mark.server
@@ -98,7 +97,7 @@ async def test_a_hop_that_failed_cools_down_for_the_next_answers(
 async def test_the_cooldown_is_shared_by_two_apps_through_redis(
     make_app: Callable[..., Quart], emulator: Emulator, http: httpx2.AsyncClient, redis_url: str
 ) -> None:
-    store = redis_url + f"/{int(time.time() * 1000) % 15 + 1}"
+    store = fresh_redis_db(redis_url, 10)
     emulator.script(ErrorReply(529), Reply("first"), Reply("from the other worker"))
     first = chained(make_app, stream_store=store)
     second = chained(make_app, stream_store=store)

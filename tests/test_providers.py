@@ -21,7 +21,7 @@ from quart_claude import Claude
 from quart_claude.testing import Emulator, ErrorReply, Reply, ToolUse
 from quart_claude.testing._dialects import GOOGLE_TOKEN
 
-from .helpers import serving, stream_chat
+from .helpers import fresh_redis_db, serving, stream_chat
 
 pytestmark = pytest.mark.server
 
@@ -418,7 +418,7 @@ async def test_telemetry_names_the_provider_of_each_attempt_and_the_cooldown(
 async def test_a_bedrock_hop_cooling_down_is_skipped_by_another_worker_through_redis(
     emulator: Emulator, http: httpx2.AsyncClient, redis_url: str
 ) -> None:
-    store = redis_url + f"/{int(time.time() * 1000) % 15 + 1}"
+    store = fresh_redis_db(redis_url, 11)
     emulator.script(
         ErrorReply(503, "ServiceUnavailableException", "down"), Reply("first"), Reply("second")
     )
