@@ -51,6 +51,8 @@ class Policy:
 
     - :meth:`opening`: once per send, before its first request (never on a takeover);
     - :meth:`before_request`: before each upstream request (reserve, refuse, reshape it);
+      the send's first one refuses by raising its own exception (a budget's
+      ``BudgetRefused``), as no stream is open yet; a later one raises :class:`Stop`;
     - :meth:`started`: the request's ``message_start`` (its real input);
     - :meth:`wrote` (text, as the JSON string literal relayed) and :meth:`wrote_other`
       (thinking, tool input, any other block): the meter, one call per delta; True asks for

@@ -107,7 +107,9 @@ class Relay:
         except BaseException:
             answer.outcome.discard()
             raise
-        assert isinstance(prepared, Attempt)
+        # a policy refuses a send's first request by raising (BudgetRefused, Blocked), not
+        # with a Stop: no stream is open yet to end
+        assert isinstance(prepared, Attempt), "a policy stopped an answer before it began"
         answer.prepared = prepared
         return answer
 
