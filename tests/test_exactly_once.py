@@ -46,12 +46,7 @@ async def test_a_paused_producer_and_its_successor_keep_one_turn(
     and ends at once, while its successor is still streaming (before the fix it committed
     its own answer and ran the hook; the successor's hook ran too). ``successor``: it wakes
     only after the successor has ended."""
-    turn_log = tmp_path / "turns.log"
-    servers.env.update(
-        CLAUDE_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
-        HOST_APP_SECRET_KEY="a-secret-key-shared-by-the-workers",
-        HOST_APP_TURN_LOG=str(turn_log),
-    )
+    turn_log = servers.with_conversations(tmp_path)
     a, b = await servers.start_many(2)
     emulator.script(
         Reply(ANSWER, token_delay=0.01, input_tokens=25),  # all of it sent while a is stopped

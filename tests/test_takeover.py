@@ -73,6 +73,17 @@ class Servers:
         self.directory = directory
         self.all: list[Server] = []
 
+    def with_conversations(self, directory: Path) -> Path:
+        """Conversations on, in one SQLite file every worker shares (anonymous, by a cookie
+        signed with the same key), and each finished turn written to the log returned."""
+        turn_log = directory / "turns.log"
+        self.env.update(
+            CLAUDE_DATABASE_URL=f"sqlite+aiosqlite:///{directory / 'chat.db'}",
+            HOST_APP_SECRET_KEY="a-secret-key-shared-by-the-workers",
+            HOST_APP_TURN_LOG=str(turn_log),
+        )
+        return turn_log
+
     async def start(self, port: int | None = None) -> Server:
         port = port or free_port()
         log = self.directory / f"hypercorn-{port}-{len(self.all)}.log"
@@ -446,12 +457,7 @@ async def test_a_conversation_turn_taken_over_is_stored_once(
     """Conversations in one SQLite file for both workers, no auth (the anonymous cookie
     follows the reader): the producer dies (or drains) mid-answer; the worker that finishes
     the turn stores it, once, complete, and its hook runs once."""
-    turn_log = tmp_path / "turns.log"
-    servers.env.update(
-        CLAUDE_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
-        HOST_APP_SECRET_KEY="a-secret-key-shared-by-the-workers",
-        HOST_APP_TURN_LOG=str(turn_log),
-    )
+    turn_log = servers.with_conversations(tmp_path)
     a, b = await servers.start_many(2)
     emulator.default = Reply(ANSWER, token_delay=0.03)
     async with httpx2.AsyncClient(timeout=60) as http:

@@ -97,7 +97,6 @@ class Answer:
     """The state of one answer across its steps, requests and continuations."""
 
     __slots__ = (
-        "_budgets",
         "after_start",
         "attempt_usage",
         "continuation",
@@ -109,8 +108,10 @@ class Answer:
         "outcome",
         "policies",
         "prepared",
+        "recoveries",
         "reported",
         "request",
+        "retries",
         "served_by",
         "start_fields",
         "step_base",
@@ -157,7 +158,8 @@ class Answer:
         #: what the API said of the answer besides text: ``stop_details``, ``container``
         self.reported: dict[str, Any] = {}
         self.step_base: int = 0  # output tokens before this step (a step has its own max_tokens)
-        self._budgets = (0, 0)  # this target's (retries, recoveries) so far
+        self.retries: int = 0  # this target's requests made again before any of a step's text
+        self.recoveries: int = 0  # this target's continuations after some was sent
         self.tolerated: int = 0  # library warnings turned from errors into log lines
         #: the last message's content, once it is complete (the steps before it are recorded)
         self.final: list[dict[str, Any]] | None = None
@@ -242,31 +244,20 @@ class Answer:
         container = self.reported.get("container")
         return container if isinstance(container, dict) else None
 
-    @property
-    def retries(self) -> int:
-        """Requests this target made again before any of the step's text was sent."""
-        return self._budgets[0]
-
-    @property
-    def recoveries(self) -> int:
-        """Continuations on this target after some of it was."""
-        return self._budgets[1]
-
     def retried(self, kind: str) -> None:
         """A request is made again: a ``retry`` or a ``recovery`` (each budget counted)."""
-        retries, recoveries = self._budgets
         if kind == "retry":
-            self._budgets = (retries + 1, recoveries)
+            self.retries += 1
             self.tally.retries += 1
         else:
-            self._budgets = (retries, recoveries + 1)
+            self.recoveries += 1
             self.tally.recoveries += 1
 
     def move(self, target: Target, request: ChatRequest) -> None:
         """A policy moved the answer (a fallback hop): its next requests go to ``target``,
         with budgets of its own."""
         self.target, self.request = target, request
-        self._budgets = (0, 0)
+        self.retries = self.recoveries = 0
         self.outcome.on_hop(target.hop, target.endpoint.provider)
 
     def remaining(self, max_tokens: int) -> int:

@@ -16,7 +16,6 @@ character once.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import logging
@@ -27,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from .config_error import ConfigError
 from .policy import Policy, Stop
 from .sse import encode_json
+from .tools import call_host
 
 if TYPE_CHECKING:
     from .answer import Answer
@@ -157,19 +157,8 @@ class Guards:
         return Blocked("guard_error")
 
     async def _called(self, hook: Callable[[Any], Any], check: Any) -> Any:
-        if inspect.iscoroutinefunction(hook):
-            with self.scope() if self.scope is not None else contextlib.nullcontext():
-                return await hook(check)
-        # a thread: a sync guard that calls a moderation API must not stall every stream
-        verdict = await asyncio.to_thread(_call, self.scope, hook, check)
+        verdict = await call_host(hook, self.scope, check)
         return await verdict if inspect.isawaitable(verdict) else verdict
-
-
-def _call(scope: ToolScope | None, hook: Callable[[Any], Any], check: Any) -> Any:
-    if scope is None:
-        return hook(check)
-    with scope():
-        return hook(check)
 
 
 class InputGuarding:

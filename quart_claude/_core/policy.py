@@ -145,6 +145,8 @@ class Policies:
         "_failed",
         "_finishing",
         "_opening",
+        "_started",
+        "_wrote_other",
         "all",
         "meter",
     )
@@ -157,6 +159,8 @@ class Policies:
             return tuple(policy for policy in all_ if name in _hooks_of(type(policy)))
 
         self._opening = having("opening")
+        self._started = having("started")
+        self._wrote_other = having("wrote_other")
         self._before = having("before_request")
         self._after = having("after_request")
         self._check = having("checkpoint")
@@ -171,13 +175,13 @@ class Policies:
 
     def started(self, attempt: Attempt) -> bool:
         due = False
-        for policy in self.all:
+        for policy in self._started:
             due = policy.started(attempt) or due
         return due
 
     def wrote_other(self, piece: str, *, json: bool) -> bool:
         due = False
-        for policy in self.all:
+        for policy in self._wrote_other:
             due = policy.wrote_other(piece, json=json) or due
         return due
 

@@ -25,7 +25,16 @@ from typing import Any, Literal, get_type_hints
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from pydantic_core import PydanticSerializationError, to_jsonable_python
 
-__all__ = ["Show", "Tool", "ToolBox", "ToolContext", "ToolResult", "ToolScope"]
+__all__ = [
+    "Show",
+    "Tool",
+    "ToolBox",
+    "ToolContext",
+    "ToolResult",
+    "ToolScope",
+    "call_host",
+    "in_scope",
+]
 
 log = logging.getLogger("quart_claude")
 
@@ -193,11 +202,7 @@ class ToolBox:
         timeout = tool.timeout if tool.timeout is not None else default_timeout
         try:
             async with asyncio.timeout(timeout) as deadline:
-                if inspect.iscoroutinefunction(tool.function):
-                    with scope() if scope is not None else contextlib.nullcontext():
-                        value = await tool.function(**kwargs)
-                else:  # a thread: a sync tool that blocks must not stall every stream
-                    value = await asyncio.to_thread(_call, scope, tool.function, kwargs)
+                value = await call_host(tool.function, scope, **kwargs)
         except TimeoutError:
             if not deadline.expired():
                 return _error(call_id, name, "TimeoutError")
@@ -215,12 +220,23 @@ class ToolBox:
         return ToolResult(call_id, name, content, False, output)
 
 
-def _call(scope: ToolScope | None, function: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    """A sync tool's call, in its thread, inside ``scope``."""
-    if scope is None:
-        return function(**kwargs)
-    with scope():
-        return function(**kwargs)
+async def call_host(
+    function: Callable[..., Any], scope: ToolScope | None, *args: Any, **kwargs: Any
+) -> Any:
+    """A function of the host's (a tool, a guard, a hook): awaited inside ``scope`` when it
+    is async, else in a thread (a sync one that blocks must not stall every stream)."""
+    if inspect.iscoroutinefunction(function):
+        with scope() if scope is not None else contextlib.nullcontext():
+            return await function(*args, **kwargs)
+    return await asyncio.to_thread(in_scope, scope, function, *args, **kwargs)
+
+
+def in_scope(
+    scope: ToolScope | None, function: Callable[..., Any], *args: Any, **kwargs: Any
+) -> Any:
+    """A sync call, in its thread, inside ``scope``."""
+    with scope() if scope is not None else contextlib.nullcontext():
+        return function(*args, **kwargs)
 
 
 def _error(call_id: str, name: str, message: str, outcome: str = "error") -> ToolResult:

@@ -9,7 +9,6 @@ commit that still fails is logged loudly with the stream id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 from collections.abc import Callable
@@ -20,7 +19,7 @@ from .answer import Ended
 from .history import reader_view
 from .request import ChatRequest
 from .stream import Stream
-from .tools import ToolScope
+from .tools import ToolScope, in_scope
 
 if TYPE_CHECKING:
     from .db import Conversations
@@ -175,14 +174,9 @@ class TurnKeeper:
             if inspect.iscoroutinefunction(hook):
                 await hook(turn)
             else:
-                await asyncio.to_thread(_in_scope, self._scope(), hook, turn)
+                await asyncio.to_thread(in_scope, self._scope(), hook, turn)
         except Exception:
             log.exception("the on_turn hook %s raised (stream %s)", _name(hook), turn.stream_id)
-
-
-def _in_scope(scope: ToolScope | None, hook: TurnHook, turn: Turn) -> None:
-    with scope() if scope is not None else contextlib.nullcontext():
-        hook(turn)
 
 
 def _name(hook: TurnHook) -> str:
